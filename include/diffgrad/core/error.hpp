@@ -1,0 +1,50 @@
+#pragma once
+// Error reporting: every rejected input names the argument, what was expected and what
+// was given. All checks run on the host, before or between fused passes.
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace diffgrad {
+
+/// Thrown for invalid user input (bad grid, out-of-range parameter, shape mismatch).
+class invalid_argument : public std::invalid_argument {
+public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// Thrown when a numerical result is unusable (NaN/Inf from the model, non-invertible step).
+class numerical_error : public std::runtime_error {
+public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+template <class... Parts> std::string concat(const Parts&... parts) {
+  std::ostringstream os;
+  os.precision(17);
+  (os << ... << parts);
+  return os.str();
+}
+
+/// Throws diffgrad::invalid_argument("<where>: argument '<arg>' expected <expected>, got <given>").
+template <class Given>
+[[noreturn]] void throw_argument(const char* where, const char* arg, const std::string& expected,
+                                 const Given& given) {
+  throw invalid_argument(
+      concat(where, ": argument '", arg, "' expected ", expected, ", got ", given));
+}
+
+inline void require(bool ok, const char* where, const char* arg, const std::string& expected,
+                    double given) {
+  if (!ok) throw_argument(where, arg, expected, given);
+}
+
+inline void require_finite(double value, const char* where, const char* arg) {
+  if (!std::isfinite(value)) throw_argument(where, arg, "a finite number", value);
+}
+
+} // namespace detail
+} // namespace diffgrad

@@ -1,0 +1,51 @@
+#pragma once
+// VP cosine schedule (Nichol & Dhariwal 2021, s = 0.008):
+// alpha_t = cos((t + s)/(1 + s) pi/2) / cos(s/(1 + s) pi/2).
+// As t -> 1 alpha -> 0 and lambda -> -inf; like the official DPM-Solver code the default end
+// time is T = 0.9946, where lambda is about -5.1 (peers clip there).
+#include <cmath>
+#include <numbers>
+
+#include "diffgrad/schedule/detail_vp.hpp"
+
+namespace diffgrad {
+
+class VPCosineSchedule {
+public:
+  explicit VPCosineSchedule(double s = 0.008, double t_min = 1e-3, double t_max = 0.9946)
+      : s_(s), t_min_(t_min), t_max_(t_max),
+        log_alpha0_(std::log(std::cos(s / (1.0 + s) * std::numbers::pi / 2.0))) {
+    detail::require(s > 0 && s < 1, "VPCosineSchedule", "s", "0 < s < 1", s);
+    detail::require(t_max < 1.0 && t_max > t_min, "VPCosineSchedule", "t_max",
+                    "t_min < t_max < 1 (alpha vanishes at t = 1)", t_max);
+    detail::require(t_min > 0, "VPCosineSchedule", "t_min", "t_min > 0", t_min);
+  }
+  double t_min() const { return t_min_; }
+  double t_max() const { return t_max_; }
+  double log_alpha(double t) const {
+    return std::log(std::cos((t + s_) / (1.0 + s_) * std::numbers::pi / 2.0)) - log_alpha0_;
+  }
+  double alpha(double t) const { return std::exp(log_alpha(t)); }
+  double sigma(double t) const { return detail::vp_sigma(log_alpha(t)); }
+  double lambda(double t) const { return detail::vp_lambda(log_alpha(t)); }
+  double t_of_lambda(double lambda) const {
+    const double la = detail::vp_log_alpha_of_lambda(lambda);
+    return 2.0 * (1.0 + s_) / std::numbers::pi * std::acos(std::exp(la + log_alpha0_)) - s_;
+  }
+  double f(double t) const {
+    return -std::numbers::pi / (2.0 * (1.0 + s_)) *
+           std::tan((t + s_) / (1.0 + s_) * std::numbers::pi / 2.0);
+  }
+  double g2(double t) const { return -2.0 * f(t); }  // VP: g^2 = beta = -2 f
+  double model_time(double t) const { return t; }
+  Node node(double t) const {
+    detail::check_time(t, t_min_, t_max_, "VPCosineSchedule::node");
+    const double la = log_alpha(t);
+    return Node{t, std::exp(la), detail::vp_sigma(la), detail::vp_lambda(la), model_time(t)};
+  }
+
+private:
+  double s_, t_min_, t_max_, log_alpha0_;
+};
+
+} // namespace diffgrad

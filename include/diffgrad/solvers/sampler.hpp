@@ -1,0 +1,149 @@
+#pragma once
+// The sampling engine: runs any scheme's StepPlans over a node sequence. Per step it does
+// the model call(s) and one fused lincomb per stage; all buffers live in a workspace sized
+// before the loop, so the loop never allocates.
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "diffgrad/concepts/backend.hpp"
+#include "diffgrad/concepts/observer.hpp"
+#include "diffgrad/solvers/model_call.hpp"
+#include "diffgrad/solvers/step_plan.hpp"
+
+namespace diffgrad {
+
+struct SampleOptions {
+  std::uint64_t seed = 0;   ///< Philox seed for stochastic schemes (step i uses counter i)
+  bool check_finite = true; ///< check every model output for NaN/Inf (one extra read pass)
+};
+
+struct SampleResult {
+  int steps_taken = 0;
+  int model_evals = 0;
+  bool cancelled = false;
+};
+
+/// Buffers for one scheme and one state shape. Size is fixed at construction.
+template <Backend B> class SamplerWorkspace {
+public:
+  using state_type = typename B::state_type;
+  SamplerWorkspace(const B& backend, int history, int stages, std::int64_t batch,
+                   std::int64_t dim)
+      : ring_(static_cast<std::size_t>(history) + 1) {
+    for (int k = 0; k < ring_; ++k) {
+      x.push_back(backend.make_state(batch, dim));
+      e.push_back(backend.make_state(batch, dim));
+    }
+    for (int s = 1; s < stages; ++s) {
+      u.push_back(backend.make_state(batch, dim));
+      ue.push_back(backend.make_state(batch, dim));
+    }
+  }
+  int ring() const { return ring_; }
+  std::vector<state_type> x, e;  ///< ring of states / model outputs, slot = step % ring
+  std::vector<state_type> u, ue; ///< stage inputs / outputs for s >= 1 (index s - 1)
+
+private:
+  int ring_;
+};
+
+namespace detail {
+
+/// Collects the nonzero terms of `c` for step i (history j valid while i - 1 - j >= 0).
+template <class State>
+int gather_terms(const Combo& c, int i, int ring, std::vector<State>& xs, std::vector<State>& es,
+                 std::vector<State>& us, std::vector<State>& ues,
+                 std::array<LinTerm<State>, kMaxLincombTerms>& out) {
+  int n = 0;
+  auto add = [&](double coeff, const State& v) {
+    if (coeff == 0.0) return;
+    if (n == kMaxLincombTerms)
+      throw std::logic_error("diffgrad: a step plan has more than kMaxLincombTerms terms");
+    out[static_cast<std::size_t>(n++)] = LinTerm<State>{coeff, &v};
+  };
+  const auto slot = [ring](int step) { return static_cast<std::size_t>(step % ring); };
+  add(c.x, xs[slot(i)]);
+  add(c.e[0], es[slot(i)]);
+  for (int s = 1; s < kMaxStages; ++s) {
+    if (c.u[s] != 0.0 || c.e[s] != 0.0) {
+      add(c.u[s], us[static_cast<std::size_t>(s - 1)]);
+      add(c.e[s], ues[static_cast<std::size_t>(s - 1)]);
+    }
+  }
+  for (int j = 0; j < kMaxHistory; ++j) {
+    if (c.hist_x[j] == 0.0 && c.hist_e[j] == 0.0) continue;
+    if (i - 1 - j < 0 || j + 1 >= ring)
+      throw std::logic_error("diffgrad: a step plan reads history that does not exist yet");
+    add(c.hist_x[j], xs[slot(i - 1 - j)]);
+    add(c.hist_e[j], es[slot(i - 1 - j)]);
+  }
+  return n;
+}
+
+} // namespace detail
+
+/// Runs `scheme` from nodes[0] to nodes.back() on the batch `x` (in: x at nodes[0], out: the
+/// sample). `field(u, node, out)` is the model call (see EpsField / VelocityField).
+template <class Scheme, Backend B, class Field, class Obs = NullObserver>
+SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const Node> nodes,
+                        NodeAtLambda node_at_lambda, Field&& field, typename B::state_type& x,
+                        SamplerWorkspace<B>& ws, const SampleOptions& options = {},
+                        Obs&& observer = {}) {
+  using State = typename B::state_type;
+  scheme.validate(nodes);
+  const int num_steps = static_cast<int>(nodes.size()) - 1;
+  if (ws.ring() != scheme.history() + 1 || static_cast<int>(ws.u.size()) + 1 < scheme.stages())
+    throw invalid_argument("run_scheme: argument 'ws' expected a workspace built for this "
+                           "scheme's history and stage count");
+  const int ring = ws.ring();
+  const auto slot = [ring](int step) { return static_cast<std::size_t>(step % ring); };
+  SampleResult result;
+  backend.copy(ws.x[0], x);
+  std::array<LinTerm<State>, kMaxLincombTerms> terms{};
+  for (int i = 0; i < num_steps; ++i) {
+    const StepPlan plan = scheme.plan(nodes, i, node_at_lambda);
+    for (int s = 0; s < plan.num_stages; ++s) {
+      State& in = s == 0 ? ws.x[slot(i)] : ws.u[static_cast<std::size_t>(s - 1)];
+      State& out = s == 0 ? ws.e[slot(i)] : ws.ue[static_cast<std::size_t>(s - 1)];
+      if (s > 0) {
+        const int n = detail::gather_terms(plan.stage_input[s], i, ring, ws.x, ws.e, ws.u, ws.ue,
+                                           terms);
+        backend.lincomb(in, std::span<const LinTerm<State>>(terms.data(), n));
+      }
+      field(static_cast<const State&>(in), plan.stage_node[s], out);
+      ++result.model_evals;
+      detail::check_model_output(backend, in, out, options.check_finite, i,
+                                 plan.stage_node[s]);
+    }
+    const int n = detail::gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
+    const NoiseTerm noise{plan.noise, options.seed, static_cast<std::uint64_t>(i)};
+    backend.lincomb(ws.x[slot(i + 1)], std::span<const LinTerm<State>>(terms.data(), n), noise);
+    ++result.steps_taken;
+    if constexpr (std::is_same_v<decltype(observer(i + 1, num_steps, nodes[i + 1],
+                                                   ws.x[slot(i + 1)])),
+                                 ObserverAction>) {
+      if (observer(i + 1, num_steps, nodes[i + 1], ws.x[slot(i + 1)]) == ObserverAction::stop) {
+        result.cancelled = true;
+        break;
+      }
+    } else {
+      observer(i + 1, num_steps, nodes[i + 1], ws.x[slot(i + 1)]);
+    }
+  }
+  backend.copy(x, ws.x[slot(result.steps_taken)]);
+  return result;
+}
+
+/// Sample with a noise model: x holds x_T at nodes[0] on entry and the sample on exit.
+template <class Scheme, Backend B, class Model, class S, class Obs = NullObserver>
+SampleResult sample(const Scheme& scheme, const B& backend, const S& schedule,
+                    std::span<const Node> nodes, Model& model, typename B::state_type& x,
+                    const SampleOptions& options = {}, Obs&& observer = {}) {
+  SamplerWorkspace<B> ws(backend, scheme.history(), scheme.stages(), B::batch(x), B::dim(x));
+  return run_scheme(scheme, backend, nodes, NodeAtLambda(schedule), EpsField<Model>{model}, x,
+                    ws, options, std::forward<Obs>(observer));
+}
+
+} // namespace diffgrad
