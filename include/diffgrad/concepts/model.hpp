@@ -25,11 +25,15 @@ concept NodeAwareNoiseModel = requires(M& m, const State& x, const Node& n, Stat
 /// vjp(x, t, cotangent, dx, dcond, dparams):
 ///   dx = (d eps/dx)^T cotangent;  *dcond += (d eps/dcond)^T cotangent;  *dparams += ...
 /// dcond / dparams may be null (not wanted). cond_size()/param_size() give their lengths.
+/// As for eps, a model may take the whole Node instead of the model time t.
 template <class M, class State, class Vector>
 concept DifferentiableNoiseModel =
-    NoiseModel<M, State> &&
-    requires(M& m, const State& x, double t, const State& a, State& dx, Vector* dc, Vector* dp) {
+    (NoiseModel<M, State> || NodeAwareNoiseModel<M, State>) &&
+    (requires(M& m, const State& x, double t, const State& a, State& dx, Vector* dc, Vector* dp) {
       m.vjp(x, t, a, dx, dc, dp);
+    } || requires(M& m, const State& x, const Node& n, const State& a, State& dx, Vector* dc,
+                  Vector* dp) { m.vjp(x, n, a, dx, dc, dp); }) &&
+    requires(M& m) {
       { m.cond_size() } -> std::convertible_to<std::int64_t>;
       { m.param_size() } -> std::convertible_to<std::int64_t>;
     };

@@ -141,6 +141,11 @@ template <class Scheme, Backend B, class Model, class S, class Obs = NullObserve
 SampleResult sample(const Scheme& scheme, const B& backend, const S& schedule,
                     std::span<const Node> nodes, Model& model, typename B::state_type& x,
                     const SampleOptions& options = {}, Obs&& observer = {}) {
+  using State = typename B::state_type;
+  static_assert(NoiseModel<Model, State> || NodeAwareNoiseModel<Model, State>,
+                "diffgrad::sample: the model must provide "
+                "eps(const State& x, double t, State& out) or eps(const State& x, const Node& n, "
+                "State& out), with State = Backend::state_type");
   SamplerWorkspace<B> ws(backend, scheme.history(), scheme.stages(), B::batch(x), B::dim(x));
   return run_scheme(scheme, backend, nodes, NodeAtLambda(schedule), EpsField<Model>{model}, x,
                     ws, options, std::forward<Obs>(observer));
