@@ -17,6 +17,11 @@
 
 namespace diffgrad {
 
+/// Which quantity a scheme extrapolates: the noise eps (DPM-Solver, DEIS) or the data
+/// prediction x0 = (x - sigma eps)/alpha (DPM-Solver++). Independent of what the network
+/// outputs (that is the prediction-type adapter's business, models/prediction.hpp).
+enum class SolverPrediction { noise, data };
+
 inline constexpr int kMaxStages = 4;   ///< RK4 has four stages
 inline constexpr int kMaxHistory = 3;  ///< 4th-order iPNDM looks three steps back
 
