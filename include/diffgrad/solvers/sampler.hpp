@@ -44,6 +44,10 @@ public:
   int ring() const { return ring_; }
   std::vector<state_type> x, e;  ///< ring of states / model outputs, slot = step % ring
   std::vector<state_type> u, ue; ///< stage inputs / outputs for s >= 1 (index s - 1)
+  /// Noise of stochastic steps. Empty: Philox noise keyed by (options.seed, step, index).
+  /// Otherwise step i uses given_noise[i] (Cycle-SDE replays, gradients given the noise);
+  /// it must hold one state per step. Not owned.
+  std::span<const state_type> given_noise{};
 
 private:
   int ring_;
@@ -97,6 +101,10 @@ SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const 
   if (ws.ring() != scheme.history() + 1 || static_cast<int>(ws.u.size()) + 1 < scheme.stages())
     throw invalid_argument("run_scheme: argument 'ws' expected a workspace built for this "
                            "scheme's history and stage count");
+  if (!ws.given_noise.empty() && static_cast<int>(ws.given_noise.size()) < num_steps)
+    detail::throw_argument("run_scheme", "ws.given_noise",
+                           detail::concat("one noise state per step (", num_steps, ")"),
+                           ws.given_noise.size());
   const int ring = ws.ring();
   const auto slot = [ring](int step) { return static_cast<std::size_t>(step % ring); };
   SampleResult result;
@@ -117,8 +125,15 @@ SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const 
       detail::check_model_output(backend, in, out, options.check_finite, i,
                                  plan.stage_node[s]);
     }
-    const int n = detail::gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
-    const NoiseTerm noise{plan.noise, options.seed, static_cast<std::uint64_t>(i)};
+    int n = detail::gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
+    NoiseTerm noise{plan.noise, options.seed, static_cast<std::uint64_t>(i)};
+    if (plan.noise != 0.0 && !ws.given_noise.empty()) {
+      if (n == kMaxLincombTerms)
+        throw std::logic_error("diffgrad: no room for the given-noise term in a step plan");
+      terms[static_cast<std::size_t>(n++)] =
+          LinTerm<State>{plan.noise, &ws.given_noise[static_cast<std::size_t>(i)]};
+      noise.coeff = 0.0;
+    }
     backend.lincomb(ws.x[slot(i + 1)], std::span<const LinTerm<State>>(terms.data(), n), noise);
     ++result.steps_taken;
     if constexpr (std::is_same_v<decltype(observer(i + 1, num_steps, nodes[i + 1],
