@@ -41,6 +41,12 @@ inline void require(bool ok, const char* where, const char* arg, const std::stri
                     double given) {
   if (!ok) throw_argument(where, arg, expected, given);
 }
+/// Same, for a literal `expected`: builds the message only on failure, so a passing check
+/// never allocates (checks run inside validate() and plan(), i.e. around the step loop).
+inline void require(bool ok, const char* where, const char* arg, const char* expected,
+                    double given) {
+  if (!ok) throw_argument(where, arg, std::string(expected), given);
+}
 
 inline void require_finite(double value, const char* where, const char* arg) {
   if (!std::isfinite(value)) throw_argument(where, arg, "a finite number", value);

@@ -1,0 +1,141 @@
+#pragma once
+// CountingBackend<B>: wraps any backend, forwards every operation unchanged and counts the
+// passes over memory. It exists so that cost claims are checked by tests, not asserted in
+// comments: "one fused lincomb per stage", "no make_state inside the step loop", "two
+// reductions per adjoint step". Results are bit-identical to the wrapped backend's.
+//
+//   diffgrad::CountingBackend<diffgrad::EigenBackend<double>> backend;
+//   diffgrad::sample(scheme, backend, schedule, nodes, model, x);
+//   backend.counts().lincomb_passes;  // == model evaluations for every scheme
+//
+// The counters are plain integers behind a const interface (backends are passed as const&):
+// one CountingBackend must not be used from several threads at once.
+#include <cstdint>
+#include <span>
+#include <utility>
+
+#include "diffgrad/backend/lincomb_term.hpp"
+
+namespace diffgrad {
+
+/// What a CountingBackend has seen since construction or the last reset().
+struct BackendCounts {
+  std::int64_t lincomb_passes = 0; ///< fused lincomb calls (any arity, with or without noise)
+  std::int64_t noise_passes = 0;   ///< of those, the ones that generated Gaussian noise
+  std::int64_t make_state = 0;     ///< state allocations
+  std::int64_t make_vector = 0;    ///< vector allocations
+  std::int64_t reductions = 0;     ///< dot / squared_norm (one pass each)
+  std::int64_t finite_checks = 0;  ///< all_finite (one read pass each)
+  std::int64_t copies = 0;         ///< copy
+  std::int64_t fills = 0;          ///< fill
+
+  /// Every pass over state-sized memory.
+  std::int64_t memory_passes() const {
+    return lincomb_passes + reductions + finite_checks + copies + fills;
+  }
+  friend bool operator==(const BackendCounts&, const BackendCounts&) = default;
+};
+
+/// Counter differences (after - before), for measuring one region of code.
+inline BackendCounts operator-(const BackendCounts& a, const BackendCounts& b) {
+  return {a.lincomb_passes - b.lincomb_passes, a.noise_passes - b.noise_passes,
+          a.make_state - b.make_state,         a.make_vector - b.make_vector,
+          a.reductions - b.reductions,         a.finite_checks - b.finite_checks,
+          a.copies - b.copies,                 a.fills - b.fills};
+}
+
+template <class Inner> class CountingBackend {
+public:
+  using inner_type = Inner;
+  using scalar_type = typename Inner::scalar_type;
+  using state_type = typename Inner::state_type;
+  using vector_type = typename Inner::vector_type;
+
+  CountingBackend() = default;
+  explicit CountingBackend(Inner inner) : inner_(std::move(inner)) {}
+
+  const Inner& inner() const { return inner_; }
+  const BackendCounts& counts() const { return counts_; }
+  void reset() const { counts_ = {}; }
+
+  template <class Index> state_type make_state(Index batch, Index dim) const {
+    ++counts_.make_state;
+    return inner_.make_state(batch, dim);
+  }
+  template <class Index>
+  vector_type make_vector(Index size) const
+    requires requires(const Inner& b) { b.make_vector(size); }
+  {
+    ++counts_.make_vector;
+    return inner_.make_vector(size);
+  }
+
+  static auto batch(const state_type& x) { return Inner::batch(x); }
+  static auto dim(const state_type& x) { return Inner::dim(x); }
+
+  /// Fixed arity: out = sum_k c_k x_k.
+  template <class... States>
+  void lincomb(state_type& out, LinTerm<States>... terms) const
+    requires requires(const Inner& b) { b.lincomb(out, terms...); }
+  {
+    ++counts_.lincomb_passes;
+    inner_.lincomb(out, terms...);
+  }
+  /// Fixed arity with noise: out = sum_k c_k x_k + c xi.
+  template <class... States>
+  void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const
+    requires requires(const Inner& b) { b.lincomb(out, noise, terms...); }
+  {
+    ++counts_.lincomb_passes;
+    if (noise.coeff != 0.0) ++counts_.noise_passes;
+    inner_.lincomb(out, noise, terms...);
+  }
+  /// Runtime arity, as the sampling engine calls it.
+  void lincomb(state_type& out, std::span<const LinTerm<state_type>> terms,
+               NoiseTerm noise = {}) const {
+    ++counts_.lincomb_passes;
+    if (noise.coeff != 0.0) ++counts_.noise_passes;
+    inner_.lincomb(out, terms, noise);
+  }
+
+  void copy(state_type& dst, const state_type& src) const {
+    ++counts_.copies;
+    inner_.copy(dst, src);
+  }
+  void fill(state_type& dst, double value) const
+    requires requires(const Inner& b) { b.fill(dst, value); }
+  {
+    ++counts_.fills;
+    inner_.fill(dst, value);
+  }
+
+  double dot(const state_type& a, const state_type& b) const {
+    ++counts_.reductions;
+    return inner_.dot(a, b);
+  }
+  double squared_norm(const state_type& a) const
+    requires requires(const Inner& b) { b.squared_norm(a); }
+  {
+    ++counts_.reductions;
+    return inner_.squared_norm(a);
+  }
+  bool all_finite(const state_type& a) const {
+    ++counts_.finite_checks;
+    return inner_.all_finite(a);
+  }
+
+  /// One noise-only pass (counted as a lincomb pass with noise).
+  void gaussian(state_type& out, std::uint64_t seed, std::uint64_t step) const
+    requires requires(const Inner& b) { b.gaussian(out, seed, step); }
+  {
+    ++counts_.lincomb_passes;
+    ++counts_.noise_passes;
+    inner_.gaussian(out, seed, step);
+  }
+
+private:
+  Inner inner_{};
+  mutable BackendCounts counts_{};
+};
+
+} // namespace diffgrad

@@ -1,0 +1,311 @@
+// Cost claims of the sampling engine, checked by counting instead of asserted in comments:
+// for every scheme, each step does exactly one fused lincomb pass per stage (stage inputs for
+// s >= 1, plus the output), one finiteness check per model call, no state allocation and no
+// heap allocation at all once the workspace exists.
+//
+// Heap allocations are counted two ways, because Eigen does not use operator new for its
+// dynamic matrices (it calls malloc through its own aligned allocator):
+//   - global operator new/delete are replaced in this test program and counted;
+//   - Eigen's EIGEN_RUNTIME_NO_MALLOC hook reports every Eigen heap allocation through
+//     eigen_assert, which this file redefines to count instead of aborting.
+// Both definitions must precede every Eigen include, so they come first.
+#define EIGEN_RUNTIME_NO_MALLOC
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace alloc_probe {
+inline std::atomic<bool> counting{false};
+inline std::atomic<long> operator_new_calls{0};
+inline std::atomic<long> eigen_heap_allocations{0};
+
+inline void eigen_assert_hook(bool ok, const char* expression, const char* file, int line) {
+  if (ok) return;
+  if (std::strstr(expression, "heap allocation is forbidden") != nullptr) {
+    ++eigen_heap_allocations;
+    return;
+  }
+  std::fprintf(stderr, "%s:%d: Eigen assertion failed: %s\n", file, line, expression);
+  std::abort();
+}
+
+inline void* allocate(std::size_t size) {
+  if (counting.load(std::memory_order_relaxed)) ++operator_new_calls;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+inline void* allocate_aligned(std::size_t size, std::align_val_t align) {
+  if (counting.load(std::memory_order_relaxed)) ++operator_new_calls;
+  const auto a = static_cast<std::size_t>(align);
+  const std::size_t rounded = (size + a - 1) / a * a;
+  if (void* p = std::aligned_alloc(a, rounded == 0 ? a : rounded)) return p;
+  throw std::bad_alloc();
+}
+} // namespace alloc_probe
+
+#define eigen_assert(x) ::alloc_probe::eigen_assert_hook(static_cast<bool>(x), #x, __FILE__, __LINE__)
+
+void* operator new(std::size_t size) { return alloc_probe::allocate(size); }
+void* operator new[](std::size_t size) { return alloc_probe::allocate(size); }
+void* operator new(std::size_t size, std::align_val_t align) {
+  return alloc_probe::allocate_aligned(size, align);
+}
+void* operator new[](std::size_t size, std::align_val_t align) {
+  return alloc_probe::allocate_aligned(size, align);
+}
+void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  try {
+    return alloc_probe::allocate(size);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
+  try {
+    return alloc_probe::allocate(size);
+  } catch (...) {
+    return nullptr;
+  }
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+#include <catch2/catch.hpp>
+
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "diffgrad/backend/counting_backend.hpp"
+#include "diffgrad/concepts/backend.hpp"
+#include "diffgrad/schedule/time_grid.hpp"
+#include "diffgrad/schedule/vp_linear.hpp"
+#include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/sampler.hpp"
+#include "test_support.hpp"
+
+using namespace diffgrad;
+using Inner = EigenBackend<double>;
+using Counting = CountingBackend<Inner>;
+using State = Inner::state_type;
+
+static_assert(Backend<Counting>, "CountingBackend must itself be a Backend");
+static_assert(Backend<CountingBackend<EigenBackend<float>>>);
+
+namespace {
+
+/// Counts heap allocations (operator new and Eigen's allocator) while alive.
+class AllocationWindow {
+public:
+  AllocationWindow() {
+    new_before_ = alloc_probe::operator_new_calls.load();
+    eigen_before_ = alloc_probe::eigen_heap_allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    alloc_probe::counting = true;
+  }
+  ~AllocationWindow() { stop(); }
+  void stop() {
+    if (!alloc_probe::counting) return;
+    alloc_probe::counting = false;
+    Eigen::internal::set_is_malloc_allowed(true);
+    new_calls = alloc_probe::operator_new_calls.load() - new_before_;
+    eigen_allocations = alloc_probe::eigen_heap_allocations.load() - eigen_before_;
+  }
+  long new_calls = 0, eigen_allocations = 0;
+
+private:
+  long new_before_ = 0, eigen_before_ = 0;
+};
+
+/// Gaussian-data eps written element by element, so the model itself never allocates (the
+/// reference GaussianData builds an Eigen temporary, which is the model's business, not
+/// the engine's).
+struct NonAllocatingGaussianEps {
+  Eigen::VectorXd mu;
+  double s = 0.2;
+  void eps(const State& x, const Node& n, State& out) const {
+    const double v = n.alpha * n.alpha * s * s + n.sigma * n.sigma;
+    for (Eigen::Index r = 0; r < x.rows(); ++r)
+      for (Eigen::Index c = 0; c < x.cols(); ++c)
+        out(r, c) = n.sigma * (x(r, c) - n.alpha * mu(c)) / v;
+  }
+};
+
+NonAllocatingGaussianEps make_model(Eigen::Index dim) {
+  NonAllocatingGaussianEps m;
+  m.mu.resize(dim);
+  for (Eigen::Index j = 0; j < dim; ++j) m.mu(j) = 0.5 - 0.3 * static_cast<double>(j);
+  return m;
+}
+
+/// Runs `scheme` through the engine on a CountingBackend with a prebuilt workspace and
+/// checks the per-step cost model; also checks the result is bit-identical to the plain
+/// backend's (the wrapper forwards, it does not change anything).
+/// Returns the heap allocations of the whole run_scheme call (validate() included).
+template <class Scheme, class Sched>
+long check_engine_costs(const std::string& name, const Scheme& scheme, const Sched& schedule,
+                        const std::vector<Node>& nodes, std::uint64_t seed = 7) {
+  INFO("scheme " << name << ", " << nodes.size() - 1 << " steps");
+  constexpr Eigen::Index kBatch = 3, kDim = 5;
+  const int num_steps = static_cast<int>(nodes.size()) - 1;
+  const NodeAtLambda at_lambda(schedule);
+  auto model = make_model(kDim);
+  const State x_T = diffgrad::testing::test_batch<double>(kBatch, kDim);
+  SampleOptions options;
+  options.seed = seed;
+
+  // What the plans promise, computed before the measured region.
+  std::vector<int> stages(static_cast<std::size_t>(num_steps));
+  std::vector<bool> noisy(static_cast<std::size_t>(num_steps));
+  for (int i = 0; i < num_steps; ++i) {
+    const StepPlan plan = scheme.plan(nodes, i, at_lambda);
+    stages[static_cast<std::size_t>(i)] = plan.num_stages;
+    noisy[static_cast<std::size_t>(i)] = plan.noise != 0.0;
+  }
+  const int total_stages = std::accumulate(stages.begin(), stages.end(), 0);
+
+  // Reference: the same run on the plain backend.
+  State expected = x_T;
+  {
+    const Inner plain;
+    SamplerWorkspace<Inner> ws(plain, scheme.history(), scheme.stages(), kBatch, kDim);
+    run_scheme(scheme, plain, std::span<const Node>(nodes), at_lambda,
+               EpsField<NonAllocatingGaussianEps>{model}, expected, ws, options);
+  }
+
+  const Counting backend;
+  State x = x_T;
+  SamplerWorkspace<Counting> ws(backend, scheme.history(), scheme.stages(), kBatch, kDim);
+  const BackendCounts before_loop = backend.counts();
+  CHECK(before_loop.make_state == 2 * (scheme.history() + 1) + 2 * (scheme.stages() - 1));
+
+  std::vector<BackendCounts> after_step(static_cast<std::size_t>(num_steps));
+  auto observer = [&](int step, int, const Node&, const State&) {
+    after_step[static_cast<std::size_t>(step - 1)] = backend.counts();
+  };
+  // validate() runs once before the loop and may legitimately allocate (coefficient tables);
+  // measure it alone so the loop's own count is total - validate.
+  long validate_allocations = 0;
+  {
+    AllocationWindow validate_window;
+    scheme.validate(std::span<const Node>(nodes));
+    validate_window.stop();
+    validate_allocations = validate_window.new_calls + validate_window.eigen_allocations;
+  }
+  SampleResult result;
+  AllocationWindow window;
+  result = run_scheme(scheme, backend, std::span<const Node>(nodes), at_lambda,
+                      EpsField<NonAllocatingGaussianEps>{model}, x, ws, options, observer);
+  window.stop();
+  const long run_allocations = window.new_calls + window.eigen_allocations;
+  INFO("heap allocations: " << run_allocations << " in run_scheme, " << validate_allocations
+                            << " of them in validate()");
+  CHECK(run_allocations - validate_allocations == 0);
+  REQUIRE(result.steps_taken == num_steps);
+  CHECK(result.model_evals == total_stages);
+
+  const BackendCounts loop = backend.counts() - before_loop;
+  CHECK(loop.make_state == 0);
+  CHECK(loop.make_vector == 0);
+  CHECK(loop.reductions == 0);
+  CHECK(loop.lincomb_passes == total_stages);
+  CHECK(loop.copies == 2);  // x into the workspace before step 0, the sample out after
+
+  BackendCounts previous = before_loop;
+  previous.copies += 1;  // the copy-in before step 0 is not part of any step
+  for (int i = 0; i < num_steps; ++i) {
+    const auto k = static_cast<std::size_t>(i);
+    const BackendCounts step = after_step[k] - previous;
+    INFO("step " << i << " with " << stages[k] << " stage(s)");
+    CHECK(step.lincomb_passes == stages[k]);  // s - 1 stage inputs + 1 output
+    CHECK(step.finite_checks == stages[k]);   // one per model output
+    CHECK(step.noise_passes == (noisy[k] ? 1 : 0));
+    CHECK(step.make_state == 0);
+    CHECK(step.copies == 0);
+    CHECK(step.reductions == 0);
+    previous = after_step[k];
+  }
+  CHECK((x - expected).cwiseAbs().maxCoeff() == 0.0);
+  return run_allocations;
+}
+
+} // namespace
+
+TEST_CASE("CountingBackend forwards every operation and counts it", "[counting][backend]") {
+  const Inner plain;
+  const Counting counting;
+  const State a = diffgrad::testing::test_batch<double>(2, 3);
+  const State b = a * 0.5 + State::Constant(2, 3, 0.25);
+  State out_plain = plain.make_state(2, 3), out_counted = counting.make_state(2, 3);
+  CHECK(counting.counts().make_state == 1);
+
+  plain.lincomb(out_plain, term(2.0, a), term(-1.0, b));
+  counting.lincomb(out_counted, term(2.0, a), term(-1.0, b));
+  CHECK(out_counted == out_plain);
+  plain.lincomb(out_plain, NoiseTerm{0.5, 3, 4}, term(1.0, a));
+  counting.lincomb(out_counted, NoiseTerm{0.5, 3, 4}, term(1.0, a));
+  CHECK(out_counted == out_plain);
+  const LinTerm<State> terms[] = {term(1.0, a), term(3.0, b), term(-0.5, a)};
+  plain.lincomb(out_plain, std::span<const LinTerm<State>>(terms), NoiseTerm{0.1, 9, 1});
+  counting.lincomb(out_counted, std::span<const LinTerm<State>>(terms), NoiseTerm{0.1, 9, 1});
+  CHECK(out_counted == out_plain);
+  counting.lincomb(out_counted, std::span<const LinTerm<State>>(terms));
+  plain.gaussian(out_plain, 5, 6);
+  counting.gaussian(out_counted, 5, 6);
+  CHECK(out_counted == out_plain);
+
+  CHECK(counting.dot(a, b) == plain.dot(a, b));
+  CHECK(counting.squared_norm(a) == plain.squared_norm(a));
+  CHECK(counting.all_finite(a));
+  counting.copy(out_counted, a);
+  CHECK(out_counted == a);
+  counting.fill(out_counted, 1.5);
+  CHECK(out_counted == State::Constant(2, 3, 1.5));
+  CHECK(counting.make_vector(4).size() == 4);
+
+  const BackendCounts& c = counting.counts();
+  CHECK(c.lincomb_passes == 5);
+  CHECK(c.noise_passes == 3);
+  CHECK(c.reductions == 2);
+  CHECK(c.finite_checks == 1);
+  CHECK(c.copies == 1);
+  CHECK(c.fills == 1);
+  CHECK(c.make_state == 1);
+  CHECK(c.make_vector == 1);
+  CHECK(c.memory_passes() == 5 + 2 + 1 + 1 + 1);
+
+  counting.reset();
+  CHECK(counting.counts() == BackendCounts{});
+}
+
+TEST_CASE("The allocation probe sees operator new and Eigen allocations", "[counting]") {
+  // Guards the guard: if the probe were blind, every zero-allocation check would pass.
+  AllocationWindow window;
+  auto* boxed = new int(3);
+  State grown(4, 4);
+  window.stop();
+  delete boxed;
+  CHECK(window.new_calls == 1);
+  CHECK(window.eigen_allocations >= 1);
+  CHECK(grown.size() == 16);
+}
+
+TEST_CASE("DDIM: one fused lincomb per step, no allocation in the loop", "[counting][ddim]") {
+  const VPLinearSchedule schedule;
+  const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 12, 1.0, 1e-3));
+  // DDIM needs no tables at all: the whole call, validation included, is allocation-free.
+  CHECK(check_engine_costs("Ddim(eta = 0)", Ddim(), schedule, nodes) == 0);
+  CHECK(check_engine_costs("Ddim(eta = 0.7)", Ddim(0.7), schedule, nodes) == 0);
+  std::vector<Node> reversed(nodes.rbegin(), nodes.rend());
+  CHECK(check_engine_costs("DdimInversion", DdimInversion(), schedule, reversed) == 0);
+}
