@@ -27,6 +27,7 @@
 #include "diffgrad/concepts/backend.hpp"
 #include "diffgrad/concepts/model.hpp"
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/gradients/vjp_call.hpp"
 #include "diffgrad/schedule/node.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/solvers/model_call.hpp"
@@ -86,17 +87,6 @@ private:
 };
 
 namespace detail {
-
-/// Private VJP dispatch (node-aware models get the Node, others the model time), mirroring
-/// solvers/model_call.hpp's EpsField. Kept local to the continuous adjoints.
-template <class Model, class State, class Vector>
-void continuous_adjoint_vjp(Model& model, const State& x, const Node& n, const State& a,
-                            State& dx, Vector* dcond, Vector* dparams) {
-  if constexpr (requires { model.vjp(x, n, a, dx, dcond, dparams); })
-    model.vjp(x, n, a, dx, dcond, dparams);
-  else
-    model.vjp(x, n.model_t, a, dx, dcond, dparams);
-}
 
 template <class Vector, class Model>
 void check_gradient_vector(const Vector* v, std::int64_t expected, const char* where,
@@ -211,8 +201,8 @@ AdjointCost continuous_adjoint(const B& backend, Model& model, std::span<const N
       check_model_output(backend, x_t, eps[idx(m % 2)], options.check_finite, N - m, node);
     }
     const bool w = weighted[idx(m)] != 0;
-    continuous_adjoint_vjp(model, x_t, node, static_cast<const State&>(b), dx_t,
-                           w ? grad_cond : nullptr, w ? grad_params : nullptr);
+    EpsVjp<Model>{model}(x_t, node, static_cast<const State&>(b), dx_t,
+                         w ? grad_cond : nullptr, w ? grad_params : nullptr);
     ++cost.vjps;
     if (B::batch(dx_t) != batch || B::dim(dx_t) != dim)
       throw invalid_argument(concat(where, ": model vjp: expected dx of shape ", batch, " x ", dim,
