@@ -1,0 +1,245 @@
+// diffgrad reproduces diffusers' schedulers (run in float64 by benchmarks/compare/
+// gen_diffusers_reference.py on the fixed nonlinear model of compat_test_model.hpp) to <= 1e-6
+// relative at every step. Each case of tests/data/compat/diffusers_*.txt carries the scheduler
+// config, diffusers' integer timesteps, the given noise of stochastic steps and the sample after
+// every scheduler.step call.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "compat_test_model.hpp"
+#include "diffgrad/backend/cpu/eigen_backend.hpp"
+#include "diffgrad/compat/diffusers.hpp"
+#include "diffgrad/solvers/sampler.hpp"
+
+using namespace diffgrad;
+using namespace diffgrad::testing::compat;
+
+namespace {
+
+constexpr double kTolerance = 1e-6;
+
+compat::TimestepSpacing spacing_of(const std::string& s) {
+  if (s == "linspace") return compat::TimestepSpacing::linspace;
+  if (s == "leading") return compat::TimestepSpacing::leading;
+  if (s == "trailing") return compat::TimestepSpacing::trailing;
+  throw std::runtime_error("unknown timestep_spacing " + s);
+}
+compat::PredictionType prediction_of(const std::string& s) {
+  if (s == "epsilon") return compat::PredictionType::epsilon;
+  if (s == "sample") return compat::PredictionType::sample;
+  if (s == "v_prediction") return compat::PredictionType::v_prediction;
+  throw std::runtime_error("unknown prediction_type " + s);
+}
+
+DiscreteSchedule schedule_of(const ReferenceFile& ref) {
+  return DiscreteSchedule::from_alphas_cumprod(ref.tables.at("alphas_cumprod"),
+                                               DiscreteTimeInput::timestep_index);
+}
+
+std::vector<int> int_vector(const std::vector<double>& v) {
+  std::vector<int> out;
+  for (double x : v) out.push_back(static_cast<int>(x));
+  return out;
+}
+
+/// Records the state after every step.
+struct TrajectoryObserver {
+  std::vector<Matrix>* states;
+  void operator()(int, int, const Node&, const Matrix& x) const { states->push_back(x); }
+};
+
+/// Largest per-step relative difference between a run and the reference states
+/// (`steps_to_reference[i]`: the reference state index a diffgrad step i ends on).
+double max_step_difference(const std::vector<Matrix>& got, const ReferenceCase& c,
+                           const std::vector<int>& steps_to_reference) {
+  REQUIRE(got.size() == steps_to_reference.size());
+  double worst = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const auto& want = c.states.at(static_cast<std::size_t>(steps_to_reference[i]));
+    const double d = relative_difference(got[i], want);
+    if (!(d <= kTolerance))
+      UNSCOPED_INFO(c.name << ": step " << i << " relative difference " << d);
+    worst = std::max(worst, d);
+  }
+  return worst;
+}
+
+std::vector<int> identity_steps(std::size_t n) {
+  std::vector<int> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<int>(i);
+  return v;
+}
+
+/// Worst difference per family, printed once at exit (the numbers in docs/compat_diffusers.md).
+struct Summary {
+  std::map<std::string, double> worst;
+  ~Summary() {
+    for (const auto& [family, d] : worst)
+      std::printf("compat diffusers: %-48s max relative difference %.3g\n", family.c_str(), d);
+  }
+};
+Summary summary;
+void record(const std::string& family, double d) {
+  auto& v = summary.worst[family];
+  v = std::max(v, d);
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Timesteps
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("compat: numpy linspace / arange / round are reproduced bit for bit") {
+  // round half to even, like np.round
+  CHECK(compat::detail::np_round(0.5) == 0);
+  CHECK(compat::detail::np_round(1.5) == 2);
+  CHECK(compat::detail::np_round(2.5) == 2);
+  CHECK(compat::detail::np_round(-0.5) == 0);
+  // np.arange(1000, 0, -1000/7) has 7 entries, the last 142.857142857143...
+  const auto a = compat::detail::np_arange(1000.0, 0.0, -1000.0 / 7.0);
+  REQUIRE(a.size() == 7);
+  CHECK(a.back() == Approx(1000.0 / 7.0).epsilon(1e-14));
+  // np.linspace(0, 999, 4) = [0, 333, 666, 999]
+  const auto l = compat::detail::np_linspace(0.0, 999.0, 4);
+  CHECK(l == std::vector<double>{0.0, 333.0, 666.0, 999.0});
+}
+
+TEST_CASE("compat: timesteps of every reference case equal diffusers'") {
+  for (const char* file : {"diffusers_ddim.txt", "diffusers_dpmsolver_multistep.txt",
+                           "diffusers_dpmsolver_singlestep.txt", "diffusers_deis.txt"}) {
+    const auto ref = read_reference(file);
+    for (const auto& c : ref.cases) {
+      if (c.has_param("use_karras_sigmas") && c.param_bool("use_karras_sigmas")) continue;
+      if (c.has_param("use_lu_lambdas") && c.param_bool("use_lu_lambdas")) continue;
+      INFO(c.name);
+      const int n = c.param_int("num_inference_steps");
+      const std::string scheduler = c.param("scheduler");
+      std::vector<int> got;
+      if (scheduler == "ddim")
+        got = compat::ddim_timesteps(n, spacing_of(c.param("timestep_spacing")),
+                                     c.param_int("steps_offset"));
+      else if (scheduler == "dpmsolver_singlestep")
+        got = compat::singlestep_timesteps(n);
+      else
+        got = compat::multistep_timesteps(n, spacing_of(c.param("timestep_spacing")),
+                                          c.param_int("steps_offset"));
+      CHECK(got == int_vector(c.vector("timesteps")));
+    }
+  }
+}
+
+TEST_CASE("compat: bad timestep arguments are rejected with the argument named") {
+  CHECK_THROWS_WITH(compat::ddim_timesteps(0, compat::TimestepSpacing::leading),
+                    Catch::Contains("num_inference_steps"));
+  CHECK_THROWS_WITH(compat::multistep_timesteps(1001, compat::TimestepSpacing::linspace),
+                    Catch::Contains("num_inference_steps"));
+  CHECK_THROWS_WITH(compat::multistep_timesteps(10, compat::TimestepSpacing::linspace, 0, 1000,
+                                                2000),
+                    Catch::Contains("last_timestep"));
+  const auto schedule = DiscreteSchedule::from_beta_schedule(BetaSchedule::linear);
+  compat::DdimSchedulerConfig config;
+  config.steps_offset = 200;  // 9 * 100 + 200 > 999
+  CHECK_THROWS_WITH(compat::ddim_setup(schedule, config, 10), Catch::Contains("steps_offset"));
+  config = {};
+  config.num_train_timesteps = 500;
+  CHECK_THROWS_WITH(compat::ddim_setup(schedule, config, 10),
+                    Catch::Contains("num_train_timesteps"));
+  CHECK_THROWS_WITH(compat::DiffusersDdim({}, 0.0), Catch::Contains("targets"));
+  CHECK_THROWS_WITH(compat::DiffusersDdim({compat::zero_sigma_node()}, 1.5),
+                    Catch::Contains("eta"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// DDIMScheduler
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+compat::DdimSchedulerConfig ddim_config_of(const ReferenceCase& c) {
+  compat::DdimSchedulerConfig cfg;
+  cfg.num_train_timesteps = c.param_int("num_train_timesteps");
+  cfg.timestep_spacing = spacing_of(c.param("timestep_spacing"));
+  cfg.steps_offset = c.param_int("steps_offset");
+  cfg.set_alpha_to_one = c.param_bool("set_alpha_to_one");
+  cfg.prediction_type = prediction_of(c.param("prediction_type"));
+  cfg.clip_sample = c.param_bool("clip_sample");
+  cfg.clip_sample_range = c.param_double("clip_sample_range");
+  cfg.thresholding = c.param_bool("thresholding");
+  cfg.dynamic_thresholding_ratio = c.param_double("dynamic_thresholding_ratio");
+  cfg.sample_max_value = c.param_double("sample_max_value");
+  return cfg;
+}
+
+std::string ddim_family(const ReferenceCase& c) {
+  std::string f = "DDIMScheduler";
+  if (c.param_double("eta") > 0) f += " eta>0 (given noise)";
+  if (c.param_bool("thresholding") || c.param_bool("clip_sample"))
+    f += c.param_bool("use_clipped_model_output") ? " x0-corrected, clipped eps"
+                                                  : " x0-corrected, raw eps";
+  if (c.param("prediction_type") != "epsilon") f += " " + c.param("prediction_type");
+  return f;
+}
+
+} // namespace
+
+TEST_CASE("compat: DDIMScheduler, every spacing and flag, to 1e-6 per step") {
+  const auto ref = read_reference("diffusers_ddim.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x_T = ref.matrices.at("x_T");
+  const EigenBackend<double> backend;
+  for (const auto& c : ref.cases) {
+    INFO(c.name);
+    {
+      const auto cfg = ddim_config_of(c);
+      const int n = c.param_int("num_inference_steps");
+      const double eta = c.param_double("eta");
+      const auto setup = compat::ddim_setup(schedule, cfg, n, eta);
+      CHECK(setup.timesteps == int_vector(c.vector("timesteps")));
+      CompatTestModel network;
+      compat::DdimModel<CompatTestModel> model(network, schedule, cfg, n, eta,
+                                               c.param_bool("use_clipped_model_output"));
+      SamplerWorkspace<EigenBackend<double>> ws(backend, 0, 1, x_T.rows(), x_T.cols());
+      std::vector<Matrix> noise(c.noise.begin(), c.noise.end());
+      if (eta > 0) {
+        REQUIRE(noise.size() == setup.timesteps.size());
+        ws.given_noise = noise;
+      }
+      Matrix x = x_T;
+      std::vector<Matrix> states;
+      run_scheme(setup.scheme, backend, setup.nodes, NodeAtLambda(schedule), EpsField<decltype(model)>{model},
+                 x, ws, {}, TrajectoryObserver{&states});
+      CHECK(network.calls == n);
+      const double d = max_step_difference(states, c, identity_steps(states.size()));
+      CHECK(d <= kTolerance);
+      record(ddim_family(c), d);
+    }
+  }
+}
+
+TEST_CASE("compat: DDIM with aligned targets is plain diffgrad::Ddim") {
+  const auto ref = read_reference("diffusers_ddim.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x_T = ref.matrices.at("x_T");
+  const EigenBackend<double> backend;
+  int aligned_cases = 0;
+  for (const auto& c : ref.cases) {
+    if (c.param_double("eta") != 0.0 || c.param("prediction_type") != "epsilon" ||
+        c.param_bool("clip_sample") || c.param_bool("thresholding"))
+      continue;
+    const auto setup = compat::ddim_setup(schedule, ddim_config_of(c),
+                                          c.param_int("num_inference_steps"));
+    if (!setup.targets_are_next_nodes) continue;
+    ++aligned_cases;
+    CompatTestModel network;
+    Matrix x = x_T;
+    sample(Ddim(0.0), backend, schedule, std::span<const Node>(setup.nodes), network, x);
+    CHECK(relative_difference(x, c.states.back()) <= kTolerance);
+  }
+  CHECK(aligned_cases >= 4);
+}
