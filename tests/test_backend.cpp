@@ -28,9 +28,10 @@ template <class Scalar> StateOf<Scalar> input(int k, Eigen::Index rows, Eigen::I
   StateOf<Scalar> x(rows, cols);
   for (Eigen::Index r = 0; r < rows; ++r)
     for (Eigen::Index c = 0; c < cols; ++c)
-      x(r, c) = Scalar(std::cos(0.37 * static_cast<double>(k + 1) * static_cast<double>(r * cols + c) +
-                                0.9 * k) *
-                       (1.0 + 0.25 * k));
+      x(r, c) =
+          Scalar(std::cos(0.37 * static_cast<double>(k + 1) * static_cast<double>(r * cols + c) +
+                          0.9 * k) *
+                 (1.0 + 0.25 * k));
   return x;
 }
 double coefficient(int k) { return (k % 2 ? -1.0 : 1.0) * (0.6 + 0.45 * k); }
@@ -38,8 +39,8 @@ double coefficient(int k) { return (k % 2 ? -1.0 : 1.0) * (0.6 + 0.45 * k); }
 /// The naive loop the fused pass must agree with, accumulated in long double, and the sum of
 /// |terms| at each element (the scale of the rounding error).
 template <class Scalar>
-std::pair<Eigen::MatrixXd, Eigen::MatrixXd>
-naive(const std::vector<StateOf<Scalar>>& xs, const std::vector<double>& cs, NoiseTerm noise) {
+std::pair<Eigen::MatrixXd, Eigen::MatrixXd> naive(const std::vector<StateOf<Scalar>>& xs,
+                                                  const std::vector<double>& cs, NoiseTerm noise) {
   const auto rows = xs.front().rows(), cols = xs.front().cols();
   Eigen::MatrixXd sum(rows, cols), scale(rows, cols);
   for (Eigen::Index r = 0; r < rows; ++r)
@@ -51,7 +52,7 @@ naive(const std::vector<StateOf<Scalar>>& xs, const std::vector<double>& cs, Noi
       }
       if (noise.coeff != 0.0) {
         const double xi = noise.coeff * detail::gaussian(noise.seed, noise.step,
-                                                        static_cast<std::uint64_t>(r * cols + c));
+                                                         static_cast<std::uint64_t>(r * cols + c));
         acc += static_cast<long double>(static_cast<Scalar>(xi));
         mag += std::abs(static_cast<long double>(xi));
       }
@@ -63,7 +64,8 @@ naive(const std::vector<StateOf<Scalar>>& xs, const std::vector<double>& cs, Noi
 
 /// max over elements of |out - reference| / (scale + tiny), in units of the scalar's epsilon.
 template <class Scalar>
-double error_in_ulps(const StateOf<Scalar>& out, const std::pair<Eigen::MatrixXd, Eigen::MatrixXd>& ref) {
+double error_in_ulps(const StateOf<Scalar>& out,
+                     const std::pair<Eigen::MatrixXd, Eigen::MatrixXd>& ref) {
   const double eps = std::numeric_limits<Scalar>::epsilon();
   return ((out.template cast<double>() - ref.first).cwiseAbs().array() /
           (ref.second.array() + std::numeric_limits<double>::min()))
@@ -107,11 +109,11 @@ template <class Scalar> void check_all_arities(Eigen::Index rows, Eigen::Index c
       cs.push_back(coefficient(k));
     }
     std::vector<LinTerm<StateOf<Scalar>>> terms;
-    for (int k = 0; k < arity; ++k) terms.push_back(term(cs[static_cast<std::size_t>(k)],
-                                                         xs[static_cast<std::size_t>(k)]));
+    for (int k = 0; k < arity; ++k)
+      terms.push_back(term(cs[static_cast<std::size_t>(k)], xs[static_cast<std::size_t>(k)]));
     for (NoiseTerm noise : {NoiseTerm{}, NoiseTerm{0.7, 31, 4}}) {
-      INFO("arity " << arity << ", noise coefficient " << noise.coeff << ", shape " << rows
-                    << " x " << cols);
+      INFO("arity " << arity << ", noise coefficient " << noise.coeff << ", shape " << rows << " x "
+                    << cols);
       const auto ref = naive<Scalar>(xs, cs, noise);
       StateOf<Scalar> out = backend.make_state(rows, cols);
       backend.lincomb(out, std::span<const LinTerm<StateOf<Scalar>>>(terms), noise);
@@ -143,8 +145,8 @@ template <class F> std::string thrown_message(F&& f) {
 TEST_CASE("lincomb matches a naive loop for every arity, with and without noise",
           "[backend][lincomb]") {
   // Shapes: a single sample, a single feature, and sizes that leave a SIMD remainder.
-  for (auto [rows, cols] : {std::pair<Eigen::Index, Eigen::Index>{1, 1}, {1, 17}, {5, 1},
-                            {3, 7}, {4, 16}, {6, 13}}) {
+  for (auto [rows, cols] :
+       {std::pair<Eigen::Index, Eigen::Index>{1, 1}, {1, 17}, {5, 1}, {3, 7}, {4, 16}, {6, 13}}) {
     check_all_arities<double>(rows, cols);
     check_all_arities<float>(rows, cols);
   }
@@ -178,13 +180,13 @@ TEST_CASE("lincomb output may alias any input", "[backend][lincomb]") {
   // The same input twice, and aliased: x = 3 x - x.
   auto x = a0;
   backend.lincomb(x, term(3.0, x), term(-1.0, x));
-  CHECK((x - 2.0 * a0).cwiseAbs().maxCoeff() <= 4 * std::numeric_limits<double>::epsilon() *
-                                                   a0.cwiseAbs().maxCoeff());
+  CHECK((x - 2.0 * a0).cwiseAbs().maxCoeff() <=
+        4 * std::numeric_limits<double>::epsilon() * a0.cwiseAbs().maxCoeff());
 }
 
 TEST_CASE("A noise-only lincomb writes coefficient * xi(seed, step, index)", "[backend][noise]") {
   const EigenBackend<double> backend;
-  StateOf<double> out = input<double>(3, 3, 5);  // overwritten, not accumulated into
+  StateOf<double> out = input<double>(3, 3, 5); // overwritten, not accumulated into
   backend.lincomb(out, NoiseTerm{2.5, 12, 9});
   for (Eigen::Index r = 0; r < 3; ++r)
     for (Eigen::Index c = 0; c < 5; ++c)
@@ -199,7 +201,7 @@ TEST_CASE("A noise-only lincomb writes coefficient * xi(seed, step, index)", "[b
 TEST_CASE("Reductions accumulate in double", "[backend][reduction]") {
   const EigenBackend<float> backend;
   StateOf<float> big = StateOf<float>::Ones(2, 3);
-  big(0, 0) = 16777216.0f;  // 2^24: squared 2^48, and 2^48 + 5 is not a float
+  big(0, 0) = 16777216.0f; // 2^24: squared 2^48, and 2^48 + 5 is not a float
   CHECK(backend.squared_norm(big) == 16777216.0 * 16777216.0 + 5.0);
   CHECK(backend.dot(big, big) == 16777216.0 * 16777216.0 + 5.0);
 

@@ -45,7 +45,8 @@ inline void* allocate_aligned(std::size_t size, std::align_val_t align) {
 }
 } // namespace alloc_probe
 
-#define eigen_assert(x) ::alloc_probe::eigen_assert_hook(static_cast<bool>(x), #x, __FILE__, __LINE__)
+#define eigen_assert(x)                                                                            \
+  ::alloc_probe::eigen_assert_hook(static_cast<bool>(x), #x, __FILE__, __LINE__)
 
 void* operator new(std::size_t size) { return alloc_probe::allocate(size); }
 void* operator new[](std::size_t size) { return alloc_probe::allocate(size); }
@@ -219,16 +220,16 @@ long check_engine_costs(const std::string& name, const Scheme& scheme, const Sch
   CHECK(loop.make_vector == 0);
   CHECK(loop.reductions == 0);
   CHECK(loop.lincomb_passes == total_stages);
-  CHECK(loop.copies == 2);  // x into the workspace before step 0, the sample out after
+  CHECK(loop.copies == 2); // x into the workspace before step 0, the sample out after
 
   BackendCounts previous = before_loop;
-  previous.copies += 1;  // the copy-in before step 0 is not part of any step
+  previous.copies += 1; // the copy-in before step 0 is not part of any step
   for (int i = 0; i < num_steps; ++i) {
     const auto k = static_cast<std::size_t>(i);
     const BackendCounts step = after_step[k] - previous;
     INFO("step " << i << " with " << stages[k] << " stage(s)");
-    CHECK(step.lincomb_passes == stages[k]);  // s - 1 stage inputs + 1 output
-    CHECK(step.finite_checks == stages[k]);   // one per model output
+    CHECK(step.lincomb_passes == stages[k]); // s - 1 stage inputs + 1 output
+    CHECK(step.finite_checks == stages[k]);  // one per model output
     CHECK(step.noise_passes == (noisy[k] ? 1 : 0));
     CHECK(step.make_state == 0);
     CHECK(step.copies == 0);

@@ -99,7 +99,7 @@ TEST_CASE("A draw depends only on (seed, step, index)", "[philox]") {
   const double base = gaussian(1, 2, 3);
   CHECK(gaussian(1 + (1ull << 32), 2, 3) != base);
   CHECK(gaussian(1, 2 + (1ull << 32), 3) != base);
-  CHECK(gaussian(1, 2, 3 + (1ull << 33)) != base);  // index pair 2^32 + 1: high counter word
+  CHECK(gaussian(1, 2, 3 + (1ull << 33)) != base); // index pair 2^32 + 1: high counter word
   CHECK(gaussian(2, 2, 3) != base);
   CHECK(gaussian(1, 3, 3) != base);
   CHECK(gaussian(1, 2, 5) != base);
@@ -150,10 +150,10 @@ TEST_CASE("Streams for different seeds, steps and indices are uncorrelated",
   constexpr std::size_t n = 200000;
   const double bound = 5.0 / std::sqrt(static_cast<double>(n));
   const auto a = draws(9, 4, 0, n);
-  CHECK(std::abs(correlation(a, draws(10, 4, 0, n))) < bound);           // next seed
-  CHECK(std::abs(correlation(a, draws(9, 5, 0, n))) < bound);            // next step
-  CHECK(std::abs(correlation(a, draws(9 + (1ull << 32), 4, 0, n))) < bound);  // high seed bits
-  CHECK(std::abs(correlation(a, draws(9, 4 + (1ull << 32), 0, n))) < bound);  // high step bits
+  CHECK(std::abs(correlation(a, draws(10, 4, 0, n))) < bound);               // next seed
+  CHECK(std::abs(correlation(a, draws(9, 5, 0, n))) < bound);                // next step
+  CHECK(std::abs(correlation(a, draws(9 + (1ull << 32), 4, 0, n))) < bound); // high seed bits
+  CHECK(std::abs(correlation(a, draws(9, 4 + (1ull << 32), 0, n))) < bound); // high step bits
   // Neighbouring indices: the cosine and sine of one Box-Muller pair (2k, 2k+1), and the
   // pairs (2k+1, 2k+2) that straddle two Philox blocks.
   std::vector<double> even, odd, odd_next;

@@ -46,9 +46,7 @@ bool close(double a, double b, double rel, double abs = 0.0) {
 }
 
 /// Central differences of the public functions at t with step h.
-template <class S> struct Derivatives {
-  double dlog_alpha, dsigma2, dlambda;
-};
+template <class S> struct Derivatives { double dlog_alpha, dsigma2, dlambda; };
 /// Five-point central differences (error O(h^4)): the plain three-point rule is too coarse
 /// near the cosine schedule's pole of f and near sigma -> 0, where lambda is steep.
 template <class S> Derivatives<S> central_differences(const S& s, double t, double h) {
@@ -112,7 +110,7 @@ std::vector<double> interior(double lo, double hi, double h, int n) {
 } // namespace
 
 TEST_CASE("VP linear: identities and the closed form of REFERENCE.md", "[schedule][vp]") {
-  const VPLinearSchedule s;  // b0 = 0.1, b1 = 20, t in [1e-3, 1]
+  const VPLinearSchedule s; // b0 = 0.1, b1 = 20, t in [1e-3, 1]
   check_schedule_identities("VPLinear", s, interior(s.t_min(), s.t_max(), 1e-5, 25), 1e-5);
   for (double t : linspace(1e-3, 1.0, 11)) {
     const double log_alpha = -(20.0 - 0.1) * t * t / 4.0 - 0.1 * t / 2.0;
@@ -129,7 +127,7 @@ TEST_CASE("VP linear: identities and the closed form of REFERENCE.md", "[schedul
 }
 
 TEST_CASE("VP cosine: identities and the Nichol-Dhariwal definition", "[schedule][vp]") {
-  const VPCosineSchedule s;  // s = 0.008, t in [1e-3, 0.9946]
+  const VPCosineSchedule s; // s = 0.008, t in [1e-3, 0.9946]
   check_schedule_identities("VPCosine", s, interior(s.t_min(), s.t_max(), 1e-5, 25), 1e-5);
   const double off = 0.008;
   for (double t : linspace(0.05, 0.99, 11)) {
@@ -137,8 +135,8 @@ TEST_CASE("VP cosine: identities and the Nichol-Dhariwal definition", "[schedule
                          std::cos(off / (1 + off) * std::numbers::pi / 2);
     CHECK(close(s.alpha(t), alpha, 1e-13));
   }
-  // The default end time T = 0.9946 of the official DPM-Solver code: alpha_T = sin(pi/2 (1 - T)/(1 + s))
-  // / cos(pi/2 s/(1 + s)) = 0.00841, lambda_T = -4.78.
+  // The default end time T = 0.9946 of the official DPM-Solver code: alpha_T = sin(pi/2 (1 - T)/(1
+  // + s)) / cos(pi/2 s/(1 + s)) = 0.00841, lambda_T = -4.78.
   CHECK(s.alpha(s.t_max()) == Approx(std::sin(std::numbers::pi / 2 * (1 - 0.9946) / 1.008) /
                                      std::cos(std::numbers::pi / 2 * off / 1.008))
                                   .epsilon(1e-12));
@@ -148,8 +146,8 @@ TEST_CASE("VP cosine: identities and the Nichol-Dhariwal definition", "[schedule
 TEST_CASE("Discrete schedules: identities for every beta schedule and time input",
           "[schedule][discrete]") {
   const int N = 1000;
-  for (auto kind : {BetaSchedule::linear, BetaSchedule::scaled_linear,
-                    BetaSchedule::squaredcos_cap_v2}) {
+  for (auto kind :
+       {BetaSchedule::linear, BetaSchedule::scaled_linear, BetaSchedule::squaredcos_cap_v2}) {
     for (auto input : {DiscreteTimeInput::dpm_solver_official, DiscreteTimeInput::timestep_index}) {
       const auto s = DiscreteSchedule::from_beta_schedule(kind, N, 1e-4, 0.02, input);
       const std::string name = "Discrete(kind " + std::to_string(static_cast<int>(kind)) +
@@ -163,14 +161,14 @@ TEST_CASE("Discrete schedules: identities for every beta schedule and time input
 }
 
 TEST_CASE("VE, sub-VP and EDM: identities and definitions", "[schedule]") {
-  const VESchedule ve;  // sigma in [0.01, 50], t in [1e-5, 1]
+  const VESchedule ve; // sigma in [0.01, 50], t in [1e-5, 1]
   check_schedule_identities("VE", ve, interior(ve.t_min(), ve.t_max(), 1e-5, 25), 1e-5);
   for (double t : linspace(1e-5, 1.0, 7)) {
     CHECK(ve.alpha(t) == 1.0);
     CHECK(close(ve.sigma(t), 0.01 * std::pow(50.0 / 0.01, t), 1e-13));
   }
 
-  const SubVPSchedule sub;  // alpha of VP linear, sigma = 1 - alpha^2
+  const SubVPSchedule sub; // alpha of VP linear, sigma = 1 - alpha^2
   check_schedule_identities("SubVP", sub, interior(sub.t_min(), sub.t_max(), 1e-5, 25), 1e-5);
   const VPLinearSchedule vp;
   for (double t : linspace(1e-3, 1.0, 7)) {
@@ -178,7 +176,7 @@ TEST_CASE("VE, sub-VP and EDM: identities and definitions", "[schedule]") {
     CHECK(close(sub.sigma(t), 1.0 - vp.alpha(t) * vp.alpha(t), 1e-12));
   }
 
-  const EDMSchedule edm;  // sigma = t in [0.002, 80]
+  const EDMSchedule edm; // sigma = t in [0.002, 80]
   check_schedule_identities("EDM", edm, interior(edm.t_min(), edm.t_max(), 1e-6, 25), 1e-6);
   for (double t : {0.002, 0.1, 1.0, 80.0}) {
     CHECK(edm.alpha(t) == 1.0);
@@ -192,7 +190,7 @@ TEST_CASE("alpha and sigma keep full precision as t -> 0", "[schedule][precision
   SECTION("VP linear") {
     const VPLinearSchedule s(0.1, 20.0, 1e-12, 1.0);
     for (double t : {1e-3, 1e-5, 1e-7, 1e-9, 1e-11}) {
-      const long double u = (20.0L - 0.1L) * t * t / 2 + 0.1L * t;  // -2 log alpha
+      const long double u = (20.0L - 0.1L) * t * t / 2 + 0.1L * t; // -2 log alpha
       const long double sigma = std::sqrt(-std::expm1(-u));
       INFO("t = " << t);
       CHECK(close(s.sigma(t), static_cast<double>(sigma), 4e-16));
@@ -221,7 +219,7 @@ TEST_CASE("alpha and sigma keep full precision as t -> 0", "[schedule][precision
     const SubVPSchedule s(0.1, 20.0, 1e-12, 1.0);
     for (double t : {1e-3, 1e-5, 1e-7, 1e-9, 1e-11}) {
       const long double u = (20.0L - 0.1L) * t * t / 2 + 0.1L * t;
-      const long double sigma = -std::expm1(-u);  // 1 - alpha^2
+      const long double sigma = -std::expm1(-u); // 1 - alpha^2
       INFO("t = " << t);
       CHECK(close(s.sigma(t), static_cast<double>(sigma), 4e-16));
       CHECK(close(s.lambda(t), static_cast<double>(-u / 2 - std::log(sigma)), 4e-16));
@@ -262,8 +260,8 @@ std::vector<double> reference_betas(BetaSchedule kind, int n, double b0, double 
 
 TEST_CASE("Discrete nodes coincide with the table at t = (k + 1)/N", "[schedule][discrete]") {
   for (int N : {1000, 500}) {
-    for (auto kind : {BetaSchedule::linear, BetaSchedule::scaled_linear,
-                      BetaSchedule::squaredcos_cap_v2}) {
+    for (auto kind :
+         {BetaSchedule::linear, BetaSchedule::scaled_linear, BetaSchedule::squaredcos_cap_v2}) {
       const double b0 = kind == BetaSchedule::scaled_linear ? 0.00085 : 1e-4;
       const double b1 = kind == BetaSchedule::scaled_linear ? 0.012 : 0.02;
       const auto betas = reference_betas(kind, N, b0, b1);
@@ -286,16 +284,15 @@ TEST_CASE("Discrete nodes coincide with the table at t = (k + 1)/N", "[schedule]
           const Node exact = s.timestep_node(k);
           const double a2 = cumprod[static_cast<std::size_t>(k)];
           const double model_t = input == DiscreteTimeInput::dpm_solver_official
-                                     ? 1000.0 * k / N  // official: 1000 (t - 1/N)
-                                     : static_cast<double>(k);  // diffusers: the timestep
-          const bool ok = close(n.alpha * n.alpha, a2, 1e-13) &&
-                          close(n.sigma * n.sigma, 1 - a2, 1e-12) &&
-                          close(exact.alpha * exact.alpha, a2, 1e-13) &&
-                          close(exact.sigma * exact.sigma, 1 - a2, 1e-13) &&
-                          close(n.lambda, exact.lambda, 1e-12, 1e-13) && exact.t == t &&
-                          close(n.model_t, model_t, 1e-12, 1e-12) &&
-                          close(exact.model_t, model_t, 1e-12, 1e-12) &&
-                          close(s.t_of_timestep(k), t, 1e-15);
+                                     ? 1000.0 * k / N          // official: 1000 (t - 1/N)
+                                     : static_cast<double>(k); // diffusers: the timestep
+          const bool ok =
+              close(n.alpha * n.alpha, a2, 1e-13) && close(n.sigma * n.sigma, 1 - a2, 1e-12) &&
+              close(exact.alpha * exact.alpha, a2, 1e-13) &&
+              close(exact.sigma * exact.sigma, 1 - a2, 1e-13) &&
+              close(n.lambda, exact.lambda, 1e-12, 1e-13) && exact.t == t &&
+              close(n.model_t, model_t, 1e-12, 1e-12) &&
+              close(exact.model_t, model_t, 1e-12, 1e-12) && close(s.t_of_timestep(k), t, 1e-15);
           if (!ok) ++mismatches;
         }
         CHECK(mismatches == 0);
@@ -315,8 +312,8 @@ TEST_CASE("Stable Diffusion's scaled-linear table gives its well-known sigma ran
           "[schedule][discrete]") {
   // diffusers / k-diffusion report sigma = sqrt((1 - a)/a) from 0.0292 to 14.6146 for
   // scaled_linear betas 0.00085 .. 0.012 over 1000 steps.
-  const auto s = DiscreteSchedule::from_beta_schedule(BetaSchedule::scaled_linear, 1000, 0.00085,
-                                                      0.012);
+  const auto s =
+      DiscreteSchedule::from_beta_schedule(BetaSchedule::scaled_linear, 1000, 0.00085, 0.012);
   const auto rho = [](const Node& n) { return n.sigma / n.alpha; };
   CHECK(rho(s.timestep_node(999)) == Approx(14.6146).epsilon(2e-5));
   CHECK(rho(s.timestep_node(0)) == Approx(0.0292).epsilon(2e-3));

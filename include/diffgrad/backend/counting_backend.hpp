@@ -38,10 +38,14 @@ struct BackendCounts {
 
 /// Counter differences (after - before), for measuring one region of code.
 inline BackendCounts operator-(const BackendCounts& a, const BackendCounts& b) {
-  return {a.lincomb_passes - b.lincomb_passes, a.noise_passes - b.noise_passes,
-          a.make_state - b.make_state,         a.make_vector - b.make_vector,
-          a.reductions - b.reductions,         a.finite_checks - b.finite_checks,
-          a.copies - b.copies,                 a.fills - b.fills};
+  return {a.lincomb_passes - b.lincomb_passes,
+          a.noise_passes - b.noise_passes,
+          a.make_state - b.make_state,
+          a.make_vector - b.make_vector,
+          a.reductions - b.reductions,
+          a.finite_checks - b.finite_checks,
+          a.copies - b.copies,
+          a.fills - b.fills};
 }
 
 template <class Inner> class CountingBackend {
@@ -63,8 +67,9 @@ public:
     return inner_.make_state(batch, dim);
   }
   template <class Index>
-  vector_type make_vector(Index size) const
-    requires requires(const Inner& b) { b.make_vector(size); }
+  vector_type make_vector(Index size) const requires requires(const Inner& b) {
+    b.make_vector(size);
+  }
   {
     ++counts_.make_vector;
     return inner_.make_vector(size);
@@ -75,16 +80,19 @@ public:
 
   /// Fixed arity: out = sum_k c_k x_k.
   template <class... States>
-  void lincomb(state_type& out, LinTerm<States>... terms) const
-    requires requires(const Inner& b) { b.lincomb(out, terms...); }
+  void lincomb(state_type& out, LinTerm<States>... terms) const requires requires(const Inner& b) {
+    b.lincomb(out, terms...);
+  }
   {
     ++counts_.lincomb_passes;
     inner_.lincomb(out, terms...);
   }
   /// Fixed arity with noise: out = sum_k c_k x_k + c xi.
   template <class... States>
-  void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const
-    requires requires(const Inner& b) { b.lincomb(out, noise, terms...); }
+  void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const requires
+      requires(const Inner& b) {
+    b.lincomb(out, noise, terms...);
+  }
   {
     ++counts_.lincomb_passes;
     if (noise.coeff != 0.0) ++counts_.noise_passes;
@@ -102,8 +110,9 @@ public:
     ++counts_.copies;
     inner_.copy(dst, src);
   }
-  void fill(state_type& dst, double value) const
-    requires requires(const Inner& b) { b.fill(dst, value); }
+  void fill(state_type& dst, double value) const requires requires(const Inner& b) {
+    b.fill(dst, value);
+  }
   {
     ++counts_.fills;
     inner_.fill(dst, value);
@@ -113,8 +122,9 @@ public:
     ++counts_.reductions;
     return inner_.dot(a, b);
   }
-  double squared_norm(const state_type& a) const
-    requires requires(const Inner& b) { b.squared_norm(a); }
+  double squared_norm(const state_type& a) const requires requires(const Inner& b) {
+    b.squared_norm(a);
+  }
   {
     ++counts_.reductions;
     return inner_.squared_norm(a);
@@ -125,8 +135,10 @@ public:
   }
 
   /// One noise-only pass (counted as a lincomb pass with noise).
-  void gaussian(state_type& out, std::uint64_t seed, std::uint64_t step) const
-    requires requires(const Inner& b) { b.gaussian(out, seed, step); }
+  void gaussian(state_type& out, std::uint64_t seed, std::uint64_t step) const requires
+      requires(const Inner& b) {
+    b.gaussian(out, seed, step);
+  }
   {
     ++counts_.lincomb_passes;
     ++counts_.noise_passes;

@@ -26,7 +26,8 @@ int main() {
   mu << 1.0, -0.5;
   diffgrad::models::GaussianData<double> model(mu, 0.3);
 
-  const auto nodes = diffgrad::make_nodes(schedule, diffgrad::uniform_t_grid(schedule, 200, 1.0, 1e-3));
+  const auto nodes =
+      diffgrad::make_nodes(schedule, diffgrad::uniform_t_grid(schedule, 200, 1.0, 1e-3));
   Backend::state_type x_T(2, 2);
   x_T << 0.5, -1.0, 1.5, 0.25;
   Backend::state_type x = x_T;
