@@ -1,0 +1,290 @@
+// BDIA-DDIM: coefficients, first steps against hand-computed DDIM, gamma = 0 is DDIM, exact
+// round trip (float64 and float32), the amplification diagnostic, round-trip editing, errors.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "diffgrad/inversion/bdia.hpp"
+#include "diffgrad/inversion/edit.hpp"
+#include "diffgrad/schedule/vp_linear.hpp"
+#include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/sampler.hpp"
+#include "inversion_test_model.hpp"
+#include "test_support.hpp"
+
+using namespace diffgrad;
+using diffgrad::testing::MixtureModel;
+using diffgrad::testing::relative_error;
+using diffgrad::testing::test_batch;
+
+namespace {
+
+template <class Scalar> using St = typename EigenBackend<Scalar>::state_type;
+
+std::vector<Node> grid(const VPLinearSchedule& s, int n) {
+  return make_nodes(s, uniform_t_grid(s, n, 1.0, 1e-3));
+}
+
+/// A data sample to invert: plain DDIM from a fixed noise batch, so x0 looks like model output.
+template <class Scalar>
+St<Scalar> data_sample(const VPLinearSchedule& s, const std::vector<Node>& nodes,
+                       MixtureModel<Scalar>& model) {
+  auto x = test_batch<Scalar>(4, 3);
+  sample(Ddim(), EigenBackend<Scalar>(), s, nodes, model, x);
+  return x;
+}
+
+/// Counts model calls (to show that `refuse` happens before any work).
+struct CountingModel {
+  MixtureModel<double>& inner;
+  int calls = 0;
+  void eps(const St<double>& x, const Node& n, St<double>& out) {
+    ++calls;
+    inner.eps(x, n, out);
+  }
+};
+
+struct NanModel {
+  void eps(const St<double>& x, const Node&, St<double>& out) const {
+    out = St<double>::Constant(x.rows(), x.cols(), std::numeric_limits<double>::quiet_NaN());
+  }
+};
+
+} // namespace
+
+TEST_CASE("BDIA coefficients match the reference formulas", "[bdia][coeffs]") {
+  const VPLinearSchedule s;
+  for (double t : {0.9, 0.5, 0.05}) {
+    const Node prev = s.node(t + 0.02), cur = s.node(t), next = s.node(t - 0.02);
+    for (double gamma : {0.0, 0.5, 0.93, 1.0}) {
+      const auto c = coeffs::bdia(prev, cur, next, gamma);
+      // REFERENCE.md in the paper's indexing: i+1 = prev (noisier), i = cur, i-1 = next.
+      const double cz = (next.alpha - gamma * prev.alpha) / cur.alpha;
+      const double ce = (next.sigma - gamma * prev.sigma) - cur.sigma * cz;
+      CHECK(c.prev == gamma);
+      CHECK(c.x == Approx(cz).epsilon(1e-14));
+      CHECK(c.eps == Approx(ce).margin(1e-14));
+    }
+  }
+}
+
+TEST_CASE("BDIA with gamma = 0 is DDIM to rounding", "[bdia]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  auto model = MixtureModel<double>::standard();
+  const EigenBackend<double> backend;
+  auto x_bdia = test_batch<double>(4, 3);
+  auto x_ddim = x_bdia;
+  sample_from_noise(BdiaDdim(0.0), backend, s, nodes, model, x_bdia);
+  sample(Ddim(), backend, s, nodes, model, x_ddim);
+  const double err = relative_error<double>(x_bdia, x_ddim);
+  INFO("BDIA(gamma=0) vs DDIM relative difference " << err);
+  CHECK(err <= 1e-15);
+}
+
+TEST_CASE("BDIA sampling: first step is plain DDIM, second is the BDIA update (by hand)",
+          "[bdia][first-step]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 10);
+  auto model = MixtureModel<double>::standard();
+  const double gamma = 0.7;
+  const auto x_T = test_batch<double>(4, 3);
+  std::vector<St<double>> states;
+  auto x = x_T;
+  sample_from_noise(BdiaDdim(gamma), EigenBackend<double>(), s, nodes, model, x, {},
+                    [&](int, int, const Node&, const St<double>& st) { states.push_back(st); });
+  REQUIRE(states.size() == 10);
+  const Node &n0 = nodes[0], &n1 = nodes[1], &n2 = nodes[2];
+  St<double> e0, e1;
+  model.eps(x_T, n0, e0);
+  // x_1 = (alpha_1/alpha_0) x_0 + (sigma_1 - alpha_1 sigma_0/alpha_0) eps(x_0)
+  const St<double> x1 =
+      (n1.alpha / n0.alpha) * x_T + (n1.sigma - n1.alpha * n0.sigma / n0.alpha) * e0;
+  CHECK(relative_error<double>(states[0], x1) <= 1e-14);
+  // x_2 = gamma x_0 + cz x_1 + ce eps(x_1) with the reference cz, ce
+  model.eps(x1, n1, e1);
+  const double cz = (n2.alpha - gamma * n0.alpha) / n1.alpha;
+  const double ce = (n2.sigma - gamma * n0.sigma) - n1.sigma * cz;
+  const St<double> x2 = gamma * x_T + cz * x1 + ce * e1;
+  CHECK(relative_error<double>(states[1], x2) <= 1e-13);
+  CHECK(relative_error<double>(states.back(), x) == 0.0);
+}
+
+TEST_CASE("BDIA inversion: first step z_1 is the hand-computed DDIM inversion step",
+          "[bdia][first-step]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 10);
+  auto model = MixtureModel<double>::standard();
+  const auto x0 = data_sample(s, nodes, model);
+  std::vector<St<double>> states;
+  std::vector<double> times;
+  LatentPair<St<double>> latent;
+  const auto rep = invert(BdiaDdim(1.0), EigenBackend<double>(), s, nodes, model, x0, latent, {},
+                          [&](int, int, const Node& n, const St<double>& st) {
+                            states.push_back(st);
+                            times.push_back(n.t);
+                          });
+  REQUIRE(states.size() == 10);
+  CHECK(rep.model_evals == 10);
+  CHECK(rep.steps_taken == 10);
+  const Node& nN = nodes[10];
+  const Node& nM = nodes[9];
+  St<double> e;
+  model.eps(x0, nN, e);
+  const St<double> z1 = (nM.alpha / nN.alpha) * x0 + (nM.sigma - nM.alpha * nN.sigma / nN.alpha) * e;
+  CHECK(times[0] == nM.t);
+  CHECK(relative_error<double>(states[0], z1) <= 1e-14);
+  // The last two states reported are the latent pair (z_N, z_{N-1}) = (nodes[0], nodes[1]).
+  CHECK(times.back() == nodes[0].t);
+  CHECK(relative_error<double>(states.back(), latent.first) == 0.0);
+  CHECK(relative_error<double>(states[states.size() - 2], latent.second) == 0.0);
+}
+
+TEST_CASE("BDIA gamma = 1 round trip is exact to rounding (N = 50, float64)", "[bdia][round-trip]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  auto model = MixtureModel<double>::standard();
+  const EigenBackend<double> backend;
+  const auto x0 = data_sample(s, nodes, model);
+  for (double gamma : {1.0, 0.95}) {
+    LatentPair<St<double>> latent;
+    const auto rep = invert(BdiaDdim(gamma), backend, s, nodes, model, x0, latent);
+    St<double> back;
+    const auto gen = generate(BdiaDdim(gamma), backend, s, nodes, model, latent, back);
+    const double err = relative_error<double>(back, x0);
+    INFO("gamma " << gamma << " round-trip relative error " << err);
+    CHECK(err <= (gamma == 1.0 ? 1e-13 : 1e-12));
+    CHECK(rep.model_evals == 50);
+    CHECK(gen.model_evals == 49);  // the latent already holds z_{N-1}
+    CHECK_FALSE(rep.amplification.exceeded);
+  }
+}
+
+TEST_CASE("BDIA gamma = 1 round trip in float32 (N = 50)", "[bdia][round-trip][float32]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  auto model = MixtureModel<float>::standard();
+  const EigenBackend<float> backend;
+  const auto x0 = data_sample(s, nodes, model);
+  LatentPair<St<float>> latent;
+  invert(BdiaDdim(1.0), backend, s, nodes, model, x0, latent);
+  St<float> back;
+  generate(BdiaDdim(1.0), backend, s, nodes, model, latent, back);
+  const double err = relative_error<float>(back, x0);
+  INFO("float32 round-trip relative error " << err);
+  CHECK(err <= 1e-5);
+}
+
+TEST_CASE("BDIA amplification diagnostic: gamma = 0.5, N = 50 warns or refuses",
+          "[bdia][amplification]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  auto inner = MixtureModel<double>::standard();
+  const auto x0 = data_sample(s, nodes, inner);
+  const EigenBackend<double> backend;
+
+  const auto rep = BdiaDdim(0.5).amplification(50);
+  CHECK(rep.per_step == 2.0);
+  CHECK(rep.steps == 49);
+  CHECK(rep.total == Approx(std::pow(2.0, 49)).epsilon(1e-12));
+  CHECK(rep.total > 1e6);
+  CHECK(rep.exceeded);
+  CHECK(rep.log10_total() == Approx(49 * std::log10(2.0)));
+  CHECK(BdiaDdim(1.0).amplification(50).total == 1.0);
+
+  SECTION("warn: flag and callback, the inversion still runs") {
+    int callbacks = 0;
+    InversionOptions opt;
+    opt.amplification.on_warning = [&](const AmplificationReport& r) {
+      ++callbacks;
+      CHECK(r.total > 1e6);
+    };
+    LatentPair<St<double>> latent;
+    const auto inv = invert(BdiaDdim(0.5), backend, s, nodes, inner, x0, latent, opt);
+    CHECK(inv.amplification.warned);
+    CHECK(callbacks == 1);
+    CHECK(inv.model_evals == 50);
+  }
+  SECTION("refuse: numerical_error before any model call") {
+    CountingModel model{inner};
+    InversionOptions opt;
+    opt.amplification.policy = AmplificationPolicy::refuse;
+    LatentPair<St<double>> latent;
+    CHECK_THROWS_AS(invert(BdiaDdim(0.5), backend, s, nodes, model, x0, latent, opt),
+                    diffgrad::numerical_error);
+    CHECK_THROWS_WITH(invert(BdiaDdim(0.5), backend, s, nodes, model, x0, latent, opt),
+                      Catch::Contains("amplification") && Catch::Contains("threshold"));
+    CHECK(model.calls == 0);
+  }
+  SECTION("ignore, or a higher threshold: no flag") {
+    InversionOptions opt;
+    opt.amplification.policy = AmplificationPolicy::ignore;
+    LatentPair<St<double>> latent;
+    CHECK_FALSE(invert(BdiaDdim(0.5), backend, s, nodes, inner, x0, latent, opt)
+                    .amplification.warned);
+    InversionOptions high;
+    high.amplification.threshold = 1e16;
+    const auto r = invert(BdiaDdim(0.5), backend, s, nodes, inner, x0, latent, high);
+    CHECK_FALSE(r.amplification.exceeded);
+    CHECK_FALSE(r.amplification.warned);
+  }
+}
+
+TEST_CASE("Round-trip editing: invert under one conditioning, regenerate under another",
+          "[bdia][edit]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  auto source = MixtureModel<double>::standard();
+  auto target = source;
+  target.cond() << -0.4, 0.3, 0.2;  // the "changed prompt": a shifted mixture
+  const EigenBackend<double> backend;
+  const auto x0 = data_sample(s, nodes, source);
+  St<double> edited;
+  const auto r = invert_and_regenerate(BdiaDdim(1.0), backend, s, nodes, source, target, x0,
+                                       edited);
+  INFO("round trip " << r.round_trip_error << ", edit change " << r.edit_change);
+  CHECK(r.round_trip_error <= 1e-13);
+  CHECK(r.edit_change > 0.05);
+  CHECK(r.model_evals == 50 + 49 + 49);
+  // The edit is generate() under the target from the same latent.
+  St<double> again;
+  generate(BdiaDdim(1.0), backend, s, nodes, target, r.latent, again);
+  CHECK(relative_error<double>(edited, again) == 0.0);
+  // Without the round-trip check: fewer model calls, NaN error.
+  EditOptions opt;
+  opt.measure_round_trip = false;
+  const auto r2 =
+      invert_and_regenerate(BdiaDdim(1.0), backend, s, nodes, source, target, x0, edited, opt);
+  CHECK(std::isnan(r2.round_trip_error));
+  CHECK(r2.model_evals == 50 + 49);
+}
+
+TEST_CASE("BDIA rejects bad input", "[bdia][errors]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 10);
+  auto model = MixtureModel<double>::standard();
+  const EigenBackend<double> backend;
+  const auto x0 = test_batch<double>(2, 3);
+  LatentPair<St<double>> latent;
+  CHECK_THROWS_WITH(BdiaDdim(-0.1), Catch::Contains("gamma") && Catch::Contains("0 <= gamma <= 1"));
+  CHECK_THROWS_AS(BdiaDdim(1.5), diffgrad::invalid_argument);
+  CHECK_THROWS_WITH(invert(BdiaDdim(0.0), backend, s, nodes, model, x0, latent),
+                    Catch::Contains("gamma > 0"));
+  std::vector<Node> reversed(nodes.rbegin(), nodes.rend());
+  CHECK_THROWS_WITH(invert(BdiaDdim(), backend, s, reversed, model, x0, latent),
+                    Catch::Contains("nodes") && Catch::Contains("increasing lambda"));
+  InversionOptions bad;
+  bad.amplification.threshold = 0.5;
+  CHECK_THROWS_WITH(invert(BdiaDdim(), backend, s, nodes, model, x0, latent, bad),
+                    Catch::Contains("amplification.threshold"));
+  LatentPair<St<double>> mismatched{test_batch<double>(2, 3), test_batch<double>(3, 3)};
+  St<double> out;
+  CHECK_THROWS_WITH(generate(BdiaDdim(), backend, s, nodes, model, mismatched, out),
+                    Catch::Contains("latent.second") && Catch::Contains("2 x 3"));
+  NanModel nan_model;
+  auto x = x0;
+  CHECK_THROWS_AS(sample_from_noise(BdiaDdim(), backend, s, nodes, nan_model, x),
+                  diffgrad::numerical_error);
+}
