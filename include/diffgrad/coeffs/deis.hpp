@@ -74,33 +74,32 @@ inline void unit_lagrange_integrals(const double* s, int n, double* out) {
 }
 
 /// Lower incomplete gamma G_m(h) = int_0^h e^{-u} u^m du for m = 0..3, h in [0, +inf].
-/// Small h: the series h^{m+1} sum_n (-h)^n / (n! (m+n+1)) (no cancellation for h < 1);
-/// otherwise the recurrence G_m = m G_{m-1} - h^m e^{-h} from G_0 = -expm1(-h), whose
-/// amplification is at most a few units for h >= 1 and m <= 3.
+/// For h <= 12 the all-positive series G_m(h) = e^{-h} sum_{k > m} m! h^k / k! (no
+/// cancellation at any h, unlike the alternating Taylor series or the recurrence
+/// G_m = m G_{m-1} - h^m e^{-h} near h ~ m); beyond, that recurrence, whose subtracted term
+/// h^m e^{-h} is then below 1e-2 of m G_{m-1} (no cancellation, fewer roundings).
 inline double incomplete_gamma_lower(int m, double h) {
-  if (std::isinf(h)) {
-    double f = 1.0;
-    for (int k = 2; k <= m; ++k) f *= k;
-    return f;  // m!
-  }
-  if (h < 1.0) {
-    double term = 1.0, sum = 1.0 / (m + 1);
-    for (int n = 1; n < 40; ++n) {
-      term *= -h / n;
-      const double add = term / (m + n + 1);
-      sum += add;
-      if (std::abs(add) < 1e-18 * std::abs(sum)) break;
+  double factorial = 1.0;
+  for (int k = 2; k <= m; ++k) factorial *= k;
+  if (std::isinf(h)) return factorial;
+  if (h > 12.0) {
+    double g = -std::expm1(-h);
+    const double e = std::exp(-h);
+    double hp = 1.0;
+    for (int k = 1; k <= m; ++k) {
+      hp *= h;
+      g = k * g - hp * e;
     }
-    return std::pow(h, m + 1) * sum;
+    return g;
   }
-  double g = -std::expm1(-h);
-  const double e = std::exp(-h);
-  double hp = 1.0;
-  for (int k = 1; k <= m; ++k) {
-    hp *= h;
-    g = k * g - hp * e;
+  double term = std::pow(h, m + 1) / (m + 1);  // m! h^{m+1} / (m+1)!
+  double sum = term;
+  for (int k = m + 2; k < m + 200; ++k) {
+    term *= h / k;
+    sum += term;
+    if (term < 1e-17 * sum) break;
   }
-  return g;
+  return std::exp(-h) * sum;
 }
 
 /// out_j = int_0^h e^{-u} l_j(u) du for the Lagrange basis on the points u (u_0 = 0 is the
