@@ -89,11 +89,25 @@ void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); 
 
 #include "diffgrad/backend/counting_backend.hpp"
 #include "diffgrad/concepts/backend.hpp"
+#include "diffgrad/flow/euler.hpp"
+#include "diffgrad/flow/heun.hpp"
+#include "diffgrad/flow/sample_flow.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/deis.hpp"
+#include "diffgrad/solvers/dpm_solver_singlestep.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 #include "test_support.hpp"
+// Schemes whose headers may land after this test: covered as soon as they exist.
+#if __has_include("diffgrad/solvers/dpm_solver_multistep.hpp")
+#include "diffgrad/solvers/dpm_solver_multistep.hpp"
+#define DIFFGRAD_TEST_HAS_DPM_MULTISTEP 1
+#endif
+#if __has_include("diffgrad/solvers/sde_dpm_solver.hpp")
+#include "diffgrad/solvers/sde_dpm_solver.hpp"
+#define DIFFGRAD_TEST_HAS_SDE_DPM 1
+#endif
 
 using namespace diffgrad;
 using Inner = EigenBackend<double>;
@@ -149,18 +163,26 @@ NonAllocatingGaussianEps make_model(Eigen::Index dim) {
   return m;
 }
 
+/// Rectified-flow velocity towards a point y, element by element: v = (y - x)/(1 - t).
+struct NonAllocatingVelocity {
+  Eigen::VectorXd y;
+  void velocity(const State& x, double t, State& out) const {
+    for (Eigen::Index r = 0; r < x.rows(); ++r)
+      for (Eigen::Index c = 0; c < x.cols(); ++c) out(r, c) = (y(c) - x(r, c)) / (1.0 - t);
+  }
+};
+
 /// Runs `scheme` through the engine on a CountingBackend with a prebuilt workspace and
 /// checks the per-step cost model; also checks the result is bit-identical to the plain
-/// backend's (the wrapper forwards, it does not change anything).
+/// backend's (the wrapper forwards, it does not change anything). `field` is the engine's
+/// model call (EpsField / VelocityField around a non-allocating model).
 /// Returns the heap allocations of the whole run_scheme call (validate() included).
-template <class Scheme, class Sched>
-long check_engine_costs(const std::string& name, const Scheme& scheme, const Sched& schedule,
-                        const std::vector<Node>& nodes, std::uint64_t seed = 7) {
+template <class Scheme, class Field>
+long check_engine_costs(const std::string& name, const Scheme& scheme, NodeAtLambda at_lambda,
+                        const std::vector<Node>& nodes, Field field, std::uint64_t seed = 7) {
   INFO("scheme " << name << ", " << nodes.size() - 1 << " steps");
   constexpr Eigen::Index kBatch = 3, kDim = 5;
   const int num_steps = static_cast<int>(nodes.size()) - 1;
-  const NodeAtLambda at_lambda(schedule);
-  auto model = make_model(kDim);
   const State x_T = diffgrad::testing::test_batch<double>(kBatch, kDim);
   SampleOptions options;
   options.seed = seed;
@@ -180,8 +202,8 @@ long check_engine_costs(const std::string& name, const Scheme& scheme, const Sch
   {
     const Inner plain;
     SamplerWorkspace<Inner> ws(plain, scheme.history(), scheme.stages(), kBatch, kDim);
-    run_scheme(scheme, plain, std::span<const Node>(nodes), at_lambda,
-               EpsField<NonAllocatingGaussianEps>{model}, expected, ws, options);
+    run_scheme(scheme, plain, std::span<const Node>(nodes), at_lambda, field, expected, ws,
+               options);
   }
 
   const Counting backend;
@@ -205,8 +227,8 @@ long check_engine_costs(const std::string& name, const Scheme& scheme, const Sch
   }
   SampleResult result;
   AllocationWindow window;
-  result = run_scheme(scheme, backend, std::span<const Node>(nodes), at_lambda,
-                      EpsField<NonAllocatingGaussianEps>{model}, x, ws, options, observer);
+  result = run_scheme(scheme, backend, std::span<const Node>(nodes), at_lambda, field, x, ws,
+                      options, observer);
   window.stop();
   const long run_allocations = window.new_calls + window.eigen_allocations;
   INFO("heap allocations: " << run_allocations << " in run_scheme, " << validate_allocations
@@ -301,12 +323,100 @@ TEST_CASE("The allocation probe sees operator new and Eigen allocations", "[coun
   CHECK(grown.size() == 16);
 }
 
+namespace {
+/// One noise-model scheme on the VP-linear schedule with a uniform-lambda grid.
+template <class Scheme>
+long check_eps_scheme(const std::string& name, const Scheme& scheme, int num_steps = 12) {
+  static const VPLinearSchedule schedule;
+  const auto nodes = make_nodes(schedule, uniform_lambda_grid(schedule, num_steps, 1.0, 1e-3));
+  static auto model = make_model(5);
+  return check_engine_costs(name, scheme, NodeAtLambda(schedule), nodes,
+                            EpsField<NonAllocatingGaussianEps>{model});
+}
+} // namespace
+
 TEST_CASE("DDIM: one fused lincomb per step, no allocation in the loop", "[counting][ddim]") {
+  // DDIM needs no tables at all: the whole call, validation included, is allocation-free.
+  CHECK(check_eps_scheme("Ddim(eta = 0)", Ddim()) == 0);
+  CHECK(check_eps_scheme("Ddim(eta = 0.7)", Ddim(0.7)) == 0);
   const VPLinearSchedule schedule;
   const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 12, 1.0, 1e-3));
-  // DDIM needs no tables at all: the whole call, validation included, is allocation-free.
-  CHECK(check_engine_costs("Ddim(eta = 0)", Ddim(), schedule, nodes) == 0);
-  CHECK(check_engine_costs("Ddim(eta = 0.7)", Ddim(0.7), schedule, nodes) == 0);
   std::vector<Node> reversed(nodes.rbegin(), nodes.rend());
-  CHECK(check_engine_costs("DdimInversion", DdimInversion(), schedule, reversed) == 0);
+  auto model = make_model(5);
+  CHECK(check_engine_costs("DdimInversion", DdimInversion(), NodeAtLambda(schedule), reversed,
+                           EpsField<NonAllocatingGaussianEps>{model}) == 0);
+}
+
+TEST_CASE("Singlestep DPM-Solver(++): one fused lincomb per stage", "[counting][dpm]") {
+  for (auto prediction : {SolverPrediction::noise, SolverPrediction::data}) {
+    const std::string p = prediction == SolverPrediction::data ? "++" : "";
+    for (int order : {1, 2, 3})
+      check_eps_scheme("DpmSolverSinglestep" + p + " order " + std::to_string(order),
+                       DpmSolverSinglestep(order, prediction));
+    check_eps_scheme("DpmSolverSinglestep" + p + " order 2 heun",
+                     DpmSolverSinglestep(2, prediction, DpmSolverType::heun));
+    // The official "DPM-Solver-fast" order mix: stage counts differ from step to step.
+    DpmSolverSinglestep::Options fast;
+    fast.prediction = prediction;
+    fast.orders = DpmSolverSinglestep::official_fast_orders(14, 3);
+    check_eps_scheme("DpmSolverSinglestep" + p + " fast(14, 3)", DpmSolverSinglestep(fast),
+                     static_cast<int>(fast.orders.size()));
+    for (int order : {2, 3}) {
+      DpmSolverSinglestep::DiffusersOptions d;
+      d.solver_order = order;
+      d.algorithm_type = prediction == SolverPrediction::data ? DpmAlgorithm::dpmsolver_pp
+                                                              : DpmAlgorithm::dpmsolver;
+      check_eps_scheme("DpmSolverSinglestep" + p + "::diffusers order " + std::to_string(order),
+                       DpmSolverSinglestep::diffusers(d));
+    }
+  }
+}
+
+TEST_CASE("Multistep and SDE DPM-Solver(++): one fused lincomb per step", "[counting][dpm]") {
+#ifdef DIFFGRAD_TEST_HAS_DPM_MULTISTEP
+  for (auto prediction : {SolverPrediction::noise, SolverPrediction::data})
+    for (int order : {1, 2, 3})
+      check_eps_scheme(std::string("DpmSolverMultistep") +
+                           (prediction == SolverPrediction::data ? "++ " : " ") +
+                           std::to_string(order) + "M",
+                       DpmSolverMultistep(order, prediction));
+#else
+  WARN("solvers/dpm_solver_multistep.hpp not present: DpmSolverMultistep not covered");
+#endif
+#ifdef DIFFGRAD_TEST_HAS_SDE_DPM
+  for (int order : {1, 2, 3})
+    check_eps_scheme("SdeDpmSolver++ order " + std::to_string(order),
+                     SdeDpmSolver(order, SolverPrediction::data));
+  for (int order : {1, 2})
+    check_eps_scheme("SdeDpmSolver order " + std::to_string(order),
+                     SdeDpmSolver(order, SolverPrediction::noise));
+#else
+  WARN("solvers/sde_dpm_solver.hpp not present: SdeDpmSolver not covered");
+#endif
+}
+
+TEST_CASE("DEIS family and iPNDM: one fused lincomb per stage", "[counting][deis]") {
+  for (int order : {0, 1, 2, 3})
+    check_eps_scheme("DeisTab(" + std::to_string(order) + ")", DeisTab(order));
+  for (int order : {1, 2, 3})
+    check_eps_scheme("DeisRhoAb(" + std::to_string(order) + ")", DeisRhoAb(order));
+  for (int order : {1, 2, 3})
+    check_eps_scheme("DeisLogRho(" + std::to_string(order) + ")", DeisLogRho(order));
+  for (int order : {1, 2, 3, 4})
+    check_eps_scheme("IPndm(" + std::to_string(order) + ")", IPndm(order));
+  check_eps_scheme("DeisRhoRk(heun2)", DeisRhoRk(DeisRkMethod::heun2));
+  check_eps_scheme("DeisRhoRk(kutta3)", DeisRhoRk(DeisRkMethod::kutta3));
+  check_eps_scheme("DeisRhoRk(rk4)", DeisRhoRk(DeisRkMethod::rk4));
+}
+
+TEST_CASE("Flow samplers: one fused lincomb per stage", "[counting][flow]") {
+  const auto nodes = flow_nodes(uniform_flow_grid(10, 0.0, 0.9));
+  NonAllocatingVelocity model{Eigen::VectorXd::LinSpaced(5, -1.0, 1.0)};
+  const NodeAtLambda no_map(detail::no_lambda_map());
+  CHECK(check_engine_costs("FlowEuler", FlowEuler(), no_map, nodes,
+                           VelocityField<NonAllocatingVelocity>{model}) == 0);
+  check_engine_costs("FlowHeun", FlowHeun(), no_map, nodes,
+                     VelocityField<NonAllocatingVelocity>{model});
+  check_engine_costs("FlowHeun(final_euler)", FlowHeun(true), no_map, nodes,
+                     VelocityField<NonAllocatingVelocity>{model});
 }
