@@ -9,6 +9,7 @@
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
 #include "diffgrad/solvers/deis.hpp"
+#include "diffgrad/solvers/dpm_solver_singlestep.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 #include "test_support.hpp"
 
@@ -151,7 +152,7 @@ TEST_CASE("iPNDM(k) equals rhoAB-DEIS(k - 1) on a grid uniform in rho", "[deis][
   }
 }
 
-TEST_CASE("DDIM, DeisTab(0), DeisLogRho(1), IPndm(1) agree to rounding",
+TEST_CASE("DDIM, DeisTab(0), DeisLogRho(1), IPndm(1), DPM-Solver-1 agree to rounding",
           "[deis][ddim]") {
   const VPLinearSchedule schedule;
   const EigenBackend<double> backend;
@@ -168,6 +169,10 @@ TEST_CASE("DDIM, DeisTab(0), DeisLogRho(1), IPndm(1) agree to rounding",
   CHECK(relative_error<double>(run(DeisTab(0)), ddim) <= 1e-14);
   CHECK(relative_error<double>(run(DeisLogRho(1)), ddim) <= 1e-14);
   CHECK(relative_error<double>(run(IPndm(1)), ddim) <= 1e-14);
+  DpmSolverSinglestep::Options dpm1;
+  dpm1.order = 1;
+  dpm1.prediction = SolverPrediction::noise;
+  CHECK(relative_error<double>(run(DpmSolverSinglestep(dpm1)), ddim) <= 1e-14);
   // Warm-up: the first step of every multistep variant is a DDIM step.
   const std::vector<Node> first(nodes.begin(), nodes.begin() + 2);
   auto first_step = [&](const auto& scheme) {
