@@ -9,12 +9,19 @@
 #include <functional>
 #include <utility>
 
+#include "diffgrad/backend/counting_backend.hpp"
 #include "diffgrad/coeffs/adjoint_deis.hpp"
 #include "diffgrad/gradients/adjoint_deis.hpp"
+#include "diffgrad/gradients/gradient.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 #include "test_support.hpp"
+
+#if __has_include("diffgrad/solvers/dpm_solver_multistep.hpp")
+#include "diffgrad/solvers/dpm_solver_multistep.hpp"
+#define DIFFGRAD_TEST_HAVE_DPM_MULTISTEP 1
+#endif
 
 using namespace diffgrad;
 using diffgrad::testing::fitted_order;
@@ -345,7 +352,9 @@ TEST_CASE("AdjointDEIS-1 along a DDIM trajectory recorded by TrajectoryCache", "
     em.push_back(e.mu);
     es.push_back(e.s);
   }
-  INFO("x_T " << ex.back() << ", mu " << em.back() << ", s " << es.back());
+  INFO("x_T " << ex.back() << ", mu " << em.back() << ", s " << es.back() << "; orders "
+              << fitted_order(steps, ex) << ", " << fitted_order(steps, em) << ", "
+              << fitted_order(steps, es));
   CHECK(fitted_order(steps, ex) == Approx(1.0).margin(0.2));
   CHECK(fitted_order(steps, em) == Approx(1.0).margin(0.2));
   CHECK(fitted_order(steps, es) == Approx(1.0).margin(0.2));
@@ -376,7 +385,9 @@ TEST_CASE("AdjointDEIS re-solving the state backwards converges and counts its c
       erec.push_back((x - P.x_T).norm() / P.x_T.norm());
     }
     INFO("order " << k << ": s errors " << es.front() << " .. " << es.back()
-                  << ", x_T reconstruction " << erec.front() << " .. " << erec.back());
+                  << ", x_T reconstruction " << erec.front() << " .. " << erec.back()
+                  << "; orders " << fitted_order(steps, ex) << ", " << fitted_order(steps, em)
+                  << ", " << fitted_order(steps, es) << ", " << fitted_order(steps, erec));
     const double margin = k == 1 ? 0.2 : 0.3;
     CHECK(fitted_order(steps, ex) == Approx(k).margin(margin));
     CHECK(fitted_order(steps, em) == Approx(k).margin(margin));
@@ -507,7 +518,10 @@ TEST_CASE("AdjointDEIS on a nonlinear model matches finite differences of the ex
       }
       INFO((resolve ? "re-solved" : "cached") << " order " << k << ": x_T " << ex.front() << " .. "
                                               << ex.back() << ", mu " << em.back() << ", beta "
-                                              << eb.front() << " .. " << eb.back());
+                                              << eb.front() << " .. " << eb.back()
+                                              << "; orders " << fitted_order(steps, ex) << ", "
+                                              << fitted_order(steps, em) << ", "
+                                              << fitted_order(steps, eb));
       const double margin = k == 1 ? 0.2 : 0.3;
       CHECK(fitted_order(steps, ex) == Approx(k).margin(margin));
       CHECK(fitted_order(steps, em) == Approx(k).margin(margin));
@@ -548,6 +562,14 @@ TEST_CASE("AdjointDEIS vs the exact discrete gradients of DDIM and DPM-Solver++2
     const Affine a = ddim_affine(nodes, Cplx(s, 0));
     CHECK(((a.A.real() * P.x_T).rowwise() + a.B.real() * mu.transpose() - x).norm() <
           1e-13 * x.norm());
+    // ... and its complex-step gradient equals the generic exact discrete adjoint's.
+    GradientOptions go;
+    go.wrt_cond = true;
+    go.wrt_params = true;
+    const auto generic = gradient(Ddim(), backend, P.schedule, nodes, P.model, P.x_T, P.w, go);
+    CHECK((generic.grad_x - disc.x_T).norm() < 1e-12 * disc.x_T.norm());
+    CHECK((generic.grad_cond - disc.mu).norm() < 1e-12 * disc.mu.norm());
+    CHECK(generic.grad_params(0) == Approx(disc.s).epsilon(1e-10));
     const auto e_ad = errors(adj, disc), e_ac = errors(adj, exact), e_dc = errors(disc, exact);
     std::printf("%-4d %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e\n", n,
                 e_ad.x_T, e_ad.mu, e_ad.s, e_ac.x_T, e_ac.mu, e_ac.s, e_dc.x_T, e_dc.mu, e_dc.s);
@@ -561,6 +583,27 @@ TEST_CASE("AdjointDEIS vs the exact discrete gradients of DDIM and DPM-Solver++2
     const auto traj = affine_trajectory(dpmpp2m_affine, nodes, mu, s, P.x_T);
     const auto adj = P.adjoint(nodes, traj, order(2));
     const auto disc = discrete_gradient(dpmpp2m_affine, nodes, mu, s, P.x_T, P.w);
+#ifdef DIFFGRAD_TEST_HAVE_DPM_MULTISTEP
+    {
+      // Cross-check the recursion against the library's DPM-Solver++(2M) (no lower-order final
+      // step) and the generic exact discrete adjoint through it.
+      DpmSolverMultistep::Options o;
+      o.order = 2;
+      o.prediction = SolverPrediction::data;
+      o.lower_order_final = false;
+      const DpmSolverMultistep dpm(o);
+      StateD x = P.x_T;
+      sample(dpm, backend, P.schedule, nodes, P.model, x);
+      CHECK((x - traj.back()).norm() < 1e-12 * x.norm());
+      GradientOptions go;
+      go.wrt_cond = true;
+      go.wrt_params = true;
+      const auto generic = gradient(dpm, backend, P.schedule, nodes, P.model, P.x_T, P.w, go);
+      CHECK((generic.grad_x - disc.x_T).norm() < 1e-12 * disc.x_T.norm());
+      CHECK((generic.grad_cond - disc.mu).norm() < 1e-12 * disc.mu.norm());
+      CHECK(generic.grad_params(0) == Approx(disc.s).epsilon(1e-10));
+    }
+#endif
     const auto e_ad = errors(adj, disc), e_ac = errors(adj, exact), e_dc = errors(disc, exact);
     std::printf("%-4d %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e\n", n,
                 e_ad.x_T, e_ad.mu, e_ad.s, e_ac.x_T, e_ac.mu, e_ac.s, e_dc.x_T, e_dc.mu, e_dc.s);
@@ -632,6 +675,38 @@ TEST_CASE("AdjointDEIS calls model-time models the same way", "[adjoint_deis]") 
   StateD g3;
   adjoint_deis(backend, m, nodes, std::span<const StateD>(traj), P.w, g3, nullptr, nullptr, order(2));
   CHECK((g3 - ref.x_T).norm() < 1e-13 * ref.x_T.norm());
+}
+
+TEST_CASE("AdjointDEIS does one fused lincomb per adjoint step and allocates before the loop",
+          "[adjoint_deis][cost]") {
+  GaussianSetup P;
+  const CountingBackend<EigenBackend<double>> backend;
+  for (int k : {1, 2}) {
+    for (int n : {7, 30}) {
+      const auto nodes = P.nodes(n);
+      const auto traj = P.exact_trajectory(nodes);
+      StateD g = StateD::Zero(4, 3);
+      VecD gm = VecD::Zero(3), gs = VecD::Zero(1);
+      AdjointDeisOptions opt = order(k);
+      opt.check_finite = false;
+      backend.reset();
+      auto cost = adjoint_deis(backend, P.model, nodes, std::span<const StateD>(traj), P.w, g,
+                               &gm, &gs, opt);
+      // One lincomb per step plus the initial scaling b_N = kappa_N dL/dx_0; three work states.
+      CHECK(backend.counts().lincomb_passes == n + 1);
+      CHECK(backend.counts().make_state == 3);
+      CHECK(backend.counts().copies == 0);
+      CHECK(cost.vjps == n);
+      // Re-solving adds one model evaluation and one state lincomb per step, two more states.
+      StateD x = traj.back();
+      backend.reset();
+      cost = adjoint_deis_resolve(backend, P.model, nodes, x, P.w, g, &gm, &gs, opt);
+      CHECK(backend.counts().lincomb_passes == 2 * n + 1);
+      CHECK(backend.counts().make_state == 6);
+      CHECK(cost.model_evals == n);
+      CHECK(cost.vjps == n);
+    }
+  }
 }
 
 TEST_CASE("AdjointDEIS rejects bad input with clear messages", "[adjoint_deis][errors]") {
