@@ -154,13 +154,15 @@ def main():
         case(f"official/linear/singlestep/{alg}/o3/time_uniform/n12", schedule="linear",
              algorithm_type=alg, method="singlestep", order=3, skip_type="time_uniform", steps=12,
              t_end=1e-3)
-    # Dynamic thresholding (data prediction only): s = max(quantile_p |x0|, max_val).
+    # Dynamic thresholding (data prediction only): s = max(quantile_p |x0|, max_val). With the
+    # official default max_val = 1 this is diffusers' clamp(quantile, 1, sample_max_value) with
+    # sample_max_value = inf; other max_val values have no diffusers/diffgrad counterpart.
     case("official/multistep/dpmsolver++/o2/time_uniform/n10/thresholding", method="multistep",
          order=2, steps=10, thresholding=True, dynamic_thresholding_ratio=0.9,
          thresholding_max_val=1.0)
     case("official/singlestep/dpmsolver++/o3/logSNR/n12/thresholding", method="singlestep",
          order=3, skip_type="logSNR", steps=12, thresholding=True, dynamic_thresholding_ratio=0.9,
-         thresholding_max_val=1.2)
+         thresholding_max_val=1.0)
     w.close()
     print("wrote", path)
 
