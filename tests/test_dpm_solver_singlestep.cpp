@@ -399,6 +399,104 @@ TEST_CASE("diffusers singlestep order list matches get_order_list", "[dpm][singl
   CHECK(orders(1, false, 3, true) == V{1, 1, 1});
 }
 
+TEST_CASE("DpmSolverSinglestep::diffusers reproduces diffusers' formulas step by step",
+          "[dpm][singlestep][diffusers]") {
+  // Transcriptions of DPMSolverSinglestepScheduler's updates (diffusers 0.42, float64) on an
+  // irregular grid; x0 = (x - sigma eps)/alpha as in convert_model_output. Scalar stand-ins
+  // for the vectors: the state and eps at node i (x, e) and at nodes i-1, i-2 (hx, he).
+  const VPLinearSchedule schedule;
+  const auto nodes = make_nodes(schedule, std::vector<double>{0.95, 0.8, 0.62, 0.5, 0.33, 0.3});
+  struct Vectors {
+    double x, e, hx[2], he[2];
+  } v{0.37, -1.21, {0.52, 0.81}, {-0.93, 0.44}};
+  auto eval = [&](const Combo& c) {
+    return c.x * v.x + c.e[0] * v.e + c.hist_x[0] * v.hx[0] + c.hist_e[0] * v.he[0] +
+           c.hist_x[1] * v.hx[1] + c.hist_e[1] * v.he[1];
+  };
+  const auto E = [](double z) { return std::exp(z); };
+  for (auto algo : {DpmAlgorithm::dpmsolver, DpmAlgorithm::dpmsolver_pp,
+                    DpmAlgorithm::sde_dpmsolver_pp})
+    for (auto type : {DpmSolverType::midpoint, DpmSolverType::heun})
+      for (int order : {2, 3}) {
+        const auto scheme = DpmSolverSinglestep::diffusers({order, algo, type, false});
+        const int i = order - 1;  // the order-k step of the first group (start node 0)
+        REQUIRE(scheme.step_order(nodes, i) == order);
+        const StepPlan p = scheme.plan(nodes, i, NodeAtLambda(schedule));
+        const bool data = algo != DpmAlgorithm::dpmsolver;
+        auto conv = [&](double x, double e, const Node& n) {
+          return data ? (x - n.sigma * e) / n.alpha : e;
+        };
+        const Node& nt = nodes[static_cast<std::size_t>(i) + 1];
+        const double at = nt.alpha, st = nt.sigma;
+        double expected = 0.0, noise = 0.0;
+        if (order == 2) {
+          const Node &n0 = nodes[1], &n1 = nodes[0];
+          const double m0 = conv(v.x, v.e, n0), m1 = conv(v.hx[0], v.he[0], n1);
+          const double sample = v.hx[0];
+          const double h = nt.lambda - n1.lambda, h_0 = n0.lambda - n1.lambda, r0 = h_0 / h;
+          const double D0 = m1, D1 = (1.0 / r0) * (m0 - m1);
+          const bool mid = type == DpmSolverType::midpoint;
+          if (algo == DpmAlgorithm::dpmsolver_pp)
+            expected = (st / n1.sigma) * sample - (at * (E(-h) - 1.0)) * D0 +
+                       (mid ? -0.5 * (at * (E(-h) - 1.0)) : at * ((E(-h) - 1.0) / h + 1.0)) * D1;
+          else if (algo == DpmAlgorithm::dpmsolver)
+            expected = (at / n1.alpha) * sample - (st * (E(h) - 1.0)) * D0 -
+                       (mid ? 0.5 * (st * (E(h) - 1.0)) : st * ((E(h) - 1.0) / h - 1.0)) * D1;
+          else {
+            expected = (st / n1.sigma * E(-h)) * sample + (at * (1 - E(-2.0 * h))) * D0 +
+                       (mid ? 0.5 * (at * (1 - E(-2.0 * h)))
+                            : at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) *
+                           D1;
+            noise = st * std::sqrt(1.0 - E(-2 * h));
+          }
+        } else {
+          const Node &n0 = nodes[2], &n1 = nodes[1], &n2 = nodes[0];
+          const double m0 = conv(v.x, v.e, n0), m1 = conv(v.hx[0], v.he[0], n1),
+                       m2 = conv(v.hx[1], v.he[1], n2);
+          const double sample = v.hx[1];
+          const double h = nt.lambda - n2.lambda, h_0 = n0.lambda - n2.lambda,
+                       h_1 = n1.lambda - n2.lambda;
+          const double r0 = h_0 / h, r1 = h_1 / h;
+          const double D0 = m2;
+          const double D1_0 = (1.0 / r1) * (m1 - m2), D1_1 = (1.0 / r0) * (m0 - m2);
+          const double D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1);
+          const double D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1);
+          const bool mid = type == DpmSolverType::midpoint;
+          if (algo == DpmAlgorithm::dpmsolver_pp)
+            expected = mid ? (st / n2.sigma) * sample - (at * (E(-h) - 1.0)) * D0 +
+                                 (at * ((E(-h) - 1.0) / h + 1.0)) * D1_1
+                           : (st / n2.sigma) * sample - (at * (E(-h) - 1.0)) * D0 +
+                                 (at * ((E(-h) - 1.0) / h + 1.0)) * D1 -
+                                 (at * ((E(-h) - 1.0 + h) / (h * h) - 0.5)) * D2;
+          else if (algo == DpmAlgorithm::dpmsolver)
+            expected = mid ? (at / n2.alpha) * sample - (st * (E(h) - 1.0)) * D0 -
+                                 (st * ((E(h) - 1.0) / h - 1.0)) * D1_1
+                           : (at / n2.alpha) * sample - (st * (E(h) - 1.0)) * D0 -
+                                 (st * ((E(h) - 1.0) / h - 1.0)) * D1 -
+                                 (st * ((E(h) - 1.0 - h) / (h * h) - 0.5)) * D2;
+          else {
+            expected = mid ? (st / n2.sigma * E(-h)) * sample +
+                                 (at * (1.0 - E(-2.0 * h))) * D0 +
+                                 (at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1_1
+                           : (st / n2.sigma * E(-h)) * sample +
+                                 (at * (1.0 - E(-2.0 * h))) * D0 +
+                                 (at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1 +
+                                 (at * ((1.0 - E(-2.0 * h) + (-2.0 * h)) / std::pow(-2.0 * h, 2) -
+                                        0.5)) *
+                                     D2;
+            noise = st * std::sqrt(1.0 - E(-2 * h));
+          }
+        }
+        INFO("algorithm " << static_cast<int>(algo) << ", order " << order
+                          << (type == DpmSolverType::heun ? " heun" : " midpoint"));
+        CHECK(eval(p.output) == Approx(expected).epsilon(1e-12));
+        CHECK(p.noise == Approx(noise).margin(1e-15).epsilon(1e-12));
+        // The update restarts from the group's first state: x_i itself enters only through
+        // the data prediction m(x_i) (never for noise prediction).
+        if (!data) CHECK(p.output.x == 0.0);
+      }
+}
+
 // =======================================================================================
 // Hazards
 // =======================================================================================
