@@ -36,6 +36,20 @@ St<Scalar> data_sample(const VPLinearSchedule& s, const std::vector<Node>& nodes
   return x;
 }
 
+template <class Method> double order_on_gaussian(const Method& m, std::vector<int> steps) {
+  const VPLinearSchedule s;
+  auto model = diffgrad::testing::gaussian_problem<double>(3);
+  const auto x_T = test_batch<double>(4, 3);
+  std::vector<double> errors;
+  for (int n : steps) {
+    const auto nodes = grid(s, n);
+    auto x = x_T;
+    sample_from_noise(m, EigenBackend<double>(), s, nodes, model, x);
+    errors.push_back(relative_error<double>(x, model.exact_flow(x_T, nodes.front(), nodes.back())));
+  }
+  return diffgrad::testing::fitted_order(steps, errors);
+}
+
 /// Counts model calls (to show that `refuse` happens before any work).
 struct CountingModel {
   MixtureModel<double>& inner;
@@ -259,6 +273,18 @@ TEST_CASE("Round-trip editing: invert under one conditioning, regenerate under a
       invert_and_regenerate(BdiaDdim(1.0), backend, s, nodes, source, target, x0, edited, opt);
   CHECK(std::isnan(r2.round_trip_error));
   CHECK(r2.model_evals == 50 + 49);
+}
+
+TEST_CASE("BDIA convergence order on Gaussian data: 2 at gamma = 1, 1 below", "[bdia][order]") {
+  // gamma = 1 is a leapfrog-type two-step rule (second order; its DDIM starting step has an
+  // O(h^2) local error, which stays O(h^2) globally); gamma < 1 mixes in (1 - gamma) of the
+  // first-order DDIM increment. The gamma = 1 asymptotic regime starts late on this grid
+  // (uniform t, large lambda steps near t_min), hence the larger N.
+  const double o1 = order_on_gaussian(BdiaDdim(1.0), {640, 1280, 2560, 5120, 10240});
+  const double o05 = order_on_gaussian(BdiaDdim(0.5), {20, 40, 80, 160, 320});
+  INFO("gamma 1: order " << o1 << ", gamma 0.5: order " << o05);
+  CHECK(o1 == Approx(2.0).margin(0.2));
+  CHECK(o05 == Approx(1.0).margin(0.2));
 }
 
 TEST_CASE("BDIA rejects bad input", "[bdia][errors]") {

@@ -7,10 +7,13 @@
 // and its exact inverse is
 //   z  = z' + Phi_{t->s}(y') - y'
 //   y  = (y' - Phi_{s->t}(z)) / c + z.
-// Any deterministic one-step scheme of this library works (history() == 0): Phi is the
-// scheme's own StepPlan for the two-node span {s, t} (and {t, s} for Phi_{t->s}), run by
-// a small stage engine here, so DDIM, DPM-Solver-2/3 singlestep and RK-type schemes all
-// become exactly invertible at 2 x stages model calls per step. The coupling damps y - z
+// Any deterministic one-step scheme of this library works (history() == 0): Phi_{s->t} is
+// the scheme's own StepPlan for step k of the grid, Phi_{t->s} its StepPlan for the
+// one-interval grid {t, s} (the same formulas with h < 0; a scheme whose plan depends on the
+// step's position, like a per-step order list, sees step 0 of that one-interval grid). A
+// small stage engine here runs the plans, so DDIM, DPM-Solver(++)-2/3 singlestep and RK-type
+// schemes all become exactly invertible at 2 x stages model calls per step. Exactness never
+// depends on Phi_{t->s} inverting Phi_{s->t}: any pair of maps gives an exact inverse. The coupling damps y - z
 // by c per step; inversion grows it by 1/c (amplification.hpp). The sample is y.
 #include <array>
 #include <cstdint>
@@ -76,7 +79,7 @@ public:
       if (s > 0) backend.lincomb(ubar_[idx(s - 1)], term(p.output.u[s], w));
     }
     for (int s = S - 1; s >= 0; --s) {
-      reversible_model_vjp(model, stage_input(s, x), p.stage_node[s], ebar_[idx(s)], dx, dcond,
+      EpsVjp<Model>{model}(stage_input(s, x), p.stage_node[s], ebar_[idx(s)], dx, dcond,
                            dparams);
       if (s == 0) {
         backend.lincomb(xbar, term(1.0, xbar), term(1.0, dx));
@@ -256,11 +259,12 @@ public:
 
 private:
   const Node& node(int k) const { return nodes_[static_cast<std::size_t>(k)]; }
-  /// The scheme's plan for the two-node span {s, t} (or {t, s} when backward).
+  /// Forward: the scheme's own plan for step k of the grid (its per-step rules apply).
+  /// Backward: its plan for the one-interval grid {t, s}, i.e. the same scheme run with h < 0.
   StepPlan plan(int k, bool backward) const {
-    const std::array<Node, 2> span2 = backward ? std::array<Node, 2>{node(k + 1), node(k)}
-                                               : std::array<Node, 2>{node(k), node(k + 1)};
-    return scheme_.plan(std::span<const Node>(span2.data(), 2), 0, node_at_lambda_);
+    if (!backward) return scheme_.plan(nodes_, k, node_at_lambda_);
+    const std::array<Node, 2> reversed{node(k + 1), node(k)};
+    return scheme_.plan(std::span<const Node>(reversed.data(), 2), 0, node_at_lambda_);
   }
 
   const Scheme& scheme_;

@@ -149,7 +149,7 @@ private:
   void vjp_into(const State& at, const Node& n, double b, const State& cot, State& acc,
                 Vector* dcond, Vector* dparams) {
     backend_.lincomb(cot_, term(b, cot));
-    detail::reversible_model_vjp(eps_fn_.model, at, n, cot_, dx_, dcond, dparams);
+    EpsVjp<Model>{eps_fn_.model}(at, n, cot_, dx_, dcond, dparams);
     ++vjps_;
     backend_.lincomb(acc, term(1.0, acc), term(1.0, dx_));
   }

@@ -23,6 +23,7 @@
 #include "diffgrad/concepts/model.hpp"
 #include "diffgrad/concepts/observer.hpp"
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/gradients/vjp_call.hpp"
 #include "diffgrad/inversion/amplification.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/solvers/model_call.hpp"
@@ -84,16 +85,6 @@ template <class Model> struct CountedEps {
     check_model_output(backend, x, out, check_finite, step, n);
   }
 };
-
-/// vjp(x, node-or-model-time, a, dx, dcond, dparams), whichever the model provides.
-template <class Model, class State, class Vector>
-void reversible_model_vjp(Model& m, const State& x, const Node& n, const State& a, State& dx,
-                          Vector* dcond, Vector* dparams) {
-  if constexpr (requires { m.vjp(x, n, a, dx, dcond, dparams); })
-    m.vjp(x, n, a, dx, dcond, dparams);
-  else
-    m.vjp(x, n.model_t, a, dx, dcond, dparams);
-}
 
 /// Calls an observer; true when it asked to stop.
 template <class Obs, class State>

@@ -1,0 +1,467 @@
+// Reversible (O(1)-memory) gradients of BDIA-DDIM, EDICT and the reversible coupling:
+// equal to the store-all exact discrete adjoint (derived by hand below, run on the STORED
+// forward states) to <= 1e-10, to central finite differences to <= 1e-7, with the cost
+// record showing N forward + N backward model calls, N VJPs and a state count independent
+// of N. Also: the test model's own VJP, latent gradients, and the error paths.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "diffgrad/gradients/reversible.hpp"
+#include "diffgrad/inversion/bdia.hpp"
+#include "diffgrad/inversion/coupling.hpp"
+#include "diffgrad/inversion/edict.hpp"
+#include "diffgrad/schedule/vp_linear.hpp"
+#include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/dpm_solver_singlestep.hpp"
+#include "inversion_test_model.hpp"
+#include "test_support.hpp"
+
+using namespace diffgrad;
+using diffgrad::testing::MixtureModel;
+using diffgrad::testing::test_batch;
+
+namespace {
+
+using St = EigenBackend<double>::state_type;
+using Vec = EigenBackend<double>::vector_type;
+using Model = MixtureModel<double>;
+
+std::vector<Node> grid(const VPLinearSchedule& s, int n) {
+  return make_nodes(s, uniform_t_grid(s, n, 1.0, 1e-3));
+}
+
+double rel(const St& a, const St& b) { return (a - b).norm() / b.norm(); }
+double rel(const Vec& a, const Vec& b) { return (a - b).norm() / b.norm(); }
+
+/// The loss: L(x0) = <w, x0> + |x0 - r|^2 / 2, so dL/dx0 = w + x0 - r.
+struct Loss {
+  St w, r;
+  Loss() : w(test_batch<double>(4, 3) * 0.7), r(test_batch<double>(4, 3).reverse() * 0.5) {}
+  double operator()(const St& x0) const {
+    return (w.cwiseProduct(x0)).sum() + 0.5 * (x0 - r).squaredNorm();
+  }
+  void grad(const St& x0, St& out) const { out = w + x0 - r; }
+};
+
+St noise() { return test_batch<double>(4, 3); }
+St direction() {
+  St v = test_batch<double>(4, 3);
+  for (Eigen::Index i = 0; i < v.size(); ++i) v.data()[i] = std::cos(2.1 * static_cast<double>(i) + 0.3);
+  return v;
+}
+
+/// Store-all exact discrete adjoint: each method's forward pass keeps every state it needs;
+/// the backward pass is the hand-derived adjoint of the update actually used.
+struct Reference {
+  St grad_x;
+  Vec grad_cond, grad_params;
+};
+
+Vec zeros(std::int64_t n) { return Vec::Zero(n); }
+
+Reference bdia_store_all(Model& m, const std::vector<Node>& nodes, double gamma, const St& x_T,
+                         const Loss& loss) {
+  const int N = static_cast<int>(nodes.size()) - 1;
+  std::vector<St> xs(static_cast<std::size_t>(N) + 1);
+  St e, dx;
+  const Node &n0 = nodes[0], &n1 = nodes[1];
+  const double a0 = n1.alpha / n0.alpha, b0 = n1.sigma - n1.alpha * n0.sigma / n0.alpha;
+  auto cz = [&](int k) {
+    return (nodes[k + 1].alpha - gamma * nodes[k - 1].alpha) / nodes[k].alpha;
+  };
+  auto ce = [&](int k) {
+    return (nodes[k + 1].sigma - gamma * nodes[k - 1].sigma) - nodes[k].sigma * cz(k);
+  };
+  xs[0] = x_T;
+  m.eps(xs[0], n0, e);
+  xs[1] = a0 * xs[0] + b0 * e;
+  for (int k = 1; k < N; ++k) {
+    m.eps(xs[k], nodes[k], e);
+    xs[k + 1] = gamma * xs[k - 1] + cz(k) * xs[k] + ce(k) * e;
+  }
+  std::vector<St> abar(xs.size(), St::Zero(x_T.rows(), x_T.cols()));
+  loss.grad(xs[N], abar[N]);
+  Reference r{St(), zeros(m.cond_size()), zeros(m.param_size())};
+  for (int k = N - 1; k >= 1; --k) {
+    m.vjp(xs[k], nodes[k], St(ce(k) * abar[k + 1]), dx, &r.grad_cond, &r.grad_params);
+    abar[k] += cz(k) * abar[k + 1] + dx;
+    abar[k - 1] += gamma * abar[k + 1];
+  }
+  m.vjp(xs[0], n0, St(b0 * abar[1]), dx, &r.grad_cond, &r.grad_params);
+  r.grad_x = abar[0] + a0 * abar[1] + dx;
+  return r;
+}
+
+Reference edict_store_all(Model& m, const std::vector<Node>& nodes, double p, bool leapfrog,
+                          const St& x_T, const Loss& loss) {
+  const int N = static_cast<int>(nodes.size()) - 1;
+  // Per step: the two model inputs (second before the step, first after its half-step).
+  std::vector<St> in_second(static_cast<std::size_t>(N)), in_first(static_cast<std::size_t>(N));
+  St x = x_T, y = x_T, e, dx;
+  auto ab = [&](int k, double& a, double& b) {
+    const Node &s = nodes[k], &t = nodes[k + 1];
+    a = t.alpha / s.alpha;
+    b = t.sigma - t.alpha * s.sigma / s.alpha;
+  };
+  for (int k = 0; k < N; ++k) {
+    double a, b;
+    ab(k, a, b);
+    const bool sw = leapfrog && k % 2 == 1;
+    St& f = sw ? y : x;
+    St& g = sw ? x : y;
+    in_second[k] = g;
+    m.eps(g, nodes[k], e);
+    f = a * f + b * e;
+    in_first[k] = f;
+    m.eps(f, nodes[k], e);
+    g = a * g + b * e;
+    x = p * x + (1 - p) * y;
+    y = p * y + (1 - p) * x;
+  }
+  St xb, yb = St::Zero(x.rows(), x.cols());
+  loss.grad(x, xb);
+  Reference r{St(), zeros(m.cond_size()), zeros(m.param_size())};
+  for (int k = N - 1; k >= 0; --k) {
+    double a, b;
+    ab(k, a, b);
+    // Mixing: x2 = p x1 + (1-p) y1, y2 = p y1 + (1-p) x2.
+    const St x2b = xb + (1 - p) * yb;
+    const St y1b = p * yb + (1 - p) * x2b;
+    St x1b = p * x2b;
+    const bool sw = leapfrog && k % 2 == 1;
+    St fb = sw ? y1b : x1b, gb = sw ? x1b : y1b;
+    // g1 = a g + b eps(f1): adjoint into f1 and g.
+    m.vjp(in_first[k], nodes[k], St(b * gb), dx, &r.grad_cond, &r.grad_params);
+    fb += dx;
+    gb = a * gb;
+    // f1 = a f + b eps(g): adjoint into g and f.
+    m.vjp(in_second[k], nodes[k], St(b * fb), dx, &r.grad_cond, &r.grad_params);
+    gb += dx;
+    fb = a * fb;
+    xb = sw ? gb : fb;
+    yb = sw ? fb : gb;
+  }
+  r.grad_x = xb + yb;
+  return r;
+}
+
+Reference coupling_ddim_store_all(Model& m, const std::vector<Node>& nodes, double c,
+                                  const St& x_T, const Loss& loss) {
+  const int N = static_cast<int>(nodes.size()) - 1;
+  std::vector<St> zs(static_cast<std::size_t>(N)), ys_new(static_cast<std::size_t>(N));
+  St y = x_T, z = x_T, e, dx;
+  auto ddim = [](const Node& s, const Node& t, double& a, double& b) {
+    a = t.alpha / s.alpha;
+    b = t.sigma - t.alpha * s.sigma / s.alpha;
+  };
+  for (int k = 0; k < N; ++k) {
+    const Node &s = nodes[k], &t = nodes[k + 1];
+    double a, b, ai, bi;
+    ddim(s, t, a, b);
+    ddim(t, s, ai, bi);
+    zs[k] = z;
+    m.eps(z, s, e);
+    y = c * (y - z) + a * z + b * e;
+    ys_new[k] = y;
+    m.eps(y, t, e);
+    z = z + y - (ai * y + bi * e);
+  }
+  St yb, zb = St::Zero(y.rows(), y.cols());
+  loss.grad(y, yb);
+  Reference r{St(), zeros(m.cond_size()), zeros(m.param_size())};
+  for (int k = N - 1; k >= 0; --k) {
+    const Node &s = nodes[k], &t = nodes[k + 1];
+    double a, b, ai, bi;
+    ddim(s, t, a, b);
+    ddim(t, s, ai, bi);
+    // z' = z + y' - (ai y' + bi eps(y', t))
+    m.vjp(ys_new[k], t, St(-bi * zb), dx, &r.grad_cond, &r.grad_params);
+    const St Y = yb + zb - ai * zb + dx;  // total dL/dy'
+    // y' = c y - c z + a z + b eps(z, s)
+    m.vjp(zs[k], s, St(b * Y), dx, &r.grad_cond, &r.grad_params);
+    zb = zb - c * Y + a * Y + dx;
+    yb = c * Y;
+  }
+  r.grad_x = yb + zb;
+  return r;
+}
+
+/// Central finite differences of L(sample_from_noise(...)) along x_T + h v, and per entry of
+/// the conditioning and the parameters.
+template <class Method> struct FiniteDifferences {
+  const Method& method;
+  const VPLinearSchedule& s;
+  const std::vector<Node>& nodes;
+  Model model;
+  const Loss& loss;
+  double h = 1e-5;
+
+  double L(const St& x_T, Model& m) const {
+    St x = x_T;
+    sample_from_noise(method, EigenBackend<double>(), s, nodes, m, x);
+    return loss(x);
+  }
+  double directional(const St& x_T, const St& v) {
+    return (L(x_T + h * v, model) - L(x_T - h * v, model)) / (2 * h);
+  }
+  Vec cond(const St& x_T) {
+    Vec g(model.cond_size());
+    for (Eigen::Index j = 0; j < g.size(); ++j) g(j) = entry(x_T, model.cond()(j));
+    return g;
+  }
+  Vec params(const St& x_T) {
+    Vec g(model.param_size());
+    for (Eigen::Index j = 0; j < g.size(); ++j) g(j) = entry(x_T, model.logits()(j));
+    return g;
+  }
+
+private:
+  double entry(const St& x_T, double& slot) {
+    const double keep = slot;
+    slot = keep + h;
+    const double up = L(x_T, model);
+    slot = keep - h;
+    const double down = L(x_T, model);
+    slot = keep;
+    return (up - down) / (2 * h);
+  }
+};
+
+template <class Method>
+ReversibleGradientResult<EigenBackend<double>> run(const Method& method, Model& model,
+                                                   const std::vector<Node>& nodes,
+                                                   const Loss& loss) {
+  const VPLinearSchedule s;
+  return reversible_gradient(method, EigenBackend<double>(), s, nodes, model, noise(),
+                             [&](const St& x0, St& g) { loss.grad(x0, g); });
+}
+
+template <class Method>
+void check_against_fd(const Method& method, const ReversibleGradientResult<EigenBackend<double>>& r,
+                      const std::vector<Node>& nodes, const Loss& loss) {
+  const VPLinearSchedule s;
+  FiniteDifferences<Method> fd{method, s, nodes, Model::standard(), loss};
+  const St v = direction();
+  const double dir = fd.directional(noise(), v);
+  const double ours = r.grad_x.cwiseProduct(v).sum();
+  const double cond_err = rel(r.grad_cond, fd.cond(noise()));
+  const double params_err = rel(r.grad_params, fd.params(noise()));
+  INFO("FD: directional " << std::abs(ours - dir) / std::abs(dir) << ", cond " << cond_err
+                          << ", params " << params_err);
+  CHECK(std::abs(ours - dir) <= 1e-7 * std::abs(dir));
+  CHECK(cond_err <= 1e-7);
+  CHECK(params_err <= 1e-7);
+}
+
+void check_against_reference(const ReversibleGradientResult<EigenBackend<double>>& r,
+                             const Reference& ref) {
+  const double ex = rel(r.grad_x, ref.grad_x), ec = rel(r.grad_cond, ref.grad_cond),
+               ep = rel(r.grad_params, ref.grad_params);
+  INFO("vs store-all: x " << ex << ", cond " << ec << ", params " << ep
+                          << "; reconstruction error " << r.reconstruction_error);
+  CHECK(ex <= 1e-10);
+  CHECK(ec <= 1e-10);
+  CHECK(ep <= 1e-10);
+  CHECK(r.reconstruction_error <= 1e-13);
+}
+
+} // namespace
+
+TEST_CASE("The test model's VJP matches finite differences", "[reversible][model]") {
+  auto m = Model::standard();
+  const VPLinearSchedule s;
+  const St x = noise() * 0.6, a = direction();
+  const double h = 1e-6;
+  for (double t : {0.9, 0.3, 0.02}) {
+    const Node n = s.node(t);
+    St dx, ep, em;
+    Vec dc = Vec::Zero(3), dp = Vec::Zero(3);
+    m.vjp(x, n, a, dx, &dc, &dp);
+    // <a, eps(x + h v) - eps(x - h v)> / 2h = <dx, v>
+    const St v = test_batch<double>(4, 3).reverse();
+    m.eps(x + h * v, n, ep);
+    m.eps(x - h * v, n, em);
+    const double fd = a.cwiseProduct(ep - em).sum() / (2 * h);
+    CHECK(dx.cwiseProduct(v).sum() == Approx(fd).epsilon(1e-7));
+    for (int j = 0; j < 3; ++j) {
+      for (int which = 0; which < 2; ++which) {
+        double& slot = which == 0 ? m.cond()(j) : m.logits()(j);
+        const double keep = slot;
+        slot = keep + h;
+        m.eps(x, n, ep);
+        slot = keep - h;
+        m.eps(x, n, em);
+        slot = keep;
+        const double g = a.cwiseProduct(ep - em).sum() / (2 * h);
+        CHECK((which == 0 ? dc(j) : dp(j)) == Approx(g).epsilon(1e-7).margin(1e-12));
+      }
+    }
+  }
+}
+
+TEST_CASE("BDIA reversible gradient = store-all exact discrete gradient (N = 50)",
+          "[reversible][bdia]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  const Loss loss;
+  for (double gamma : {1.0, 0.9}) {
+    auto model = Model::standard();
+    const BdiaDdim method(gamma);
+    const auto r = run(method, model, nodes, loss);
+    auto ref_model = Model::standard();
+    INFO("gamma " << gamma);
+    check_against_reference(r, bdia_store_all(ref_model, nodes, gamma, noise(), loss));
+    check_against_fd(method, r, nodes, loss);
+    // Cost: N forward calls, N - 1 re-evaluations (the last inverse step hands back x_T's
+    // DDIM input for free), N VJPs.
+    CHECK(r.cost.forward_model_evals == 50);
+    CHECK(r.cost.backward_model_evals == 49);
+    CHECK(r.cost.vjps == 50);
+    CHECK(r.cost.trajectory_states == 2);
+    CHECK_FALSE(r.amplification.exceeded);
+  }
+}
+
+TEST_CASE("Reversible gradients store O(1) states: the same buffers for N = 10 and N = 50",
+          "[reversible][memory]") {
+  const VPLinearSchedule s;
+  const Loss loss;
+  auto model = Model::standard();
+  const auto n10 = grid(s, 10), n50 = grid(s, 50);
+  const auto b10 = run(BdiaDdim(), model, n10, loss), b50 = run(BdiaDdim(), model, n50, loss);
+  CHECK(b10.cost.peak_state_buffers == b50.cost.peak_state_buffers);
+  CHECK(b50.cost.peak_state_buffers <= 14);
+  const auto e10 = run(Edict(), model, n10, loss), e50 = run(Edict(), model, n50, loss);
+  CHECK(e10.cost.peak_state_buffers == e50.cost.peak_state_buffers);
+  const ReversibleCoupling coupling(Ddim(), 0.999);
+  const auto c10 = run(coupling, model, n10, loss), c50 = run(coupling, model, n50, loss);
+  CHECK(c10.cost.peak_state_buffers == c50.cost.peak_state_buffers);
+  INFO("buffers: BDIA " << b50.cost.peak_state_buffers << ", EDICT "
+                        << e50.cost.peak_state_buffers << ", coupling "
+                        << c50.cost.peak_state_buffers);
+  CHECK(c50.cost.peak_state_buffers <= 20);
+}
+
+TEST_CASE("EDICT reversible gradient = store-all exact discrete gradient (N = 50)",
+          "[reversible][edict]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  const Loss loss;
+  for (bool leapfrog : {false, true}) {
+    auto model = Model::standard();
+    const Edict method(0.93, leapfrog);
+    const auto r = run(method, model, nodes, loss);
+    auto ref_model = Model::standard();
+    INFO("leapfrog " << leapfrog);
+    check_against_reference(r, edict_store_all(ref_model, nodes, 0.93, leapfrog, noise(), loss));
+    check_against_fd(method, r, nodes, loss);
+    CHECK(r.cost.forward_model_evals == 100);
+    CHECK(r.cost.backward_model_evals == 100);
+    CHECK(r.cost.vjps == 100);
+  }
+}
+
+TEST_CASE("Coupled DDIM reversible gradient = store-all exact discrete gradient (N = 50)",
+          "[reversible][coupling]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  const Loss loss;
+  for (double c : {0.999, 0.9}) {
+    auto model = Model::standard();
+    const ReversibleCoupling method(Ddim(), c);
+    const auto r = run(method, model, nodes, loss);
+    auto ref_model = Model::standard();
+    INFO("c " << c);
+    check_against_reference(r, coupling_ddim_store_all(ref_model, nodes, c, noise(), loss));
+    check_against_fd(method, r, nodes, loss);
+    CHECK(r.cost.forward_model_evals == 100);
+    CHECK(r.cost.backward_model_evals == 100);
+    CHECK(r.cost.vjps == 100);
+  }
+}
+
+TEST_CASE("Coupled DPM-Solver(++)-2 reversible gradient matches finite differences",
+          "[reversible][coupling][dpm-solver]") {
+  // Two stages per map: the stage engine's reverse pass (stage inputs, data-prediction
+  // expansion) is what is checked here.
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  const Loss loss;
+  for (auto pred : {SolverPrediction::noise, SolverPrediction::data}) {
+    auto model = Model::standard();
+    const ReversibleCoupling method(DpmSolverSinglestep(2, pred), 0.999);
+    const auto r = run(method, model, nodes, loss);
+    INFO("data prediction " << (pred == SolverPrediction::data) << ", reconstruction error "
+                            << r.reconstruction_error);
+    CHECK(r.reconstruction_error <= 1e-13);
+    check_against_fd(method, r, nodes, loss);
+    CHECK(r.cost.forward_model_evals == 200);
+    CHECK(r.cost.backward_model_evals == 200);
+    CHECK(r.cost.vjps == 200);
+  }
+}
+
+TEST_CASE("Latent gradients (w.r.t. the inverted pair) match finite differences",
+          "[reversible][latent]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  const Loss loss;
+  auto model = Model::standard();
+  const EigenBackend<double> backend;
+  const BdiaDdim method(1.0);
+  // A latent from an inversion, as an editing loop would start from.
+  St x0 = noise();
+  sample_from_noise(method, backend, s, nodes, model, x0);
+  LatentPair<St> latent;
+  invert(method, backend, s, nodes, model, x0, latent);
+  const auto r = reversible_gradient_latent(method, backend, s, nodes, model, latent,
+                                            [&](const St& x, St& g) { loss.grad(x, g); });
+  CHECK(r.grad_x.size() == 0);
+  const St v1 = direction(), v2 = noise().reverse();
+  auto L = [&](const St& a, const St& b) {
+    St x;
+    generate(method, backend, s, nodes, model, LatentPair<St>{a, b}, x);
+    return loss(x);
+  };
+  const double h = 1e-5;
+  const double fd = (L(latent.first + h * v1, latent.second + h * v2) -
+                     L(latent.first - h * v1, latent.second - h * v2)) /
+                    (2 * h);
+  const double ours =
+      r.grad_latent.first.cwiseProduct(v1).sum() + r.grad_latent.second.cwiseProduct(v2).sum();
+  INFO("latent directional derivative " << ours << " vs FD " << fd);
+  CHECK(std::abs(ours - fd) <= 1e-7 * std::abs(fd));
+  CHECK(r.cost.forward_model_evals == 49);
+  CHECK(r.cost.vjps == 49);
+}
+
+TEST_CASE("Reversible gradients: amplification policy and bad input", "[reversible][errors]") {
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 50);
+  auto model = Model::standard();
+  const EigenBackend<double> backend;
+  const auto cot = [](const St& x0, St& g) { g = x0; };
+  ReversibleGradientOptions refuse;
+  refuse.amplification.policy = AmplificationPolicy::refuse;
+  CHECK_THROWS_AS(reversible_gradient(BdiaDdim(0.5), backend, s, nodes, model, noise(), cot,
+                                      refuse),
+                  diffgrad::numerical_error);
+  const auto warned = reversible_gradient(BdiaDdim(0.5), backend, s, nodes, model, noise(), cot);
+  CHECK(warned.amplification.warned);
+  CHECK(warned.amplification.total > 1e6);
+  CHECK_THROWS_WITH(reversible_gradient(BdiaDdim(0.0), backend, s, nodes, model, noise(), cot),
+                    Catch::Contains("gamma > 0"));
+  const auto bad_cot = [](const St&, St& g) { g = St::Zero(1, 1); };
+  CHECK_THROWS_WITH(reversible_gradient(BdiaDdim(), backend, s, nodes, model, noise(), bad_cot),
+                    Catch::Contains("cotangent") && Catch::Contains("4 x 3"));
+  // Unwanted gradients stay empty.
+  ReversibleGradientOptions x_only;
+  x_only.want_cond = x_only.want_params = false;
+  const auto r = reversible_gradient(Edict(), backend, s, nodes, model, noise(), cot, x_only);
+  CHECK(r.grad_cond.size() == 0);
+  CHECK(r.grad_params.size() == 0);
+  CHECK(r.grad_x.rows() == 4);
+}
