@@ -70,8 +70,9 @@ enum class Grid { uniform_lambda, karras };
 
 std::vector<Node> grid(Grid g, int n) {
   const VPLinearSchedule schedule;
-  return make_nodes(schedule, g == Grid::uniform_lambda ? uniform_lambda_grid(schedule, n, 1.0, 1e-3)
-                                                        : karras_grid(schedule, n, 1.0, 1e-3));
+  return make_nodes(schedule, g == Grid::uniform_lambda
+                                  ? uniform_lambda_grid(schedule, n, 1.0, 1e-3)
+                                  : karras_grid(schedule, n, 1.0, 1e-3));
 }
 
 template <class Scheme>
@@ -91,7 +92,8 @@ void check_order(const std::vector<int>& steps, const std::vector<double>& error
 
 std::vector<int> orders_used(const DpmSolverMultistep& s, std::span<const Node> nodes) {
   std::vector<int> out;
-  for (int i = 0; i + 1 < static_cast<int>(nodes.size()); ++i) out.push_back(s.step_order(nodes, i));
+  for (int i = 0; i + 1 < static_cast<int>(nodes.size()); ++i)
+    out.push_back(s.step_order(nodes, i));
   return out;
 }
 
@@ -115,8 +117,8 @@ TEST_CASE("Multistep updates are exact for polynomial model values of degree < o
       return v;
     };
   };
-  for (Integrand f : {Integrand::ode_noise, Integrand::ode_data, Integrand::sde_noise,
-                      Integrand::sde_data})
+  for (Integrand f :
+       {Integrand::ode_noise, Integrand::ode_data, Integrand::sde_noise, Integrand::sde_data})
     for (int order : {1, 2, 3})
       for (auto type : {DpmSolverType::midpoint, DpmSolverType::heun}) {
         // midpoint order 2 is exact for constants only (it uses W_0/2 for W_1).
@@ -126,8 +128,7 @@ TEST_CASE("Multistep updates are exact for polynomial model values of degree < o
           const auto u = coeffs::dpm::multistep_update(f, order, type, s0, s1, s2, t);
           const long double got = u.m[0] * m(0.0L) + u.m[1] * m(s1.lambda - s0.lambda) +
                                   u.m[2] * m(s2.lambda - s0.lambda);
-          INFO("integrand " << static_cast<int>(f) << ", order " << order << ", degree "
-                            << degree);
+          INFO("integrand " << static_cast<int>(f) << ", order " << order << ", degree " << degree);
           CHECK(static_cast<double>(got) ==
                 Approx(static_cast<double>(exact_contribution(f, s0, t, m))).epsilon(1e-11));
         }
@@ -148,8 +149,7 @@ TEST_CASE("The reference codes' third-order multistep update is not exact for qu
   for (Integrand f : {Integrand::ode_noise, Integrand::ode_data}) {
     auto m = [](long double u) { return u * u; };
     const auto u = coeffs::dpm::multistep_update(f, 3, DpmSolverType::heun, s0, s1, s2, t, half);
-    const long double got =
-        u.m[1] * m(s1.lambda - s0.lambda) + u.m[2] * m(s2.lambda - s0.lambda);
+    const long double got = u.m[1] * m(s1.lambda - s0.lambda) + u.m[2] * m(s2.lambda - s0.lambda);
     const double exact = static_cast<double>(exact_contribution(f, s0, t, m));
     const auto tw = coeffs::dpm::taylor_weights(f, s0, t);
     // m'' = 2: the reference update carries W_2 h^2 instead of 2 W_2 h^2.
@@ -172,8 +172,7 @@ TEST_CASE("Multistep DPM-Solver(++) has its theoretical order on uniform and Kar
           INFO("order " << order << (type == DpmSolverType::heun ? " heun" : " midpoint")
                         << (pred == SolverPrediction::data ? " data" : " noise")
                         << (g == Grid::karras ? " karras" : " uniform-lambda"));
-          check_order(steps, global_errors(DpmSolverMultistep(order, pred, type), g, steps),
-                      order);
+          check_order(steps, global_errors(DpmSolverMultistep(order, pred, type), g, steps), order);
         }
 }
 
@@ -222,7 +221,7 @@ TEST_CASE("DDIM == DPM-Solver-1 == multistep order 1 (noise), to rounding",
   const VPLinearSchedule schedule;
   const EigenBackend<double> backend;
   auto model = diffgrad::testing::gaussian_problem<double>(3);
-  const std::vector<double> times{1.0, 0.9, 0.31, 0.3, 0.05, 0.002};  // deliberately irregular
+  const std::vector<double> times{1.0, 0.9, 0.31, 0.3, 0.05, 0.002}; // deliberately irregular
   const auto nodes = make_nodes(schedule, times);
   const auto x_T = diffgrad::testing::test_batch<double>(4, 3);
   auto x_ddim = x_T, x_single = x_T, x_multi = x_T;
@@ -272,20 +271,23 @@ TEST_CASE("DpmSolverMultistep::diffusers reproduces diffusers' formulas step by 
           expected = data ? lin - (at * (E(-h) - 1.0)) * m0 : lin - (st * (E(h) - 1.0)) * m0;
         } else if (order == 2) {
           const double D0 = m0, D1 = (1.0 / r0) * (m0 - m1);
-          expected = data ? lin - (at * (E(-h) - 1.0)) * D0 +
-                                (mid ? -0.5 * (at * (E(-h) - 1.0)) : at * ((E(-h) - 1.0) / h + 1.0)) * D1
-                          : lin - (st * (E(h) - 1.0)) * D0 -
-                                (mid ? 0.5 * (st * (E(h) - 1.0)) : st * ((E(h) - 1.0) / h - 1.0)) * D1;
+          expected =
+              data ? lin - (at * (E(-h) - 1.0)) * D0 +
+                         (mid ? -0.5 * (at * (E(-h) - 1.0)) : at * ((E(-h) - 1.0) / h + 1.0)) * D1
+                   : lin - (st * (E(h) - 1.0)) * D0 -
+                         (mid ? 0.5 * (st * (E(h) - 1.0)) : st * ((E(h) - 1.0) / h - 1.0)) * D1;
         } else {
           const double D0 = m0, D1_0 = (1.0 / r0) * (m0 - m1), D1_1 = (1.0 / r1) * (m1 - m2);
           const double D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1);
           const double D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1);
-          expected = data ? lin - (at * (E(-h) - 1.0)) * D0 + (at * ((E(-h) - 1.0) / h + 1.0)) * D1 -
-                                (at * ((E(-h) - 1.0 + h) / (h * h) - 0.5)) * D2
-                          : lin - (st * (E(h) - 1.0)) * D0 - (st * ((E(h) - 1.0) / h - 1.0)) * D1 -
-                                (st * ((E(h) - 1.0 - h) / (h * h) - 0.5)) * D2;
+          expected = data
+                         ? lin - (at * (E(-h) - 1.0)) * D0 + (at * ((E(-h) - 1.0) / h + 1.0)) * D1 -
+                               (at * ((E(-h) - 1.0 + h) / (h * h) - 0.5)) * D2
+                         : lin - (st * (E(h) - 1.0)) * D0 - (st * ((E(h) - 1.0) / h - 1.0)) * D1 -
+                               (st * ((E(h) - 1.0 - h) / (h * h) - 0.5)) * D2;
         }
-        INFO((data ? "dpmsolver++" : "dpmsolver") << " order " << order << (mid ? " midpoint" : " heun"));
+        INFO((data ? "dpmsolver++" : "dpmsolver")
+             << " order " << order << (mid ? " midpoint" : " heun"));
         CHECK(got == Approx(expected).epsilon(1e-12));
         CHECK(p.noise == 0.0);
       }
@@ -333,7 +335,8 @@ TEST_CASE("Multistep order schedule: warm-up, lower_order_final, euler_at_final,
   // lower_order_final off: no lowering even for few steps.
   CHECK(orders_used(scheme(3, false, 15, false), nodes(5, false)) == V{1, 2, 3, 3, 3});
   // The official code lowers only below 10 steps.
-  CHECK(orders_used(scheme(3, true, 10, false), nodes(10, false)) == V{1, 2, 3, 3, 3, 3, 3, 3, 3, 3});
+  CHECK(orders_used(scheme(3, true, 10, false), nodes(10, false)) ==
+        V{1, 2, 3, 3, 3, 3, 3, 3, 3, 3});
   CHECK(orders_used(scheme(3, true, 10, false), nodes(9, false)) == V{1, 2, 3, 3, 3, 3, 3, 2, 1});
 }
 
@@ -355,7 +358,7 @@ TEST_CASE("Multistep into a sigma = 0 node lands on x0 (data and noise forms)",
         DpmSolverMultistep::Options o;
         o.order = order;
         o.prediction = pred;
-        o.lower_order_final = false;  // the sigma = 0 node alone must force the first order
+        o.lower_order_final = false; // the sigma = 0 node alone must force the first order
         o.quirks.multistep_half_d2 = reference;
         const DpmSolverMultistep scheme(o);
         StateD x_prev;
@@ -411,9 +414,9 @@ TEST_CASE("DpmSolverMultistep rejects an unsupported order", "[dpm][multistep][e
                     Catch::Contains("DpmSolverMultistep") && Catch::Contains("'order'") &&
                         Catch::Contains("1, 2 or 3") && Catch::Contains("got 4"));
   CHECK_THROWS_AS(DpmSolverMultistep(0, SolverPrediction::noise), diffgrad::invalid_argument);
-  CHECK_THROWS_AS(DpmSolverMultistep::diffusers({5, DpmAlgorithm::dpmsolver_pp,
-                                                 DpmSolverType::midpoint}),
-                  diffgrad::invalid_argument);
+  CHECK_THROWS_AS(
+      DpmSolverMultistep::diffusers({5, DpmAlgorithm::dpmsolver_pp, DpmSolverType::midpoint}),
+      diffgrad::invalid_argument);
 }
 
 TEST_CASE("DpmSolverMultistep rejects bad options", "[dpm][multistep][errors]") {
@@ -422,9 +425,9 @@ TEST_CASE("DpmSolverMultistep rejects bad options", "[dpm][multistep][errors]") 
   DpmSolverMultistep::Options o;
   o.lower_order_final_max_steps = -1;
   CHECK_THROWS_WITH(DpmSolverMultistep(o), Catch::Contains("lower_order_final_max_steps"));
-  CHECK_THROWS_WITH(DpmSolverMultistep::diffusers({2, DpmAlgorithm::sde_dpmsolver_pp,
-                                                   DpmSolverType::midpoint}),
-                    Catch::Contains("algorithm_type") && Catch::Contains("SdeDpmSolver"));
+  CHECK_THROWS_WITH(
+      DpmSolverMultistep::diffusers({2, DpmAlgorithm::sde_dpmsolver_pp, DpmSolverType::midpoint}),
+      Catch::Contains("algorithm_type") && Catch::Contains("SdeDpmSolver"));
   // A grid running the wrong way (lambda decreasing) is rejected before any model call.
   const VPLinearSchedule schedule;
   std::vector<Node> nodes{schedule.node(0.1), schedule.node(0.5)};

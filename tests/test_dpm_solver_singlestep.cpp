@@ -55,8 +55,8 @@ long double exact_contribution(Integrand f, const Node& s, const Node& t, M&& m)
   return 0.0L;
 }
 
-const Integrand kAllIntegrands[] = {Integrand::ode_noise, Integrand::ode_data,
-                                    Integrand::sde_noise, Integrand::sde_data};
+const Integrand kAllIntegrands[] = {Integrand::ode_noise, Integrand::ode_data, Integrand::sde_noise,
+                                    Integrand::sde_data};
 
 // ---------------------------------------------------------------------------------------
 // Convergence on the Gaussian problem. The error measure is the largest relative error over
@@ -100,7 +100,7 @@ void check_order(const std::vector<int>& steps, const std::vector<double>& error
   const double order = fitted_order(steps, errors);
   INFO("errors " << errors.front() << " ... " << errors.back() << ", fitted order " << order);
   CHECK(order == Approx(expected).margin(0.2));
-  CHECK(errors.back() > 1e-13);  // still above rounding: the fit measures truncation error
+  CHECK(errors.back() > 1e-13); // still above rounding: the fit measures truncation error
 }
 
 } // namespace
@@ -120,9 +120,11 @@ TEST_CASE("Taylor weights equal the defining integrals of the Taylor terms", "[d
       const auto tw = coeffs::dpm::taylor_weights(f, s, t);
       for (int k = 0; k < 3; ++k) {
         const long double fact = k == 2 ? 2.0L : 1.0L;
-        const long double ref = exact_contribution(f, s, t, [&](long double u) {
-                                  return std::pow(u, static_cast<long double>(k)) / fact;
-                                }) / std::pow(h, static_cast<long double>(k));
+        const long double ref =
+            exact_contribution(
+                f, s, t,
+                [&](long double u) { return std::pow(u, static_cast<long double>(k)) / fact; }) /
+            std::pow(h, static_cast<long double>(k));
         INFO("integrand " << static_cast<int>(f) << ", k = " << k << ", s = " << ts
                           << ", t = " << tt);
         CHECK(tw.w[k] == Approx(static_cast<double>(ref)).epsilon(1e-11));
@@ -150,7 +152,7 @@ TEST_CASE("Taylor weights keep full precision as h -> 0", "[dpm][coeffs][hazard]
   const VPLinearSchedule schedule;
   auto phi_series = [](int k, long double z) {
     long double sum = 0.0L, fact = 1.0L;
-    for (int n = 1; n <= k + 1; ++n) fact *= n;  // (k + 1)!
+    for (int n = 1; n <= k + 1; ++n) fact *= n; // (k + 1)!
     long double term = 1.0L / fact;
     for (int n = 0; n < 30; ++n) {
       sum += term;
@@ -245,8 +247,8 @@ TEST_CASE("Singlestep updates are exact for model values polynomial in lambda up
       for (int degree = 0; degree <= c.exact_degree; ++degree) {
         const auto m = poly(degree);
         const auto u = coeffs::dpm::singlestep_update(f, c.order, c.type, s, t, c.r1, c.r2);
-        const double got = static_cast<double>(u.m[0] * m(0.0L) + u.m[1] * m(c.r1 * h) +
-                                               u.m[2] * m(c.r2 * h));
+        const double got =
+            static_cast<double>(u.m[0] * m(0.0L) + u.m[1] * m(c.r1 * h) + u.m[2] * m(c.r2 * h));
         const double ref = static_cast<double>(exact_contribution(f, s, t, m));
         INFO("integrand " << static_cast<int>(f) << ", order " << c.order << ", r1 = " << c.r1
                           << ", degree " << degree);
@@ -321,7 +323,8 @@ TEST_CASE("diffusers-structured singlestep has the order of its groups",
       }
 }
 
-TEST_CASE("Singlestep float32 stays within its documented tolerance", "[dpm][singlestep][float32]") {
+TEST_CASE("Singlestep float32 stays within its documented tolerance",
+          "[dpm][singlestep][float32]") {
   // Documented tolerance: relative 2e-5 (float32 rounding of O(1) states, ~N * 2^-24 * |x|,
   // with the intermediate stages) on top of the float64 truncation error.
   const VPLinearSchedule schedule;
@@ -373,7 +376,8 @@ TEST_CASE("official_fast_orders follows the official DPM-Solver-fast rule", "[dp
   CHECK(DpmSolverSinglestep::official_fast_orders(3, 1) == V{1, 1, 1});
 }
 
-TEST_CASE("diffusers singlestep order list matches get_order_list", "[dpm][singlestep][diffusers]") {
+TEST_CASE("diffusers singlestep order list matches get_order_list",
+          "[dpm][singlestep][diffusers]") {
   // Literal lists from diffusers 0.42 DPMSolverSinglestepScheduler.get_order_list, with
   // set_timesteps forcing lower_order_final for an uneven step count or final sigma zero.
   const VPLinearSchedule schedule;
@@ -389,7 +393,7 @@ TEST_CASE("diffusers singlestep order list matches get_order_list", "[dpm][singl
   using V = std::vector<int>;
   CHECK(orders(3, false, 6, false) == V{1, 2, 3, 1, 2, 3});
   CHECK(orders(3, true, 6, false) == V{1, 2, 3, 1, 2, 1});
-  CHECK(orders(3, false, 7, false) == V{1, 2, 3, 1, 2, 3, 1});  // forced lower_order_final
+  CHECK(orders(3, false, 7, false) == V{1, 2, 3, 1, 2, 3, 1}); // forced lower_order_final
   CHECK(orders(3, false, 8, false) == V{1, 2, 3, 1, 2, 3, 1, 2});
   CHECK(orders(3, false, 6, true) == V{1, 2, 3, 1, 2, 1});       // "zero" forces it too
   CHECK(orders(3, false, 8, true) == V{1, 2, 3, 1, 2, 3, 1, 1}); // and orders[-1] = 1
@@ -414,12 +418,12 @@ TEST_CASE("DpmSolverSinglestep::diffusers reproduces diffusers' formulas step by
            c.hist_x[1] * v.hx[1] + c.hist_e[1] * v.he[1];
   };
   const auto E = [](double z) { return std::exp(z); };
-  for (auto algo : {DpmAlgorithm::dpmsolver, DpmAlgorithm::dpmsolver_pp,
-                    DpmAlgorithm::sde_dpmsolver_pp})
+  for (auto algo :
+       {DpmAlgorithm::dpmsolver, DpmAlgorithm::dpmsolver_pp, DpmAlgorithm::sde_dpmsolver_pp})
     for (auto type : {DpmSolverType::midpoint, DpmSolverType::heun})
       for (int order : {2, 3}) {
         const auto scheme = DpmSolverSinglestep::diffusers({order, algo, type, false});
-        const int i = order - 1;  // the order-k step of the first group (start node 0)
+        const int i = order - 1; // the order-k step of the first group (start node 0)
         REQUIRE(scheme.step_order(nodes, i) == order);
         const StepPlan p = scheme.plan(nodes, i, NodeAtLambda(schedule));
         const bool data = algo != DpmAlgorithm::dpmsolver;
@@ -475,15 +479,13 @@ TEST_CASE("DpmSolverSinglestep::diffusers reproduces diffusers' formulas step by
                                  (st * ((E(h) - 1.0) / h - 1.0)) * D1 -
                                  (st * ((E(h) - 1.0 - h) / (h * h) - 0.5)) * D2;
           else {
-            expected = mid ? (st / n2.sigma * E(-h)) * sample +
-                                 (at * (1.0 - E(-2.0 * h))) * D0 +
-                                 (at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1_1
-                           : (st / n2.sigma * E(-h)) * sample +
-                                 (at * (1.0 - E(-2.0 * h))) * D0 +
-                                 (at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1 +
-                                 (at * ((1.0 - E(-2.0 * h) + (-2.0 * h)) / std::pow(-2.0 * h, 2) -
-                                        0.5)) *
-                                     D2;
+            expected =
+                mid ? (st / n2.sigma * E(-h)) * sample + (at * (1.0 - E(-2.0 * h))) * D0 +
+                          (at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1_1
+                    : (st / n2.sigma * E(-h)) * sample + (at * (1.0 - E(-2.0 * h))) * D0 +
+                          (at * ((1.0 - E(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1 +
+                          (at * ((1.0 - E(-2.0 * h) + (-2.0 * h)) / std::pow(-2.0 * h, 2) - 0.5)) *
+                              D2;
             noise = st * std::sqrt(1.0 - E(-2 * h));
           }
         }
@@ -514,8 +516,8 @@ TEST_CASE("Singlestep into a sigma = 0 node: data forms land on x0, noise forms 
       schemes.emplace_back("official", DpmSolverSinglestep(order, pred));
   for (int order : {1, 2, 3})
     for (auto algo : {DpmAlgorithm::dpmsolver, DpmAlgorithm::dpmsolver_pp})
-      schemes.emplace_back("diffusers", DpmSolverSinglestep::diffusers(
-                                            {order, algo, DpmSolverType::heun, false}));
+      schemes.emplace_back(
+          "diffusers", DpmSolverSinglestep::diffusers({order, algo, DpmSolverType::heun, false}));
   for (auto& [name, scheme] : schemes) {
     // The last step starts from the state the scheme reaches at node N-1 (captured).
     const int n = static_cast<int>(nodes.size()) - 1;
@@ -572,8 +574,8 @@ TEST_CASE("DpmSolverSinglestep rejects an unsupported order", "[dpm][singlestep]
   DpmSolverSinglestep::Options o;
   o.orders = {3, 3, 5};
   CHECK_THROWS_WITH(DpmSolverSinglestep(o), Catch::Contains("orders[i]"));
-  CHECK_THROWS_AS(DpmSolverSinglestep::diffusers({4, DpmAlgorithm::dpmsolver_pp,
-                                                  DpmSolverType::midpoint, false}),
+  CHECK_THROWS_AS(DpmSolverSinglestep::diffusers(
+                      {4, DpmAlgorithm::dpmsolver_pp, DpmSolverType::midpoint, false}),
                   diffgrad::invalid_argument);
 }
 
@@ -585,21 +587,21 @@ TEST_CASE("DpmSolverSinglestep rejects bad intermediate points r", "[dpm][single
   o.r1 = 1.5;
   CHECK_THROWS_AS(DpmSolverSinglestep(o), diffgrad::invalid_argument);
   o.order = 3;
-  o.r1 = 0.7;  // r2 defaults to 2/3 < r1
+  o.r1 = 0.7; // r2 defaults to 2/3 < r1
   CHECK_THROWS_WITH(DpmSolverSinglestep(o), Catch::Contains("'r1'") && Catch::Contains("r1 < r2"));
   o.r1 = 0.5;
   o.r2 = 1.2;
   CHECK_THROWS_WITH(DpmSolverSinglestep(o), Catch::Contains("'r2'"));
   o.order = 2;
-  o.r2 = 0.8;  // r2 means nothing for a second-order solver: say so rather than ignore it
+  o.r2 = 0.8; // r2 means nothing for a second-order solver: say so rather than ignore it
   CHECK_THROWS_WITH(DpmSolverSinglestep(o), Catch::Contains("'r2'"));
 }
 
 TEST_CASE("DpmSolverSinglestep rejects bad options", "[dpm][singlestep][errors]") {
   CHECK_THROWS_WITH(DpmSolverSinglestep(2, SolverPrediction::data, static_cast<DpmSolverType>(7)),
                     Catch::Contains("solver_type"));
-  CHECK_THROWS_WITH(DpmSolverSinglestep::diffusers({2, DpmAlgorithm::sde_dpmsolver,
-                                                    DpmSolverType::midpoint, false}),
+  CHECK_THROWS_WITH(DpmSolverSinglestep::diffusers(
+                        {2, DpmAlgorithm::sde_dpmsolver, DpmSolverType::midpoint, false}),
                     Catch::Contains("algorithm_type") && Catch::Contains("sde-dpmsolver"));
   // A per-step order list must match the grid.
   DpmSolverSinglestep::Options o;

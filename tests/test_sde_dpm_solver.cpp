@@ -86,9 +86,9 @@ TEST_CASE("SdeDpmSolver::diffusers reproduces diffusers' formulas step by step",
   for (auto algo : {DpmAlgorithm::sde_dpmsolver, DpmAlgorithm::sde_dpmsolver_pp})
     for (auto type : {DpmSolverType::midpoint, DpmSolverType::heun})
       for (int order : {1, 2, 3}) {
-        if (algo == DpmAlgorithm::sde_dpmsolver && order == 3) continue;  // not in diffusers
+        if (algo == DpmAlgorithm::sde_dpmsolver && order == 3) continue; // not in diffusers
         const auto scheme = SdeDpmSolver::diffusers({order, algo, type, false, false});
-        const int i = 3;  // step 3 of 4: full order available, no final-step lowering
+        const int i = 3; // step 3 of 4: full order available, no final-step lowering
         REQUIRE(scheme.step_order(nodes, i) == order);
         const StepPlan p = scheme.plan(nodes, i, NodeAtLambda(schedule));
         const Node &n0 = nodes[3], &n1 = nodes[2], &n2 = nodes[1], &nt = nodes[4];
@@ -119,10 +119,10 @@ TEST_CASE("SdeDpmSolver::diffusers reproduces diffusers' formulas step by step",
             const double D0 = m0, D1_0 = (1.0 / r0) * (m0 - m1), D1_1 = (1.0 / r1) * (m1 - m2);
             const double D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1);
             const double D2 = (1.0 / (r0 + r1)) * (D1_0 - D1_1);
-            expected = lin + at * (1.0 - std::exp(-2.0 * h)) * D0 +
-                       at * ((1.0 - std::exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1 +
-                       at * ((1.0 - std::exp(-2.0 * h) - 2.0 * h) / std::pow(2.0 * h, 2) - 0.5) *
-                           D2;
+            expected =
+                lin + at * (1.0 - std::exp(-2.0 * h)) * D0 +
+                at * ((1.0 - std::exp(-2.0 * h)) / (-2.0 * h) + 1.0) * D1 +
+                at * ((1.0 - std::exp(-2.0 * h) - 2.0 * h) / std::pow(2.0 * h, 2) - 0.5) * D2;
           }
         } else {
           noise = st * std::sqrt(std::exp(2.0 * h) - 1.0);
@@ -131,15 +131,15 @@ TEST_CASE("SdeDpmSolver::diffusers reproduces diffusers' formulas step by step",
             expected = lin - 2.0 * (st * (std::exp(h) - 1.0)) * m0;
           } else {
             const double D0 = m0, D1 = (1.0 / r0) * (m0 - m1);
-            expected = type == DpmSolverType::midpoint
-                           ? lin - 2.0 * (st * (std::exp(h) - 1.0)) * D0 -
-                                 (st * (std::exp(h) - 1.0)) * D1
-                           : lin - 2.0 * (st * (std::exp(h) - 1.0)) * D0 -
-                                 2.0 * (st * ((std::exp(h) - 1.0) / h - 1.0)) * D1;
+            expected =
+                type == DpmSolverType::midpoint
+                    ? lin - 2.0 * (st * (std::exp(h) - 1.0)) * D0 - (st * (std::exp(h) - 1.0)) * D1
+                    : lin - 2.0 * (st * (std::exp(h) - 1.0)) * D0 -
+                          2.0 * (st * ((std::exp(h) - 1.0) / h - 1.0)) * D1;
           }
         }
-        INFO((data ? "sde-dpmsolver++" : "sde-dpmsolver") << " order " << order
-                                                          << (type == DpmSolverType::heun ? " heun" : " midpoint"));
+        INFO((data ? "sde-dpmsolver++" : "sde-dpmsolver")
+             << " order " << order << (type == DpmSolverType::heun ? " heun" : " midpoint"));
         CHECK(eval(p.output, v) == Approx(expected).epsilon(1e-12));
         CHECK(p.noise == Approx(noise).epsilon(1e-12));
       }
@@ -265,22 +265,22 @@ TEST_CASE("SDE step into a sigma = 0 node: data form lands on x0, noise form sta
 // =======================================================================================
 
 TEST_CASE("SdeDpmSolver rejects an unsupported order", "[dpm][sde][errors]") {
-  CHECK_THROWS_WITH(SdeDpmSolver(4, SolverPrediction::data),
-                    Catch::Contains("SdeDpmSolver") && Catch::Contains("'order'") &&
-                        Catch::Contains("got 4"));
+  CHECK_THROWS_WITH(SdeDpmSolver(4, SolverPrediction::data), Catch::Contains("SdeDpmSolver") &&
+                                                                 Catch::Contains("'order'") &&
+                                                                 Catch::Contains("got 4"));
   // Noise prediction stops at second order (as diffusers' sde-dpmsolver).
   CHECK_THROWS_WITH(SdeDpmSolver(3, SolverPrediction::noise),
                     Catch::Contains("'order'") && Catch::Contains("1 or 2"));
-  CHECK_THROWS_AS(SdeDpmSolver::diffusers({3, DpmAlgorithm::sde_dpmsolver,
-                                           DpmSolverType::midpoint, true, false}),
+  CHECK_THROWS_AS(SdeDpmSolver::diffusers(
+                      {3, DpmAlgorithm::sde_dpmsolver, DpmSolverType::midpoint, true, false}),
                   diffgrad::invalid_argument);
 }
 
 TEST_CASE("SdeDpmSolver rejects bad options", "[dpm][sde][errors]") {
   CHECK_THROWS_WITH(SdeDpmSolver(2, SolverPrediction::data, static_cast<DpmSolverType>(3)),
                     Catch::Contains("solver_type"));
-  CHECK_THROWS_WITH(SdeDpmSolver::diffusers({2, DpmAlgorithm::dpmsolver_pp,
-                                             DpmSolverType::midpoint, true, false}),
+  CHECK_THROWS_WITH(SdeDpmSolver::diffusers(
+                        {2, DpmAlgorithm::dpmsolver_pp, DpmSolverType::midpoint, true, false}),
                     Catch::Contains("algorithm_type") && Catch::Contains("DpmSolverMultistep"));
   SdeDpmSolver::Options o;
   o.lower_order_final_max_steps = -3;

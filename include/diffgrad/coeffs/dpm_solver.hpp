@@ -11,9 +11,11 @@
 // where the Taylor weights W_k are the exact integrals of the k-th Taylor term:
 //   ODE, noise  (DPM-Solver):      X = alpha_t/alpha_s,              W_k = -sigma_t h phi_{k+1}(h)
 //   ODE, data   (DPM-Solver++):    X = sigma_t/sigma_s,              W_k =  alpha_t h phi_{k+1}(-h)
-//   SDE, noise  (SDE-DPM-Solver):  X = alpha_t/alpha_s,              W_k = -2 sigma_t h phi_{k+1}(h),
+//   SDE, noise  (SDE-DPM-Solver):  X = alpha_t/alpha_s,              W_k = -2 sigma_t h
+//   phi_{k+1}(h),
 //                                  noise = sigma_t sqrt(e^{2h} - 1)
-//   SDE, data   (SDE-DPM-Solver++): X = (sigma_t/sigma_s) e^{-h},    W_k =  2 alpha_t h phi_{k+1}(-2h),
+//   SDE, data   (SDE-DPM-Solver++): X = (sigma_t/sigma_s) e^{-h},    W_k =  2 alpha_t h
+//   phi_{k+1}(-2h),
 //                                  noise = sigma_t sqrt(1 - e^{-2h})
 // (phi_k as in exponential.hpp; phi_1(h) h = e^h - 1). The solvers differ only in how they
 // estimate D_k from model values (finite differences in lambda), and the "midpoint"
@@ -51,9 +53,7 @@ enum class Integrand { ode_noise, ode_data, sde_noise, sde_data };
 constexpr bool predicts_data(Integrand f) {
   return f == Integrand::ode_data || f == Integrand::sde_data;
 }
-constexpr bool is_sde(Integrand f) {
-  return f == Integrand::sde_noise || f == Integrand::sde_data;
-}
+constexpr bool is_sde(Integrand f) { return f == Integrand::sde_noise || f == Integrand::sde_data; }
 constexpr Integrand integrand_of(DpmAlgorithm a) {
   switch (a) {
   case DpmAlgorithm::dpmsolver: return Integrand::ode_noise;
@@ -90,7 +90,7 @@ inline TaylorWeights taylor_weights(Integrand f, const Node& s, const Node& t) {
     c.w[0] = -scale * sigma_expm1(s, t);
     c.w[1] = terminal ? 0.0 : -scale * t.sigma * h * phi2(h);
     c.w[2] = terminal ? 0.0 : -scale * t.sigma * h * phi3(h);
-    if (f == Integrand::sde_noise)  // sigma_t sqrt(e^{2h} - 1) -> alpha_t sigma_s / alpha_s
+    if (f == Integrand::sde_noise) // sigma_t sqrt(e^{2h} - 1) -> alpha_t sigma_s / alpha_s
       c.noise = terminal ? t.alpha * s.sigma / s.alpha : t.sigma * std::sqrt(std::expm1(2.0 * h));
     break;
   }
@@ -178,8 +178,7 @@ inline UpdateWeights singlestep_update(Integrand f, int order, DpmSolverType typ
   }
   diffgrad::detail::require(r1 > 0.0 && r1 < r2, "coeffs::dpm::singlestep_update", "r1",
                             "0 < r1 < r2", r1);
-  diffgrad::detail::require(r2 <= 1.0, "coeffs::dpm::singlestep_update", "r2", "r1 < r2 <= 1",
-                            r2);
+  diffgrad::detail::require(r2 <= 1.0, "coeffs::dpm::singlestep_update", "r2", "r1 < r2 <= 1", r2);
   if (type == DpmSolverType::midpoint) {
     u.m[2] += tw.w[1] / r2;
     u.m[0] -= tw.w[1] / r2;
@@ -200,8 +199,8 @@ inline UpdateWeights singlestep_update(Integrand f, int order, DpmSolverType typ
 /// node s2 at lambda_s + r2 h, with D1 = (m_1 - m_0) r2/r1 scaled to the sub-step r2 h.
 inline UpdateWeights singlestep_third_order_stage2(Integrand f, const Node& s, const Node& s2,
                                                    double r1, double r2) {
-  diffgrad::detail::require(r1 > 0.0 && r1 < r2, "coeffs::dpm::singlestep_third_order_stage2",
-                            "r1", "0 < r1 < r2", r1);
+  diffgrad::detail::require(r1 > 0.0 && r1 < r2, "coeffs::dpm::singlestep_third_order_stage2", "r1",
+                            "0 < r1 < r2", r1);
   const auto tw = taylor_weights(f, s, s2);
   UpdateWeights u;
   u.x = tw.x;
@@ -240,8 +239,8 @@ inline UpdateWeights multistep_update(Integrand f, int order, DpmSolverType type
   const double g = 1.0 / (r0 + r1);
   const double d2_scale = q.multistep_half_d2 ? g : 2.0 * g;
   const double w1 = tw.w[1], w2 = detail::d2_weight(f, tw, t, q);
-  const double c_delta = w1 * r0 * g + w2 * d2_scale;  // weight of delta in the update
-  u.m[0] += w1 / r0 + c_delta / r0;                    // D1_0's own m_0 term
+  const double c_delta = w1 * r0 * g + w2 * d2_scale; // weight of delta in the update
+  u.m[0] += w1 / r0 + c_delta / r0;                   // D1_0's own m_0 term
   u.m[1] += -w1 / r0 - c_delta * (1.0 / r0 + 1.0 / r1);
   u.m[2] += c_delta / r1;
   return u;

@@ -89,8 +89,8 @@ inline StepPlan dpm_multistep_plan(const DpmMultistepConfig& c, std::span<const 
   // Unused nodes (order < 3) are passed as s0; multistep_update does not read them.
   const Node& s1 = k >= 2 ? at(i - 1) : s0;
   const Node& s2 = k >= 3 ? at(i - 2) : s0;
-  const auto u = coeffs::dpm::multistep_update(c.integrand, k, c.solver_type, s0, s1, s2, t,
-                                               c.quirks);
+  const auto u =
+      coeffs::dpm::multistep_update(c.integrand, k, c.solver_type, s0, s1, s2, t, c.quirks);
   StepPlan p;
   p.stage_node[0] = s0;
   p.output.x = u.x;
@@ -107,12 +107,12 @@ class DpmSolverMultistep {
 public:
   struct Options {
     int order = 2;                                        ///< 1, 2 or 3
-    SolverPrediction prediction = SolverPrediction::data;  ///< data: DPM-Solver++ (2M/3M)
-    DpmSolverType solver_type = DpmSolverType::midpoint;   ///< order 2 only (see file comment)
+    SolverPrediction prediction = SolverPrediction::data; ///< data: DPM-Solver++ (2M/3M)
+    DpmSolverType solver_type = DpmSolverType::midpoint;  ///< order 2 only (see file comment)
     bool lower_order_final = true;
-    int lower_order_final_max_steps = 15;  ///< lower_order_final applies when num_steps < this
+    int lower_order_final_max_steps = 15; ///< lower_order_final applies when num_steps < this
     bool euler_at_final = false;
-    coeffs::dpm::ReferenceQuirks quirks{};  ///< reproduce reference-code deviations
+    coeffs::dpm::ReferenceQuirks quirks{}; ///< reproduce reference-code deviations
   };
 
   /// diffusers' DPMSolverMultistepScheduler options that change numbers (their defaults).

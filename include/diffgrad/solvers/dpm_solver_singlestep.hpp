@@ -16,9 +16,9 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
-#include <utility>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "diffgrad/coeffs/dpm_solver.hpp"
@@ -31,11 +31,11 @@ namespace diffgrad {
 class DpmSolverSinglestep {
 public:
   struct Options {
-    int order = 2;                                       ///< 1, 2 or 3
+    int order = 2;                                        ///< 1, 2 or 3
     SolverPrediction prediction = SolverPrediction::data; ///< data: DPM-Solver++
     DpmSolverType solver_type = DpmSolverType::midpoint;  ///< midpoint = official "dpmsolver"
-    std::optional<double> r1{};  ///< first intermediate point; default 1/2 (order 2), 1/3 (order 3)
-    std::optional<double> r2{};  ///< second intermediate point (order 3); default 2/3
+    std::optional<double> r1{}; ///< first intermediate point; default 1/2 (order 2), 1/3 (order 3)
+    std::optional<double> r2{}; ///< second intermediate point (order 3); default 2/3
     /// Per-step orders (one per grid interval), e.g. official_fast_orders(nfe, 3). Empty: every
     /// step has `order`. Steps of order 2 use r1 (default 1/2), order 3 use r1, r2.
     std::vector<int> orders{};
@@ -47,9 +47,9 @@ public:
   /// last step, as diffusers does.
   struct DiffusersOptions {
     int solver_order = 2;
-    DpmAlgorithm algorithm_type = DpmAlgorithm::dpmsolver_pp;  ///< no sde_dpmsolver in diffusers
+    DpmAlgorithm algorithm_type = DpmAlgorithm::dpmsolver_pp; ///< no sde_dpmsolver in diffusers
     DpmSolverType solver_type = DpmSolverType::midpoint;
-    bool lower_order_final = false;  ///< forced on when num_steps % solver_order != 0
+    bool lower_order_final = false; ///< forced on when num_steps % solver_order != 0
   };
 
   DpmSolverSinglestep() : DpmSolverSinglestep(Options{}) {}
@@ -91,12 +91,15 @@ public:
                              "dpmsolver, dpmsolver++ or sde-dpmsolver++ (diffusers' singlestep "
                              "scheduler has no sde-dpmsolver)",
                              "sde-dpmsolver");
-    DpmSolverSinglestep s(Options{d.solver_order,
-                                  coeffs::dpm::predicts_data(
-                                      coeffs::dpm::integrand_of(d.algorithm_type))
-                                      ? SolverPrediction::data
-                                      : SolverPrediction::noise,
-                                  d.solver_type, {}, {}, {}});
+    DpmSolverSinglestep s(
+        Options{d.solver_order,
+                coeffs::dpm::predicts_data(coeffs::dpm::integrand_of(d.algorithm_type))
+                    ? SolverPrediction::data
+                    : SolverPrediction::noise,
+                d.solver_type,
+                {},
+                {},
+                {}});
     s.diffusers_ = true;
     s.diffusers_lower_order_final_ = d.lower_order_final;
     s.integrand_ = coeffs::dpm::integrand_of(d.algorithm_type);
@@ -184,9 +187,8 @@ private:
   /// lower_order_final (uneven step count or final sigma zero) and orders[-1] = 1 for "zero".
   int diffusers_order(int n, int i, bool final_zero) const {
     const int order = options_.order;
-    const bool lower_final =
-        diffusers_lower_order_final_ || n % order != 0 || final_zero;
-    int k = i % order + 1;  // the repeating [1, 2, .., order]
+    const bool lower_final = diffusers_lower_order_final_ || n % order != 0 || final_zero;
+    int k = i % order + 1; // the repeating [1, 2, .., order]
     if (lower_final) {
       if (order == 3 && n % 3 == 0) {
         if (i == n - 3) k = 1;

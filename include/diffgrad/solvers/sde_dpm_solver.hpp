@@ -25,8 +25,8 @@ namespace diffgrad {
 class SdeDpmSolver {
 public:
   struct Options {
-    int order = 2;  ///< data prediction: 1, 2 or 3; noise prediction: 1 or 2
-    SolverPrediction prediction = SolverPrediction::data;  ///< data: SDE-DPM-Solver++
+    int order = 2; ///< data prediction: 1, 2 or 3; noise prediction: 1 or 2
+    SolverPrediction prediction = SolverPrediction::data; ///< data: SDE-DPM-Solver++
     DpmSolverType solver_type = DpmSolverType::midpoint;
     bool lower_order_final = true;
     int lower_order_final_max_steps = 15;
@@ -52,7 +52,7 @@ public:
                              "sde-dpmsolver or sde-dpmsolver++ (the ODE types are "
                              "DpmSolverMultistep::diffusers)",
                              d.algorithm_type == DpmAlgorithm::dpmsolver ? "dpmsolver"
-                                                                          : "dpmsolver++");
+                                                                         : "dpmsolver++");
     Options o;
     o.order = d.solver_order;
     o.prediction = d.algorithm_type == DpmAlgorithm::sde_dpmsolver ? SolverPrediction::noise
