@@ -32,7 +32,7 @@ struct ReversibleGradientOptions {
 };
 
 /// What a reversible gradient cost. All counts are checked by the tests.
-struct GradientCost {
+struct ReversibleGradientCost {
   int forward_model_evals = 0;
   int backward_model_evals = 0;  ///< re-evaluations at reconstructed states
   int vjps = 0;
@@ -51,7 +51,7 @@ template <Backend B> struct ReversibleGradientResult {
   /// |reconstructed start pair - true start pair| / |true start pair|: how far the walk back
   /// drifted; the gradient is exact up to an error of this relative size.
   double reconstruction_error = 0.0;
-  GradientCost cost{};
+  ReversibleGradientCost cost{};
   AmplificationReport amplification{};
 };
 
@@ -79,7 +79,7 @@ reversible_gradient_impl(const M& method, const B& backend, const S& schedule,
   enforce_amplification(r.amplification, options.amplification);
 
   const State& shape_ref = x_T ? *x_T : latent->first;
-  if (latent) require_same_shape<B>(latent->second, latent->first, where, "latent.second");
+  if (latent) require_same_pair_shape<B>(latent->second, latent->first, where, "latent.second");
   const auto batch = B::batch(shape_ref), dim = B::dim(shape_ref);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);

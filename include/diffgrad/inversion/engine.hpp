@@ -98,13 +98,13 @@ bool notify_stop(Obs& obs, int step, int num_steps, const Node& n, const State& 
 }
 
 template <Backend B>
-void ensure_shape(const B& backend, typename B::state_type& s, std::int64_t batch,
+void ensure_state_shape(const B& backend, typename B::state_type& s, std::int64_t batch,
                   std::int64_t dim) {
   if (B::batch(s) != batch || B::dim(s) != dim) s = backend.make_state(batch, dim);
 }
 
 template <Backend B>
-void require_same_shape(const typename B::state_type& a, const typename B::state_type& b,
+void require_same_pair_shape(const typename B::state_type& a, const typename B::state_type& b,
                         const char* where, const char* arg) {
   if (B::batch(a) != B::batch(b) || B::dim(a) != B::dim(b))
     throw invalid_argument(concat(where, ": argument '", arg, "' expected shape ", B::batch(b),
@@ -133,8 +133,8 @@ InversionReport invert(const M& method, const B& backend, const S& schedule,
   const auto batch = B::batch(x0), dim = B::dim(x0);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);
-  detail::ensure_shape(backend, latent.first, batch, dim);
-  detail::ensure_shape(backend, latent.second, batch, dim);
+  detail::ensure_state_shape(backend, latent.first, batch, dim);
+  detail::ensure_state_shape(backend, latent.second, batch, dim);
   const int total = num_steps;
   int done = 0;
   if (st.pair_from_data(x0, latent.first, latent.second)) {
@@ -164,7 +164,7 @@ GenerateReport generate(const M& method, const B& backend, const S& schedule,
                         Obs&& observer = {}) {
   using State = typename B::state_type;
   method.validate(nodes);
-  detail::require_same_shape<B>(latent.second, latent.first, "generate", "latent.second");
+  detail::require_same_pair_shape<B>(latent.second, latent.first, "generate", "latent.second");
   const auto batch = B::batch(latent.first), dim = B::dim(latent.first);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);
@@ -184,7 +184,7 @@ GenerateReport generate(const M& method, const B& backend, const S& schedule,
   }
   report.steps_taken = done - st.first_step();
   report.model_evals = st.model_evals();
-  detail::ensure_shape(backend, x, batch, dim);
+  detail::ensure_state_shape(backend, x, batch, dim);
   backend.copy(x, st.output_index() == 0 ? a : b);
   return report;
 }
