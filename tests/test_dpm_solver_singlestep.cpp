@@ -325,8 +325,8 @@ TEST_CASE("diffusers-structured singlestep has the order of its groups",
 
 TEST_CASE("Singlestep float32 stays within its documented tolerance",
           "[dpm][singlestep][float32]") {
-  // Documented tolerance: relative 2e-5 (float32 rounding of O(1) states, ~N * 2^-24 * |x|,
-  // with the intermediate stages) on top of the float64 truncation error.
+  // Documented tolerance: relative 1e-5 (float32 rounding of O(1) states, ~N * 2^-24 * |x| = 4e-6
+  // for N = 60, with the intermediate stages) on top of the float64 truncation error.
   const VPLinearSchedule schedule;
   const auto nodes = lambda_grid(60);
   auto model64 = diffgrad::testing::gaussian_problem<double>(3);
@@ -344,7 +344,8 @@ TEST_CASE("Singlestep float32 stays within its documented tolerance",
       const auto x32d = diffgrad::testing::State<double>(x32.cast<double>());
       const double err32 = diffgrad::testing::relative_error<double>(x32d, exact);
       INFO("order " << order << ", float64 error " << err64 << ", float32 error " << err32);
-      CHECK(err32 <= err64 + 2e-5);
+      CHECK(err32 <= err64 + 1e-5);
+      CHECK(diffgrad::testing::relative_error<double>(x32d, x64) < 1e-5);
     }
 }
 

@@ -41,9 +41,9 @@ struct DpmMultistepConfig {
 };
 
 inline void check_dpm_multistep_config(const DpmMultistepConfig& c, const char* where,
-                                       int max_order) {
+                                       int max_order, const char* order_note = "") {
   require(c.order >= 1 && c.order <= max_order, where, "order",
-          max_order == 3 ? std::string("1, 2 or 3") : std::string("1 or 2"), c.order);
+          concat(max_order == 3 ? "1, 2 or 3" : "1 or 2", order_note), c.order);
   if (c.solver_type != DpmSolverType::midpoint && c.solver_type != DpmSolverType::heun)
     throw_argument(where, "solver_type", "midpoint (dpmsolver) or heun (taylor)",
                    static_cast<int>(c.solver_type));

@@ -36,8 +36,10 @@ public:
 
   SdeDpmSolver() : SdeDpmSolver(Options{}) {}
   explicit SdeDpmSolver(const Options& o) : config_(to_config(o)) {
-    detail::check_dpm_multistep_config(config_, "SdeDpmSolver",
-                                       o.prediction == SolverPrediction::data ? 3 : 2);
+    const bool data = o.prediction == SolverPrediction::data;
+    detail::check_dpm_multistep_config(
+        config_, "SdeDpmSolver", data ? 3 : 2,
+        data ? "" : " for noise prediction (as diffusers' sde-dpmsolver)");
   }
   SdeDpmSolver(int order, SolverPrediction prediction,
                DpmSolverType solver_type = DpmSolverType::midpoint)
