@@ -1,0 +1,346 @@
+#pragma once
+// A small multilayer perceptron on Eigen, usable as an eps network (eps/vjp) or as a flow's
+// velocity network (velocity/velocity_vjp): the same function, read either way.
+//
+// Network (B samples at once, every layer one GEMM):
+//   input  h_0 = [ x (d) | sin(omega_j tau), j < F | cos(omega_j tau), j < F | z (c) ]
+//          tau = time_scale * t,  omega_j = pi 2^j;  z is the shared conditioning vector
+//   hidden h_{l+1} = act(h_l W_l^T + b_l)          act = tanh or SiLU (a sigmoid(a))
+//   output y = h_L W_L^T + b_L                      (size d, linear)
+// Parameters live in ONE flat vector, layer after layer: W_0 (row-major, n_1 x n_0, i.e.
+// torch.nn.Linear's weight), b_0, W_1, b_1, ..., W_L, b_L, the order of a torch
+// nn.Sequential's state_dict. Exact VJPs (manual backprop) w.r.t. x, z and the parameters.
+// The deterministic initialiser draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's Linear
+// default) from Philox keyed by the seed, counter = parameter index.
+// Save/load: a text format (see save()) that round-trips doubles exactly.
+#include <Eigen/Core>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <istream>
+#include <limits>
+#include <numbers>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "diffgrad/core/error.hpp"
+#include "diffgrad/detail/philox.hpp"
+#include "diffgrad/models/dirac_mixture.hpp"  // shape checks shared by the reference models
+#include "diffgrad/schedule/node.hpp"
+
+namespace diffgrad::models {
+
+enum class Activation { tanh, silu };
+
+inline const char* activation_name(Activation a) { return a == Activation::tanh ? "tanh" : "silu"; }
+
+struct MlpConfig {
+  int dim = 2;                       ///< d: state dimension (input x and output)
+  int cond_dim = 0;                  ///< c: length of the conditioning vector z
+  int time_frequencies = 4;          ///< F: sin/cos features at omega_j = pi 2^j, j < F
+  double time_scale = 1.0;           ///< tau = time_scale * t (use 1e-3 for t in [0, 1000])
+  std::vector<int> hidden{64, 64};   ///< widths of the hidden layers (may be empty: linear)
+  Activation activation = Activation::silu;
+};
+
+template <class Scalar> class Mlp {
+public:
+  using state_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using matrix_type = state_type;
+  using vector_type = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  /// Initialised deterministically from `seed`.
+  explicit Mlp(MlpConfig config, std::uint64_t seed = 0) : config_(std::move(config)) {
+    build_layout();
+    initialize(seed);
+  }
+
+  /// Given parameters (length param_size(), layout above).
+  Mlp(MlpConfig config, const vector_type& params) : config_(std::move(config)) {
+    build_layout();
+    set_params(params);
+  }
+
+  const MlpConfig& config() const { return config_; }
+  std::int64_t dim() const { return config_.dim; }
+  std::int64_t cond_size() const { return config_.cond_dim; }
+  std::int64_t param_size() const { return param_size_; }
+  std::int64_t input_size() const { return widths_.front(); }
+  /// Layer widths n_0 (input), n_1, ..., n_{L+1} = d.
+  const std::vector<Eigen::Index>& widths() const { return widths_; }
+  /// Offset of W_l and of b_l in the flat parameter vector.
+  Eigen::Index weight_offset(std::size_t layer) const { return offsets_[layer]; }
+  Eigen::Index bias_offset(std::size_t layer) const {
+    return offsets_[layer] + widths_[layer + 1] * widths_[layer];
+  }
+
+  const vector_type& cond() const { return cond_; }
+  vector_type& cond() { return cond_; }
+  void set_cond(const vector_type& z) {
+    impl::require_size(z, config_.cond_dim, "Mlp::set_cond", "z");
+    cond_ = z;
+  }
+  const vector_type& params() const { return params_; }
+  vector_type& params() { return params_; }
+  void set_params(const vector_type& p) {
+    impl::require_size(p, param_size_, "Mlp::set_params", "params");
+    params_ = p;
+  }
+
+  /// Redraws every weight and bias from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) keyed by `seed`.
+  void initialize(std::uint64_t seed) {
+    params_.resize(param_size_);
+    for (std::size_t l = 0; l + 1 < widths_.size(); ++l) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(widths_[l]));
+      const Eigen::Index end = bias_offset(l) + widths_[l + 1];
+      for (Eigen::Index i = offsets_[l]; i < end; ++i) {
+        const auto r = diffgrad::detail::philox4x32_10(
+            diffgrad::detail::Philox4x32{{static_cast<std::uint32_t>(i),
+                                          static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
+                                          0x6d6c70u /* "mlp" */, 0u}},
+            seed);
+        const double u = diffgrad::detail::uniform_open0(r.v[0], r.v[1]);  // (0, 1]
+        params_(i) = Scalar(bound * (2.0 * u - 1.0));
+      }
+    }
+  }
+
+  /// The time features [sin(omega_j tau) | cos(omega_j tau)], tau = time_scale * t.
+  Eigen::VectorXd time_features(double t) const {
+    const int f = config_.time_frequencies;
+    Eigen::VectorXd feat(2 * f);
+    const double tau = config_.time_scale * t;
+    for (int j = 0; j < f; ++j) {
+      const double omega = std::numbers::pi * std::ldexp(1.0, j);
+      feat(j) = std::sin(omega * tau);
+      feat(f + j) = std::cos(omega * tau);
+    }
+    return feat;
+  }
+
+  /// The network output at model time t: eps for a noise model.
+  void eps(const state_type& x, double t, state_type& out) const {
+    forward(x, t, out, "Mlp::eps");
+  }
+  /// The same network read as a velocity field (t = flow time).
+  void velocity(const state_type& x, double t, state_type& out) const {
+    forward(x, t, out, "Mlp::velocity");
+  }
+
+  /// dx = (dy/dx)^T a; *dcond += (dy/dz)^T a and *dparams += (dy/dtheta)^T a, summed over the
+  /// batch. dcond / dparams may be null.
+  void vjp(const state_type& x, double t, const state_type& a, state_type& dx, vector_type* dcond,
+           vector_type* dparams) const {
+    backward(x, t, a, dx, dcond, dparams, "Mlp::vjp");
+  }
+  void velocity_vjp(const state_type& x, double t, const state_type& a, state_type& dx,
+                    vector_type* dcond, vector_type* dparams) const {
+    backward(x, t, a, dx, dcond, dparams, "Mlp::velocity_vjp");
+  }
+
+  /// Writes the network as text:
+  ///   diffgrad-mlp 1
+  ///   dim <d>
+  ///   cond_dim <c>
+  ///   time_frequencies <F>
+  ///   time_scale <s>
+  ///   activation <tanh|silu>
+  ///   hidden <L> <n_1> ... <n_L>
+  ///   params <P>
+  ///   <P values, one per line, 17 significant digits, in the flat layout>
+  void save(std::ostream& os) const {
+    os.precision(std::numeric_limits<double>::max_digits10);
+    os << "diffgrad-mlp 1\n"
+       << "dim " << config_.dim << "\ncond_dim " << config_.cond_dim << "\ntime_frequencies "
+       << config_.time_frequencies << "\ntime_scale " << config_.time_scale << "\nactivation "
+       << activation_name(config_.activation) << "\nhidden " << config_.hidden.size();
+    for (int w : config_.hidden) os << ' ' << w;
+    os << "\nparams " << param_size_ << '\n';
+    for (Eigen::Index i = 0; i < param_size_; ++i) os << static_cast<double>(params_(i)) << '\n';
+    if (!os) throw std::runtime_error("Mlp::save: the stream failed while writing");
+  }
+  void save(const std::string& path) const {
+    std::ofstream os(path);
+    if (!os) diffgrad::detail::throw_argument("Mlp::save", "path", "a writable file", path);
+    save(os);
+  }
+
+  /// Reads what save() wrote (the conditioning vector starts at zero).
+  static Mlp load(std::istream& is) {
+    const auto fail = [](const std::string& expected, const std::string& got) {
+      diffgrad::detail::throw_argument("Mlp::load", "stream", expected, got);
+    };
+    std::string word;
+    int version = 0;
+    if (!(is >> word >> version) || word != "diffgrad-mlp" || version != 1)
+      fail("the header 'diffgrad-mlp 1'", word);
+    MlpConfig config;
+    const auto read_key = [&](const char* key, auto& value) {
+      if (!(is >> word) || word != key) fail(std::string("the key '") + key + "'", word);
+      if (!(is >> value)) fail(std::string("a value for '") + key + "'", "unreadable text");
+    };
+    read_key("dim", config.dim);
+    read_key("cond_dim", config.cond_dim);
+    read_key("time_frequencies", config.time_frequencies);
+    read_key("time_scale", config.time_scale);
+    std::string act;
+    read_key("activation", act);
+    if (act == "tanh")
+      config.activation = Activation::tanh;
+    else if (act == "silu")
+      config.activation = Activation::silu;
+    else
+      fail("activation 'tanh' or 'silu'", act);
+    std::size_t layers = 0;
+    read_key("hidden", layers);
+    if (layers > 1000) fail("at most 1000 hidden layers", std::to_string(layers));
+    config.hidden.assign(layers, 0);
+    for (auto& w : config.hidden)
+      if (!(is >> w)) fail("a hidden-layer width", "unreadable text");
+    std::int64_t count = 0;
+    read_key("params", count);
+    Mlp mlp(config, std::uint64_t{0});
+    if (count != mlp.param_size())
+      fail(diffgrad::detail::concat(mlp.param_size(), " parameters for this architecture"),
+           std::to_string(count));
+    for (Eigen::Index i = 0; i < count; ++i) {
+      double v = 0;
+      if (!(is >> v)) fail(diffgrad::detail::concat(count, " parameter values"), std::to_string(i));
+      mlp.params_(i) = Scalar(v);
+    }
+    return mlp;
+  }
+  static Mlp load(const std::string& path) {
+    std::ifstream is(path);
+    if (!is) diffgrad::detail::throw_argument("Mlp::load", "path", "a readable file", path);
+    return load(is);
+  }
+
+private:
+  using weight_map = Eigen::Map<const matrix_type>;
+
+  void build_layout() {
+    const char* where = "Mlp";
+    diffgrad::detail::require(config_.dim >= 1, where, "config.dim", ">= 1", config_.dim);
+    diffgrad::detail::require(config_.cond_dim >= 0, where, "config.cond_dim", ">= 0",
+                              config_.cond_dim);
+    diffgrad::detail::require(config_.time_frequencies >= 0 && config_.time_frequencies <= 60,
+                              where, "config.time_frequencies", "0..60",
+                              config_.time_frequencies);
+    diffgrad::detail::require(std::isfinite(config_.time_scale), where, "config.time_scale",
+                              "a finite number", config_.time_scale);
+    widths_.clear();
+    widths_.push_back(config_.dim + 2 * config_.time_frequencies + config_.cond_dim);
+    for (int w : config_.hidden) {
+      diffgrad::detail::require(w >= 1, where, "config.hidden", "widths >= 1", w);
+      widths_.push_back(w);
+    }
+    widths_.push_back(config_.dim);
+    offsets_.clear();
+    param_size_ = 0;
+    for (std::size_t l = 0; l + 1 < widths_.size(); ++l) {
+      offsets_.push_back(param_size_);
+      param_size_ += widths_[l + 1] * (widths_[l] + 1);
+    }
+    cond_ = vector_type::Zero(config_.cond_dim);
+    const std::size_t layers = widths_.size() - 1;
+    pre_.resize(layers);
+    act_.resize(layers);
+    grad_.resize(layers);
+  }
+
+  std::size_t num_layers() const { return widths_.size() - 1; }
+  weight_map weight(std::size_t l) const {
+    return weight_map(params_.data() + offsets_[l], widths_[l + 1], widths_[l]);
+  }
+  auto bias(std::size_t l) const {
+    return Eigen::Map<const vector_type>(params_.data() + bias_offset(l), widths_[l + 1]);
+  }
+
+  void check(const state_type& x, const char* where) const {
+    impl::require_state_dim(x, config_.dim, where, "x");
+    impl::require_size(cond_, config_.cond_dim, where, "cond (z)");
+    impl::require_size(params_, param_size_, where, "params");
+  }
+
+  /// act_[0] = input rows; pre_[l] = act_[l] W_l^T + b_l; act_[l+1] = act(pre_[l]).
+  void run_forward(const state_type& x, double t) const {
+    const auto batch = x.rows();
+    const std::size_t layers = num_layers();
+    for (std::size_t l = 0; l < layers; ++l) {
+      act_[l].resize(batch, widths_[l]);  // no-op when the batch size is unchanged
+      pre_[l].resize(batch, widths_[l + 1]);
+    }
+    const Eigen::Index d = config_.dim, f = 2 * config_.time_frequencies, c = config_.cond_dim;
+    auto& in = act_[0];
+    in.leftCols(d) = x;
+    if (f > 0) {
+      const auto feat = time_features(t).template cast<Scalar>().eval();
+      in.middleCols(d, f).rowwise() = feat.transpose();
+    }
+    if (c > 0) in.rightCols(c).rowwise() = cond_.transpose();
+    for (std::size_t l = 0; l + 1 < layers; ++l) {
+      pre_[l].noalias() = act_[l] * weight(l).transpose();
+      pre_[l].rowwise() += bias(l).transpose();
+      if (config_.activation == Activation::tanh)
+        act_[l + 1] = pre_[l].array().tanh().matrix();
+      else
+        act_[l + 1] = (pre_[l].array() / (Scalar(1) + (-pre_[l].array()).exp())).matrix();
+    }
+  }
+
+  void forward(const state_type& x, double t, state_type& out, const char* where) const {
+    check(x, where);
+    run_forward(x, t);
+    const std::size_t last = num_layers() - 1;
+    out.resize(x.rows(), config_.dim);
+    out.noalias() = act_[last] * weight(last).transpose();
+    out.rowwise() += bias(last).transpose();
+  }
+
+  void backward(const state_type& x, double t, const state_type& a, state_type& dx,
+                vector_type* dcond, vector_type* dparams, const char* where) const {
+    check(x, where);
+    impl::require_same_shape(a, x, where, "cotangent");
+    if (dcond) impl::require_size(*dcond, config_.cond_dim, where, "dcond");
+    if (dparams) impl::require_size(*dparams, param_size_, where, "dparams");
+    run_forward(x, t);
+    const std::size_t layers = num_layers();
+    for (std::size_t l = 0; l < layers; ++l) grad_[l].resize(x.rows(), widths_[l + 1]);
+    grad_[layers - 1] = a;  // cotangent of the (linear) output layer's pre-activation
+    for (std::size_t l = layers; l-- > 0;) {
+      const auto& g = grad_[l];
+      if (dparams) {
+        Eigen::Map<matrix_type> dw(dparams->data() + offsets_[l], widths_[l + 1], widths_[l]);
+        dw.noalias() += g.transpose() * act_[l];
+        Eigen::Map<vector_type>(dparams->data() + bias_offset(l), widths_[l + 1]) +=
+            g.colwise().sum().transpose();
+      }
+      if (l == 0) break;
+      // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
+      auto& prev = grad_[l - 1];
+      prev.noalias() = g * weight(l);
+      if (config_.activation == Activation::tanh) {
+        prev.array() *= (Scalar(1) - act_[l].array().square());
+      } else {
+        const auto s = (Scalar(1) / (Scalar(1) + (-pre_[l - 1].array()).exp()));
+        prev.array() *= s * (Scalar(1) + pre_[l - 1].array() * (Scalar(1) - s));
+      }
+    }
+    const Eigen::Index d = config_.dim, c = config_.cond_dim;
+    const auto w0 = weight(0);
+    if (dcond && c > 0)
+      *dcond += (grad_[0].colwise().sum() * w0.rightCols(c)).transpose();
+    dx.resize(x.rows(), d);
+    dx.noalias() = grad_[0] * w0.leftCols(d);
+  }
+
+  MlpConfig config_;
+  std::vector<Eigen::Index> widths_, offsets_;
+  Eigen::Index param_size_ = 0;
+  vector_type params_, cond_;
+  mutable std::vector<matrix_type> pre_, act_, grad_;
+};
+
+} // namespace diffgrad::models
