@@ -1,18 +1,30 @@
 // Exact discrete adjoint through every StepPlan scheme: central finite differences (x_T,
-// conditioning, parameters, noise), the dot-product test on a linear model, the DDIM
-// closed form on Gaussian data, identical gradients and exact costs across memory modes,
-// and bad input.
+// conditioning, parameters, noise) on the Gaussian, Dirac-mixture and MLP models, the
+// dot-product test on a linear model, the DDIM closed form on Gaussian data, identical
+// gradients and exact costs across memory modes, and bad input.
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "diffgrad/flow/euler.hpp"
+#include "diffgrad/flow/heun.hpp"
+#include "diffgrad/flow/sample_flow.hpp"
 #include "diffgrad/gradients/gradient.hpp"
+#include "diffgrad/models/dirac_mixture.hpp"
+#include "diffgrad/models/gaussian_flow.hpp"
+#include "diffgrad/models/mlp.hpp"
+#include "diffgrad/models/rectified_flow_mixture.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/deis.hpp"
+#include "diffgrad/solvers/dpm_solver_multistep.hpp"
+#include "diffgrad/solvers/dpm_solver_singlestep.hpp"
 #include "diffgrad/solvers/sampler.hpp"
+#include "diffgrad/solvers/sde_dpm_solver.hpp"
 #include "fd_vjp.hpp"
 #include "test_support.hpp"
 
@@ -24,11 +36,11 @@ using Vector = Backend64::vector_type;
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// Models and helpers local to these tests.
+// Models local to these tests.
 
-/// eps(x, n) = sigma_n theta (x M^T + z): linear in (x, z), with a NON-symmetric M so the
-/// dot-product test <w, J v> = <J^T w, v> is not trivially true. cond = z (length d),
-/// param = theta.
+/// eps(x, n) = sigma_n theta (x M^T + z) and velocity(x, t) = theta (x M^T + z): linear in
+/// (x, z) with a NON-symmetric M, so the dot-product test <w, J v> = <J^T w, v> is not
+/// trivially true. cond = z (length d), param = theta (not used by the linear tests).
 struct LinearTestModel {
   Eigen::MatrixXd m;
   Vector z;
@@ -36,19 +48,26 @@ struct LinearTestModel {
   explicit LinearTestModel(Eigen::Index d) : m(d, d), z(Vector::Zero(d)) {
     for (Eigen::Index r = 0; r < d; ++r)
       for (Eigen::Index c = 0; c < d; ++c)
-        m(r, c) = 0.6 * std::sin(1.7 * static_cast<double>(r) + 0.9 * static_cast<double>(c * c) +
-                                 0.3);
+        m(r, c) = 0.6 * std::sin(1.7 * static_cast<double>(r) +
+                                 0.9 * static_cast<double>(c * c) + 0.3);
   }
   std::int64_t cond_size() const { return z.size(); }
   std::int64_t param_size() const { return 1; }
-  void eps(const State& x, const Node& n, State& out) const {
-    out = (n.sigma * theta) * ((x * m.transpose()).rowwise() + z.transpose());
-  }
+  void eps(const State& x, const Node& n, State& out) const { velocity(x, 1.0, out, n.sigma); }
   void vjp(const State&, const Node& n, const State& a, State& dx, Vector* dcond,
-           Vector* dparams) const {
-    dx = (n.sigma * theta) * (a * m);
-    if (dcond) *dcond += (n.sigma * theta) * a.colwise().sum().transpose();
-    (void)dparams;  // theta is not needed by the linear tests
+           Vector*) const {
+    linear_vjp(a, dx, dcond, n.sigma);
+  }
+  void velocity(const State& x, double, State& out, double scale = 1.0) const {
+    out = (scale * theta) * ((x * m.transpose()).rowwise() + z.transpose());
+  }
+  void velocity_vjp(const State&, double, const State& a, State& dx, Vector* dcond,
+                    Vector*) const {
+    linear_vjp(a, dx, dcond, 1.0);
+  }
+  void linear_vjp(const State& a, State& dx, Vector* dcond, double scale) const {
+    dx = (scale * theta) * (a * m);
+    if (dcond) *dcond += (scale * theta) * a.colwise().sum().transpose();
   }
 };
 
@@ -58,36 +77,130 @@ template <class M> struct CountingModel {
   int evals = 0, vjps = 0;
   std::int64_t cond_size() const { return inner.cond_size(); }
   std::int64_t param_size() const { return inner.param_size(); }
-  void eps(const State& x, const Node& n, State& out) {
+  void eps(const State& x, const Node& n, State& out)
+    requires NodeAwareNoiseModel<M, State>
+  {
     ++evals;
     inner.eps(x, n, out);
   }
-  void vjp(const State& x, const Node& n, const State& a, State& dx, Vector* dc, Vector* dp) {
+  void vjp(const State& x, const Node& n, const State& a, State& dx, Vector* dc, Vector* dp)
+    requires NodeAwareNoiseModel<M, State>
+  {
     ++vjps;
     inner.vjp(x, n, a, dx, dc, dp);
   }
+  void velocity(const State& x, double t, State& out)
+    requires VelocityModel<M, State>
+  {
+    ++evals;
+    inner.velocity(x, t, out);
+  }
+  void velocity_vjp(const State& x, double t, const State& a, State& dx, Vector* dc, Vector* dp)
+    requires VelocityModel<M, State>
+  {
+    ++vjps;
+    inner.velocity_vjp(x, t, a, dx, dc, dp);
+  }
 };
 
-template <class Model> auto forward_field(Model& model) {
-  if constexpr (NodeAwareNoiseModel<Model, State> || NoiseModel<Model, State>)
-    return EpsField<Model>{model};
-  else
-    return VelocityField<Model>{model};
+models::DiracMixture<double> dirac_problem() {
+  State y(3, 3);
+  y << 1.0, 0.0, -0.5, -0.8, 0.6, 0.2, 0.1, -1.0, 0.9;
+  models::DiracMixture<double> m(y);
+  m.set_cond(Vector::LinSpaced(3, -0.2, 0.3));
+  return m;
+}
+models::RectifiedFlowMixture<double> flow_mixture_problem() {
+  State y(3, 3);
+  y << 1.0, 0.0, -0.5, -0.8, 0.6, 0.2, 0.1, -1.0, 0.9;
+  models::RectifiedFlowMixture<double> m(y);
+  m.set_cond(Vector::LinSpaced(3, -0.2, 0.3));
+  return m;
+}
+models::Mlp<double> mlp_problem() {
+  models::MlpConfig config;
+  config.dim = 3;
+  config.cond_dim = 2;
+  config.time_frequencies = 2;
+  config.hidden = {8};
+  config.activation = models::Activation::tanh;
+  models::Mlp<double> m(config, 3);
+  Vector z(2);
+  z << 0.3, -0.2;
+  m.set_cond(z);
+  return m;
 }
 
-/// The sampler's output by the forward engine (run_scheme), with optional given noise.
+// ---------------------------------------------------------------------------------------
+// Grids, the forward engine, and the gradient call for diffusion and flow samplers alike.
+
+const VPLinearSchedule& vp_schedule() {
+  static const VPLinearSchedule schedule;
+  return schedule;
+}
+
+struct DiffusionGrid {
+  std::vector<Node> nodes;
+  int steps() const { return static_cast<int>(nodes.size()) - 1; }
+};
+struct FlowGrid {
+  std::vector<double> times;
+  std::vector<Node> nodes;
+  int steps() const { return static_cast<int>(nodes.size()) - 1; }
+};
+
+DiffusionGrid diffusion_grid(int steps, double t_end = 1e-3) {
+  return {make_nodes(vp_schedule(), uniform_t_grid(vp_schedule(), steps, 1.0, t_end))};
+}
+FlowGrid flow_grid(int steps, double t_end = 0.95) {
+  auto times = uniform_flow_grid(steps, 0.0, t_end);
+  auto nodes = flow_nodes(times);
+  return {std::move(times), std::move(nodes)};
+}
+
+/// The sampler's output from the forward engine (run_scheme / sample_flow).
 template <class Scheme, class Model>
-State sample_output(const Scheme& scheme, const VPLinearSchedule& schedule,
-                    const std::vector<Node>& nodes, Model& model, const State& x_T,
-                    std::span<const State> noise, std::uint64_t seed) {
+State sample_output(const Scheme& scheme, const DiffusionGrid& grid, Model& model,
+                    const State& x_T, std::span<const State> noise, std::uint64_t seed) {
   const Backend64 backend;
   SamplerWorkspace<Backend64> ws(backend, scheme.history(), scheme.stages(), x_T.rows(),
                                  x_T.cols());
   ws.given_noise = noise;
   State x = x_T;
-  run_scheme(scheme, backend, nodes, NodeAtLambda(schedule), forward_field(model), x, ws,
-             SampleOptions{.seed = seed});
+  run_scheme(scheme, backend, grid.nodes, NodeAtLambda(vp_schedule()), EpsField<Model>{model},
+             x, ws, SampleOptions{.seed = seed});
   return x;
+}
+template <class Scheme, class Model>
+State sample_output(const Scheme& scheme, const FlowGrid& grid, Model& model, const State& x_T,
+                    std::span<const State>, std::uint64_t) {
+  State x = x_T;
+  sample_flow(scheme, Backend64{}, grid.times, model, x);
+  return x;
+}
+
+template <class Scheme, class Model, class Loss>
+const GradientResult<Backend64>& compute_gradient(const Scheme& scheme, const DiffusionGrid& grid,
+                                                  Model& model, const State& x_T, Loss&& loss,
+                                                  const GradientOptions& options,
+                                                  GradientWorkspace<Backend64>& ws) {
+  return gradient(scheme, Backend64{}, vp_schedule(), grid.nodes, model, x_T, loss, options, ws);
+}
+template <class Scheme, class Model, class Loss>
+const GradientResult<Backend64>& compute_gradient(const Scheme& scheme, const FlowGrid& grid,
+                                                  Model& model, const State& x_T, Loss&& loss,
+                                                  const GradientOptions& options,
+                                                  GradientWorkspace<Backend64>& ws) {
+  return gradient_flow(scheme, Backend64{}, grid.times, model, x_T, loss, options, ws);
+}
+
+template <class Scheme, class Grid, class Model, class Loss>
+GradientResult<Backend64> gradient_once(const Scheme& scheme, const Grid& grid, Model& model,
+                                        const State& x_T, Loss&& loss,
+                                        const GradientOptions& options) {
+  auto ws = make_gradient_workspace(scheme, Backend64{}, grid.nodes, model, x_T, options);
+  compute_gradient(scheme, grid, model, x_T, loss, options, ws);
+  return std::move(ws.result);
 }
 
 double rel_err(const Eigen::MatrixXd& a, const Eigen::MatrixXd& b) {
@@ -101,51 +214,74 @@ template <class F> double central_difference(F&& f, double h) {
   return (4 * d2 - d1) / 3;
 }
 
+/// Reads / writes a flat vector of a model (its conditioning or its parameters).
 template <class Model> struct FlatAccess {
   std::function<Vector(const Model&)> get;
   std::function<void(Model&, const Vector&)> set;
 };
-
-template <class Model> FlatAccess<Model> gaussian_mean_access() {
+template <class Model> FlatAccess<Model> mean_access() {
   return {[](const Model& m) { return Vector(m.mu()); },
           [](Model& m, const Vector& v) { m.mu() = v; }};
 }
-template <class Model> FlatAccess<Model> gaussian_std_access() {
+template <class Model> FlatAccess<Model> std_access() {
   return {[](const Model& m) { return Vector::Constant(1, m.s()); },
           [](Model& m, const Vector& v) { m.set_s(v(0)); }};
+}
+template <class Model> FlatAccess<Model> cond_access() {
+  return {[](const Model& m) { return Vector(m.cond()); },
+          [](Model& m, const Vector& v) { m.set_cond(v); }};
+}
+template <class Model> FlatAccess<Model> params_access() {
+  return {[](const Model& m) { return Vector(m.params()); },
+          [](Model& m, const Vector& v) { m.set_params(v); }};
 }
 
 struct FdSteps {
   double x = 1e-3, cond = 1e-3, params = 1e-4, noise = 1e-3;
 };
 
+struct SchemeCase {
+  std::string name;
+  bool given_noise;  ///< stochastic schemes: the test gives the noise (else Philox)
+};
+
+std::vector<State> noise_states(int steps, Eigen::Index batch, Eigen::Index dim) {
+  const Backend64 backend;
+  std::vector<State> xi;
+  for (int i = 0; i < steps; ++i) {
+    xi.push_back(backend.make_state(batch, dim));
+    backend.gaussian(xi.back(), 99, static_cast<std::uint64_t>(i));
+  }
+  return xi;
+}
+
 /// Checks dL/dx_T, dL/dcond, dL/dtheta (and dL/dxi_i with given noise) against central
-/// differences of the sampler's output, for L = |x_0 - target|^2 / 2.
-template <class Scheme, class Model>
-void check_against_finite_differences(const std::string& name, const Scheme& scheme,
-                                      const std::vector<Node>& nodes, Model& model,
-                                      FlatAccess<Model> cond, FlatAccess<Model> params,
-                                      const State& x_T, std::span<const State> noise,
-                                      double tol = 1e-7, FdSteps h = {}) {
-  const VPLinearSchedule schedule;
+/// differences of the forward engine's output, for L = |x_0 - target|^2 / 2.
+template <class Scheme, class Grid, class Model>
+void check_against_finite_differences(const SchemeCase& sc, const std::string& model_name,
+                                      const Scheme& scheme, const Grid& grid, Model& model,
+                                      const FlatAccess<Model>& cond,
+                                      const FlatAccess<Model>& params, const State& x_T,
+                                      FdSteps h = {}, double tol = 1e-7) {
   const Backend64 backend;
   const std::uint64_t seed = 7;
+  const auto noise = sc.given_noise ? noise_states(grid.steps(), x_T.rows(), x_T.cols())
+                                    : std::vector<State>{};
   State target = diffgrad::testing::test_batch<double>(x_T.rows(), x_T.cols()) * 0.3;
   target.array() += 0.1;
   const SquaredDistanceLoss<Backend64> loss(target);
   const GradientOptions options{.wrt_cond = true, .wrt_params = true,
                                 .wrt_noise = !noise.empty(), .seed = seed};
-  auto ws = make_gradient_workspace(scheme, backend, nodes, model, x_T, options);
+  auto ws = make_gradient_workspace(scheme, backend, grid.nodes, model, x_T, options);
   ws.given_noise = noise;
-  const auto& r = gradient(scheme, backend, schedule, nodes, model, x_T, loss, options, ws);
+  const auto& r = compute_gradient(scheme, grid, model, x_T, loss, options, ws);
 
   State scratch = x_T;
-  const auto loss_of = [&](const State& x0) { return loss(backend, x0, scratch); };
   const auto loss_at = [&](const State& x, std::span<const State> xi) {
-    return loss_of(sample_output(scheme, schedule, nodes, model, x, xi, seed));
+    return loss(backend, sample_output(scheme, grid, model, x, xi, seed), scratch);
   };
-  INFO(name);
-  CHECK(r.loss == Approx(loss_at(x_T, noise)).epsilon(1e-14));
+  INFO(sc.name << " on " << model_name);
+  CHECK(r.loss == Approx(loss_at(x_T, noise)).epsilon(1e-13));
 
   State fd_x(x_T.rows(), x_T.cols());
   for (Eigen::Index k = 0; k < x_T.size(); ++k)
@@ -156,10 +292,6 @@ void check_against_finite_differences(const std::string& name, const Scheme& sch
           return loss_at(x, noise);
         },
         h.x);
-  const double err_x = rel_err(r.grad_x, fd_x);
-  INFO("dL/dx_T relative error " << err_x);
-  CHECK(err_x <= tol);
-
   const auto fd_flat = [&](const FlatAccess<Model>& acc, double step) {
     const Vector p0 = acc.get(model);
     Vector g(p0.size());
@@ -176,9 +308,12 @@ void check_against_finite_differences(const std::string& name, const Scheme& sch
           step);
     return g;
   };
+  const double err_x = rel_err(r.grad_x, fd_x);
   const double err_c = rel_err(r.grad_cond, fd_flat(cond, h.cond));
   const double err_p = rel_err(r.grad_params, fd_flat(params, h.params));
-  INFO("dL/dcond relative error " << err_c << ", dL/dtheta relative error " << err_p);
+  INFO("relative errors: dL/dx_T " << err_x << ", dL/dcond " << err_c << ", dL/dtheta "
+                                   << err_p);
+  CHECK(err_x <= tol);
   CHECK(err_c <= tol);
   CHECK(err_p <= tol);
 
@@ -205,81 +340,189 @@ void check_against_finite_differences(const std::string& name, const Scheme& sch
   }
 }
 
-std::vector<State> noise_states(int steps, Eigen::Index batch, Eigen::Index dim) {
-  const Backend64 backend;
-  std::vector<State> xi;
-  for (int i = 0; i < steps; ++i) {
-    xi.push_back(backend.make_state(batch, dim));
-    backend.gaussian(xi.back(), 99, static_cast<std::uint64_t>(i));
+// ---------------------------------------------------------------------------------------
+// Every scheme of the library.
+
+/// `steps`: the grid's step count (per-step order lists must match it).
+template <class F> void for_each_diffusion_scheme(int steps, F&& f) {
+  using P = SolverPrediction;
+  std::vector<int> mixed_orders;  // 3, 2, 1, 3, 2, 1, ...: stage counts vary per step
+  for (int i = 0; i < steps; ++i) mixed_orders.push_back(3 - i % 3);
+  f(SchemeCase{"DDIM", false}, Ddim());
+  f(SchemeCase{"DDIM eta=0.5 (given noise)", true}, Ddim(0.5));
+  f(SchemeCase{"DDIM eta=1 (Philox noise)", false}, Ddim(1.0));
+  for (int k = 1; k <= 3; ++k) {
+    f(SchemeCase{"DpmSolverSinglestep-" + std::to_string(k) + " data", false},
+      DpmSolverSinglestep(k, P::data));
+    f(SchemeCase{"DpmSolverSinglestep-" + std::to_string(k) + " noise", false},
+      DpmSolverSinglestep(k, P::noise));
   }
-  return xi;
+  f(SchemeCase{"DpmSolverSinglestep mixed orders 3, 2, 1, ...", false},
+    DpmSolverSinglestep(DpmSolverSinglestep::Options{.order = 3, .orders = mixed_orders}));
+  f(SchemeCase{"DpmSolverSinglestep::diffusers order 3", false},
+    DpmSolverSinglestep::diffusers({.solver_order = 3}));
+  for (int k = 2; k <= 3; ++k) {
+    f(SchemeCase{"DpmSolverMultistep-" + std::to_string(k) + " data", false},
+      DpmSolverMultistep(k, P::data));
+    f(SchemeCase{"DpmSolverMultistep-" + std::to_string(k) + " noise", false},
+      DpmSolverMultistep(k, P::noise));
+  }
+  for (int k = 1; k <= 3; ++k)
+    f(SchemeCase{"SdeDpmSolver-" + std::to_string(k) + " data (given noise)", true},
+      SdeDpmSolver(k, P::data));
+  f(SchemeCase{"SdeDpmSolver-2 noise (given noise)", true}, SdeDpmSolver(2, P::noise));
+  f(SchemeCase{"SdeDpmSolver-2 data (Philox noise)", false}, SdeDpmSolver(2, P::data));
+  for (int r = 1; r <= 3; ++r) {
+    f(SchemeCase{"DeisTab-" + std::to_string(r), false}, DeisTab(r));
+    f(SchemeCase{"DeisRhoAb-" + std::to_string(r), false}, DeisRhoAb(r));
+  }
+  f(SchemeCase{"DeisLogRho-3", false}, DeisLogRho(3));
+  for (int k = 2; k <= 4; ++k)
+    f(SchemeCase{"IPndm-" + std::to_string(k), false}, IPndm(k));
+  f(SchemeCase{"DeisRhoRk heun2", false}, DeisRhoRk(DeisRkMethod::heun2));
+  f(SchemeCase{"DeisRhoRk kutta3", false}, DeisRhoRk(DeisRkMethod::kutta3));
+  f(SchemeCase{"DeisRhoRk rk4", false}, DeisRhoRk(DeisRkMethod::rk4));
 }
 
-/// Every scheme under test, with a flag: stochastic schemes get their noise given.
-template <class F> void for_each_scheme(F&& f) {
-  f("DDIM", Ddim(), false);
-  f("DDIM eta=0.5 (given noise)", Ddim(0.5), true);
-  f("DDIM eta=1 (Philox noise)", Ddim(1.0), false);
+template <class F> void for_each_flow_scheme(F&& f) {
+  f(SchemeCase{"FlowEuler", false}, FlowEuler());
+  f(SchemeCase{"FlowHeun", false}, FlowHeun());
+  f(SchemeCase{"FlowHeun final Euler", false}, FlowHeun(true));
 }
 
-std::vector<Node> test_nodes(int steps) {
-  const VPLinearSchedule schedule;
-  return make_nodes(schedule, uniform_t_grid(schedule, steps, 1.0, 1e-3));
+/// Stage counts of every step, read from the scheme's plans (for the cost formulas).
+template <class Scheme>
+std::vector<int> stage_counts(const Scheme& scheme, std::span<const Node> nodes,
+                              NodeAtLambda node_at_lambda) {
+  std::vector<int> s;
+  for (int i = 0; i + 1 < static_cast<int>(nodes.size()); ++i)
+    s.push_back(scheme.plan(nodes, i, node_at_lambda).num_stages);
+  return s;
 }
 
 } // namespace
 
 // ---------------------------------------------------------------------------------------
+// (a) Central finite differences.
 
-TEST_CASE("discrete adjoint matches central finite differences on Gaussian data",
+TEST_CASE("discrete adjoint = central finite differences, Gaussian data, every scheme",
           "[adjoint][fd]") {
-  const int steps = 8;
-  const auto nodes = test_nodes(steps);
+  const auto grid = diffusion_grid(8);
   const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
   using Model = models::GaussianData<double>;
-  for_each_scheme([&](const std::string& name, const auto& scheme, bool given_noise) {
+  for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
     auto model = diffgrad::testing::gaussian_problem<double>(3);
-    const auto noise = given_noise ? noise_states(steps, 2, 3) : std::vector<State>{};
-    check_against_finite_differences(name, scheme, nodes, model, gaussian_mean_access<Model>(),
-                                     gaussian_std_access<Model>(), x_T, noise);
+    check_against_finite_differences(sc, "Gaussian", scheme, grid, model, mean_access<Model>(),
+                                     std_access<Model>(), x_T);
   });
 }
 
-TEST_CASE("dot-product test <w, J v> = <J^T w, v> on a linear model", "[adjoint][dot]") {
-  // x_0 is linear in (x_T, z, xi) for eps = sigma (x M^T + z): J v is one forward run with
-  // (x_T, z, xi) = v, exact to rounding, and J^T w is one gradient with cotangent w.
-  const VPLinearSchedule schedule;
-  const Backend64 backend;
-  const int steps = 10;
-  const auto nodes = test_nodes(steps);
+TEST_CASE("discrete adjoint = central finite differences, Dirac mixture, every scheme",
+          "[adjoint][fd]") {
+  // Stop at t = 0.05 (sigma ~ 0.17): nearer t = 0 the posterior weights are so sharp that
+  // finite differences, not the adjoint, lose their accuracy.
+  const auto grid = diffusion_grid(8, 0.05);
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  using Model = models::DiracMixture<double>;
+  for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
+    auto model = dirac_problem();
+    check_against_finite_differences(sc, "Dirac mixture", scheme, grid, model,
+                                     cond_access<Model>(), params_access<Model>(), x_T,
+                                     FdSteps{1e-3, 1e-3, 1e-3, 1e-3});
+  });
+}
+
+TEST_CASE("discrete adjoint = central finite differences, MLP, every scheme", "[adjoint][fd]") {
+  const auto grid = diffusion_grid(6);
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  using Model = models::Mlp<double>;
+  for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
+    auto model = mlp_problem();
+    check_against_finite_differences(sc, "MLP", scheme, grid, model, cond_access<Model>(),
+                                     params_access<Model>(), x_T,
+                                     FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
+  });
+}
+
+TEST_CASE("discrete adjoint = central finite differences, flow schemes and velocity models",
+          "[adjoint][fd][flow]") {
+  const auto grid = flow_grid(8);
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  for_each_flow_scheme([&](const SchemeCase& sc, const auto& scheme) {
+    {
+      using Model = models::GaussianFlow<double>;
+      Model model(Vector::LinSpaced(3, 0.5, -0.1), 0.3);
+      check_against_finite_differences(sc, "Gaussian flow", scheme, grid, model,
+                                       mean_access<Model>(), std_access<Model>(), x_T);
+    }
+    {
+      using Model = models::RectifiedFlowMixture<double>;
+      auto model = flow_mixture_problem();
+      check_against_finite_differences(sc, "rectified-flow mixture", scheme, grid, model,
+                                       cond_access<Model>(), params_access<Model>(), x_T,
+                                       FdSteps{1e-3, 1e-3, 1e-3, 1e-3});
+    }
+    {
+      using Model = models::Mlp<double>;
+      auto model = mlp_problem();
+      check_against_finite_differences(sc, "MLP velocity", scheme, grid, model,
+                                       cond_access<Model>(), params_access<Model>(), x_T,
+                                       FdSteps{1e-3, 1e-3, 1e-3, 1e-3});
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) Dot-product test.
+
+namespace {
+/// x_0 is linear in (x_T, z, xi) for the linear model: J v is one forward run with
+/// (x_T, z, xi) = v, exact to rounding, and J^T w is one gradient with cotangent w.
+template <class Scheme, class Grid>
+void dot_product_test(const SchemeCase& sc, const Scheme& scheme, const Grid& grid) {
   const Eigen::Index batch = 3, dim = 4;
-  for_each_scheme([&](const std::string& name, const auto& scheme, bool) {
-    LinearTestModel model(dim);
-    const State v_x = diffgrad::testing::test_batch<double>(batch, dim);
-    State w = diffgrad::testing::test_batch<double>(batch, dim).reverse();
-    w.array() += 0.25;
-    Vector v_z(dim);
-    for (Eigen::Index k = 0; k < dim; ++k) v_z(k) = std::cos(2.1 * static_cast<double>(k) + 1.0);
-    const auto v_xi = noise_states(steps, batch, dim);
+  LinearTestModel model(dim);
+  const State v_x = diffgrad::testing::test_batch<double>(batch, dim);
+  State w = diffgrad::testing::test_batch<double>(batch, dim).reverse();
+  w.array() += 0.25;
+  Vector v_z(dim);
+  for (Eigen::Index k = 0; k < dim; ++k) v_z(k) = std::cos(2.1 * static_cast<double>(k) + 1.0);
+  const auto v_xi = noise_states(grid.steps(), batch, dim);
+  const bool noisy = scheme.stochastic();
 
-    model.z = v_z;
-    const State jv = sample_output(scheme, schedule, nodes, model, v_x, v_xi, 0);
-    model.z.setZero();  // J does not depend on the point: the model is linear
+  model.z = v_z;
+  const State jv = sample_output(scheme, grid, model, v_x, v_xi, 0);
+  model.z.setZero();  // J is the same at every point: the model is linear
 
-    const GradientOptions options{.wrt_cond = true, .wrt_noise = true};
-    auto ws = make_gradient_workspace(scheme, backend, nodes, model, v_x, options);
-    ws.given_noise = v_xi;
-    const auto& r = gradient(scheme, backend, schedule, nodes, model, v_x, w, options, ws);
-    double rhs = r.grad_x.cwiseProduct(v_x).sum() + r.grad_cond.dot(v_z);
-    for (int i = 0; i < steps; ++i) rhs += r.grad_noise[i].cwiseProduct(v_xi[i]).sum();
-    const double lhs = w.cwiseProduct(jv).sum();
-    INFO(name << ": <w, Jv> = " << lhs << ", <J^T w, v> = " << rhs);
-    CHECK(std::abs(lhs - rhs) <= 1e-12 * std::abs(lhs));
-    // With a cotangent, the reported loss is <w, x_0> at the point (z = 0 now).
-    const State x0 = sample_output(scheme, schedule, nodes, model, v_x, v_xi, 0);
-    CHECK(r.loss == Approx(w.cwiseProduct(x0).sum()).epsilon(1e-13));
-  });
+  const GradientOptions options{.wrt_cond = true, .wrt_noise = noisy};
+  auto ws = make_gradient_workspace(scheme, Backend64{}, grid.nodes, model, v_x, options);
+  if (noisy) ws.given_noise = v_xi;
+  const auto& r = compute_gradient(scheme, grid, model, v_x, w, options, ws);
+  double rhs = r.grad_x.cwiseProduct(v_x).sum() + r.grad_cond.dot(v_z);
+  if (noisy)
+    for (int i = 0; i < grid.steps(); ++i) rhs += r.grad_noise[i].cwiseProduct(v_xi[i]).sum();
+  const double lhs = w.cwiseProduct(jv).sum();
+  INFO(sc.name << ": <w, Jv> = " << lhs << ", <J^T w, v> = " << rhs);
+  CHECK(std::abs(lhs - rhs) <= 1e-12 * std::abs(lhs));
+  // With a cotangent the reported loss is <w, x_0> at the point (z = 0 now).
+  const State x0 = sample_output(scheme, grid, model, v_x, v_xi, 0);
+  CHECK(r.loss == Approx(w.cwiseProduct(x0).sum()).epsilon(1e-13));
 }
+} // namespace
+
+TEST_CASE("dot-product test <w, J v> = <J^T w, v> on a linear model, every scheme",
+          "[adjoint][dot]") {
+  const auto grid = diffusion_grid(10);
+  for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
+    dot_product_test(sc, scheme, grid);
+  });
+  const auto fgrid = flow_grid(10);
+  for_each_flow_scheme(
+      [&](const SchemeCase& sc, const auto& scheme) { dot_product_test(sc, scheme, fgrid); });
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) Closed form.
 
 TEST_CASE("DDIM gradient on Gaussian data equals the closed-form product of step factors",
           "[adjoint][closed-form]") {
@@ -293,12 +536,12 @@ TEST_CASE("DDIM gradient on Gaussian data equals the closed-form product of step
   //   d eps_i/ds = -sigma_i (x_i - alpha_i mu) 2 alpha_i^2 s / v_i^2.
   // a, b, c straight from the DDIM definition: x_t = alpha_t x0 + sqrt(sigma_t^2 - s_eta^2)
   // eps + s_eta xi, x0 = (x_s - sigma_s eps)/alpha_s, s_eta = eta sigma_t sqrt(1 - e^-2h).
-  const VPLinearSchedule schedule;
   const Backend64 backend;
   const int steps = 12;
-  const auto nodes = test_nodes(steps);
+  const auto grid = diffusion_grid(steps);
+  const auto& nodes = grid.nodes;
   const State x_T = diffgrad::testing::test_batch<double>(3, 2);
-  State w = diffgrad::testing::test_batch<double>(3, 2).colwise().reverse();
+  const State w = diffgrad::testing::test_batch<double>(3, 2).colwise().reverse();
   auto model = diffgrad::testing::gaussian_problem<double>(2);
   const double s = model.s();
   for (double eta : {0.0, 0.6}) {
@@ -338,95 +581,204 @@ TEST_CASE("DDIM gradient on Gaussian data equals the closed-form product of step
     const Ddim scheme(eta);
     auto ws = make_gradient_workspace(scheme, backend, nodes, model, x_T, options);
     ws.given_noise = xi;
-    const auto& r = gradient(scheme, backend, schedule, nodes, model, x_T, w, options, ws);
+    const auto& r = gradient(scheme, backend, vp_schedule(), nodes, model, x_T, w, options, ws);
     INFO("eta = " << eta);
     CHECK(rel_err(r.x0, x) <= 1e-13);
     CHECK(rel_err(r.grad_x, prod * w) <= 1e-12);
     CHECK(rel_err(r.grad_cond, expected_mu) <= 1e-12);
-    CHECK(std::abs(r.grad_params(0) - w.cwiseProduct(y).sum()) <=
-          1e-12 * std::abs(w.cwiseProduct(y).sum()));
+    const double expected_s = w.cwiseProduct(y).sum();
+    CHECK(std::abs(r.grad_params(0) - expected_s) <= 1e-12 * std::abs(expected_s));
     if (eta > 0)
-      for (int i = 0; i < steps; ++i) CHECK(rel_err(r.grad_noise[i], (c[i] * tail[i]) * w) <= 1e-12);
+      for (int i = 0; i < steps; ++i)
+        CHECK(rel_err(r.grad_noise[i], (c[i] * tail[i]) * w) <= 1e-12);
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// (d) Memory modes and costs.
+
+namespace {
+struct MemoryCase {
+  int steps;
+  MemoryMode memory;
+  int s;
+  std::int64_t t;  ///< t(N, s) from REFERENCE.md / the brute-force DP, not from the code
+};
+const std::vector<MemoryCase>& memory_cases() {
+  static const std::vector<MemoryCase> cases{{10, MemoryMode::checkpoint(2), 2, 20},
+                                             {10, MemoryMode::recompute(), 1, 45},
+                                             {10, MemoryMode::checkpoint(9), 9, 9},
+                                             {10, MemoryMode::checkpoint(50), 10, 9},
+                                             {50, MemoryMode::checkpoint(5), 5, 122},
+                                             {100, MemoryMode::checkpoint(8), 8, 245}};
+  return cases;
+}
+
+/// Gradient identical to store_all; model evaluations and VJPs counted by a wrapper equal
+/// sum_i S_i A_i + sum_i (S_i - 1) and sum_i S_i (A_i: how often step i is advanced), i.e.
+/// S (t + 1) + (S - 1) N and S N for a fixed stage count S.
+template <class Scheme, class Grid, class Model>
+void check_memory_modes(const SchemeCase& sc, const Scheme& scheme, const Grid& grid,
+                        Model& inner, NodeAtLambda node_at_lambda, const MemoryCase& cs) {
+  CountingModel<Model> model{inner};
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  const State w = x_T.reverse();
+  const auto noise = noise_states(cs.steps, 2, 3);
+  const auto run = [&](const GradientOptions& o) {
+    auto ws = make_gradient_workspace(scheme, Backend64{}, grid.nodes, model, x_T, o);
+    if (sc.given_noise) ws.given_noise = noise;
+    compute_gradient(scheme, grid, model, x_T, w, o, ws);
+    return std::move(ws.result);
+  };
+  const auto stages = stage_counts(scheme, grid.nodes, node_at_lambda);
+  std::int64_t sum_s = 0, min_s = 4, max_s = 1;
+  for (int k : stages) {
+    sum_s += k;
+    min_s = std::min<std::int64_t>(min_s, k);
+    max_s = std::max<std::int64_t>(max_s, k);
+  }
+  const std::int64_t n = cs.steps, h = scheme.history();
+  INFO(sc.name << ", N = " << n << ", s = " << cs.s);
+
+  GradientOptions all{.wrt_cond = true, .wrt_params = true, .wrt_noise = true};
+  const auto ref = run(all);
+  CHECK(model.evals == sum_s + (sum_s - n));  // store all: one pass + stage recomputation
+  CHECK(model.vjps == sum_s);
+  CHECK(ref.cost.model_evals == model.evals);
+  CHECK(ref.cost.forward_steps == n);
+
+  GradientOptions opt = all;
+  opt.memory = cs.memory;
+  model.evals = model.vjps = 0;
+  const auto r = run(opt);
+  CHECK(model.vjps == sum_s);
+  CHECK(r.cost.vjps == sum_s);
+  CHECK(r.cost.model_evals == model.evals);
+  CHECK(r.cost.forward_steps == cs.t + 1);
+  if (min_s == max_s)
+    CHECK(model.evals == max_s * (cs.t + 1) + (max_s - 1) * n);
+  else
+    CHECK((model.evals >= min_s * (cs.t + 1) + (sum_s - n) &&
+           model.evals <= max_s * (cs.t + 1) + (sum_s - n)));
+  CHECK(r.cost.peak_checkpoints <= cs.s);
+  CHECK(r.cost.peak_stored_states <= r.cost.peak_checkpoints * (1 + 2 * h));
+  CHECK(rel_err(r.grad_x, ref.grad_x) <= 1e-14);
+  CHECK(rel_err(r.grad_cond, ref.grad_cond) <= 1e-14);
+  CHECK(rel_err(r.grad_params, ref.grad_params) <= 1e-14);
+  CHECK(rel_err(r.x0, ref.x0) <= 1e-14);
+  for (int i = 0; i < cs.steps; ++i)
+    if (ref.grad_noise[i].norm() > 0)
+      CHECK(rel_err(r.grad_noise[i], ref.grad_noise[i]) <= 1e-14);
+}
+} // namespace
+
 TEST_CASE("gradients are identical across memory modes; costs match the binomial schedule",
           "[adjoint][checkpoint]") {
-  // Expected counts from REFERENCE.md's table of t(N, s), not from the code under test:
-  // model evaluations = t(N, s) + 1, VJPs = N for single-stage schemes.
-  const VPLinearSchedule schedule;
-  const Backend64 backend;
-  struct Case {
-    int steps;
-    MemoryMode memory;
-    int s;
-    std::int64_t t;
-  };
-  const std::vector<Case> cases{{10, MemoryMode::checkpoint(2), 2, 20},
-                                {10, MemoryMode::recompute(), 1, 45},
-                                {10, MemoryMode::checkpoint(9), 9, 9},
-                                {50, MemoryMode::checkpoint(5), 5, 122},
-                                {100, MemoryMode::checkpoint(8), 8, 245},
-                                {100, MemoryMode::checkpoint(99), 99, 99}};
-  for (const Case& cs : cases) {
-    const auto nodes = test_nodes(cs.steps);
-    const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
-    for_each_scheme([&](const std::string& name, const auto& scheme, bool) {
-      auto gauss = diffgrad::testing::gaussian_problem<double>(3);
-      CountingModel<models::GaussianData<double>> model{gauss};
-      const State w = x_T.reverse();
-      const GradientOptions all{.wrt_cond = true, .wrt_params = true, .wrt_noise = true};
-      const auto ref = gradient(scheme, backend, schedule, nodes, model, x_T, w, all);
-      CHECK(ref.cost.model_evals == cs.steps);  // store_all: one pass, no recomputation
-      CHECK(ref.cost.vjps == cs.steps);
-      CHECK(ref.cost.peak_checkpoints <= cs.steps);
-
-      GradientOptions opt = all;
-      opt.memory = cs.memory;
-      model.evals = model.vjps = 0;
-      const auto r = gradient(scheme, backend, schedule, nodes, model, x_T, w, opt);
-      INFO(name << ", N = " << cs.steps << ", s = " << cs.s);
-      CHECK(model.evals == cs.t + 1);
-      CHECK(model.vjps == cs.steps);
-      CHECK(r.cost.model_evals == cs.t + 1);
-      CHECK(r.cost.vjps == cs.steps);
-      CHECK(r.cost.forward_steps == cs.t + 1);
-      CHECK(r.cost.peak_checkpoints <= cs.s);
-      CHECK(r.cost.peak_stored_states <= cs.s);  // no history for one-step schemes
-      CHECK(rel_err(r.grad_x, ref.grad_x) <= 1e-14);
-      CHECK(rel_err(r.grad_cond, ref.grad_cond) <= 1e-14);
-      CHECK(rel_err(r.grad_params, ref.grad_params) <= 1e-14);
-      CHECK(rel_err(r.x0, ref.x0) <= 1e-14);
-      for (int i = 0; i < cs.steps; ++i)
-        if (ref.grad_noise[i].norm() > 0)
-          CHECK(rel_err(r.grad_noise[i], ref.grad_noise[i]) <= 1e-14);
+  for (const MemoryCase& cs : memory_cases()) {
+    const auto grid = diffusion_grid(cs.steps);
+    for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
+      auto model = diffgrad::testing::gaussian_problem<double>(3);
+      check_memory_modes(sc, scheme, grid, model, NodeAtLambda(vp_schedule()), cs);
+    });
+    const auto fgrid = flow_grid(cs.steps);
+    for_each_flow_scheme([&](const SchemeCase& sc, const auto& scheme) {
+      models::GaussianFlow<double> model(Vector::LinSpaced(3, 0.5, -0.1), 0.3);
+      check_memory_modes(sc, scheme, fgrid, model, NodeAtLambda(detail::no_lambda_map()), cs);
     });
   }
 }
 
-TEST_CASE("the finite-difference VJP wrapper reproduces the analytic adjoint", "[adjoint][fd]") {
-  const VPLinearSchedule schedule;
+TEST_CASE("multistep checkpoints carry their history; the count is exact", "[adjoint][checkpoint]") {
+  // DPM-Solver++ 3M reads x_{i-1}, x_{i-2}, e_{i-1}, e_{i-2} (data predictions of two earlier
+  // steps): a snapshot of step i >= 2 holds 5 vectors. store_all keeps steps 0 .. N - 2.
+  const int n = 10;
+  const auto grid = diffusion_grid(n);
+  auto model = diffgrad::testing::gaussian_problem<double>(3);
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  const auto r = gradient(DpmSolverMultistep(3, SolverPrediction::data), Backend64{},
+                          vp_schedule(), grid.nodes, model, x_T, x_T);
+  CHECK(r.cost.peak_checkpoints == n - 1);
+  CHECK(r.cost.peak_stored_states == 1 + 3 + 5 * (n - 3));  // steps 0, 1, 2..N-2
+  // Noise-prediction multistep reads only e_{i-1-j}: 1 + 2 vectors per snapshot.
+  const auto q = gradient(DpmSolverMultistep(3, SolverPrediction::noise), Backend64{},
+                          vp_schedule(), grid.nodes, model, x_T, x_T);
+  CHECK(q.cost.peak_stored_states == 1 + 2 + 3 * (n - 3));
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) The cost table of docs/gradients.md.
+
+TEST_CASE("cost table: evaluations, VJPs and stored states per memory mode", "[adjoint][table]") {
+  // Runs the real executor (a 1 x 1 Gaussian problem) and prints the table of
+  // docs/gradients.md; each row is also checked against the closed forms.
   const Backend64 backend;
-  const auto nodes = test_nodes(6);
+  auto model = diffgrad::testing::gaussian_problem<double>(1);
+  const State x_T = State::Constant(1, 1, 0.7);
+  std::printf("%6s %5s %8s | %-22s | %-22s | %-24s\n", "N", "s", "t(N,s)",
+              "DDIM evals/VJPs/stored", "DPM++3M evals/VJPs/stored", "rhoRK-3 evals/VJPs/stored");
+  for (int n : {10, 50, 100, 1000}) {
+    const auto grid = diffusion_grid(n);
+    std::vector<int> budgets{1, 2, 3, 5, 8, 10, 20};
+    std::erase_if(budgets, [n](int s) { return s >= n; });
+    budgets.push_back(n);  // store all
+    for (int s : budgets) {
+      const GradientOptions o{.memory = MemoryMode::checkpoint(s)};
+      const auto a = gradient(Ddim(), backend, vp_schedule(), grid.nodes, model, x_T, x_T, o);
+      const auto b = gradient(DpmSolverMultistep(3, SolverPrediction::data), backend,
+                              vp_schedule(), grid.nodes, model, x_T, x_T, o);
+      const auto c = gradient(DeisRhoRk(DeisRkMethod::kutta3), backend, vp_schedule(),
+                              grid.nodes, model, x_T, x_T, o);
+      const std::int64_t t = revolve_advances(n, s);
+      std::printf("%6d %5d %8lld | %8lld %6lld %6lld | %8lld %6lld %6lld | %9lld %6lld %6lld\n",
+                  n, s, static_cast<long long>(t), static_cast<long long>(a.cost.model_evals),
+                  static_cast<long long>(a.cost.vjps),
+                  static_cast<long long>(a.cost.peak_stored_states),
+                  static_cast<long long>(b.cost.model_evals),
+                  static_cast<long long>(b.cost.vjps),
+                  static_cast<long long>(b.cost.peak_stored_states),
+                  static_cast<long long>(c.cost.model_evals),
+                  static_cast<long long>(c.cost.vjps),
+                  static_cast<long long>(c.cost.peak_stored_states));
+      CHECK(a.cost.model_evals == t + 1);
+      CHECK(a.cost.vjps == n);
+      CHECK(b.cost.model_evals == t + 1);
+      CHECK(c.cost.model_evals == 3 * (t + 1) + 2 * n);
+      CHECK(c.cost.vjps == 3 * n);
+      CHECK(a.cost.peak_stored_states <= s);
+      CHECK(b.cost.peak_stored_states <= 5 * s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The finite-difference VJP wrapper and bad input.
+
+TEST_CASE("the finite-difference VJP wrapper reproduces the analytic adjoint", "[adjoint][fd]") {
+  const auto grid = diffusion_grid(6);
   const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
   using Model = models::GaussianData<double>;
   auto gauss = diffgrad::testing::gaussian_problem<double>(3);
-  diffgrad::testing::FdVjpModel<Model> fd(
-      gauss, 1e-3, {gaussian_mean_access<Model>().get, gaussian_mean_access<Model>().set},
-      {gaussian_std_access<Model>().get, gaussian_std_access<Model>().set});
+  diffgrad::testing::FdVjpModel<Model> fd(gauss, 1e-3,
+                                          {mean_access<Model>().get, mean_access<Model>().set},
+                                          {std_access<Model>().get, std_access<Model>().set});
   const State w = x_T.reverse();
   const GradientOptions opt{.wrt_cond = true, .wrt_params = true};
-  const auto exact = gradient(Ddim(), backend, schedule, nodes, gauss, x_T, w, opt);
-  const auto approx = gradient(Ddim(), backend, schedule, nodes, fd, x_T, w, opt);
-  CHECK(rel_err(approx.grad_x, exact.grad_x) <= 1e-9);
-  CHECK(rel_err(approx.grad_cond, exact.grad_cond) <= 1e-9);
-  CHECK(rel_err(approx.grad_params, exact.grad_params) <= 1e-7);
+  for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
+    if (scheme.stochastic()) return;
+    INFO(sc.name);
+    const auto exact = gradient_once(scheme, grid, gauss, x_T, w, opt);
+    const auto approx = gradient_once(scheme, grid, fd, x_T, w, opt);
+    CHECK(rel_err(approx.grad_x, exact.grad_x) <= 1e-9);
+    CHECK(rel_err(approx.grad_cond, exact.grad_cond) <= 1e-9);
+    CHECK(rel_err(approx.grad_params, exact.grad_params) <= 1e-7);
+  });
 }
 
 TEST_CASE("gradient rejects bad input with diffgrad::invalid_argument", "[adjoint][errors]") {
-  const VPLinearSchedule schedule;
   const Backend64 backend;
-  const auto nodes = test_nodes(5);
+  const auto grid = diffusion_grid(5);
+  const auto& nodes = grid.nodes;
+  const auto& schedule = vp_schedule();
   const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
   auto model = diffgrad::testing::gaussian_problem<double>(3);
   const auto throws_with = [](auto&& f, const std::string& needle) {
@@ -438,43 +790,95 @@ TEST_CASE("gradient rejects bad input with diffgrad::invalid_argument", "[adjoin
       CHECK(std::string(e.what()).find(needle) != std::string::npos);
     }
   };
-  throws_with([&] { gradient(Ddim(), backend, schedule, nodes, model, x_T, State(State::Zero(3, 3))); },
-              "cotangent");
-  throws_with([&] { (void)MemoryMode::checkpoint(0); }, "snapshots");
+  // Wrong cotangent shape.
+  throws_with(
+      [&] { gradient(Ddim(), backend, schedule, nodes, model, x_T, State(State::Zero(3, 3))); },
+      "argument 'cotangent' expected shape 2 x 3");
+  // s < 1.
+  throws_with([&] { (void)MemoryMode::checkpoint(0); }, "argument 'snapshots'");
+  // A loss whose target has the wrong shape.
   throws_with(
       [&] {
         const SquaredDistanceLoss<Backend64> loss(State::Zero(2, 2));
         gradient(Ddim(), backend, schedule, nodes, model, x_T, loss);
       },
-      "x0");
-  throws_with([&] { gradient(Ddim(), backend, schedule, nodes, model, State(State::Zero(2, 4)), x_T); },
-              "x");
+      "argument 'x0'");
+  // A loss writing a gradient of the wrong shape.
   throws_with(
       [&] {
-        auto ws = make_gradient_workspace(Ddim(0.5), backend, nodes, model, x_T);
-        const auto xi = noise_states(3, 2, 3);  // one too few... by two
-        ws.given_noise = xi;
-        gradient(Ddim(0.5), backend, schedule, nodes, model, x_T, x_T, {}, ws);
+        auto bad = [](const Backend64&, const State&, State& g) {
+          g = State::Zero(1, 1);
+          return 0.0;
+        };
+        gradient(Ddim(), backend, schedule, nodes, model, x_T, bad);
       },
-      "given_noise");
+      "loss gradient");
+  // x_T of the wrong dimension for the model.
+  throws_with(
+      [&] {
+        const State wrong = State::Zero(2, 4);
+        gradient(Ddim(), backend, schedule, nodes, model, wrong, wrong);
+      },
+      "argument 'x'");
+  // x_T not the workspace's shape.
   throws_with(
       [&] {
         auto ws = make_gradient_workspace(Ddim(), backend, nodes, model, x_T);
-        const auto other = test_nodes(7);
-        gradient(Ddim(), backend, schedule, other, model, x_T, x_T, {}, ws);
+        const State other = State::Zero(4, 3);
+        gradient(Ddim(), backend, schedule, nodes, model, other, other, {}, ws);
       },
-      "ws");
+      "argument 'x_T'");
+  // Too few given noise states.
+  throws_with(
+      [&] {
+        auto ws = make_gradient_workspace(Ddim(0.5), backend, nodes, model, x_T);
+        const auto xi = noise_states(3, 2, 3);
+        ws.given_noise = xi;
+        gradient(Ddim(0.5), backend, schedule, nodes, model, x_T, x_T, {}, ws);
+      },
+      "argument 'ws.given_noise' expected one noise state per step (5)");
+  // Given noise of the wrong shape.
+  throws_with(
+      [&] {
+        auto ws = make_gradient_workspace(Ddim(0.5), backend, nodes, model, x_T);
+        const auto xi = noise_states(5, 2, 2);
+        ws.given_noise = xi;
+        gradient(Ddim(0.5), backend, schedule, nodes, model, x_T, x_T, {}, ws);
+      },
+      "ws.given_noise[i]");
+  // A workspace for another grid, scheme or options.
+  throws_with(
+      [&] {
+        auto ws = make_gradient_workspace(Ddim(), backend, nodes, model, x_T);
+        const auto other = diffusion_grid(7);
+        gradient(Ddim(), backend, schedule, other.nodes, model, x_T, x_T, {}, ws);
+      },
+      "argument 'ws'");
+  throws_with(
+      [&] {
+        auto ws = make_gradient_workspace(Ddim(), backend, nodes, model, x_T);
+        gradient(DpmSolverMultistep(2, SolverPrediction::data), backend, schedule, nodes, model,
+                 x_T, x_T, {}, ws);
+      },
+      "argument 'ws'");
   throws_with(
       [&] {
         auto ws = make_gradient_workspace(Ddim(), backend, nodes, model, x_T);
         gradient(Ddim(), backend, schedule, nodes, model, x_T, x_T,
                  GradientOptions{.wrt_cond = true}, ws);
       },
-      "ws");
+      "argument 'ws'");
+  // Too few nodes; unordered nodes.
   throws_with(
       [&] {
         const std::vector<Node> one{nodes[0]};
         gradient(Ddim(), backend, schedule, one, model, x_T, x_T);
       },
-      "nodes");
+      "argument 'nodes'");
+  throws_with(
+      [&] {
+        std::vector<Node> reversed(nodes.rbegin(), nodes.rend());
+        gradient(Ddim(), backend, schedule, reversed, model, x_T, x_T);
+      },
+      "argument 'nodes'");
 }

@@ -6,7 +6,8 @@
 //   r.x0, r.loss, r.grad_x (dL/dx_T), r.grad_cond, r.grad_params, r.grad_noise, r.cost
 //
 // The model is a DifferentiableNoiseModel (eps + vjp) or a DifferentiableVelocityModel
-// (velocity + velocity_vjp); the loss is a LossFunction (gradients/loss.hpp) or a state,
+// (velocity + velocity_vjp); flow schemes (FlowEuler, FlowHeun) use gradient_flow, which
+// takes flow times like sample_flow and always calls the velocity. The loss is a LossFunction (gradients/loss.hpp) or a state,
 // the cotangent dL/dx_0. For repeated calls (optimisation loops) build a workspace once
 // with make_gradient_workspace and pass it: nothing is allocated after that.
 #include <span>
@@ -14,6 +15,7 @@
 #include <utility>
 
 #include "diffgrad/concepts/model.hpp"
+#include "diffgrad/flow/sample_flow.hpp"
 #include "diffgrad/gradients/discrete_adjoint.hpp"
 #include "diffgrad/gradients/loss.hpp"
 #include "diffgrad/gradients/vjp_call.hpp"
@@ -76,6 +78,38 @@ GradientResult<B> gradient(const Scheme& scheme, const B& backend, const S& sche
   auto ws = make_gradient_workspace(scheme, backend, nodes, model, x_T, options);
   gradient(scheme, backend, schedule, nodes, model, x_T, std::forward<LossOrCotangent>(loss),
            options, ws);
+  return std::move(ws.result);
+}
+
+/// Gradient through a flow sampler (flow time 0 = noise -> 1 = data, as sample_flow), with
+/// a reusable workspace (make_gradient_workspace(scheme, backend, flow_nodes(times), ...)).
+/// The model is read as a velocity field even when it also provides eps (models::Mlp).
+template <class Scheme, Backend B, class Model, class LossOrCotangent>
+const GradientResult<B>& gradient_flow(const Scheme& scheme, const B& backend,
+                                       std::span<const double> times, Model& model,
+                                       const typename B::state_type& x_T,
+                                       LossOrCotangent&& loss, const GradientOptions& options,
+                                       GradientWorkspace<B>& ws) {
+  using State = typename B::state_type;
+  static_assert(DifferentiableVelocityModel<Model, State, typename B::vector_type>,
+                "diffgrad::gradient_flow: the model must provide velocity(x, t, out), "
+                "velocity_vjp(x, t, a, dx, dcond*, dparams*), cond_size() and param_size()");
+  const std::vector<Node> nodes = flow_nodes(times);
+  return discrete_adjoint(scheme, backend, std::span<const Node>(nodes),
+                          NodeAtLambda(detail::no_lambda_map()), VelocityField<Model>{model},
+                          VelocityVjp<Model>{model}, x_T, std::forward<LossOrCotangent>(loss),
+                          options, ws);
+}
+
+/// One-shot gradient through a flow sampler.
+template <class Scheme, Backend B, class Model, class LossOrCotangent>
+GradientResult<B> gradient_flow(const Scheme& scheme, const B& backend,
+                                std::span<const double> times, Model& model,
+                                const typename B::state_type& x_T, LossOrCotangent&& loss,
+                                const GradientOptions& options = {}) {
+  auto ws = make_gradient_workspace(scheme, backend, flow_nodes(times), model, x_T, options);
+  gradient_flow(scheme, backend, times, model, x_T, std::forward<LossOrCotangent>(loss), options,
+                ws);
   return std::move(ws.result);
 }
 
