@@ -48,38 +48,48 @@ inline void* allocate_aligned(std::size_t size, std::align_val_t align) {
 #define eigen_assert(x)                                                                            \
   ::alloc_probe::eigen_assert_hook(static_cast<bool>(x), #x, __FILE__, __LINE__)
 
-void* operator new(std::size_t size) { return alloc_probe::allocate(size); }
-void* operator new[](std::size_t size) { return alloc_probe::allocate(size); }
-void* operator new(std::size_t size, std::align_val_t align) {
+// Out of line: when GCC inlines a replacement operator new/delete it pairs the malloc/free
+// inside with the caller's new/delete and warns (-Wmismatched-new-delete) about a mismatch
+// that this file's replacements make impossible.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+[[gnu::noinline]] void* operator new(std::size_t size) { return alloc_probe::allocate(size); }
+[[gnu::noinline]] void* operator new[](std::size_t size) { return alloc_probe::allocate(size); }
+[[gnu::noinline]] void* operator new(std::size_t size, std::align_val_t align) {
   return alloc_probe::allocate_aligned(size, align);
 }
-void* operator new[](std::size_t size, std::align_val_t align) {
+[[gnu::noinline]] void* operator new[](std::size_t size, std::align_val_t align) {
   return alloc_probe::allocate_aligned(size, align);
 }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+[[gnu::noinline]] void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
   try {
     return alloc_probe::allocate(size);
   } catch (...) {
     return nullptr;
   }
 }
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
+[[gnu::noinline]] void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {
   try {
     return alloc_probe::allocate(size);
   } catch (...) {
     return nullptr;
   }
 }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete(void* p, std::size_t, std::align_val_t) noexcept {
+  std::free(p);
+}
+[[gnu::noinline]] void operator delete[](void* p, std::size_t, std::align_val_t) noexcept {
+  std::free(p);
+}
+[[gnu::noinline]] void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+[[gnu::noinline]] void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+#pragma GCC diagnostic pop
 
 #include <catch2/catch.hpp>
 
