@@ -2,6 +2,44 @@
 // conditioning, parameters, noise) on the Gaussian, Dirac-mixture and MLP models, the
 // dot-product test on a linear model, the DDIM closed form on Gaussian data, identical
 // gradients and exact costs across memory modes, and bad input.
+// Heap allocations inside gradient() are counted as tests/test_counting.cpp does: global
+// operator new is replaced, and Eigen's EIGEN_RUNTIME_NO_MALLOC hook reports its own
+// (malloc-based) allocations through eigen_assert, redefined here to count. Both must precede
+// every Eigen include.
+#define EIGEN_RUNTIME_NO_MALLOC
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace alloc_probe {
+inline std::atomic<bool> counting{false};
+inline std::atomic<long> allocations{0};
+inline void eigen_assert_hook(bool ok, const char* expression, const char* file, int line) {
+  if (ok) return;
+  if (std::strstr(expression, "heap allocation is forbidden") != nullptr) {
+    ++allocations;
+    return;
+  }
+  std::fprintf(stderr, "%s:%d: Eigen assertion failed: %s\n", file, line, expression);
+  std::abort();
+}
+inline void* allocate(std::size_t size) {
+  if (counting.load(std::memory_order_relaxed)) ++allocations;
+  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
+  throw std::bad_alloc();
+}
+} // namespace alloc_probe
+#define eigen_assert(x)                                                                            \
+  ::alloc_probe::eigen_assert_hook(static_cast<bool>(x), #x, __FILE__, __LINE__)
+void* operator new(std::size_t size) { return alloc_probe::allocate(size); }
+void* operator new[](std::size_t size) { return alloc_probe::allocate(size); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -881,4 +919,74 @@ TEST_CASE("gradient rejects bad input with diffgrad::invalid_argument", "[adjoin
         gradient(Ddim(), backend, schedule, reversed, model, x_T, x_T);
       },
       "argument 'nodes'");
+}
+
+// ---------------------------------------------------------------------------------------
+// No allocation once the workspace exists.
+
+namespace {
+/// Gaussian-data eps and VJP written element by element, so the model never allocates (the
+/// reference GaussianData builds Eigen temporaries, which is the model's business).
+struct NonAllocatingGaussian {
+  Vector mu = Vector::LinSpaced(3, 0.5, -0.1);
+  double s = 0.2;
+  std::int64_t cond_size() const { return mu.size(); }
+  std::int64_t param_size() const { return 0; }
+  void eps(const State& x, const Node& n, State& out) const {
+    const double v = n.alpha * n.alpha * s * s + n.sigma * n.sigma;
+    for (Eigen::Index r = 0; r < x.rows(); ++r)
+      for (Eigen::Index c = 0; c < x.cols(); ++c)
+        out(r, c) = n.sigma * (x(r, c) - n.alpha * mu(c)) / v;
+  }
+  void vjp(const State&, const Node& n, const State& a, State& dx, Vector* dcond,
+           Vector*) const {
+    const double v = n.alpha * n.alpha * s * s + n.sigma * n.sigma;
+    for (Eigen::Index r = 0; r < a.rows(); ++r)
+      for (Eigen::Index c = 0; c < a.cols(); ++c) {
+        dx(r, c) = n.sigma / v * a(r, c);
+        if (dcond) (*dcond)(c) -= n.sigma * n.alpha / v * a(r, c);
+      }
+  }
+};
+
+template <class Scheme> long allocations_in_gradient(const Scheme& scheme, MemoryMode memory) {
+  const auto grid = diffusion_grid(12);
+  NonAllocatingGaussian model;
+  const State x_T = diffgrad::testing::test_batch<double>(2, 3);
+  const SquaredDistanceLoss<Backend64> loss(State(State::Constant(2, 3, 0.1)));
+  const GradientOptions opt{.memory = memory, .wrt_cond = true, .wrt_noise = true};
+  auto ws = make_gradient_workspace(scheme, Backend64{}, grid.nodes, model, x_T, opt);
+  const long before = alloc_probe::allocations.load();
+  Eigen::internal::set_is_malloc_allowed(false);
+  alloc_probe::counting = true;
+  gradient(scheme, Backend64{}, vp_schedule(), grid.nodes, model, x_T, loss, opt, ws);
+  alloc_probe::counting = false;
+  Eigen::internal::set_is_malloc_allowed(true);
+  return alloc_probe::allocations.load() - before;
+}
+} // namespace
+
+TEST_CASE("gradient() with a prebuilt workspace does not allocate", "[adjoint][alloc]") {
+  {  // the probe itself sees Eigen allocations and operator new
+    const long before = alloc_probe::allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
+    alloc_probe::counting = true;
+    const State tmp = State::Zero(4, 4);
+    const auto* boxed = new int(3);
+    alloc_probe::counting = false;
+    Eigen::internal::set_is_malloc_allowed(true);
+    delete boxed;
+    CHECK(tmp.size() == 16);
+    CHECK(alloc_probe::allocations.load() - before == 2);
+  }
+  for (MemoryMode m : {MemoryMode::store_all(), MemoryMode::checkpoint(3), MemoryMode::recompute()}) {
+    CHECK(allocations_in_gradient(Ddim(), m) == 0);
+    CHECK(allocations_in_gradient(Ddim(0.7), m) == 0);
+    CHECK(allocations_in_gradient(DpmSolverMultistep(3, SolverPrediction::data), m) == 0);
+    CHECK(allocations_in_gradient(SdeDpmSolver(2, SolverPrediction::data), m) == 0);
+    CHECK(allocations_in_gradient(DpmSolverSinglestep(3, SolverPrediction::data), m) == 0);
+    CHECK(allocations_in_gradient(DeisRhoRk(DeisRkMethod::rk4), m) == 0);
+    CHECK(allocations_in_gradient(DeisRhoAb(3), m) == 0);
+    CHECK(allocations_in_gradient(IPndm(4), m) == 0);
+  }
 }
