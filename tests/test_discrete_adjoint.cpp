@@ -540,7 +540,8 @@ void dot_product_test(const SchemeCase& sc, const Scheme& scheme, const Grid& gr
   if (noisy)
     for (int i = 0; i < grid.steps(); ++i) rhs += r.grad_noise[i].cwiseProduct(v_xi[i]).sum();
   const double lhs = w.cwiseProduct(jv).sum();
-  INFO(sc.name << ": <w, Jv> = " << lhs << ", <J^T w, v> = " << rhs);
+  INFO(sc.name << ": <w, Jv> = " << lhs << ", <J^T w, v> = " << rhs << ", relative mismatch "
+               << std::abs(lhs - rhs) / std::abs(lhs));
   CHECK(std::abs(lhs - rhs) <= 1e-12 * std::abs(lhs));
   // With a cotangent the reported loss is <w, x_0> at the point (z = 0 now).
   const State x0 = sample_output(scheme, grid, model, v_x, v_xi, 0);
