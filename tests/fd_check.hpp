@@ -169,9 +169,11 @@ struct ModelVjpChecks {
 /// `eval(x, out)` evaluates the model (eps or velocity) at a fixed time; `vjp(x, a, dx, dcond,
 /// dparams)` is its VJP there. `cond` / `params` point at the model's own vectors (null: skip);
 /// they are perturbed during the check and restored afterwards. Double states only.
-template <class State, class Vector, class Eval, class Vjp>
-ModelVjpChecks check_model_vjp(Eval&& eval, Vjp&& vjp, const State& x, Vector* cond,
+template <class StateExpr, class Vector, class Eval, class Vjp>
+ModelVjpChecks check_model_vjp(Eval&& eval, Vjp&& vjp, const StateExpr& x_in, Vector* cond,
                                Vector* params, const FdOptions& options = {}) {
+  using State = typename StateExpr::PlainObject;
+  const State x = x_in;
   const auto rows = x.rows(), cols = x.cols();
   const auto as_state = [&](const Eigen::VectorXd& v) { return State(unflatten(v, rows, cols)); };
   ModelVjpChecks out;
