@@ -24,10 +24,8 @@ namespace diffgrad::testing::compat {
 
 inline constexpr int kModelDim = 5;
 inline constexpr double kModelA[kModelDim][kModelDim] = {
-    {0.55, -0.30, 0.20, 0.10, -0.15},
-    {0.12, 0.45, -0.25, 0.30, 0.05},
-    {-0.20, 0.10, 0.60, -0.10, 0.25},
-    {0.30, 0.20, -0.15, 0.50, -0.05},
+    {0.55, -0.30, 0.20, 0.10, -0.15}, {0.12, 0.45, -0.25, 0.30, 0.05},
+    {-0.20, 0.10, 0.60, -0.10, 0.25}, {0.30, 0.20, -0.15, 0.50, -0.05},
     {-0.10, 0.25, 0.05, -0.20, 0.40},
 };
 inline constexpr double kModelB[kModelDim] = {0.8, -0.5, 0.3, 1.2, -0.9};
@@ -40,8 +38,7 @@ struct CompatTestModel {
   int calls = 0;
   template <class State> void eps(const State& x, double model_time, State& out) {
     ++calls;
-    if (x.cols() != kModelDim)
-      throw std::invalid_argument("CompatTestModel: expected 5 columns");
+    if (x.cols() != kModelDim) throw std::invalid_argument("CompatTestModel: expected 5 columns");
     out.resize(x.rows(), x.cols());
     const double m = model_time / 1000.0;
     for (Eigen::Index b = 0; b < x.rows(); ++b)
@@ -62,9 +59,9 @@ struct CompatTestModel {
 struct ReferenceCase {
   std::string name;
   std::map<std::string, std::string> params;
-  std::map<std::string, std::vector<double>> vectors;  ///< timesteps, times, ...
-  std::vector<Matrix> states;                          ///< the sample after every step
-  std::vector<Matrix> noise;                           ///< the given noise of every step
+  std::map<std::string, std::vector<double>> vectors; ///< timesteps, times, ...
+  std::vector<Matrix> states;                         ///< the sample after every step
+  std::vector<Matrix> noise;                          ///< the given noise of every step
 
   const std::string& param(const std::string& key) const {
     const auto it = params.find(key);

@@ -14,6 +14,8 @@
 #include "compat_test_model.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/compat/diffusers.hpp"
+#include "diffgrad/models/prediction.hpp"
+#include "diffgrad/models/thresholding.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 
 using namespace diffgrad;
@@ -28,12 +30,6 @@ compat::TimestepSpacing spacing_of(const std::string& s) {
   if (s == "leading") return compat::TimestepSpacing::leading;
   if (s == "trailing") return compat::TimestepSpacing::trailing;
   throw std::runtime_error("unknown timestep_spacing " + s);
-}
-compat::PredictionType prediction_of(const std::string& s) {
-  if (s == "epsilon") return compat::PredictionType::epsilon;
-  if (s == "sample") return compat::PredictionType::sample;
-  if (s == "v_prediction") return compat::PredictionType::v_prediction;
-  throw std::runtime_error("unknown prediction_type " + s);
 }
 
 DiscreteSchedule schedule_of(const ReferenceFile& ref) {
@@ -62,8 +58,7 @@ double max_step_difference(const std::vector<Matrix>& got, const ReferenceCase& 
   for (std::size_t i = 0; i < got.size(); ++i) {
     const auto& want = c.states.at(static_cast<std::size_t>(steps_to_reference[i]));
     const double d = relative_difference(got[i], want);
-    if (!(d <= kTolerance))
-      UNSCOPED_INFO(c.name << ": step " << i << " relative difference " << d);
+    if (!(d <= kTolerance)) UNSCOPED_INFO(c.name << ": step " << i << " relative difference " << d);
     worst = std::max(worst, d);
   }
   return worst;
@@ -111,24 +106,33 @@ TEST_CASE("compat: numpy linspace / arange / round are reproduced bit for bit") 
 }
 
 TEST_CASE("compat: timesteps of every reference case equal diffusers'") {
-  for (const char* file : {"diffusers_ddim.txt", "diffusers_dpmsolver_multistep.txt",
-                           "diffusers_dpmsolver_singlestep.txt", "diffusers_deis.txt"}) {
+  for (const char* file :
+       {"diffusers_ddim.txt", "diffusers_dpmsolver_multistep.txt",
+        "diffusers_dpmsolver_singlestep.txt", "diffusers_deis.txt", "diffusers_timesteps.txt"}) {
     const auto ref = read_reference(file);
+    // diffusers_timesteps.txt has no table (and no lambda_min_clipped); the others have both.
+    const auto schedule = ref.tables.count("alphas_cumprod") != 0
+                              ? schedule_of(ref)
+                              : DiscreteSchedule::from_beta_schedule(BetaSchedule::linear);
     for (const auto& c : ref.cases) {
       if (c.has_param("use_karras_sigmas") && c.param_bool("use_karras_sigmas")) continue;
       if (c.has_param("use_lu_lambdas") && c.param_bool("use_lu_lambdas")) continue;
       INFO(c.name);
       const int n = c.param_int("num_inference_steps");
       const std::string scheduler = c.param("scheduler");
+      const int clipped =
+          c.has_param("lambda_min_clipped")
+              ? compat::clipped_timestep_count(schedule, c.param_double("lambda_min_clipped"))
+              : 0;
       std::vector<int> got;
       if (scheduler == "ddim")
         got = compat::ddim_timesteps(n, spacing_of(c.param("timestep_spacing")),
                                      c.param_int("steps_offset"));
       else if (scheduler == "dpmsolver_singlestep")
-        got = compat::singlestep_timesteps(n);
+        got = compat::singlestep_timesteps(n, 1000, clipped);
       else
         got = compat::multistep_timesteps(n, spacing_of(c.param("timestep_spacing")),
-                                          c.param_int("steps_offset"));
+                                          c.param_int("steps_offset"), 1000, 1000 - clipped);
       CHECK(got == int_vector(c.vector("timesteps")));
     }
   }
@@ -139,12 +143,12 @@ TEST_CASE("compat: bad timestep arguments are rejected with the argument named")
                     Catch::Contains("num_inference_steps"));
   CHECK_THROWS_WITH(compat::multistep_timesteps(1001, compat::TimestepSpacing::linspace),
                     Catch::Contains("num_inference_steps"));
-  CHECK_THROWS_WITH(compat::multistep_timesteps(10, compat::TimestepSpacing::linspace, 0, 1000,
-                                                2000),
-                    Catch::Contains("last_timestep"));
+  CHECK_THROWS_WITH(
+      compat::multistep_timesteps(10, compat::TimestepSpacing::linspace, 0, 1000, 2000),
+      Catch::Contains("last_timestep"));
   const auto schedule = DiscreteSchedule::from_beta_schedule(BetaSchedule::linear);
   compat::DdimSchedulerConfig config;
-  config.steps_offset = 200;  // 9 * 100 + 200 > 999
+  config.steps_offset = 200; // 9 * 100 + 200 > 999
   CHECK_THROWS_WITH(compat::ddim_setup(schedule, config, 10), Catch::Contains("steps_offset"));
   config = {};
   config.num_train_timesteps = 500;
@@ -167,7 +171,7 @@ compat::DdimSchedulerConfig ddim_config_of(const ReferenceCase& c) {
   cfg.timestep_spacing = spacing_of(c.param("timestep_spacing"));
   cfg.steps_offset = c.param_int("steps_offset");
   cfg.set_alpha_to_one = c.param_bool("set_alpha_to_one");
-  cfg.prediction_type = prediction_of(c.param("prediction_type"));
+  cfg.prediction_type = models::parse_prediction_type(c.param("prediction_type"));
   cfg.clip_sample = c.param_bool("clip_sample");
   cfg.clip_sample_range = c.param_double("clip_sample_range");
   cfg.thresholding = c.param_bool("thresholding");
@@ -212,8 +216,8 @@ TEST_CASE("compat: DDIMScheduler, every spacing and flag, to 1e-6 per step") {
       }
       Matrix x = x_T;
       std::vector<Matrix> states;
-      run_scheme(setup.scheme, backend, setup.nodes, NodeAtLambda(schedule), EpsField<decltype(model)>{model},
-                 x, ws, {}, TrajectoryObserver{&states});
+      run_scheme(setup.scheme, backend, setup.nodes, NodeAtLambda(schedule),
+                 EpsField<decltype(model)>{model}, x, ws, {}, TrajectoryObserver{&states});
       CHECK(network.calls == n);
       const double d = max_step_difference(states, c, identity_steps(states.size()));
       CHECK(d <= kTolerance);
@@ -232,8 +236,8 @@ TEST_CASE("compat: DDIM with aligned targets is plain diffgrad::Ddim") {
     if (c.param_double("eta") != 0.0 || c.param("prediction_type") != "epsilon" ||
         c.param_bool("clip_sample") || c.param_bool("thresholding"))
       continue;
-    const auto setup = compat::ddim_setup(schedule, ddim_config_of(c),
-                                          c.param_int("num_inference_steps"));
+    const auto setup =
+        compat::ddim_setup(schedule, ddim_config_of(c), c.param_int("num_inference_steps"));
     if (!setup.targets_are_next_nodes) continue;
     ++aligned_cases;
     CompatTestModel network;
@@ -242,4 +246,238 @@ TEST_CASE("compat: DDIM with aligned targets is plain diffgrad::Ddim") {
     CHECK(relative_difference(x, c.states.back()) <= kTolerance);
   }
   CHECK(aligned_cases >= 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+DpmAlgorithm algorithm_of(const std::string& s) {
+  if (s == "dpmsolver") return DpmAlgorithm::dpmsolver;
+  if (s == "dpmsolver++") return DpmAlgorithm::dpmsolver_pp;
+  if (s == "sde-dpmsolver") return DpmAlgorithm::sde_dpmsolver;
+  if (s == "sde-dpmsolver++") return DpmAlgorithm::sde_dpmsolver_pp;
+  throw std::runtime_error("unknown algorithm_type " + s);
+}
+DpmSolverType solver_type_of(const std::string& s) {
+  if (s == "midpoint") return DpmSolverType::midpoint;
+  if (s == "heun") return DpmSolverType::heun;
+  throw std::runtime_error("unknown solver_type " + s);
+}
+compat::FinalSigmas final_of(const std::string& s) {
+  if (s == "zero") return compat::FinalSigmas::zero;
+  if (s == "sigma_min") return compat::FinalSigmas::sigma_min;
+  throw std::runtime_error("unknown final_sigmas_type " + s);
+}
+
+models::ThresholdingOptions thresholding_of(const ReferenceCase& c) {
+  models::ThresholdingOptions o;
+  o.thresholding = c.param_bool("thresholding");
+  o.dynamic_thresholding_ratio = c.param_double("dynamic_thresholding_ratio");
+  o.sample_max_value = c.param_double("sample_max_value");
+  return o;
+}
+
+/// Runs `scheme` on `nodes` with the case's model (prediction type and thresholding adapters
+/// around the test network) and compares every step with the reference.
+template <class Scheme>
+double run_and_compare(const Scheme& scheme, std::span<const Node> nodes, const ReferenceCase& c,
+                       const Matrix& x_T, const DiscreteSchedule& schedule,
+                       const std::vector<int>& steps_to_reference) {
+  const EigenBackend<double> backend;
+  CompatTestModel network;
+  auto model = compat::scheduler_eps_model(
+      network, models::parse_prediction_type(c.param("prediction_type")), thresholding_of(c));
+  SamplerWorkspace<EigenBackend<double>> ws(backend, scheme.history(), scheme.stages(), x_T.rows(),
+                                            x_T.cols());
+  std::vector<Matrix> noise(c.noise.begin(), c.noise.end());
+  if (scheme.stochastic()) {
+    REQUIRE(noise.size() == nodes.size() - 1);
+    ws.given_noise = noise;
+  }
+  Matrix x = x_T;
+  std::vector<Matrix> states;
+  run_scheme(scheme, backend, nodes, NodeAtLambda(schedule), EpsField<decltype(model)>{model}, x,
+             ws, {}, TrajectoryObserver{&states});
+  CHECK(network.calls == c.param_int("num_inference_steps"));
+  return max_step_difference(states, c, steps_to_reference);
+}
+
+compat::DpmSolverMultistepSchedulerConfig multistep_config_of(const ReferenceCase& c) {
+  compat::DpmSolverMultistepSchedulerConfig cfg;
+  cfg.num_train_timesteps = c.param_int("num_train_timesteps");
+  cfg.solver_order = c.param_int("solver_order");
+  cfg.algorithm_type = algorithm_of(c.param("algorithm_type"));
+  cfg.solver_type = solver_type_of(c.param("solver_type"));
+  cfg.lower_order_final = c.param_bool("lower_order_final");
+  cfg.euler_at_final = c.param_bool("euler_at_final");
+  cfg.use_karras_sigmas = c.param_bool("use_karras_sigmas");
+  cfg.use_lu_lambdas = c.param_bool("use_lu_lambdas");
+  cfg.final_sigmas_type = final_of(c.param("final_sigmas_type"));
+  cfg.lambda_min_clipped = c.param_double("lambda_min_clipped");
+  cfg.timestep_spacing = spacing_of(c.param("timestep_spacing"));
+  cfg.steps_offset = c.param_int("steps_offset");
+  return cfg;
+}
+
+std::string dpm_family(const std::string& scheduler, const ReferenceCase& c) {
+  std::string f = scheduler + " " + c.param("algorithm_type") + " o" + c.param("solver_order");
+  if (c.param("prediction_type") != "epsilon") f += " " + c.param("prediction_type");
+  if (c.param_bool("thresholding")) f += " thresholding";
+  if (c.has_param("use_karras_sigmas") && c.param_bool("use_karras_sigmas")) f += " karras";
+  if (c.has_param("use_lu_lambdas") && c.param_bool("use_lu_lambdas")) f += " lu_lambdas";
+  return f;
+}
+
+} // namespace
+
+TEST_CASE("compat: DPMSolverMultistepScheduler, every order, spacing and flag, to 1e-6 per step") {
+  const auto ref = read_reference("diffusers_dpmsolver_multistep.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x_T = ref.matrices.at("x_T");
+  for (const auto& c : ref.cases) {
+    INFO(c.name);
+    const auto cfg = multistep_config_of(c);
+    const int n = c.param_int("num_inference_steps");
+    double d = 0.0;
+    if (cfg.algorithm_type == DpmAlgorithm::sde_dpmsolver ||
+        cfg.algorithm_type == DpmAlgorithm::sde_dpmsolver_pp) {
+      const auto setup = compat::sde_dpm_solver_setup(schedule, cfg, n);
+      CHECK(setup.timesteps == int_vector(c.vector("timesteps")));
+      d = run_and_compare(setup.scheme, setup.nodes, c, x_T, schedule,
+                          identity_steps(setup.timesteps.size()));
+    } else {
+      const auto setup = compat::dpm_solver_multistep_setup(schedule, cfg, n);
+      CHECK(setup.timesteps == int_vector(c.vector("timesteps")));
+      d = run_and_compare(setup.scheme, setup.nodes, c, x_T, schedule,
+                          identity_steps(setup.timesteps.size()));
+    }
+    CHECK(d <= kTolerance);
+    record(dpm_family("DPMSolverMultistep", c), d);
+  }
+}
+
+TEST_CASE("compat: DPMSolverSinglestepScheduler, every order and flag, to 1e-6 per step") {
+  const auto ref = read_reference("diffusers_dpmsolver_singlestep.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x_T = ref.matrices.at("x_T");
+  for (const auto& c : ref.cases) {
+    INFO(c.name);
+    compat::DpmSolverSinglestepSchedulerConfig cfg;
+    cfg.num_train_timesteps = c.param_int("num_train_timesteps");
+    cfg.solver_order = c.param_int("solver_order");
+    cfg.algorithm_type = algorithm_of(c.param("algorithm_type"));
+    cfg.solver_type = solver_type_of(c.param("solver_type"));
+    cfg.lower_order_final = c.param_bool("lower_order_final");
+    cfg.final_sigmas_type = final_of(c.param("final_sigmas_type"));
+    cfg.lambda_min_clipped = c.param_double("lambda_min_clipped");
+    const int n = c.param_int("num_inference_steps");
+    const auto setup = compat::dpm_solver_singlestep_setup(schedule, cfg, n);
+    CHECK(setup.timesteps == int_vector(c.vector("timesteps")));
+    // diffusers' order list, step by step.
+    const auto orders = c.param_int_list("order_list");
+    for (int i = 0; i < n; ++i)
+      CHECK(setup.scheme.step_order(setup.nodes, i) == orders[static_cast<std::size_t>(i)]);
+    const double d = run_and_compare(setup.scheme, setup.nodes, c, x_T, schedule,
+                                     identity_steps(setup.timesteps.size()));
+    CHECK(d <= kTolerance);
+    record(dpm_family("DPMSolverSinglestep", c), d);
+  }
+}
+
+TEST_CASE("compat: DEISMultistepScheduler, every order and spacing, to 1e-6 per step") {
+  const auto ref = read_reference("diffusers_deis.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x_T = ref.matrices.at("x_T");
+  for (const auto& c : ref.cases) {
+    INFO(c.name);
+    compat::DeisMultistepSchedulerConfig cfg;
+    cfg.num_train_timesteps = c.param_int("num_train_timesteps");
+    cfg.solver_order = c.param_int("solver_order");
+    cfg.lower_order_final = c.param_bool("lower_order_final");
+    cfg.timestep_spacing = spacing_of(c.param("timestep_spacing"));
+    cfg.steps_offset = c.param_int("steps_offset");
+    const auto setup =
+        compat::deis_multistep_setup(schedule, cfg, c.param_int("num_inference_steps"));
+    CHECK(setup.timesteps == int_vector(c.vector("timesteps")));
+    const double d = run_and_compare(setup.scheme, setup.nodes, c, x_T, schedule,
+                                     identity_steps(setup.timesteps.size()));
+    CHECK(d <= kTolerance);
+    std::string f = "DEISMultistep o" + c.param("solver_order");
+    if (c.param("prediction_type") != "epsilon") f += " " + c.param("prediction_type");
+    if (c.param_bool("thresholding")) f += " thresholding";
+    record(f, d);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Negative controls: the comparison is sharp enough to see every deliberate peer detail
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+const ReferenceCase& case_named(const ReferenceFile& ref, const std::string& name) {
+  for (const auto& c : ref.cases)
+    if (c.name == name) return c;
+  throw std::runtime_error("no reference case " + name);
+}
+
+template <class Scheme, class Model>
+Matrix final_state(const Scheme& scheme, std::span<const Node> nodes, const DiscreteSchedule& s,
+                   Model& model, const Matrix& x_T) {
+  const EigenBackend<double> backend;
+  SamplerWorkspace<EigenBackend<double>> ws(backend, scheme.history(), scheme.stages(), x_T.rows(),
+                                            x_T.cols());
+  Matrix x = x_T;
+  run_scheme(scheme, backend, nodes, NodeAtLambda(s), EpsField<Model>{model}, x, ws);
+  return x;
+}
+
+} // namespace
+
+TEST_CASE("compat: leaving out a diffusers detail is caught (differences >> 1e-6)") {
+  const auto ddim_ref = read_reference("diffusers_ddim.txt");
+  const auto schedule = schedule_of(ddim_ref);
+  const Matrix& x_T = ddim_ref.matrices.at("x_T");
+  CompatTestModel network;
+
+  SECTION("DDIM linspace: stepping to the next timestep instead of k - N // n") {
+    const auto& c = case_named(ddim_ref, "ddim/linspace/n7");
+    const auto setup = compat::ddim_setup(schedule, ddim_config_of(c), 7);
+    REQUIRE_FALSE(setup.targets_are_next_nodes);
+    const Matrix x = final_state(Ddim(0.0), setup.nodes, schedule, network, x_T);
+    CHECK(relative_difference(x, c.states.back()) > 1e-3);
+  }
+  SECTION("DDIM clip_sample: the consistent (clipped x0, clipped eps) pair instead of raw eps") {
+    const auto& c = case_named(ddim_ref, "ddim/leading/n10/clip_sample/raw_output");
+    const auto setup = compat::ddim_setup(schedule, ddim_config_of(c), 10);
+    auto clipped = models::clip_sample(network, c.param_double("clip_sample_range"));
+    const Matrix x = final_state(setup.scheme, setup.nodes, schedule, clipped, x_T);
+    CHECK(relative_difference(x, c.states.back()) > 1e-3);
+  }
+  SECTION("DPMSolverMultistep order 3: the consistent D2 weight instead of diffusers' halved one") {
+    const auto ref = read_reference("diffusers_dpmsolver_multistep.txt");
+    const auto& c = case_named(ref, "multistep/dpmsolver++/o3/linspace/n20");
+    const auto setup = compat::dpm_solver_multistep_setup(schedule, multistep_config_of(c), 20);
+    DpmSolverMultistep::Options o;
+    o.order = 3;
+    o.prediction = SolverPrediction::data;
+    const Matrix x = final_state(DpmSolverMultistep(o), setup.nodes, schedule, network, x_T);
+    const double d = relative_difference(x, c.states.back());
+    CHECK(d > 1e-5);
+    std::printf("compat diffusers: 3M without the halved D2 weight differs by %.3g\n", d);
+  }
+  SECTION("DEIS: the t-space tAB weights are not diffusers' log-rho ones") {
+    const auto ref = read_reference("diffusers_deis.txt");
+    const auto& c = case_named(ref, "deis/o3/linspace/n20");
+    compat::DeisMultistepSchedulerConfig cfg;
+    cfg.solver_order = 3;
+    const auto setup = compat::deis_multistep_setup(schedule, cfg, 20);
+    const Matrix exact = final_state(setup.scheme, setup.nodes, schedule, network, x_T);
+    CHECK(relative_difference(exact, c.states.back()) <= kTolerance);
+    const Matrix other = final_state(DeisRhoAb(3), setup.nodes, schedule, network, x_T);
+    CHECK(relative_difference(other, c.states.back()) > 1e-5);
+  }
 }

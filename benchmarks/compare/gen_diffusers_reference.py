@@ -326,6 +326,13 @@ def gen_ddim(path):
         run_ddim(w, x_T, f"ddim/trailing/n10/thresholding/{tag}", 10, timestep_spacing="trailing",
                  thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.6,
                  use_clipped_model_output=clipped)
+    # Combined: the raw-eps mix with eta > 0 (the DDIM eps weight depends on eta) and with v.
+    run_ddim(w, x_T, "ddim/linspace/n7/eta0.5/clip_sample/raw_output", 7,
+             timestep_spacing="linspace", clip_sample=True, clip_sample_range=1.0, eta=0.5,
+             noise_seed=9)
+    run_ddim(w, x_T, "ddim/trailing/n10/v_prediction/thresholding/raw_output", 10,
+             timestep_spacing="trailing", prediction_type="v_prediction", thresholding=True,
+             dynamic_thresholding_ratio=0.9, sample_max_value=1.6)
     for eta in (0.5, 1.0):
         run_ddim(w, x_T, f"ddim/trailing/n10/eta{eta}", 10, timestep_spacing="trailing", eta=eta,
                  noise_seed=7)
@@ -369,6 +376,10 @@ def gen_multistep(path):
                   algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min")
     run_multistep(w, x_T, "multistep/dpmsolver++/o3/linspace/n20/sigma_min", 20,
                   algorithm_type="dpmsolver++", solver_order=3, final_sigmas_type="sigma_min")
+    for spacing in SPACINGS:
+        run_multistep(w, x_T, f"multistep/dpmsolver++/o2/{spacing}/n10/lambda_min_clipped", 10,
+                      algorithm_type="dpmsolver++", solver_order=2, timestep_spacing=spacing,
+                      lambda_min_clipped=-4.5)
     run_multistep(w, x_T, "multistep/dpmsolver++/o2/linspace/n10/karras", 10,
                   algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)
     run_multistep(w, x_T, "multistep/dpmsolver++/o3/linspace/n10/lu_lambdas", 10,
@@ -407,6 +418,9 @@ def gen_singlestep(path):
         for order in (2, 3):
             run_singlestep(w, x_T, f"singlestep/{alg}/o{order}/n12/heun", 12, algorithm_type=alg,
                            solver_order=order, solver_type="heun", final_sigmas_type=final)
+        run_singlestep(w, x_T, f"singlestep/{alg}/o2/n10/lambda_min_clipped", 10,
+                       algorithm_type=alg, solver_order=2, lambda_min_clipped=-4.5,
+                       final_sigmas_type=final)
         run_singlestep(w, x_T, f"singlestep/{alg}/o3/n12/sigma_min", 12, algorithm_type=alg,
                        solver_order=3, final_sigmas_type="sigma_min")
         run_singlestep(w, x_T, f"singlestep/{alg}/o2/n10/v_prediction", 10, algorithm_type=alg,
@@ -442,6 +456,31 @@ def gen_deis(path):
     w.close()
 
 
+def gen_timesteps(path):
+    """Integer timesteps of every spacing for many step counts (no sampling)."""
+    w = RefWriter(path, header("timesteps of DDIM / DPMSolverMultistep (= DEIS) / DPMSolverSinglestep"))
+    counts = list(range(1, 41)) + [50, 64, 99, 100, 127, 333]
+    empty = []
+    for n in counts:
+        for spacing in SPACINGS:
+            for offset in ((0, 1) if spacing == "leading" else (0,)):
+                s = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
+                s.set_timesteps(n)
+                w.case(f"timesteps/ddim/{spacing}/offset{offset}/n{n}",
+                       dict(scheduler="ddim", timestep_spacing=spacing, steps_offset=offset,
+                            num_inference_steps=n), s.timesteps, empty)
+                s = DPMSolverMultistepScheduler(timestep_spacing=spacing, steps_offset=offset)
+                s.set_timesteps(n)
+                w.case(f"timesteps/dpmsolver_multistep/{spacing}/offset{offset}/n{n}",
+                       dict(scheduler="dpmsolver_multistep", timestep_spacing=spacing,
+                            steps_offset=offset, num_inference_steps=n), s.timesteps, empty)
+        s = DPMSolverSinglestepScheduler()
+        s.set_timesteps(n)
+        w.case(f"timesteps/dpmsolver_singlestep/n{n}",
+               dict(scheduler="dpmsolver_singlestep", num_inference_steps=n), s.timesteps, empty)
+    w.close()
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     default_out = os.path.normpath(os.path.join(here, "..", "..", "tests", "data", "compat"))
@@ -453,6 +492,7 @@ def main():
     gen_multistep(os.path.join(args.out, "diffusers_dpmsolver_multistep.txt"))
     gen_singlestep(os.path.join(args.out, "diffusers_dpmsolver_singlestep.txt"))
     gen_deis(os.path.join(args.out, "diffusers_deis.txt"))
+    gen_timesteps(os.path.join(args.out, "diffusers_timesteps.txt"))
     print("wrote", args.out)
 
 

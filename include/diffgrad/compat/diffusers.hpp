@@ -18,17 +18,26 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "diffgrad/concepts/schedule.hpp"
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/models/prediction.hpp"
+#include "diffgrad/models/thresholding.hpp"
 #include "diffgrad/schedule/discrete.hpp"
 #include "diffgrad/schedule/node.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/deis.hpp"
+#include "diffgrad/solvers/dpm_solver_multistep.hpp"
+#include "diffgrad/solvers/dpm_solver_singlestep.hpp"
+#include "diffgrad/solvers/sde_dpm_solver.hpp"
 #include "diffgrad/solvers/step_plan.hpp"
 
 namespace diffgrad::compat {
@@ -42,8 +51,9 @@ enum class TimestepSpacing { linspace, leading, trailing };
 /// (timestep 0).
 enum class FinalSigmas { zero, sigma_min };
 
-/// diffusers' `prediction_type`: what the network outputs.
-enum class PredictionType { epsilon, sample, v_prediction };
+/// diffusers' `prediction_type` ("epsilon", "sample", "v_prediction") is
+/// models::PredictionType (eps, x0, v); models::parse_prediction_type reads diffusers' strings.
+using models::PredictionType;
 
 namespace detail {
 
@@ -60,7 +70,8 @@ inline std::vector<double> np_linspace(double start, double stop, int num) {
     return y;
   }
   const double step = (stop - start) / (num - 1);
-  for (int i = 0; i < num; ++i) y[static_cast<std::size_t>(i)] = static_cast<double>(i) * step + start;
+  for (int i = 0; i < num; ++i)
+    y[static_cast<std::size_t>(i)] = static_cast<double>(i) * step + start;
   if (num > 1) y.back() = stop;
   return y;
 }
@@ -80,8 +91,7 @@ inline void check_inference_steps(int num_inference_steps, int num_train_timeste
                                   const char* where) {
   diffgrad::detail::require(num_train_timesteps >= 2, where, "num_train_timesteps", ">= 2",
                             num_train_timesteps);
-  diffgrad::detail::require(num_inference_steps >= 1 &&
-                                num_inference_steps <= num_train_timesteps,
+  diffgrad::detail::require(num_inference_steps >= 1 && num_inference_steps <= num_train_timesteps,
                             where, "num_inference_steps",
                             diffgrad::detail::concat("1 <= num_inference_steps <= "
                                                      "num_train_timesteps = ",
@@ -157,8 +167,8 @@ inline std::vector<int> multistep_timesteps(int num_inference_steps, TimestepSpa
   const int n = num_inference_steps, N = num_train_timesteps;
   detail::check_inference_steps(n, N, "compat::multistep_timesteps");
   const int last = last_timestep < 0 ? N : last_timestep;
-  diffgrad::detail::require(last >= 1 && last <= N, "compat::multistep_timesteps",
-                            "last_timestep", "1 <= last_timestep <= num_train_timesteps", last);
+  diffgrad::detail::require(last >= 1 && last <= N, "compat::multistep_timesteps", "last_timestep",
+                            "1 <= last_timestep <= num_train_timesteps", last);
   switch (spacing) {
   case TimestepSpacing::linspace:
     return detail::reversed_rounded(detail::np_linspace(0.0, last - 1.0, n + 1),
@@ -236,11 +246,11 @@ struct DdimSchedulerConfig {
   int num_train_timesteps = 1000;
   TimestepSpacing timestep_spacing = TimestepSpacing::leading;
   int steps_offset = 0;
-  bool set_alpha_to_one = true;  ///< the last step goes to alpha = 1 (else alphas_cumprod[0])
-  PredictionType prediction_type = PredictionType::epsilon;
-  bool clip_sample = true;       ///< clamp x0 to [-clip_sample_range, clip_sample_range]
+  bool set_alpha_to_one = true; ///< the last step goes to alpha = 1 (else alphas_cumprod[0])
+  PredictionType prediction_type = PredictionType::eps;
+  bool clip_sample = true; ///< clamp x0 to [-clip_sample_range, clip_sample_range]
   double clip_sample_range = 1.0;
-  bool thresholding = false;     ///< dynamic thresholding of x0 (takes precedence over clipping)
+  bool thresholding = false; ///< dynamic thresholding of x0 (takes precedence over clipping)
   double dynamic_thresholding_ratio = 0.995;
   double sample_max_value = 1.0;
 };
@@ -315,13 +325,13 @@ inline Node ddim_target(const DiscreteSchedule& schedule, int k, int step_ratio,
 /// model's business (DdimModel below).
 inline DdimSetup ddim_setup(const DiscreteSchedule& schedule, const DdimSchedulerConfig& config,
                             int num_inference_steps, double eta = 0.0) {
-  diffgrad::detail::require(config.num_train_timesteps == schedule.num_train_timesteps(),
-                            "compat::ddim_setup", "config.num_train_timesteps",
-                            diffgrad::detail::concat("the schedule's table length ",
-                                                     schedule.num_train_timesteps()),
-                            config.num_train_timesteps);
-  auto timesteps = ddim_timesteps(num_inference_steps, config.timestep_spacing,
-                                  config.steps_offset, config.num_train_timesteps);
+  diffgrad::detail::require(
+      config.num_train_timesteps == schedule.num_train_timesteps(), "compat::ddim_setup",
+      "config.num_train_timesteps",
+      diffgrad::detail::concat("the schedule's table length ", schedule.num_train_timesteps()),
+      config.num_train_timesteps);
+  auto timesteps = ddim_timesteps(num_inference_steps, config.timestep_spacing, config.steps_offset,
+                                  config.num_train_timesteps);
   const int ratio = config.num_train_timesteps / num_inference_steps;
   std::vector<Node> targets;
   targets.reserve(timesteps.size());
@@ -337,106 +347,317 @@ inline DdimSetup ddim_setup(const DiscreteSchedule& schedule, const DdimSchedule
   nodes.push_back(targets.back());
   bool aligned = true;
   for (std::size_t i = 0; i < targets.size(); ++i)
-    aligned = aligned && targets[i].lambda == nodes[i + 1].lambda &&
-              targets[i].lambda > nodes[i].lambda;
-  const Node final_target = config.set_alpha_to_one ? zero_sigma_node()
-                                                    : timestep_node(schedule, 0);
-  return DdimSetup{std::move(timesteps), std::move(nodes), DiffusersDdim(std::move(targets), eta),
-                   aligned, ratio, final_target};
+    aligned =
+        aligned && targets[i].lambda == nodes[i + 1].lambda && targets[i].lambda > nodes[i].lambda;
+  const Node final_target =
+      config.set_alpha_to_one ? zero_sigma_node() : timestep_node(schedule, 0);
+  return DdimSetup{std::move(timesteps),
+                   std::move(nodes),
+                   DiffusersDdim(std::move(targets), eta),
+                   aligned,
+                   ratio,
+                   final_target};
 }
 
-
 // ---------------------------------------------------------------------------------------------
-// x0 corrections (clip_sample, dynamic thresholding) and prediction types, as diffusers does them
+// Sigma-space timesteps (use_karras_sigmas, use_lu_lambdas)
 // ---------------------------------------------------------------------------------------------
 
-/// diffusers' correction of the data prediction x0, applied per sample (row):
-///   thresholding (Imagen's dynamic thresholding): s = clamp(quantile_p(|x0|), 1, max_value),
-///     x0 <- clamp(x0, -s, s) / s, quantile with linear interpolation (torch.quantile);
-///   clip_sample: x0 <- clamp(x0, -clip_range, clip_range).
-/// Thresholding takes precedence when both are set (as in diffusers).
-struct SampleCorrection {
-  bool thresholding = false;
-  double dynamic_thresholding_ratio = 0.995;
-  double sample_max_value = 1.0;
-  bool clip_sample = false;
-  double clip_sample_range = 1.0;
+/// The node of a noise level rho = sigma/alpha given directly (diffusers' `sigmas` array):
+/// alpha = 1/sqrt(rho^2 + 1), sigma = rho alpha, lambda = -log rho, and the model fed the
+/// (rounded) timestep diffusers computed for it. t is set to (timestep + 1)/N for reference.
+inline Node rho_node(double rho, double model_timestep, int num_train_timesteps) {
+  const double alpha = 1.0 / std::sqrt(rho * rho + 1.0);
+  return Node{(model_timestep + 1.0) / num_train_timesteps, alpha, rho * alpha, -std::log(rho),
+              model_timestep};
+}
 
-  bool active() const { return thresholding || clip_sample; }
+/// diffusers' _sigma_to_t: the fractional timestep of noise level rho by linear interpolation
+/// of log rho over the table (clamped to [0, N - 1]).
+inline double sigma_to_timestep(const DiscreteSchedule& schedule, double rho) {
+  const int N = schedule.num_train_timesteps();
+  const auto log_rho_at = [&](int k) {
+    const double a = schedule.alphas_cumprod()[static_cast<std::size_t>(k)];
+    return std::log(std::sqrt((1.0 - a) / a));
+  };
+  const double log_sigma = std::log(std::max(rho, 1e-10));
+  int low = 0; // the last k with log_rho[k] <= log_sigma (0 when there is none)
+  for (int k = 0; k < N; ++k)
+    if (log_rho_at(k) <= log_sigma) low = k;
+  low = std::min(low, N - 2);
+  const double lo = log_rho_at(low), hi = log_rho_at(low + 1);
+  const double w = std::clamp((lo - log_sigma) / (lo - hi), 0.0, 1.0);
+  return (1.0 - w) * low + w * (low + 1);
+}
 
-  /// torch.quantile(v, q) (linear interpolation; torch.lerp's two-sided formula). Sorts v.
-  static double quantile(std::vector<double>& v, double q) {
-    std::sort(v.begin(), v.end());
-    const double rank = q * static_cast<double>(v.size() - 1);
-    const double below = std::floor(rank), above = std::ceil(rank);
-    const double a = v[static_cast<std::size_t>(below)], b = v[static_cast<std::size_t>(above)];
-    const double w = rank - below;
-    return w < 0.5 ? a + w * (b - a) : b - (b - a) * (1.0 - w);
-  }
-
-  /// Corrects the rows of x0 in place; `scratch` holds one row (resized once).
-  template <class State> void apply(State& x0, std::vector<double>& scratch) const {
-    if (thresholding) {
-      const auto cols = static_cast<std::size_t>(x0.cols());
-      scratch.resize(cols);
-      for (Eigen::Index r = 0; r < x0.rows(); ++r) {
-        for (std::size_t c = 0; c < cols; ++c)
-          scratch[c] = std::abs(static_cast<double>(x0(r, static_cast<Eigen::Index>(c))));
-        const double s = std::min(std::max(quantile(scratch, dynamic_thresholding_ratio), 1.0),
-                                  sample_max_value);
-        for (Eigen::Index c = 0; c < x0.cols(); ++c) {
-          const double v = static_cast<double>(x0(r, c));
-          x0(r, c) = static_cast<typename State::Scalar>(std::clamp(v, -s, s) / s);
-        }
-      }
-    } else if (clip_sample) {
-      for (Eigen::Index r = 0; r < x0.rows(); ++r)
-        for (Eigen::Index c = 0; c < x0.cols(); ++c) {
-          const double v = static_cast<double>(x0(r, c));
-          x0(r, c) = static_cast<typename State::Scalar>(
-              std::clamp(v, -clip_sample_range, clip_sample_range));
-        }
-    }
-  }
+/// Noise-level sequences diffusers can step on instead of table entries.
+enum class SigmaSpacing {
+  table,  ///< the table at the integer timesteps (the default)
+  karras, ///< use_karras_sigmas: rho^(1/7) uniform between the table's extremes
+  lu      ///< use_lu_lambdas: log rho (= -lambda) uniform between the table's extremes
 };
 
-/// The network's raw output -> (x0, eps) at node n, as diffusers converts it:
-///   epsilon:      x0 = (x - sigma e)/alpha,  eps = e
-///   sample:       x0 = e,                    eps = (x - alpha x0)/sigma
-///   v_prediction: x0 = alpha x - sigma e,    eps = alpha e + sigma x
+/// (rho_i, timestep_i) for n steps with karras / lu spacing, as DPMSolverMultistepScheduler
+/// computes them (timesteps rounded for every beta schedule but squaredcos_cap_v2, whose
+/// timesteps diffusers keeps fractional: pass round_timesteps = false).
+inline std::vector<std::pair<double, double>> sigma_spaced_steps(const DiscreteSchedule& schedule,
+                                                                 SigmaSpacing spacing, int n,
+                                                                 bool round_timesteps = true) {
+  const auto& ac = schedule.alphas_cumprod();
+  const double rho_min = std::sqrt((1.0 - ac.front()) / ac.front());
+  const double rho_max = std::sqrt((1.0 - ac.back()) / ac.back());
+  const auto ramp = detail::np_linspace(0.0, 1.0, n);
+  std::vector<std::pair<double, double>> out;
+  for (double r : ramp) {
+    double rho = 0.0;
+    if (spacing == SigmaSpacing::karras) {
+      const double min_inv = std::pow(rho_min, 1.0 / 7.0), max_inv = std::pow(rho_max, 1.0 / 7.0);
+      rho = std::pow(max_inv + r * (min_inv - max_inv), 7.0);
+    } else if (spacing == SigmaSpacing::lu) {
+      const double lmin = std::log(rho_min), lmax = std::log(rho_max);
+      rho = std::exp(lmax + r * (lmin - lmax));
+    } else {
+      diffgrad::detail::throw_argument("compat::sigma_spaced_steps", "spacing", "karras or lu",
+                                       "table");
+    }
+    double k = sigma_to_timestep(schedule, rho);
+    if (round_timesteps) k = static_cast<double>(detail::np_round(k));
+    out.emplace_back(rho, k);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler
+// ---------------------------------------------------------------------------------------------
+
+/// The DPMSolverMultistepScheduler config fields that change the node sequence or the scheme,
+/// with diffusers' defaults. (prediction_type and thresholding are model-side: wrap the
+/// network with models::as_eps_model and models::thresholded, see docs/compat_diffusers.md.)
+struct DpmSolverMultistepSchedulerConfig {
+  int num_train_timesteps = 1000;
+  int solver_order = 2;
+  DpmAlgorithm algorithm_type = DpmAlgorithm::dpmsolver_pp;
+  DpmSolverType solver_type = DpmSolverType::midpoint;
+  bool lower_order_final = true;
+  bool euler_at_final = false;
+  bool use_karras_sigmas = false;
+  bool use_lu_lambdas = false;
+  FinalSigmas final_sigmas_type = FinalSigmas::zero;
+  double lambda_min_clipped = -std::numeric_limits<double>::infinity();
+  TimestepSpacing timestep_spacing = TimestepSpacing::linspace;
+  int steps_offset = 0;
+};
+
+/// The DPMSolverSinglestepScheduler config (no spacing option: always linspace).
+struct DpmSolverSinglestepSchedulerConfig {
+  int num_train_timesteps = 1000;
+  int solver_order = 2;
+  DpmAlgorithm algorithm_type = DpmAlgorithm::dpmsolver_pp;
+  DpmSolverType solver_type = DpmSolverType::midpoint;
+  bool lower_order_final = false; ///< diffusers forces it on for uneven counts / final zero
+  FinalSigmas final_sigmas_type = FinalSigmas::zero;
+  double lambda_min_clipped = -std::numeric_limits<double>::infinity();
+};
+
+/// The DEISMultistepScheduler config (log-rho DEIS; the last node is always sigma_min).
+struct DeisMultistepSchedulerConfig {
+  int num_train_timesteps = 1000;
+  int solver_order = 2;
+  bool lower_order_final = true;
+  TimestepSpacing timestep_spacing = TimestepSpacing::linspace;
+  int steps_offset = 0;
+};
+
+/// Integer timesteps, the node sequence and the scheme of one scheduler config.
+template <class Scheme> struct SchedulerSetup {
+  std::vector<int> timesteps; ///< diffusers' scheduler.timesteps (model inputs)
+  std::vector<Node> nodes;    ///< one node per timestep, then the final node
+  Scheme scheme;
+};
+
+namespace detail {
+inline void check_table(const DiscreteSchedule& schedule, int num_train_timesteps,
+                        const char* where) {
+  diffgrad::detail::require(
+      num_train_timesteps == schedule.num_train_timesteps(), where, "config.num_train_timesteps",
+      diffgrad::detail::concat("the schedule's table length ", schedule.num_train_timesteps()),
+      num_train_timesteps);
+}
+inline const char* algorithm_name(DpmAlgorithm a) {
+  switch (a) {
+  case DpmAlgorithm::dpmsolver: return "dpmsolver";
+  case DpmAlgorithm::dpmsolver_pp: return "dpmsolver++";
+  case DpmAlgorithm::sde_dpmsolver: return "sde-dpmsolver";
+  case DpmAlgorithm::sde_dpmsolver_pp: return "sde-dpmsolver++";
+  }
+  return "?";
+}
+} // namespace detail
+
+/// Timesteps and nodes of a DPMSolverMultistepScheduler config (every spacing, steps_offset,
+/// lambda_min_clipped, karras / lu sigmas, final_sigmas_type).
+inline std::pair<std::vector<int>, std::vector<Node>>
+dpm_solver_multistep_nodes(const DiscreteSchedule& schedule,
+                           const DpmSolverMultistepSchedulerConfig& config,
+                           int num_inference_steps) {
+  const char* where = "compat::dpm_solver_multistep_nodes";
+  detail::check_table(schedule, config.num_train_timesteps, where);
+  if (config.final_sigmas_type == FinalSigmas::zero &&
+      (config.algorithm_type == DpmAlgorithm::dpmsolver ||
+       config.algorithm_type == DpmAlgorithm::sde_dpmsolver))
+    diffgrad::detail::throw_argument(where, "config.final_sigmas_type",
+                                     "sigma_min for the noise-prediction algorithm types "
+                                     "(diffusers rejects zero there)",
+                                     detail::algorithm_name(config.algorithm_type));
+  diffgrad::detail::require(!(config.use_karras_sigmas && config.use_lu_lambdas), where,
+                            "config.use_lu_lambdas",
+                            "at most one of use_karras_sigmas and use_lu_lambdas", 1.0);
+  const Node last = final_node(schedule, config.final_sigmas_type);
+  if (config.use_karras_sigmas || config.use_lu_lambdas) {
+    const auto steps = sigma_spaced_steps(
+        schedule, config.use_karras_sigmas ? SigmaSpacing::karras : SigmaSpacing::lu,
+        num_inference_steps);
+    std::vector<int> timesteps;
+    std::vector<Node> nodes;
+    for (const auto& [rho, k] : steps) {
+      timesteps.push_back(static_cast<int>(k));
+      nodes.push_back(rho_node(rho, k, config.num_train_timesteps));
+    }
+    nodes.push_back(last);
+    return {std::move(timesteps), std::move(nodes)};
+  }
+  const int clipped = clipped_timestep_count(schedule, config.lambda_min_clipped);
+  auto timesteps =
+      multistep_timesteps(num_inference_steps, config.timestep_spacing, config.steps_offset,
+                          config.num_train_timesteps, config.num_train_timesteps - clipped);
+  auto nodes = timestep_nodes(schedule, timesteps, last);
+  return {std::move(timesteps), std::move(nodes)};
+}
+
+inline DpmSolverMultistep::DiffusersOptions
+diffusers_options(const DpmSolverMultistepSchedulerConfig& config) {
+  DpmSolverMultistep::DiffusersOptions o;
+  o.solver_order = config.solver_order;
+  o.algorithm_type = config.algorithm_type;
+  o.solver_type = config.solver_type;
+  o.lower_order_final = config.lower_order_final;
+  o.euler_at_final = config.euler_at_final;
+  return o;
+}
+
+/// DPMSolverMultistepScheduler with algorithm_type dpmsolver / dpmsolver++.
+inline SchedulerSetup<DpmSolverMultistep>
+dpm_solver_multistep_setup(const DiscreteSchedule& schedule,
+                           const DpmSolverMultistepSchedulerConfig& config,
+                           int num_inference_steps) {
+  auto [timesteps, nodes] = dpm_solver_multistep_nodes(schedule, config, num_inference_steps);
+  return {std::move(timesteps), std::move(nodes),
+          DpmSolverMultistep::diffusers(diffusers_options(config))};
+}
+
+/// DPMSolverMultistepScheduler with algorithm_type sde-dpmsolver / sde-dpmsolver++ (stochastic:
+/// pass diffusers' variance_noise through SamplerWorkspace::given_noise to replay it).
+inline SchedulerSetup<SdeDpmSolver>
+sde_dpm_solver_setup(const DiscreteSchedule& schedule,
+                     const DpmSolverMultistepSchedulerConfig& config, int num_inference_steps) {
+  auto [timesteps, nodes] = dpm_solver_multistep_nodes(schedule, config, num_inference_steps);
+  return {std::move(timesteps), std::move(nodes),
+          SdeDpmSolver::diffusers(diffusers_options(config))};
+}
+
+/// DPMSolverSinglestepScheduler (dpmsolver / dpmsolver++). Its order list (get_order_list,
+/// with set_timesteps' forcing of lower_order_final) is DpmSolverSinglestep::diffusers'.
+inline SchedulerSetup<DpmSolverSinglestep>
+dpm_solver_singlestep_setup(const DiscreteSchedule& schedule,
+                            const DpmSolverSinglestepSchedulerConfig& config,
+                            int num_inference_steps) {
+  const char* where = "compat::dpm_solver_singlestep_setup";
+  detail::check_table(schedule, config.num_train_timesteps, where);
+  if (config.final_sigmas_type == FinalSigmas::zero &&
+      config.algorithm_type == DpmAlgorithm::dpmsolver)
+    diffgrad::detail::throw_argument(where, "config.final_sigmas_type",
+                                     "sigma_min for algorithm_type dpmsolver (diffusers rejects "
+                                     "zero there)",
+                                     "zero");
+  const int clipped = clipped_timestep_count(schedule, config.lambda_min_clipped);
+  auto timesteps = singlestep_timesteps(num_inference_steps, config.num_train_timesteps, clipped);
+  auto nodes = timestep_nodes(schedule, timesteps, final_node(schedule, config.final_sigmas_type));
+  DpmSolverSinglestep::DiffusersOptions o;
+  o.solver_order = config.solver_order;
+  o.algorithm_type = config.algorithm_type;
+  o.solver_type = config.solver_type;
+  o.lower_order_final = config.lower_order_final;
+  return {std::move(timesteps), std::move(nodes), DpmSolverSinglestep::diffusers(o)};
+}
+
+/// DEISMultistepScheduler: DeisLogRho on the table nodes, last node sigma_min (timestep 0).
+inline SchedulerSetup<DeisLogRho> deis_multistep_setup(const DiscreteSchedule& schedule,
+                                                       const DeisMultistepSchedulerConfig& config,
+                                                       int num_inference_steps) {
+  detail::check_table(schedule, config.num_train_timesteps, "compat::deis_multistep_setup");
+  auto timesteps = multistep_timesteps(num_inference_steps, config.timestep_spacing,
+                                       config.steps_offset, config.num_train_timesteps);
+  auto nodes = timestep_nodes(schedule, timesteps, timestep_node(schedule, 0));
+  return {std::move(timesteps), std::move(nodes),
+          DeisLogRho(config.solver_order, config.lower_order_final)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model side: prediction_type, thresholding, clip_sample
+// ---------------------------------------------------------------------------------------------
+
+/// The eps model every DPM-Solver / DEIS scheduler config implies: the network's output
+/// converted by prediction_type (models::as_eps_model), then x0 thresholded
+/// (models::thresholded: x0 = (x - sigma eps)/alpha, thresholded, eps re-derived), exactly what
+/// diffusers' convert_model_output does. Lvalue networks are held by reference.
+template <class Network>
+auto scheduler_eps_model(Network&& network, PredictionType prediction_type,
+                         const models::ThresholdingOptions& thresholding = {}) {
+  return models::thresholded(models::as_eps_model(std::forward<Network>(network), prediction_type),
+                             thresholding);
+}
+
+/// The network's raw output -> (x0, eps) at node n, as diffusers' DDIM converts it:
+///   eps (epsilon): x0 = (x - sigma e)/alpha,  eps = e
+///   x0 (sample):   x0 = e,                    eps = (x - alpha x0)/sigma
+///   v:             x0 = alpha x - sigma e,    eps = alpha e + sigma x
 template <class State>
 void split_prediction(PredictionType type, const Node& n, const State& x, const State& output,
                       State& x0, State& eps) {
   using S = typename State::Scalar;
   const S a = S(n.alpha), s = S(n.sigma);
   switch (type) {
-  case PredictionType::epsilon:
+  case PredictionType::eps:
     x0 = (x - s * output) / a;
     eps = output;
     return;
-  case PredictionType::sample:
+  case PredictionType::x0:
     x0 = output;
     eps = (x - a * x0) / s;
     return;
-  case PredictionType::v_prediction:
+  case PredictionType::v:
     x0 = a * x - s * output;
     eps = a * output + s * x;
     return;
+  case PredictionType::score: break;
   }
+  diffgrad::detail::throw_argument("compat::split_prediction", "type",
+                                   "eps, x0 or v (diffusers' prediction types)", "score");
 }
 
 /// The model a DDIMScheduler config implies, as a node-aware noise model for diffgrad's DDIM
 /// (CPU/Eigen states). It converts the network's output by `prediction_type`, corrects x0
-/// (clip_sample / thresholding) and returns the eps that makes diffgrad's DDIM step reproduce
-/// diffusers' step:
+/// (clip_sample / thresholding: models::SampleThreshold) and returns the eps that makes
+/// diffgrad's DDIM step reproduce diffusers' step:
 ///  * use_clipped_model_output = true: eps = (x - alpha x0_corrected)/sigma, the consistent pair
-///    (this is also what every DPM-Solver / DEIS scheduler does);
+///    (what models::thresholded gives, and what every DPM-Solver / DEIS scheduler does);
 ///  * false (diffusers' default): diffusers mixes the corrected x0 with the *uncorrected* eps,
 ///    x_t = alpha_t x0_c + sqrt(sigma_t^2 - s_eta^2) eps + s_eta xi, which no consistent (x0, eps)
 ///    pair gives. The same numbers come out of a DDIM step with
-///    eps' = eps + alpha_t (x0_c - x0) / c_eps,  c_eps = DDIM's eps weight for this step,
-///    so this adapter needs the step's target node: diffusers' target is a function of the
-///    timestep (k - N // n), which it recomputes from the node's model time.
+///      eps' = eps + alpha_t (x0_c - x0) / c_eps,   c_eps = DDIM's eps weight of this step,
+///    so the adapter needs the step's target node. diffusers' target is a function of the
+///    timestep (k - N // n, see DiffusersDdim), recomputed here from the node's model time.
 template <class Model, class Scalar = double> class DdimModel {
 public:
   using State = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -444,34 +665,38 @@ public:
   DdimModel(Model& network, const DiscreteSchedule& schedule, const DdimSchedulerConfig& config,
             int num_inference_steps, double eta = 0.0, bool use_clipped_model_output = false)
       : network_(network), schedule_(schedule), prediction_(config.prediction_type),
-        correction_{config.thresholding, config.dynamic_thresholding_ratio,
-                    config.sample_max_value, config.clip_sample, config.clip_sample_range},
-        ratio_(config.num_train_timesteps / num_inference_steps),
+        threshold_(models::ThresholdingOptions{
+            config.thresholding, config.dynamic_thresholding_ratio, config.sample_max_value,
+            config.clip_sample, config.clip_sample_range}),
+        ratio_(config.num_train_timesteps / std::max(num_inference_steps, 1)),
         set_alpha_to_one_(config.set_alpha_to_one), eta_(eta),
         use_clipped_model_output_(use_clipped_model_output) {
     detail::check_inference_steps(num_inference_steps, config.num_train_timesteps,
                                   "compat::DdimModel");
+    if (prediction_ == PredictionType::score)
+      diffgrad::detail::throw_argument("compat::DdimModel", "config.prediction_type",
+                                       "eps, x0 or v (diffusers' prediction types)", "score");
   }
 
   void eps(const State& x, const Node& n, State& out) {
-    if (prediction_ == PredictionType::epsilon && !correction_.active()) {
-      network_.eps(x, n.model_t, out);
+    if (prediction_ == PredictionType::eps && !threshold_.active()) {
+      models::impl::call_eps(network_, x, n, out);
       return;
     }
     raw_.resize(x.rows(), x.cols());
-    network_.eps(x, n.model_t, raw_);
+    models::impl::call_eps(network_, x, n, raw_);
     split_prediction(prediction_, n, x, raw_, x0_, out);
-    if (!correction_.active()) return;
+    if (!threshold_.active()) return;
     corrected_ = x0_;
-    correction_.apply(corrected_, row_);
+    threshold_.apply(corrected_);
     if (use_clipped_model_output_) {
       out = (x - Scalar(n.alpha) * corrected_) / Scalar(n.sigma);
       return;
     }
-    const Node target = ddim_target(schedule_, static_cast<int>(std::lround(n.model_t)), ratio_,
-                                    set_alpha_to_one_);
+    const Node target =
+        ddim_target(schedule_, static_cast<int>(std::lround(n.model_t)), ratio_, set_alpha_to_one_);
     const double c_eps = coeffs::ddim(n, target, eta_).eps;
-    if (c_eps == 0.0) return;  // an identity step: x0 does not enter
+    if (c_eps == 0.0) return; // an identity step: x0 does not enter
     out += Scalar(target.alpha / c_eps) * (corrected_ - x0_);
   }
 
@@ -479,13 +704,192 @@ private:
   Model& network_;
   const DiscreteSchedule& schedule_;
   PredictionType prediction_;
-  SampleCorrection correction_;
+  models::SampleThreshold<Scalar> threshold_;
   int ratio_;
   bool set_alpha_to_one_;
   double eta_;
   bool use_clipped_model_output_;
-  State raw_, x0_, corrected_;  // scratch, sized on the first call
-  std::vector<double> row_;
+  State raw_, x0_, corrected_; // scratch, sized on the first call
 };
 
+// =============================================================================================
+// The official DPM-Solver code (LuChengTHU/dpm-solver, dpm_solver_pytorch.py)
+// =============================================================================================
+//
+// Schedule: DiscreteSchedule::from_betas / from_alphas_cumprod with
+// DiscreteTimeInput::dpm_solver_official (node n at t = (n + 1)/N, log alpha piecewise linear
+// in t, the model fed 1000 (t - 1/N)), or VPLinearSchedule for its "linear" schedule.
+// Multistep: official::multistep(...) on make_nodes(schedule, official::time_steps(...)).
+// Singlestep ("DPM-Solver-fast", "singlestep_fixed"): official::singlestep_setup(...), whose
+// scheme places each step's intermediate points where the official code does (the points of
+// the skip type's own grid inside the step, which for time_uniform is not r = 1/2, 1/3, 2/3).
+namespace official {
+
+enum class SkipType { time_uniform, logSNR, time_quadratic };
+enum class Method { multistep, singlestep, singlestep_fixed };
+
+namespace detail {
+/// torch.linspace(start, end, steps)[i] in double: the first half counts up from start, the
+/// second half down from end (so both endpoints are exact).
+inline std::vector<double> torch_linspace(double start, double end, int steps) {
+  std::vector<double> v(static_cast<std::size_t>(steps));
+  if (steps == 1) {
+    v[0] = start;
+    return v;
+  }
+  const double step = (end - start) / (steps - 1);
+  const int half = steps / 2;
+  for (int i = 0; i < steps; ++i)
+    v[static_cast<std::size_t>(i)] = i < half ? start + step * i : end - step * (steps - 1 - i);
+  return v;
+}
+} // namespace detail
+
+/// DPM_Solver.get_time_steps: N + 1 times from t_T down to t_0.
+///   time_uniform: linspace(t_T, t_0);  time_quadratic: linspace(sqrt t_T, sqrt t_0)^2;
+///   logSNR: uniform in lambda, mapped back with the schedule's inverse (endpoints exact).
+template <Schedule S>
+std::vector<double> time_steps(const S& schedule, SkipType skip, double t_T, double t_0, int N) {
+  diffgrad::detail::require(N >= 1, "compat::official::time_steps", "N", "at least 1 step", N);
+  diffgrad::detail::require(t_T > t_0, "compat::official::time_steps", "t_T", "t_T > t_0", t_T);
+  switch (skip) {
+  case SkipType::time_uniform: return detail::torch_linspace(t_T, t_0, N + 1);
+  case SkipType::time_quadratic: {
+    auto r = detail::torch_linspace(std::sqrt(t_T), std::sqrt(t_0), N + 1);
+    for (double& v : r) v = v * v;
+    return r;
+  }
+  case SkipType::logSNR: {
+    auto l = detail::torch_linspace(schedule.lambda(t_T), schedule.lambda(t_0), N + 1);
+    std::vector<double> t(l.size());
+    for (std::size_t i = 0; i < l.size(); ++i) t[i] = schedule.t_of_lambda(l[i]);
+    t.front() = t_T;
+    t.back() = t_0;
+    return t;
+  }
+  }
+  diffgrad::detail::throw_argument("compat::official::time_steps", "skip",
+                                   "time_uniform, logSNR or time_quadratic",
+                                   static_cast<int>(skip));
+}
+
+/// The official multistep solver: DPM-Solver (noise) / DPM-Solver++ (data) of `order`, with its
+/// lower-order final steps when steps < 10 and its third-order D2 weighting.
+inline DpmSolverMultistep multistep(int order, SolverPrediction prediction,
+                                    DpmSolverType solver_type = DpmSolverType::midpoint,
+                                    bool lower_order_final = true) {
+  DpmSolverMultistep::Options o;
+  o.order = order;
+  o.prediction = prediction;
+  o.solver_type = solver_type;
+  o.lower_order_final = lower_order_final;
+  o.lower_order_final_max_steps = 10;
+  o.euler_at_final = false;
+  o.quirks.multistep_half_d2 = true;
+  return DpmSolverMultistep(o);
+}
+
+/// Singlestep DPM-Solver with a per-step order and per-step intermediate points r1, r2 (the
+/// official code's inner grid): each step is DpmSolverSinglestep with those options.
+class Singlestep {
+public:
+  Singlestep(SolverPrediction prediction, DpmSolverType solver_type, std::vector<int> orders,
+             std::vector<double> r1, std::vector<double> r2)
+      : prediction_(prediction), solver_type_(solver_type), orders_(std::move(orders)),
+        r1_(std::move(r1)), r2_(std::move(r2)) {
+    const char* where = "compat::official::Singlestep";
+    diffgrad::detail::require(!orders_.empty(), where, "orders", "one order per step", 0.0);
+    diffgrad::detail::require(r1_.size() == orders_.size() && r2_.size() == orders_.size(), where,
+                              "r1", "one r1 and one r2 per step", static_cast<double>(r1_.size()));
+    for (std::size_t i = 0; i < orders_.size(); ++i) (void)step_scheme(static_cast<int>(i));
+  }
+  const std::vector<int>& orders() const { return orders_; }
+  int history() const { return 0; }
+  int stages() const { return *std::max_element(orders_.begin(), orders_.end()); }
+  bool stochastic() const { return false; }
+  /// One grid interval per order, optionally followed by one more into a sigma = 0 node
+  /// (denoise_to_zero, a first-order step to x0).
+  void validate(std::span<const Node> nodes) const {
+    validate_nodes(nodes, "compat::official::Singlestep");
+    const auto steps = nodes.size() - 1;
+    const bool denoise = steps == orders_.size() + 1 && coeffs::dpm::is_terminal(nodes.back());
+    diffgrad::detail::require(
+        steps == orders_.size() || denoise, "compat::official::Singlestep", "nodes",
+        diffgrad::detail::concat("one grid interval per order (", orders_.size(), ")"),
+        static_cast<double>(steps));
+  }
+  StepPlan plan(std::span<const Node> nodes, int i, NodeAtLambda node_at_lambda) const {
+    if (static_cast<std::size_t>(i) >= orders_.size()) // the denoise_to_zero step
+      return DpmSolverSinglestep(
+                 DpmSolverSinglestep::Options{1, prediction_, solver_type_, {}, {}, {}})
+          .plan(nodes, i, node_at_lambda);
+    return step_scheme(i).plan(nodes, i, node_at_lambda);
+  }
+
+private:
+  DpmSolverSinglestep step_scheme(int i) const {
+    const auto k = static_cast<std::size_t>(i);
+    DpmSolverSinglestep::Options o{orders_[k], prediction_, solver_type_, {}, {}, {}};
+    if (orders_[k] >= 2) o.r1 = r1_[k];
+    if (orders_[k] >= 3) o.r2 = r2_[k];
+    return DpmSolverSinglestep(o);
+  }
+  SolverPrediction prediction_;
+  DpmSolverType solver_type_;
+  std::vector<int> orders_;
+  std::vector<double> r1_, r2_;
+};
+
+/// Outer grid, orders and scheme of the official singlestep methods.
+struct SinglestepSetup {
+  std::vector<double> times; ///< timesteps_outer
+  std::vector<int> orders;
+  Singlestep scheme;
+};
+
+/// method singlestep: the DPM-Solver-fast order mix for a budget of `steps` model calls, outer
+/// grid = the skip type's K-interval grid for logSNR, else its `steps`-interval grid sampled at
+/// the cumulative orders; singlestep_fixed: steps // order steps of `order`. Each step's
+/// r1, r2 = relative lambda positions of the skip type's (order)-interval grid inside it.
+template <Schedule S>
+SinglestepSetup singlestep_setup(const S& schedule, Method method, SkipType skip, int steps,
+                                 int order, SolverPrediction prediction, DpmSolverType solver_type,
+                                 double t_T, double t_0) {
+  const char* where = "compat::official::singlestep_setup";
+  std::vector<int> orders;
+  std::vector<double> times;
+  if (method == Method::singlestep) {
+    orders = DpmSolverSinglestep::official_fast_orders(steps, order);
+    if (skip == SkipType::logSNR) {
+      times = time_steps(schedule, skip, t_T, t_0, static_cast<int>(orders.size()));
+    } else {
+      const auto all = time_steps(schedule, skip, t_T, t_0, steps);
+      std::size_t at = 0;
+      times.push_back(all[at]);
+      for (int k : orders) times.push_back(all[at += static_cast<std::size_t>(k)]);
+    }
+  } else if (method == Method::singlestep_fixed) {
+    diffgrad::detail::require(order >= 1 && order <= 3, where, "order", "1, 2 or 3", order);
+    diffgrad::detail::require(steps >= order, where, "steps", "steps >= order", steps);
+    orders.assign(static_cast<std::size_t>(steps / order), order);
+    times = time_steps(schedule, skip, t_T, t_0, steps / order);
+  } else {
+    diffgrad::detail::throw_argument(where, "method", "singlestep or singlestep_fixed",
+                                     "multistep");
+  }
+  std::vector<double> r1(orders.size(), 0.0), r2(orders.size(), 0.0);
+  for (std::size_t i = 0; i < orders.size(); ++i) {
+    if (orders[i] < 2) continue;
+    const auto inner = time_steps(schedule, skip, times[i], times[i + 1], orders[i]);
+    std::vector<double> l(inner.size());
+    for (std::size_t j = 0; j < inner.size(); ++j) l[j] = schedule.lambda(inner[j]);
+    const double h = l.back() - l.front();
+    r1[i] = (l[1] - l[0]) / h;
+    if (orders[i] >= 3) r2[i] = (l[2] - l[0]) / h;
+  }
+  Singlestep scheme(prediction, solver_type, orders, std::move(r1), std::move(r2));
+  return {std::move(times), std::move(orders), std::move(scheme)};
+}
+
+} // namespace official
 } // namespace diffgrad::compat
