@@ -67,17 +67,24 @@ bool parse(int argc, char** argv, Args& a) {
     }
     if (i + 1 >= argc) return false;
     const char* v = argv[++i];
-    if (k == "--method") a.method = v;
-    else if (k == "--steps") a.steps = std::atoi(v);
-    else if (k == "--gamma") a.gamma = std::atof(v);
-    else if (k == "--p") a.p = std::atof(v);
-    else if (k == "--c") a.c = std::atof(v);
-    else if (k == "--batch") a.batch = std::atoi(v);
-    else if (k == "--dim") a.dim = std::atoi(v);
-    else return false;
+    if (k == "--method")
+      a.method = v;
+    else if (k == "--steps")
+      a.steps = std::atoi(v);
+    else if (k == "--gamma")
+      a.gamma = std::atof(v);
+    else if (k == "--p")
+      a.p = std::atof(v);
+    else if (k == "--c")
+      a.c = std::atof(v);
+    else if (k == "--batch")
+      a.batch = std::atoi(v);
+    else if (k == "--dim")
+      a.dim = std::atoi(v);
+    else
+      return false;
   }
-  return a.method == "all" || a.method == "bdia" || a.method == "edict" ||
-         a.method == "coupling";
+  return a.method == "all" || a.method == "bdia" || a.method == "edict" || a.method == "coupling";
 }
 
 double rel(const State& a, const State& b) { return (a - b).norm() / b.norm(); }
@@ -92,12 +99,11 @@ double run(const char* name, const Method& method, const diffgrad::VPLinearSched
   State edited;
   diffgrad::EditOptions options;
   options.amplification.policy = diffgrad::AmplificationPolicy::warn;
-  const auto r = diffgrad::invert_and_regenerate(method, Backend(), schedule, nodes, source,
-                                                 target, x0, edited, options);
-  std::printf("%-28s round trip %9.2e   edit error %9.2e   growth %9.3g%s   model calls %d\n",
-              name, r.round_trip_error, rel(edited, exact_edit), r.inversion.amplification.total,
-              r.inversion.amplification.warned ? " (WARNING: above threshold)" : "",
-              r.model_evals);
+  const auto r = diffgrad::invert_and_regenerate(method, Backend(), schedule, nodes, source, target,
+                                                 x0, edited, options);
+  std::printf("%-28s round trip %9.2e   edit error %9.2e   growth %9.3g%s   model calls %d\n", name,
+              r.round_trip_error, rel(edited, exact_edit), r.inversion.amplification.total,
+              r.inversion.amplification.warned ? " (WARNING: above threshold)" : "", r.model_evals);
   return r.inversion.amplification.warned ? 0.0 : r.round_trip_error;
 }
 
@@ -118,7 +124,7 @@ int main(int argc, char** argv) {
     Eigen::VectorXd mu_source(args.dim), mu_target(args.dim);
     for (int j = 0; j < args.dim; ++j) {
       mu_source(j) = std::sin(0.7 * j);
-      mu_target(j) = mu_source(j) + (j % 2 == 0 ? 0.5 : -0.5);  // the "changed prompt"
+      mu_target(j) = mu_source(j) + (j % 2 == 0 ? 0.5 : -0.5); // the "changed prompt"
     }
     Model source(mu_source, 0.5), target(mu_target, 0.5);
 
@@ -156,8 +162,8 @@ int main(int argc, char** argv) {
     }
     if (args.method == "all" || args.method == "edict") {
       std::snprintf(label, sizeof label, "EDICT p=%g", args.p);
-      worst = std::max(worst, run(label, diffgrad::Edict(args.p), schedule, nodes, source,
-                                  target, x0, exact_edit));
+      worst = std::max(worst, run(label, diffgrad::Edict(args.p), schedule, nodes, source, target,
+                                  x0, exact_edit));
     }
     if (args.method == "all" || args.method == "coupling") {
       std::snprintf(label, sizeof label, "coupled DDIM c=%g", args.c);

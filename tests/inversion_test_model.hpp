@@ -32,8 +32,8 @@ public:
   /// The fixed problem used by the tests: d = 3, K = 3.
   static MixtureModel standard() {
     Eigen::MatrixXd y(3, 3);
-    y << 1.0, -0.5, 0.3,   //
-        -0.8, 0.6, -0.2,   //
+    y << 1.0, -0.5, 0.3, //
+        -0.8, 0.6, -0.2, //
         0.1, 0.9, 1.1;
     Eigen::VectorXd c(3), th(3);
     c << 0.15, -0.1, 0.05;
@@ -70,7 +70,7 @@ public:
       Eigen::VectorXd w;
       const Eigen::VectorXd xhat = posterior_mean(xr, n.alpha, v, w);
       const Eigen::VectorXd b = -(n.sigma * n.alpha / v) * ar;
-      Eigen::VectorXd acc = Eigen::VectorXd::Zero(xr.size());  // sum_i lbar_i (m_i - xhat)
+      Eigen::VectorXd acc = Eigen::VectorXd::Zero(xr.size()); // sum_i lbar_i (m_i - xhat)
       for (Eigen::Index i = 0; i < K; ++i) {
         const Eigen::VectorXd dm = mean(i) - xhat;
         const double lbar = w(i) * b.dot(dm);
@@ -78,15 +78,12 @@ public:
         if (dparams) (*dparams)(i) += Scalar(lbar);
       }
       dx.row(r) = ((n.sigma / v) * ar + (n.alpha / v) * acc).transpose().template cast<Scalar>();
-      if (dcond)
-        *dcond += (b - (n.alpha * n.alpha / v) * acc).template cast<Scalar>();
+      if (dcond) *dcond += (b - (n.alpha * n.alpha / v) * acc).template cast<Scalar>();
     }
   }
 
 private:
-  Eigen::VectorXd mean(Eigen::Index i) const {
-    return atoms_.row(i).transpose() + cond_;
-  }
+  Eigen::VectorXd mean(Eigen::Index i) const { return atoms_.row(i).transpose() + cond_; }
   /// xhat and the posterior weights w (log-sum-exp stabilised).
   Eigen::VectorXd posterior_mean(const Eigen::VectorXd& x, double alpha, double v,
                                  Eigen::VectorXd& w) const {

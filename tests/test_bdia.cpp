@@ -170,7 +170,8 @@ TEST_CASE("BDIA inversion: first step z_1 is the hand-computed DDIM inversion st
   const Node& nM = nodes[9];
   St<double> e;
   model.eps(x0, nN, e);
-  const St<double> z1 = (nM.alpha / nN.alpha) * x0 + (nM.sigma - nM.alpha * nN.sigma / nN.alpha) * e;
+  const St<double> z1 =
+      (nM.alpha / nN.alpha) * x0 + (nM.sigma - nM.alpha * nN.sigma / nN.alpha) * e;
   CHECK(times[0] == nM.t);
   CHECK(relative_error<double>(states[0], z1) <= 1e-14);
   // The last two states reported are the latent pair (z_N, z_{N-1}) = (nodes[0], nodes[1]).
@@ -179,7 +180,8 @@ TEST_CASE("BDIA inversion: first step z_1 is the hand-computed DDIM inversion st
   CHECK(relative_error<double>(states[states.size() - 2], latent.second) == 0.0);
 }
 
-TEST_CASE("BDIA gamma = 1 round trip is exact to rounding (N = 50, float64)", "[bdia][round-trip]") {
+TEST_CASE("BDIA gamma = 1 round trip is exact to rounding (N = 50, float64)",
+          "[bdia][round-trip]") {
   const VPLinearSchedule s;
   const auto nodes = grid(s, 50);
   auto model = MixtureModel<double>::standard();
@@ -194,7 +196,7 @@ TEST_CASE("BDIA gamma = 1 round trip is exact to rounding (N = 50, float64)", "[
     INFO("gamma " << gamma << " round-trip relative error " << err);
     CHECK(err <= (gamma == 1.0 ? 1e-13 : 1e-12));
     CHECK(rep.model_evals == 50);
-    CHECK(gen.model_evals == 49);  // the latent already holds z_{N-1}
+    CHECK(gen.model_evals == 49); // the latent already holds z_{N-1}
     CHECK_FALSE(rep.amplification.exceeded);
   }
 }
@@ -219,7 +221,8 @@ TEST_CASE("BDIA round trip on the Dirac mixture (N = 50)", "[bdia][round-trip][d
   // sigma_max/sigma_min ~ 95 on this grid, and the mode an inversion rounds into grows by that
   // ratio on the way back, so float32 round trips sit at ~100 u ~ 1e-5 (measured 2e-6 to 2e-5
   // over batches/point scales). The smooth mixture above meets 1e-5 with a wide margin.
-  for (const auto& [name, method] : std::vector<std::pair<const char*, BdiaDdim>>{{"gamma 1", BdiaDdim(1.0)}, {"gamma 0.95", BdiaDdim(0.95)}}) {
+  for (const auto& [name, method] : std::vector<std::pair<const char*, BdiaDdim>>{
+           {"gamma 1", BdiaDdim(1.0)}, {"gamma 0.95", BdiaDdim(0.95)}}) {
     const double e64 = dirac_round_trip<double>(method, 50);
     const double e32 = dirac_round_trip<float>(method, 50);
     INFO(name << ": float64 " << e64 << ", float32 " << e32);
@@ -273,8 +276,8 @@ TEST_CASE("BDIA amplification diagnostic: gamma = 0.5, N = 50 warns or refuses",
     InversionOptions opt;
     opt.amplification.policy = AmplificationPolicy::ignore;
     LatentPair<St<double>> latent;
-    CHECK_FALSE(invert(BdiaDdim(0.5), backend, s, nodes, inner, x0, latent, opt)
-                    .amplification.warned);
+    CHECK_FALSE(
+        invert(BdiaDdim(0.5), backend, s, nodes, inner, x0, latent, opt).amplification.warned);
     InversionOptions high;
     high.amplification.threshold = 1e16;
     const auto r = invert(BdiaDdim(0.5), backend, s, nodes, inner, x0, latent, high);
@@ -289,12 +292,12 @@ TEST_CASE("Round-trip editing: invert under one conditioning, regenerate under a
   const auto nodes = grid(s, 50);
   auto source = MixtureModel<double>::standard();
   auto target = source;
-  target.cond() << -0.4, 0.3, 0.2;  // the "changed prompt": a shifted mixture
+  target.cond() << -0.4, 0.3, 0.2; // the "changed prompt": a shifted mixture
   const EigenBackend<double> backend;
   const auto x0 = data_sample(s, nodes, source);
   St<double> edited;
-  const auto r = invert_and_regenerate(BdiaDdim(1.0), backend, s, nodes, source, target, x0,
-                                       edited);
+  const auto r =
+      invert_and_regenerate(BdiaDdim(1.0), backend, s, nodes, source, target, x0, edited);
   INFO("round trip " << r.round_trip_error << ", edit change " << r.edit_change);
   CHECK(r.round_trip_error <= 1e-13);
   CHECK(r.edit_change > 0.05);

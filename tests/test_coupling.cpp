@@ -38,7 +38,8 @@ St<Scalar> data_sample(const VPLinearSchedule& s, const std::vector<Node>& nodes
 }
 
 template <class Method>
-double round_trip_error(const Method& m, int n, int* inv_evals = nullptr, int* gen_evals = nullptr) {
+double round_trip_error(const Method& m, int n, int* inv_evals = nullptr,
+                        int* gen_evals = nullptr) {
   const VPLinearSchedule s;
   const auto nodes = grid(s, n);
   auto model = MixtureModel<double>::standard();
@@ -112,10 +113,11 @@ TEST_CASE("Coupling steps follow y' = c(y - z) + Phi(z), z' = z + y' - Phi^-1(y'
                     [&](int, int, const Node&, const St<double>& st) { ys.push_back(st); });
   REQUIRE(ys.size() == 20);
   St<double> y = x_T, z = x_T, e;
-  for (int k = 0; k < 2; ++k) {  // the second step has y != z
+  for (int k = 0; k < 2; ++k) { // the second step has y != z
     const Node &ns = nodes[k], &nt = nodes[k + 1];
     model.eps(z, ns, e);
-    const St<double> phi = (nt.alpha / ns.alpha) * z + (nt.sigma - nt.alpha * ns.sigma / ns.alpha) * e;
+    const St<double> phi =
+        (nt.alpha / ns.alpha) * z + (nt.sigma - nt.alpha * ns.sigma / ns.alpha) * e;
     y = c * y + (1 - c) * z + (phi - z);
     model.eps(y, nt, e);
     const St<double> back =
@@ -133,7 +135,7 @@ TEST_CASE("Coupled DDIM round trip is exact to rounding (N = 50, float64)",
     const double err = round_trip_error(ReversibleCoupling(Ddim(), c), 50, &inv, &gen);
     INFO("c " << c << " round-trip relative error " << err);
     CHECK(err <= 1e-13);
-    CHECK(inv == 100);  // Phi_{s->t} and Phi_{t->s}: 2 model calls per step
+    CHECK(inv == 100); // Phi_{s->t} and Phi_{t->s}: 2 model calls per step
     CHECK(gen == 100);
   }
 }
@@ -169,12 +171,15 @@ TEST_CASE("Coupled DDIM round trip in float32 (N = 50)", "[coupling][round-trip]
   CHECK(err <= 1e-5);
 }
 
-TEST_CASE("Coupled DDIM round trip on the Dirac mixture (N = 50)", "[coupling][round-trip][dirac]") {
+TEST_CASE("Coupled DDIM round trip on the Dirac mixture (N = 50)",
+          "[coupling][round-trip][dirac]") {
   // float32 tolerance: near the data end the Dirac mixture's flow contracts by up to
   // sigma_max/sigma_min ~ 95 on this grid, and the mode an inversion rounds into grows by that
   // ratio on the way back, so float32 round trips sit at ~100 u ~ 1e-5 (measured 2e-6 to 2e-5
   // over batches/point scales). The smooth mixture above meets 1e-5 with a wide margin.
-  for (const auto& [name, method] : std::vector<std::pair<const char*, ReversibleCoupling<Ddim>>>{{"c 0.999", ReversibleCoupling(Ddim(), 0.999)}, {"c 0.9", ReversibleCoupling(Ddim(), 0.9)}}) {
+  for (const auto& [name, method] : std::vector<std::pair<const char*, ReversibleCoupling<Ddim>>>{
+           {"c 0.999", ReversibleCoupling(Ddim(), 0.999)},
+           {"c 0.9", ReversibleCoupling(Ddim(), 0.9)}}) {
     const double e64 = dirac_round_trip<double>(method, 50);
     const double e32 = dirac_round_trip<float>(method, 50);
     INFO(name << ": float64 " << e64 << ", float32 " << e32);
@@ -187,9 +192,9 @@ TEST_CASE("The coupling keeps the base scheme's order on Gaussian data", "[coupl
   const double ddim = order_on_gaussian(ReversibleCoupling(Ddim(), 0.999), {20, 40, 80, 160, 320});
   INFO("coupled DDIM order " << ddim);
   CHECK(ddim == Approx(1.0).margin(0.2));
-  const double dpm2 = order_on_gaussian(
-      ReversibleCoupling(DpmSolverSinglestep(2, SolverPrediction::noise), 0.999),
-      {20, 40, 80, 160, 320});
+  const double dpm2 =
+      order_on_gaussian(ReversibleCoupling(DpmSolverSinglestep(2, SolverPrediction::noise), 0.999),
+                        {20, 40, 80, 160, 320});
   INFO("coupled DPM-Solver-2 order " << dpm2);
   CHECK(dpm2 == Approx(2.0).margin(0.2));
 }
@@ -213,8 +218,8 @@ TEST_CASE("Coupled editing through the generic edit API", "[coupling][edit]") {
   target.cond() << 0.3, 0.3, -0.3;
   const auto x0 = data_sample(s, nodes, source);
   St<double> edited;
-  const auto r = invert_and_regenerate(ReversibleCoupling(Ddim(), 0.999), EigenBackend<double>(),
-                                       s, nodes, source, target, x0, edited);
+  const auto r = invert_and_regenerate(ReversibleCoupling(Ddim(), 0.999), EigenBackend<double>(), s,
+                                       nodes, source, target, x0, edited);
   CHECK(r.round_trip_error <= 1e-13);
   CHECK(r.edit_change > 0.05);
 }

@@ -72,7 +72,7 @@ template <class Scalar, class Method> double dirac_round_trip(const Method& meth
 
 TEST_CASE("EDICT steps follow the paper's equations (by hand), both orderings", "[edict]") {
   const VPLinearSchedule s;
-  const auto nodes = grid(s, 20);  // moderate steps: coefficients of order 1, little cancellation
+  const auto nodes = grid(s, 20); // moderate steps: coefficients of order 1, little cancellation
   auto model = MixtureModel<double>::standard();
   const double p = 0.93;
   const auto x_T = test_batch<double>(3, 3);
@@ -96,12 +96,12 @@ TEST_CASE("EDICT steps follow the paper's equations (by hand), both orderings", 
         xi = a * hx + b * e;
       } else {
         model.eps(hy, ns, e);
-        xi = a * hx + b * e;  // (9)
+        xi = a * hx + b * e; // (9)
         model.eps(xi, ns, e);
-        yi = a * hy + b * e;  // (10)
+        yi = a * hy + b * e; // (10)
       }
-      hx = p * xi + (1 - p) * yi;  // (11)
-      hy = p * yi + (1 - p) * hx;  // (12)
+      hx = p * xi + (1 - p) * yi; // (11)
+      hy = p * yi + (1 - p) * hx; // (12)
       INFO("leapfrog " << leapfrog << " step " << k << " error "
                        << relative_error<double>(xs[k], hx));
       CHECK(relative_error<double>(xs[k], hx) <= 1e-14);
@@ -109,7 +109,8 @@ TEST_CASE("EDICT steps follow the paper's equations (by hand), both orderings", 
   }
 }
 
-TEST_CASE("EDICT p = 0.93 round trip is exact to rounding (N = 50, float64)", "[edict][round-trip]") {
+TEST_CASE("EDICT p = 0.93 round trip is exact to rounding (N = 50, float64)",
+          "[edict][round-trip]") {
   const VPLinearSchedule s;
   const auto nodes = grid(s, 50);
   auto model = MixtureModel<double>::standard();
@@ -125,7 +126,7 @@ TEST_CASE("EDICT p = 0.93 round trip is exact to rounding (N = 50, float64)", "[
     const double err = relative_error<double>(back, x0);
     INFO("leapfrog " << leapfrog << " round-trip relative error " << err);
     CHECK(err <= 1e-13);
-    CHECK(inv.model_evals == 100);  // 2 model calls per step
+    CHECK(inv.model_evals == 100); // 2 model calls per step
     CHECK(gen.model_evals == 100);
     CHECK(inv.steps_taken == 50);
     CHECK(gen.steps_taken == 50);
@@ -156,7 +157,8 @@ TEST_CASE("EDICT round trip on the Dirac mixture (N = 50)", "[edict][round-trip]
   // sigma_max/sigma_min ~ 95 on this grid, and the mode an inversion rounds into grows by that
   // ratio on the way back, so float32 round trips sit at ~100 u ~ 1e-5 (measured 2e-6 to 2e-5
   // over batches/point scales). The smooth mixture above meets 1e-5 with a wide margin.
-  for (const auto& [name, method] : std::vector<std::pair<const char*, Edict>>{{"p 0.93", Edict(0.93)}, {"p 0.93 leapfrog", Edict(0.93, true)}}) {
+  for (const auto& [name, method] : std::vector<std::pair<const char*, Edict>>{
+           {"p 0.93", Edict(0.93)}, {"p 0.93 leapfrog", Edict(0.93, true)}}) {
     const double e64 = dirac_round_trip<double>(method, 50);
     const double e32 = dirac_round_trip<float>(method, 50);
     INFO(name << ": float64 " << e64 << ", float32 " << e32);
@@ -170,7 +172,7 @@ TEST_CASE("EDICT amplification is 1/p^2 per step", "[edict][amplification]") {
   CHECK(r.per_step == Approx(1.0 / (0.93 * 0.93)));
   CHECK(r.steps == 50);
   CHECK(r.total == Approx(std::pow(0.93, -100)).epsilon(1e-12));
-  CHECK_FALSE(r.exceeded);  // ~1.4e3
+  CHECK_FALSE(r.exceeded); // ~1.4e3
   const VPLinearSchedule s;
   const auto nodes = grid(s, 50);
   auto model = MixtureModel<double>::standard();
@@ -190,11 +192,11 @@ TEST_CASE("EDICT editing through the generic edit API", "[edict][edit]") {
   const auto nodes = grid(s, 50);
   auto source = MixtureModel<double>::standard();
   auto target = source;
-  target.logits() << -1.0, 1.0, 0.0;  // change the mixture weights
+  target.logits() << -1.0, 1.0, 0.0; // change the mixture weights
   const auto x0 = data_sample(s, nodes, source);
   St<double> edited;
-  const auto r = invert_and_regenerate(Edict(), EigenBackend<double>(), s, nodes, source, target,
-                                       x0, edited);
+  const auto r =
+      invert_and_regenerate(Edict(), EigenBackend<double>(), s, nodes, source, target, x0, edited);
   CHECK(r.round_trip_error <= 1e-13);
   CHECK(r.edit_change > 1e-3);
   CHECK(r.model_evals == 300);

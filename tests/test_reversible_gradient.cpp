@@ -9,7 +9,7 @@
 #include <functional>
 #include <vector>
 
-#include "diffgrad/gradients/gradient.hpp"  // the generic store-all discrete adjoint
+#include "diffgrad/gradients/gradient.hpp" // the generic store-all discrete adjoint
 #include "diffgrad/gradients/reversible.hpp"
 #include "diffgrad/inversion/bdia.hpp"
 #include "diffgrad/inversion/coupling.hpp"
@@ -51,7 +51,8 @@ struct Loss {
 St noise() { return test_batch<double>(4, 3); }
 St direction() {
   St v = test_batch<double>(4, 3);
-  for (Eigen::Index i = 0; i < v.size(); ++i) v.data()[i] = std::cos(2.1 * static_cast<double>(i) + 0.3);
+  for (Eigen::Index i = 0; i < v.size(); ++i)
+    v.data()[i] = std::cos(2.1 * static_cast<double>(i) + 0.3);
   return v;
 }
 
@@ -150,8 +151,8 @@ Reference edict_store_all(Model& m, const std::vector<Node>& nodes, double p, bo
   return r;
 }
 
-Reference coupling_ddim_store_all(Model& m, const std::vector<Node>& nodes, double c,
-                                  const St& x_T, const Loss& loss) {
+Reference coupling_ddim_store_all(Model& m, const std::vector<Node>& nodes, double c, const St& x_T,
+                                  const Loss& loss) {
   const int N = static_cast<int>(nodes.size()) - 1;
   std::vector<St> zs(static_cast<std::size_t>(N)), ys_new(static_cast<std::size_t>(N));
   St y = x_T, z = x_T, e, dx;
@@ -181,7 +182,7 @@ Reference coupling_ddim_store_all(Model& m, const std::vector<Node>& nodes, doub
     ddim(t, s, ai, bi);
     // z' = z + y' - (ai y' + bi eps(y', t))
     m.vjp(ys_new[k], t, St(-bi * zb), dx, &r.grad_cond, &r.grad_params);
-    const St Y = yb + zb - ai * zb + dx;  // total dL/dy'
+    const St Y = yb + zb - ai * zb + dx; // total dL/dy'
     // y' = c y - c z + a z + b eps(z, s)
     m.vjp(zs[k], s, St(b * Y), dx, &r.grad_cond, &r.grad_params);
     zb = zb - c * Y + a * Y + dx;
@@ -270,9 +271,8 @@ private:
 };
 
 template <class Method>
-ReversibleGradientResult<EigenBackend<double>> run(const Method& method, Model& model,
-                                                   const std::vector<Node>& nodes,
-                                                   const Loss& loss) {
+ReversibleGradientResult<EigenBackend<double>>
+run(const Method& method, Model& model, const std::vector<Node>& nodes, const Loss& loss) {
   const VPLinearSchedule s;
   return reversible_gradient(method, EigenBackend<double>(), s, nodes, model, noise(),
                              [&](const St& x0, St& g) { loss.grad(x0, g); });
@@ -299,8 +299,8 @@ void check_against_reference(const ReversibleGradientResult<EigenBackend<double>
                              const Reference& ref) {
   const double ex = rel(r.grad_x, ref.grad_x), ec = rel(r.grad_cond, ref.grad_cond),
                ep = rel(r.grad_params, ref.grad_params);
-  INFO("vs store-all: x " << ex << ", cond " << ec << ", params " << ep
-                          << "; reconstruction error " << r.reconstruction_error);
+  INFO("vs store-all: x " << ex << ", cond " << ec << ", params " << ep << "; reconstruction error "
+                          << r.reconstruction_error);
   CHECK(ex <= 1e-10);
   CHECK(ec <= 1e-10);
   CHECK(ep <= 1e-10);
@@ -374,7 +374,7 @@ TEST_CASE("BDIA reversible gradient = the library's store-all discrete adjoint (
     auto model = Model::standard();
     const auto r = run(BdiaDdim(gamma), model, nodes, loss);
     GradientOptions opt;
-    opt.wrt_cond = opt.wrt_params = true;  // memory: store_all (the default)
+    opt.wrt_cond = opt.wrt_params = true; // memory: store_all (the default)
     auto ref_model = Model::standard();
     const auto ref = gradient(BdiaAsStepPlan{gamma}, backend, s, nodes, ref_model, noise(),
                               LossFunctionAdapter{loss}, opt);
@@ -434,9 +434,8 @@ TEST_CASE("Reversible gradients store O(1) states: the same buffers for N = 10 a
   const ReversibleCoupling coupling(Ddim(), 0.999);
   const auto c10 = run(coupling, model, n10, loss), c50 = run(coupling, model, n50, loss);
   CHECK(c10.cost.peak_state_buffers == c50.cost.peak_state_buffers);
-  INFO("buffers: BDIA " << b50.cost.peak_state_buffers << ", EDICT "
-                        << e50.cost.peak_state_buffers << ", coupling "
-                        << c50.cost.peak_state_buffers);
+  INFO("buffers: BDIA " << b50.cost.peak_state_buffers << ", EDICT " << e50.cost.peak_state_buffers
+                        << ", coupling " << c50.cost.peak_state_buffers);
   CHECK(c50.cost.peak_state_buffers <= 20);
 }
 
@@ -541,9 +540,9 @@ TEST_CASE("Reversible gradients: amplification policy and bad input", "[reversib
   const auto cot = [](const St& x0, St& g) { g = x0; };
   ReversibleGradientOptions refuse;
   refuse.amplification.policy = AmplificationPolicy::refuse;
-  CHECK_THROWS_AS(reversible_gradient(BdiaDdim(0.5), backend, s, nodes, model, noise(), cot,
-                                      refuse),
-                  diffgrad::numerical_error);
+  CHECK_THROWS_AS(
+      reversible_gradient(BdiaDdim(0.5), backend, s, nodes, model, noise(), cot, refuse),
+      diffgrad::numerical_error);
   const auto warned = reversible_gradient(BdiaDdim(0.5), backend, s, nodes, model, noise(), cot);
   CHECK(warned.amplification.warned);
   CHECK(warned.amplification.total > 1e6);

@@ -25,29 +25,29 @@
 namespace diffgrad {
 
 struct ReversibleGradientOptions {
-  bool want_cond = true;    ///< accumulate dL/dcond (model.cond_size() entries)
-  bool want_params = true;  ///< accumulate dL/dtheta (model.param_size() entries)
-  bool check_finite = true; ///< check every model output for NaN/Inf
+  bool want_cond = true;                ///< accumulate dL/dcond (model.cond_size() entries)
+  bool want_params = true;              ///< accumulate dL/dtheta (model.param_size() entries)
+  bool check_finite = true;             ///< check every model output for NaN/Inf
   AmplificationOptions amplification{}; ///< the backward pass inverts: same diagnostic
 };
 
 /// What a reversible gradient cost. All counts are checked by the tests.
 struct ReversibleGradientCost {
   int forward_model_evals = 0;
-  int backward_model_evals = 0;  ///< re-evaluations at reconstructed states
+  int backward_model_evals = 0; ///< re-evaluations at reconstructed states
   int vjps = 0;
-  int trajectory_states = 2;     ///< states of the trajectory held at once (the pair)
-  int peak_state_buffers = 0;    ///< every state-sized buffer allocated, scratch included
+  int trajectory_states = 2;  ///< states of the trajectory held at once (the pair)
+  int peak_state_buffers = 0; ///< every state-sized buffer allocated, scratch included
 };
 
 template <Backend B> struct ReversibleGradientResult {
   using State = typename B::state_type;
   using Vector = typename B::vector_type;
-  State sample;            ///< the forward pass's output x_0
-  State grad_x;            ///< dL/dx_T (zero-sized for reversible_gradient_latent)
-  LatentPair<State> grad_latent;  ///< dL/d(latent pair) at the noise end
-  Vector grad_cond;        ///< dL/dcond, summed over the batch (empty unless wanted)
-  Vector grad_params;      ///< dL/dtheta (empty unless wanted)
+  State sample;                  ///< the forward pass's output x_0
+  State grad_x;                  ///< dL/dx_T (zero-sized for reversible_gradient_latent)
+  LatentPair<State> grad_latent; ///< dL/d(latent pair) at the noise end
+  Vector grad_cond;              ///< dL/dcond, summed over the batch (empty unless wanted)
+  Vector grad_params;            ///< dL/dtheta (empty unless wanted)
   /// |reconstructed start pair - true start pair| / |true start pair|: how far the walk back
   /// drifted; the gradient is exact up to an error of this relative size.
   double reconstruction_error = 0.0;
@@ -58,12 +58,10 @@ template <Backend B> struct ReversibleGradientResult {
 namespace detail {
 
 template <ReversibleMethod M, Backend B, class S, class Model, class Cotangent>
-ReversibleGradientResult<B>
-reversible_gradient_impl(const M& method, const B& backend, const S& schedule,
-                         std::span<const Node> nodes, Model& model,
-                         const typename B::state_type* x_T,
-                         const LatentPair<typename B::state_type>* latent, Cotangent&& cotangent,
-                         const ReversibleGradientOptions& options, const char* where) {
+ReversibleGradientResult<B> reversible_gradient_impl(
+    const M& method, const B& backend, const S& schedule, std::span<const Node> nodes, Model& model,
+    const typename B::state_type* x_T, const LatentPair<typename B::state_type>* latent,
+    Cotangent&& cotangent, const ReversibleGradientOptions& options, const char* where) {
   using State = typename B::state_type;
   using Vector = typename B::vector_type;
   static_assert(DifferentiableNoiseModel<Model, State, Vector>,
@@ -143,16 +141,14 @@ reversible_gradient_impl(const M& method, const B& backend, const S& schedule,
 /// sample_from_noise). cotangent(const State& sample, State& out) writes dL/dsample.
 /// Returns dL/dx_T, dL/dcond, dL/dtheta, the reconstruction error and the cost.
 template <ReversibleMethod M, Backend B, class S, class Model, class Cotangent>
-ReversibleGradientResult<B> reversible_gradient(const M& method, const B& backend,
-                                                const S& schedule, std::span<const Node> nodes,
-                                                Model& model, const typename B::state_type& x_T,
-                                                Cotangent&& cotangent,
-                                                const ReversibleGradientOptions& options = {}) {
-  return detail::reversible_gradient_impl(method, backend, schedule, nodes, model, &x_T,
-                                          static_cast<const LatentPair<typename B::state_type>*>(
-                                              nullptr),
-                                          std::forward<Cotangent>(cotangent), options,
-                                          "reversible_gradient");
+ReversibleGradientResult<B>
+reversible_gradient(const M& method, const B& backend, const S& schedule,
+                    std::span<const Node> nodes, Model& model, const typename B::state_type& x_T,
+                    Cotangent&& cotangent, const ReversibleGradientOptions& options = {}) {
+  return detail::reversible_gradient_impl(
+      method, backend, schedule, nodes, model, &x_T,
+      static_cast<const LatentPair<typename B::state_type>*>(nullptr),
+      std::forward<Cotangent>(cotangent), options, "reversible_gradient");
 }
 
 /// Same, started from a latent pair (as in generate): returns dL/d(latent) in grad_latent,
@@ -161,12 +157,11 @@ template <ReversibleMethod M, Backend B, class S, class Model, class Cotangent>
 ReversibleGradientResult<B>
 reversible_gradient_latent(const M& method, const B& backend, const S& schedule,
                            std::span<const Node> nodes, Model& model,
-                           const LatentPair<typename B::state_type>& latent,
-                           Cotangent&& cotangent, const ReversibleGradientOptions& options = {}) {
-  return detail::reversible_gradient_impl(method, backend, schedule, nodes, model,
-                                          static_cast<const typename B::state_type*>(nullptr),
-                                          &latent, std::forward<Cotangent>(cotangent), options,
-                                          "reversible_gradient_latent");
+                           const LatentPair<typename B::state_type>& latent, Cotangent&& cotangent,
+                           const ReversibleGradientOptions& options = {}) {
+  return detail::reversible_gradient_impl(
+      method, backend, schedule, nodes, model, static_cast<const typename B::state_type*>(nullptr),
+      &latent, std::forward<Cotangent>(cotangent), options, "reversible_gradient_latent");
 }
 
 } // namespace diffgrad

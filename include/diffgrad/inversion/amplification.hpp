@@ -28,18 +28,18 @@ enum class AmplificationPolicy {
 
 struct AmplificationReport {
   const char* method = "";
-  double per_step = 1.0;   ///< growth factor of the amplified mode per inverse step
-  int steps = 0;           ///< number of inverse steps that amplify
-  double total = 1.0;      ///< per_step^steps (+inf when it overflows double)
-  double threshold = 1e6;  ///< the threshold it was compared against
-  bool exceeded = false;   ///< total > threshold
-  bool warned = false;     ///< exceeded under AmplificationPolicy::warn
+  double per_step = 1.0;  ///< growth factor of the amplified mode per inverse step
+  int steps = 0;          ///< number of inverse steps that amplify
+  double total = 1.0;     ///< per_step^steps (+inf when it overflows double)
+  double threshold = 1e6; ///< the threshold it was compared against
+  bool exceeded = false;  ///< total > threshold
+  bool warned = false;    ///< exceeded under AmplificationPolicy::warn
   /// Decimal digits of the latent that rounding can spoil: log10(total).
   double log10_total() const { return static_cast<double>(steps) * std::log10(per_step); }
 };
 
 struct AmplificationOptions {
-  double threshold = 1e6;                               ///< total growth that triggers the policy
+  double threshold = 1e6; ///< total growth that triggers the policy
   AmplificationPolicy policy = AmplificationPolicy::warn;
   std::function<void(const AmplificationReport&)> on_warning{}; ///< called under `warn`
 };
@@ -52,8 +52,8 @@ inline double coupling_amplification_per_step(double c) { return 1.0 / c; }
 } // namespace coeffs
 
 /// per_step^steps, computed in log space so huge growth reads +inf instead of wrapping.
-inline AmplificationReport make_amplification_report(const char* method, double per_step,
-                                                     int steps, double threshold) {
+inline AmplificationReport make_amplification_report(const char* method, double per_step, int steps,
+                                                     double threshold) {
   AmplificationReport r;
   r.method = method;
   r.per_step = per_step;
@@ -68,8 +68,8 @@ inline AmplificationReport make_amplification_report(const char* method, double 
 }
 
 inline void validate_amplification_options(const AmplificationOptions& o, const char* where) {
-  detail::require(o.threshold >= 1.0 && !std::isnan(o.threshold), where,
-                  "amplification.threshold", "a threshold >= 1", o.threshold);
+  detail::require(o.threshold >= 1.0 && !std::isnan(o.threshold), where, "amplification.threshold",
+                  "a threshold >= 1", o.threshold);
 }
 
 /// Applies the policy: may throw numerical_error (refuse) or flag and call back (warn).

@@ -49,8 +49,7 @@ class BdiaDdim {
 public:
   using reversible_method_tag = void;
   explicit BdiaDdim(double gamma = 1.0) : gamma_(gamma) {
-    detail::require(gamma >= 0.0 && gamma <= 1.0, "BdiaDdim", "gamma", "0 <= gamma <= 1",
-                    gamma);
+    detail::require(gamma >= 0.0 && gamma <= 1.0, "BdiaDdim", "gamma", "0 <= gamma <= 1", gamma);
   }
   double gamma() const { return gamma_; }
   static constexpr const char* name() { return "BDIA-DDIM"; }
@@ -90,7 +89,7 @@ public:
         dx_(backend.make_state(batch, dim)) {}
 
   int first_step() const { return 1; }
-  int output_index() const { return 1; }  ///< the newest state of the pair is the sample
+  int output_index() const { return 1; } ///< the newest state of the pair is the sample
   int model_evals() const { return eps_fn_.evals; }
   int vjps() const { return vjps_; }
   int state_buffers() const { return 3; }
@@ -118,7 +117,7 @@ public:
   void forward(int k, State& a, State& b) {
     const auto c = coeffs::bdia(node(k - 1), node(k), node(k + 1), gamma_);
     eps_fn_(backend_, b, node(k), eps_, k);
-    if (gamma_ == 0.0)  // plain DDIM: skip the zero term (bitwise equal to Ddim)
+    if (gamma_ == 0.0) // plain DDIM: skip the zero term (bitwise equal to Ddim)
       backend_.lincomb(a, term(c.x, b), term(c.eps, eps_));
     else
       backend_.lincomb(a, term(c.prev, a), term(c.x, b), term(c.eps, eps_));

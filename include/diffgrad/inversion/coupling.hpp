@@ -13,8 +13,8 @@
 // step's position, like a per-step order list, sees step 0 of that one-interval grid). A
 // small stage engine here runs the plans, so DDIM, DPM-Solver(++)-2/3 singlestep and RK-type
 // schemes all become exactly invertible at 2 x stages model calls per step. Exactness never
-// depends on Phi_{t->s} inverting Phi_{s->t}: any pair of maps gives an exact inverse. The coupling damps y - z
-// by c per step; inversion grows it by 1/c (amplification.hpp). The sample is y.
+// depends on Phi_{t->s} inverting Phi_{s->t}: any pair of maps gives an exact inverse. The coupling
+// damps y - z by c per step; inversion grows it by 1/c (amplification.hpp). The sample is y.
 #include <array>
 #include <cstdint>
 #include <span>
@@ -50,8 +50,8 @@ public:
 
   /// out = Phi(x). `x` must stay unchanged until vjp() has been called.
   template <class Model>
-  void evaluate(const B& backend, const StepPlan& plan, CountedEps<Model>& eps_fn,
-                const State& x, State& out, int step) {
+  void evaluate(const B& backend, const StepPlan& plan, CountedEps<Model>& eps_fn, const State& x,
+                State& out, int step) {
     check_plan(plan);
     plan_ = plan;
     std::array<LinTerm<State>, kMaxLincombTerms> terms{};
@@ -69,8 +69,8 @@ public:
   /// xbar = (dPhi/dx)^T w at the x of the last evaluate(); *dcond/*dparams accumulate the
   /// model's conditioning/parameter VJPs. dx is scratch. One model VJP per stage.
   template <class Model>
-  int vjp(const B& backend, Model& model, const State& x, const State& w, State& xbar,
-          State& dx, Vector* dcond, Vector* dparams) {
+  int vjp(const B& backend, Model& model, const State& x, const State& w, State& xbar, State& dx,
+          Vector* dcond, Vector* dparams) {
     const StepPlan& p = plan_;
     const int S = p.num_stages;
     backend.lincomb(xbar, term(p.output.x, w));
@@ -79,8 +79,7 @@ public:
       if (s > 0) backend.lincomb(ubar_[idx(s - 1)], term(p.output.u[s], w));
     }
     for (int s = S - 1; s >= 0; --s) {
-      EpsVjp<Model>{model}(stage_input(s, x), p.stage_node[s], ebar_[idx(s)], dx, dcond,
-                           dparams);
+      EpsVjp<Model>{model}(stage_input(s, x), p.stage_node[s], ebar_[idx(s)], dx, dcond, dparams);
       if (s == 0) {
         backend.lincomb(xbar, term(1.0, xbar), term(1.0, dx));
         break;
@@ -131,7 +130,7 @@ private:
       if (s > 0) add(c.u[s], u_[idx(s - 1)]);
       add(c.e[s], e_[idx(s)]);
     }
-    if (n == 0) out[idx(n++)] = LinTerm<State>{0.0, &x};  // an all-zero combination
+    if (n == 0) out[idx(n++)] = LinTerm<State>{0.0, &x}; // an all-zero combination
     return n;
   }
 
@@ -150,8 +149,8 @@ public:
   using reversible_method_tag = void;
   explicit ReversibleCoupling(Scheme scheme = Scheme{}, double c = 0.999)
       : scheme_(std::move(scheme)), c_(c) {
-    detail::require(c > 0.0 && c <= 1.0, "ReversibleCoupling", "c",
-                    "coupling parameter 0 < c <= 1", c);
+    detail::require(c > 0.0 && c <= 1.0, "ReversibleCoupling", "c", "coupling parameter 0 < c <= 1",
+                    c);
     detail::require(scheme_.history() == 0, "ReversibleCoupling", "scheme",
                     "a one-step scheme (history() == 0)", scheme_.history());
     detail::require(!scheme_.stochastic(), "ReversibleCoupling", "scheme",
@@ -167,15 +166,14 @@ public:
   void validate_inversion() const {}
   /// Growth 1/c per inverse step, over N steps.
   AmplificationReport amplification(int num_steps, double threshold = 1e6) const {
-    return make_amplification_report(name(), coeffs::coupling_amplification_per_step(c_),
-                                     num_steps, threshold);
+    return make_amplification_report(name(), coeffs::coupling_amplification_per_step(c_), num_steps,
+                                     threshold);
   }
 
   template <Backend B, class Model>
-  CouplingStepper<Scheme, B, Model> make_stepper(const B& backend, NodeAtLambda node_at_lambda,
-                                                 std::span<const Node> nodes, Model& model,
-                                                 std::int64_t batch, std::int64_t dim,
-                                                 bool check_finite) const {
+  CouplingStepper<Scheme, B, Model>
+  make_stepper(const B& backend, NodeAtLambda node_at_lambda, std::span<const Node> nodes,
+               Model& model, std::int64_t batch, std::int64_t dim, bool check_finite) const {
     return CouplingStepper<Scheme, B, Model>(scheme_, c_, backend, node_at_lambda, nodes, model,
                                              batch, dim, check_finite);
   }
@@ -194,17 +192,17 @@ public:
   using Vector = typename B::vector_type;
 
   CouplingStepper(const Scheme& scheme, double c, const B& backend, NodeAtLambda node_at_lambda,
-                  std::span<const Node> nodes, Model& model, std::int64_t batch,
-                  std::int64_t dim, bool check_finite)
+                  std::span<const Node> nodes, Model& model, std::int64_t batch, std::int64_t dim,
+                  bool check_finite)
       : scheme_(scheme), c_(c), backend_(backend), node_at_lambda_(node_at_lambda),
         nodes_(nodes), eps_fn_{model, check_finite},
         forward_map_(backend, scheme.stages(), batch, dim),
-        backward_map_(backend, scheme.stages(), batch, dim),
-        phi_(backend.make_state(batch, dim)), w_(backend.make_state(batch, dim)),
-        g_(backend.make_state(batch, dim)), dx_(backend.make_state(batch, dim)) {}
+        backward_map_(backend, scheme.stages(), batch, dim), phi_(backend.make_state(batch, dim)),
+        w_(backend.make_state(batch, dim)), g_(backend.make_state(batch, dim)),
+        dx_(backend.make_state(batch, dim)) {}
 
   int first_step() const { return 0; }
-  int output_index() const { return 0; }  ///< the sample is y
+  int output_index() const { return 0; } ///< the sample is y
   int model_evals() const { return eps_fn_.evals; }
   int vjps() const { return vjps_; }
   int state_buffers() const {
@@ -243,8 +241,8 @@ public:
   /// inverse() plus the adjoint of step k; (ybar, zbar) = dL/d(y', z') in, dL/d(y, z) out:
   ///   Y  = ybar + zbar - J_{t->s}(y')^T zbar     (total dL/dy', as z' reads y')
   ///   dL/dy = c Y,   dL/dz = zbar - c Y + J_{s->t}(z)^T Y.
-  void inverse_with_adjoint(int k, State& y, State& z, State& ybar, State& zbar,
-                            Vector* dcond, Vector* dparams) {
+  void inverse_with_adjoint(int k, State& y, State& z, State& ybar, State& zbar, Vector* dcond,
+                            Vector* dparams) {
     backward_map_.evaluate(backend_, plan(k, true), eps_fn_, y, phi_, k);
     backend_.lincomb(z, term(1.0, z), term(-1.0, y), term(1.0, phi_));
     backend_.lincomb(w_, term(-1.0, zbar));

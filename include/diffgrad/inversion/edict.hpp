@@ -38,8 +38,8 @@ public:
   void validate_inversion() const {}
   /// Growth 1/p^2 per inverse step, over N steps.
   AmplificationReport amplification(int num_steps, double threshold = 1e6) const {
-    return make_amplification_report(name(), coeffs::edict_amplification_per_step(p_),
-                                     num_steps, threshold);
+    return make_amplification_report(name(), coeffs::edict_amplification_per_step(p_), num_steps,
+                                     threshold);
   }
 
   template <Backend B, class Model>
@@ -61,14 +61,14 @@ public:
   using State = typename B::state_type;
   using Vector = typename B::vector_type;
 
-  EdictStepper(double p, bool leapfrog, const B& backend, std::span<const Node> nodes,
-               Model& model, std::int64_t batch, std::int64_t dim, bool check_finite)
-      : p_(p), leapfrog_(leapfrog), backend_(backend), nodes_(nodes),
-        eps_fn_{model, check_finite}, eps_(backend.make_state(batch, dim)),
-        cot_(backend.make_state(batch, dim)), dx_(backend.make_state(batch, dim)) {}
+  EdictStepper(double p, bool leapfrog, const B& backend, std::span<const Node> nodes, Model& model,
+               std::int64_t batch, std::int64_t dim, bool check_finite)
+      : p_(p), leapfrog_(leapfrog), backend_(backend), nodes_(nodes), eps_fn_{model, check_finite},
+        eps_(backend.make_state(batch, dim)), cot_(backend.make_state(batch, dim)),
+        dx_(backend.make_state(batch, dim)) {}
 
   int first_step() const { return 0; }
-  int output_index() const { return 0; }  ///< the sample is x
+  int output_index() const { return 0; } ///< the sample is x
   int model_evals() const { return eps_fn_.evals; }
   int vjps() const { return vjps_; }
   int state_buffers() const { return 3; }
@@ -81,7 +81,7 @@ public:
   bool pair_from_data(const State& x0, State& x, State& y) {
     backend_.copy(x, x0);
     backend_.copy(y, x0);
-    return false;  // no model call: not a step of its own
+    return false; // no model call: not a step of its own
   }
   void pair_from_noise_vjp(const State&, const State&, const State& xbar, const State& ybar,
                            State& out, Vector*, Vector*) {
@@ -90,8 +90,8 @@ public:
 
   void forward(int k, State& x, State& y) {
     const auto c = coeffs::ddim(node(k), node(k + 1), 0.0);
-    State& first = swapped(k) ? y : x;   // updated first, from eps(second)
-    State& second = swapped(k) ? x : y;  // updated second, from eps(first_int)
+    State& first = swapped(k) ? y : x;  // updated first, from eps(second)
+    State& second = swapped(k) ? x : y; // updated second, from eps(first_int)
     eps_fn_(backend_, second, node(k), eps_, k);
     backend_.lincomb(first, term(c.x, first), term(c.eps, eps_));
     eps_fn_(backend_, first, node(k), eps_, k);
@@ -117,9 +117,9 @@ public:
     const auto c = coeffs::ddim(node(k), node(k + 1), 0.0);
     unmix(x, y);
     // Mixing adjoint: y' = p y_int + (1-p) x', x' = p x_int + (1-p) y_int.
-    backend_.lincomb(xbar, term(1.0, xbar), term(1.0 - p_, ybar));  // total dL/dx'
-    backend_.lincomb(ybar, term(p_, ybar), term(1.0 - p_, xbar));    // dL/dy_int
-    backend_.lincomb(xbar, term(p_, xbar));                          // dL/dx_int
+    backend_.lincomb(xbar, term(1.0, xbar), term(1.0 - p_, ybar)); // total dL/dx'
+    backend_.lincomb(ybar, term(p_, ybar), term(1.0 - p_, xbar));  // dL/dy_int
+    backend_.lincomb(xbar, term(p_, xbar));                        // dL/dx_int
     State& first = swapped(k) ? y : x;
     State& second = swapped(k) ? x : y;
     State& first_bar = swapped(k) ? ybar : xbar;

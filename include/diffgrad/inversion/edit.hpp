@@ -24,12 +24,12 @@ struct EditOptions {
 };
 
 template <class State> struct EditResult {
-  LatentPair<State> latent;   ///< the exact inversion of x0 under the source conditioning
+  LatentPair<State> latent; ///< the exact inversion of x0 under the source conditioning
   InversionReport inversion{};
   /// |regenerate(latent, source) - x0| / |x0| (NaN when not measured).
   double round_trip_error = std::numeric_limits<double>::quiet_NaN();
-  double edit_change = 0.0;   ///< |edited - x0| / |x0|: how much the edit moved the sample
-  int model_evals = 0;        ///< all model calls, round-trip check included
+  double edit_change = 0.0; ///< |edited - x0| / |x0|: how much the edit moved the sample
+  int model_evals = 0;      ///< all model calls, round-trip check included
 };
 
 /// Inverts x0 under `source`, regenerates under `target` into `edited`.
@@ -56,8 +56,8 @@ invert_and_regenerate(const M& method, const B& backend, const S& schedule,
   State scratch = backend.make_state(B::batch(x0), B::dim(x0));
   if (options.measure_round_trip) {
     State back = backend.make_state(B::batch(x0), B::dim(x0));
-    r.model_evals += generate(method, backend, schedule, nodes, source, r.latent, back, gen)
-                         .model_evals;
+    r.model_evals +=
+        generate(method, backend, schedule, nodes, source, r.latent, back, gen).model_evals;
     r.round_trip_error = relative_to_x0(scratch, back);
   }
   r.model_evals +=

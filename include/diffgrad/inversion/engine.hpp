@@ -40,12 +40,12 @@ template <class State> struct LatentPair {
 };
 
 struct InversionOptions {
-  bool check_finite = true;            ///< check every model output for NaN/Inf
+  bool check_finite = true;             ///< check every model output for NaN/Inf
   AmplificationOptions amplification{}; ///< diagnostic threshold and policy
 };
 
 struct GenerateOptions {
-  bool check_finite = true;  ///< check every model output for NaN/Inf
+  bool check_finite = true; ///< check every model output for NaN/Inf
 };
 
 struct InversionReport {
@@ -99,13 +99,13 @@ bool notify_stop(Obs& obs, int step, int num_steps, const Node& n, const State& 
 
 template <Backend B>
 void ensure_state_shape(const B& backend, typename B::state_type& s, std::int64_t batch,
-                  std::int64_t dim) {
+                        std::int64_t dim) {
   if (B::batch(s) != batch || B::dim(s) != dim) s = backend.make_state(batch, dim);
 }
 
 template <Backend B>
 void require_same_pair_shape(const typename B::state_type& a, const typename B::state_type& b,
-                        const char* where, const char* arg) {
+                             const char* where, const char* arg) {
   if (B::batch(a) != B::batch(b) || B::dim(a) != B::dim(b))
     throw invalid_argument(concat(where, ": argument '", arg, "' expected shape ", B::batch(b),
                                   " x ", B::dim(b), ", got ", B::batch(a), " x ", B::dim(a)));
@@ -118,8 +118,7 @@ void require_same_pair_shape(const typename B::state_type& a, const typename B::
 /// ones generate() is then run on. The observer sees (i, num_steps, node reached, state).
 template <ReversibleMethod M, Backend B, class S, class Model, class Obs = NullObserver>
 InversionReport invert(const M& method, const B& backend, const S& schedule,
-                       std::span<const Node> nodes, Model& model,
-                       const typename B::state_type& x0,
+                       std::span<const Node> nodes, Model& model, const typename B::state_type& x0,
                        LatentPair<typename B::state_type>& latent,
                        const InversionOptions& options = {}, Obs&& observer = {}) {
   method.validate(nodes);
@@ -138,7 +137,7 @@ InversionReport invert(const M& method, const B& backend, const S& schedule,
   const int total = num_steps;
   int done = 0;
   if (st.pair_from_data(x0, latent.first, latent.second)) {
-    ++done;  // BDIA: the DDIM-inversion step to z_1 is a step of its own
+    ++done; // BDIA: the DDIM-inversion step to z_1 is a step of its own
     if (detail::notify_stop(observer, done, total, nodes[nodes.size() - 2], latent.first)) {
       report.cancelled = true;
     }
@@ -159,19 +158,18 @@ InversionReport invert(const M& method, const B& backend, const S& schedule,
 template <ReversibleMethod M, Backend B, class S, class Model, class Obs = NullObserver>
 GenerateReport generate(const M& method, const B& backend, const S& schedule,
                         std::span<const Node> nodes, Model& model,
-                        const LatentPair<typename B::state_type>& latent,
-                        typename B::state_type& x, const GenerateOptions& options = {},
-                        Obs&& observer = {}) {
+                        const LatentPair<typename B::state_type>& latent, typename B::state_type& x,
+                        const GenerateOptions& options = {}, Obs&& observer = {}) {
   using State = typename B::state_type;
   method.validate(nodes);
   detail::require_same_pair_shape<B>(latent.second, latent.first, "generate", "latent.second");
   const auto batch = B::batch(latent.first), dim = B::dim(latent.first);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);
-  State a = latent.first, b = latent.second;  // allocated once, before the loop
+  State a = latent.first, b = latent.second; // allocated once, before the loop
   GenerateReport report;
   const int num_steps = static_cast<int>(nodes.size()) - 1;
-  int done = st.first_step();  // BDIA's latent already holds the first step's result
+  int done = st.first_step(); // BDIA's latent already holds the first step's result
   for (int k = st.first_step(); k < num_steps; ++k) {
     st.forward(k, a, b);
     ++done;
