@@ -31,7 +31,7 @@ public:
   using state_type = typename B::state_type;
   SamplerWorkspace(const B& backend, int history, int stages, std::int64_t batch,
                    std::int64_t dim)
-      : ring_(static_cast<std::size_t>(history) + 1) {
+      : ring_(history + 1) {
     for (int k = 0; k < ring_; ++k) {
       x.push_back(backend.make_state(batch, dim));
       e.push_back(backend.make_state(batch, dim));

@@ -84,10 +84,12 @@ private:
   void dispatch(state_type& out, std::span<const LinTerm<state_type>> terms, NoiseTerm noise,
                 std::index_sequence<Is...>) const {
     // One branch per arity; each is a single fused Eigen expression.
-    ((terms.size() == Is + 1 ? (call_fixed(out, terms, noise, std::make_index_sequence<Is + 1>{}),
-                                true)
-                             : false) ||
-     ...);
+    const bool dispatched =
+        ((terms.size() == Is + 1
+              ? (call_fixed(out, terms, noise, std::make_index_sequence<Is + 1>{}), true)
+              : false) ||
+         ...);
+    (void)dispatched;
   }
   template <std::size_t... Js>
   void call_fixed(state_type& out, std::span<const LinTerm<state_type>> terms, NoiseTerm noise,
