@@ -55,6 +55,7 @@ void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/gaussian_flow.hpp"
 #include "diffgrad/models/mlp.hpp"
+#include "diffgrad/models/prediction.hpp"
 #include "diffgrad/models/rectified_flow_mixture.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
@@ -482,6 +483,31 @@ TEST_CASE("discrete adjoint = central finite differences, MLP, every scheme", "[
                                      params_access<Model>(), x_T,
                                      FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
   });
+}
+
+TEST_CASE("discrete adjoint through prediction-type adapters (x0, v, score MLPs)",
+          "[adjoint][fd]") {
+  // The adapters turn a network's prediction into eps (models/prediction.hpp); gradients go
+  // through them unchanged, conditioning and parameters included.
+  const auto grid = diffusion_grid(6);
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  using models::PredictionType;
+  for (PredictionType type : {PredictionType::x0, PredictionType::v, PredictionType::score}) {
+    auto net = mlp_problem();
+    auto model = models::as_eps_model(net, type);
+    using Model = decltype(model);
+    const FlatAccess<Model> cond{[&net](const Model&) { return Vector(net.cond()); },
+                                 [&net](Model&, const Vector& v) { net.set_cond(v); }};
+    const FlatAccess<Model> params{[&net](const Model&) { return Vector(net.params()); },
+                                   [&net](Model&, const Vector& v) { net.set_params(v); }};
+    const std::string name = models::prediction_type_name(type);
+    check_against_finite_differences(SchemeCase{"DPM-Solver++ 2M", false},
+                                     name + "-prediction MLP", DpmSolverMultistep(2, SolverPrediction::data),
+                                     grid, model, cond, params, x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
+    check_against_finite_differences(SchemeCase{"DPM-Solver-3 singlestep", false},
+                                     name + "-prediction MLP", DpmSolverSinglestep(3, SolverPrediction::noise),
+                                     grid, model, cond, params, x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
+  }
 }
 
 TEST_CASE("discrete adjoint = central finite differences, flow schemes and velocity models",
