@@ -14,12 +14,24 @@
 #include <cmath>
 #include <limits>
 
+#include "diffgrad/concepts/model.hpp"
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/gaussian.hpp"
 #include "diffgrad/models/gaussian_mixture.hpp"
 #include "diffgrad/models/rectified_flow_mixture.hpp"
+#include "diffgrad/schedule/vp_linear.hpp"
+#include "diffgrad/solvers/ddim.hpp"
+#include "diffgrad/solvers/sampler.hpp"
 #include "fd_check.hpp"
 #include "test_support.hpp"
+
+// Every member compiles (and is warning-free) in float and double.
+template class diffgrad::models::DiracMixture<float>;
+template class diffgrad::models::DiracMixture<double>;
+template class diffgrad::models::GaussianMixture<float>;
+template class diffgrad::models::GaussianMixture<double>;
+template class diffgrad::models::RectifiedFlowMixture<float>;
+template class diffgrad::models::RectifiedFlowMixture<double>;
 
 using namespace diffgrad;
 using diffgrad::testing::check_model_vjp;
@@ -70,6 +82,34 @@ void require_vjp_ok(const diffgrad::testing::ModelVjpChecks& c) {
 } // namespace
 
 // ---------------------------------------------------------------- Dirac mixture
+
+TEST_CASE("The mixture models satisfy the model concepts", "[models]") {
+  using Vec = Eigen::VectorXd;
+  STATIC_REQUIRE(NodeAwareNoiseModel<models::DiracMixture<double>, Mat>);
+  STATIC_REQUIRE(DifferentiableNoiseModel<models::DiracMixture<double>, Mat, Vec>);
+  STATIC_REQUIRE(DifferentiableNoiseModel<models::GaussianMixture<double>, Mat, Vec>);
+  STATIC_REQUIRE(DifferentiableVelocityModel<models::RectifiedFlowMixture<double>, Mat, Vec>);
+  STATIC_REQUIRE(DifferentiableNoiseModel<const models::DiracMixture<float>,
+                                          State<float>, Eigen::VectorXf>);
+}
+
+TEST_CASE("DDIM on a one-point DiracMixture is exact (REFERENCE problem 2)", "[models][dirac]") {
+  // One data point y: eps is constant along PF-ODE paths, x_t = alpha_t y + sigma_t eps_T.
+  const VPLinearSchedule schedule;
+  const EigenBackend<double> backend;
+  Mat y(1, 2);
+  y << 0.7, -1.2;
+  models::DiracMixture<double> model(y);
+  const auto x_T = diffgrad::testing::test_batch<double>(3, 2);
+  const auto nodes = make_nodes(schedule, std::vector<double>{1.0, 0.9, 0.31, 0.3, 0.05, 0.002});
+  auto x = x_T;
+  sample(Ddim(), backend, schedule, nodes, model, x);
+  const Node& a = nodes.front();
+  const Node& b = nodes.back();
+  const Mat eps_T = ((x_T.rowwise() - a.alpha * y.row(0)) / a.sigma).eval();
+  const Mat exact = ((b.sigma * eps_T).rowwise() + b.alpha * y.row(0)).eval();
+  CHECK(diffgrad::testing::relative_error<double>(x, exact) < 1e-13);
+}
 
 TEMPLATE_TEST_CASE("DiracMixture with one point is the single-point formula", "[models][dirac]",
                    float, double) {

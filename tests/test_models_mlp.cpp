@@ -7,9 +7,14 @@
 #include <sstream>
 #include <vector>
 
+#include "diffgrad/concepts/model.hpp"
 #include "diffgrad/models/mlp.hpp"
 #include "fd_check.hpp"
 #include "test_support.hpp"
+
+// Every member compiles (and is warning-free) in float and double.
+template class diffgrad::models::Mlp<float>;
+template class diffgrad::models::Mlp<double>;
 
 using namespace diffgrad;
 using diffgrad::testing::State;
@@ -64,6 +69,12 @@ std::vector<double> naive_forward(const MlpConfig& c, const Eigen::VectorXd& par
 }
 
 } // namespace
+
+TEST_CASE("Mlp is a differentiable noise model and velocity model", "[models][mlp]") {
+  STATIC_REQUIRE(DifferentiableNoiseModel<Mlp<double>, Mat, Eigen::VectorXd>);
+  STATIC_REQUIRE(DifferentiableVelocityModel<Mlp<double>, Mat, Eigen::VectorXd>);
+  STATIC_REQUIRE(DifferentiableNoiseModel<Mlp<float>, State<float>, Eigen::VectorXf>);
+}
 
 TEST_CASE("Mlp: layout, size and forward match the documented network", "[models][mlp]") {
   for (const auto act : {Activation::tanh, Activation::silu}) {

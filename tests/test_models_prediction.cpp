@@ -12,6 +12,14 @@
 #include "fd_check.hpp"
 #include "test_support.hpp"
 
+// Every member compiles (and is warning-free) in float and double.
+template class diffgrad::models::SampleThreshold<float>;
+template class diffgrad::models::SampleThreshold<double>;
+template class diffgrad::models::EpsFromPrediction<diffgrad::models::Mlp<float>&>;
+template class diffgrad::models::PredictionFromEps<diffgrad::models::DiracMixture<double>&>;
+template class diffgrad::models::ThresholdedEps<diffgrad::models::Mlp<float>&>;
+template class diffgrad::models::ThresholdedEps<diffgrad::models::DiracMixture<double>&>;
+
 using namespace diffgrad;
 using diffgrad::testing::State;
 using models::PredictionType;
