@@ -108,18 +108,6 @@ Eigen::VectorXd dfea_hilbert_schmidt_error(const ExactFisher<Model>& fisher,
   return err;
 }
 
-namespace detail {
-/// Model::state_type when the model declares one, else the CPU backend's double state.
-template <class Model> struct model_state {
-  using type = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-};
-template <class Model>
-  requires requires { typename Model::state_type; }
-struct model_state<Model> {
-  using type = typename Model::state_type;
-};
-} // namespace detail
-
 /// A noise model whose VJP w.r.t. x is the DF-EA operator sigma F_EA a (see the header note).
 /// eps is the wrapped model's (eps(x, t|Node, out); no vjp needed). Only the state VJP
 /// exists: asking for dcond or dparams throws. Holds the model by reference; x0_end is a

@@ -58,6 +58,17 @@ template <class Scalar> struct MixtureView<models::GaussianMixture<Scalar>> {
   }
 };
 
+/// Model::state_type when the model declares one, else the CPU backend's double state
+/// (for plain functor models).
+template <class Model> struct model_state {
+  using type = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+};
+template <class Model>
+  requires requires { typename Model::state_type; }
+struct model_state<Model> {
+  using type = typename Model::state_type;
+};
+
 } // namespace detail
 
 /// The exact Fisher of a DiracMixture or GaussianMixture (held by reference; its current
@@ -97,15 +108,19 @@ public:
 
   /// tr F per sample, in double.
   Eigen::VectorXd trace(const state_type& x, const Node& n) const {
-    prepare(x, n, "ExactFisher::trace");
     Eigen::VectorXd tr(x.rows());
+    trace(x, n, tr);
+    return tr;
+  }
+  /// Same into `out` (resized to B; no allocation when it already has B entries).
+  void trace(const state_type& x, const Node& n, Eigen::VectorXd& out) const {
+    prepare(x, n, "ExactFisher::trace");
+    out.resize(x.rows());
     const double d = static_cast<double>(x.cols());
     for (Eigen::Index b = 0; b < x.rows(); ++b) {
       centred_scores(b, n.alpha);
-      tr(b) = d * static_cast<double>(p_sum_(b)) -
-              (e_.rowwise().squaredNorm().transpose() * wb_).value();
+      out(b) = d * static_cast<double>(p_sum_(b)) - e_.rowwise().squaredNorm().dot(wb_);
     }
-    return tr;
   }
 
   /// F(x_b) for sample b as a d x d double matrix, exactly symmetric.
@@ -181,14 +196,15 @@ private:
     tmp_.resize(x.rows(), x.cols());
   }
 
-  // e_ = rows e_k - ebar for sample b (K x d, double), wb_ = w_b (K).
+  // e_ = rows e_k - ebar for sample b (K x d, double), wb_ = w_b (K). Member buffers only.
   void centred_scores(Eigen::Index b, double alpha) const {
     wb_ = w_.row(b).transpose().template cast<double>();
-    const Eigen::RowVectorXd xb = xs_.row(b).template cast<double>();
-    e_ = (-alpha * means_.template cast<double>()).rowwise() + xb;
+    xb_ = xs_.row(b).template cast<double>();
+    e_ = -alpha * means_.template cast<double>();
+    e_.rowwise() += xb_;
     e_ = e_.array().colwise() * inv_var_d_.array();
-    const Eigen::RowVectorXd ebar = wb_.transpose() * e_;
-    e_.rowwise() -= ebar;
+    ebar_.noalias() = wb_.transpose() * e_;
+    e_.rowwise() -= ebar_;
   }
 
   Eigen::MatrixXd matrix_of(Eigen::Index b, const Node& n) const {
@@ -211,6 +227,7 @@ private:
   mutable vector_type inv_var_, p_sum_, row_;
   mutable Eigen::VectorXd stds_, inv_var_d_, wb_;
   mutable Eigen::MatrixXd e_;
+  mutable Eigen::RowVectorXd xb_, ebar_;
 };
 
 template <class Scalar> ExactFisher(const models::DiracMixture<Scalar>&)
