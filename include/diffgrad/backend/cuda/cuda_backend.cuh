@@ -1,0 +1,198 @@
+#pragma once
+// CUDA backend: the same Backend concept as EigenBackend, on device memory, so every solver,
+// gradient and inversion method runs on the GPU through the same code (DESIGN.md rule 1).
+//
+//   cudaStream_t stream = ...;                         // or nullptr: the default stream
+//   diffgrad::cuda::CudaBackend<float> backend(stream);
+//   auto x = diffgrad::cuda::to_device<float>(host_x, batch, dim, stream);
+//   diffgrad::sample(diffgrad::DpmSolverMultistep(2), backend, schedule, nodes, model, x);
+//   std::vector<float> out = diffgrad::cuda::to_host(x);
+//
+// Every operation is enqueued on the backend's stream and returns without waiting, except
+// the reductions (dot, squared_norm, all_finite), which return a value to the host and so
+// synchronise the stream. Errors: bad arguments throw diffgrad::invalid_argument like the
+// CPU backend; failed CUDA calls throw diffgrad::cuda::cuda_error.
+//
+// Semantics that mirror EigenBackend (so generic code behaves the same on both):
+//  - make_state gives a zero-filled B x d state; `out` of lincomb/copy is reallocated to the
+//    inputs' shape when it differs (as an Eigen assignment resizes);
+//  - lincomb rounds like Eigen's expression and draws bit-identical Philox noise;
+//  - the float backend draws noise in double and rounds once.
+// A backend is cheap to copy; copies share the reduction scratch, so one backend (and its
+// copies) must be used from one host thread at a time, like CountingBackend.
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <type_traits>
+#include <utility>
+
+#include "diffgrad/backend/cuda/config.cuh"
+#include "diffgrad/backend/cuda/device_buffer.cuh"
+#include "diffgrad/backend/cuda/error.cuh"
+#include "diffgrad/backend/cuda/lincomb.cuh"
+#include "diffgrad/backend/cuda/reduce.cuh"
+#include "diffgrad/backend/lincomb_term.hpp"
+#include "diffgrad/core/error.hpp"
+
+DIFFGRAD_CUDA_NAMESPACE_BEGIN
+
+template <class Scalar> class CudaBackend {
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
+                "diffgrad::cuda::CudaBackend supports float and double");
+
+public:
+  using scalar_type = Scalar;
+  using state_type = DeviceState<Scalar>;
+  using vector_type = DeviceVector<Scalar>;
+  using index_type = std::int64_t;
+
+  /// All work goes to `stream` (not owned; must outlive the backend and its states).
+  /// Construction touches no device: it cannot fail on a machine without a GPU.
+  explicit CudaBackend(cudaStream_t stream = nullptr)
+      : stream_(stream), scratch_(std::make_shared<ReduceScratch>()) {}
+
+  cudaStream_t stream() const { return stream_; }
+  /// Waits until everything enqueued on the stream has finished.
+  void synchronize() const {
+    check(cudaStreamSynchronize(stream_), "CudaBackend::synchronize", "cudaStreamSynchronize");
+  }
+
+  /// Allocates a zero-filled B x d state. Never called inside a step loop.
+  state_type make_state(index_type batch, index_type dim) const {
+    if (batch < 0 || dim < 0)
+      diffgrad::detail::throw_argument("CudaBackend::make_state", "batch/dim",
+                                       "non-negative sizes",
+                                       diffgrad::detail::concat(batch, " x ", dim));
+    return state_type(batch, dim, stream_);
+  }
+  vector_type make_vector(index_type size) const {
+    if (size < 0)
+      diffgrad::detail::throw_argument("CudaBackend::make_vector", "size", "a non-negative size",
+                                       size);
+    return vector_type(size, stream_);
+  }
+
+  static index_type batch(const state_type& x) { return x.batch(); }
+  static index_type dim(const state_type& x) { return x.dim(); }
+
+  /// out = sum_k c_k x_k, one fused pass, any number of terms. `out` may alias any input.
+  template <class... States>
+  void lincomb(state_type& out, LinTerm<States>... terms) const {
+    static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
+    static_assert(sizeof...(States) >= 1, "lincomb: at least one term");
+    prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
+    check(cuda::lincomb(out.data(), out.size(), stream_,
+                        Term<Scalar>{terms.coeff, terms.vec->data()}...),
+          "CudaBackend::lincomb", "kernel launch");
+  }
+
+  /// out = sum_k c_k x_k + c xi (zero or more terms), one fused pass.
+  template <class... States>
+  void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
+    static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
+    if constexpr (sizeof...(States) > 0)
+      prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
+    check(cuda::lincomb_noise(out.data(), out.size(), stream_, to_params(noise),
+                              Term<Scalar>{terms.coeff, terms.vec->data()}...),
+          "CudaBackend::lincomb", "kernel launch");
+  }
+
+  /// Runtime arity (1..kMaxLincombTerms terms): dispatches to the fused fixed-arity kernel.
+  void lincomb(state_type& out, std::span<const LinTerm<state_type>> terms,
+               NoiseTerm noise = {}) const {
+    if (terms.empty() || terms.size() > static_cast<std::size_t>(kMaxLincombTerms))
+      diffgrad::detail::throw_argument("CudaBackend::lincomb", "terms",
+                                       diffgrad::detail::concat("1..", kMaxLincombTerms, " terms"),
+                                       terms.size());
+    dispatch(out, terms, noise, std::make_index_sequence<kMaxLincombTerms>{});
+  }
+
+  /// dst = src (dst is reallocated when its shape differs).
+  void copy(state_type& dst, const state_type& src) const {
+    if (&dst == &src) return;
+    if (dst.batch() != src.batch() || dst.dim() != src.dim())
+      dst = state_type(src.batch(), src.dim(), stream_);
+    host_detail::copy_device(dst.data(), src.data(), static_cast<std::size_t>(src.size()) * sizeof(Scalar),
+                        stream_, "CudaBackend::copy");
+  }
+  void fill(state_type& dst, double value) const {
+    if (value == 0.0 && !std::signbit(value)) {
+      host_detail::zero_device(dst.data(), static_cast<std::size_t>(dst.size()) * sizeof(Scalar),
+                          stream_, "CudaBackend::fill");
+      return;
+    }
+    check(cuda::fill(dst.data(), dst.size(), static_cast<Scalar>(value), stream_),
+          "CudaBackend::fill", "kernel launch");
+  }
+
+  /// Sum over the whole batch, accumulated in double. Synchronises the stream.
+  double dot(const state_type& a, const state_type& b) const {
+    require_same_shape(a, b, "CudaBackend::dot", "b");
+    double result = 0.0;
+    check(scratch_->dot(a.data(), b.data(), a.size(), stream_, result), "CudaBackend::dot",
+          "reduction");
+    return result;
+  }
+  double squared_norm(const state_type& a) const { return dot(a, a); }
+  /// No NaN or Inf anywhere in the batch. Synchronises the stream.
+  bool all_finite(const state_type& a) const {
+    bool result = true;
+    check(scratch_->all_finite(a.data(), a.size(), stream_, result), "CudaBackend::all_finite",
+          "reduction");
+    return result;
+  }
+
+  /// Writes xi(seed, step) into out (bit-identical to EigenBackend::gaussian).
+  void gaussian(state_type& out, std::uint64_t seed, std::uint64_t step) const {
+    lincomb(out, NoiseTerm{1.0, seed, step});
+  }
+
+private:
+  static NoiseParams to_params(const NoiseTerm& n) { return NoiseParams{n.coeff, n.seed, n.step}; }
+
+  static void require_same_shape(const state_type& a, const state_type& b, const char* where,
+                                 const char* arg) {
+    if (a.batch() != b.batch() || a.dim() != b.dim())
+      diffgrad::detail::throw_argument(
+          where, arg, diffgrad::detail::concat("shape ", a.batch(), " x ", a.dim()),
+          diffgrad::detail::concat(b.batch(), " x ", b.dim()));
+  }
+
+  /// All inputs must share one shape; `out` takes it (reallocated only when it differs, which
+  /// never happens inside the engines' step loops: their buffers are made with that shape).
+  template <class... Rest>
+  void prepare_output(state_type& out, [[maybe_unused]] const char* where, const state_type& first,
+                      const Rest&... rest) const {
+    (require_same_shape(first, rest, where, "terms"), ...);
+    if (out.batch() != first.batch() || out.dim() != first.dim())
+      out = state_type(first.batch(), first.dim(), stream_);
+  }
+
+  template <std::size_t... Is>
+  void dispatch(state_type& out, std::span<const LinTerm<state_type>> terms, NoiseTerm noise,
+                std::index_sequence<Is...>) const {
+    // One branch per arity; each is a single fused kernel.
+    ((terms.size() == Is + 1 ? (call_fixed(out, terms, noise, std::make_index_sequence<Is + 1>{}),
+                                true)
+                             : false) ||
+     ...);
+  }
+  template <std::size_t... Js>
+  void call_fixed(state_type& out, std::span<const LinTerm<state_type>> terms, NoiseTerm noise,
+                  std::index_sequence<Js...>) const {
+    if (noise.coeff != 0.0)
+      lincomb(out, noise, terms[Js]...);
+    else
+      lincomb(out, terms[Js]...);
+  }
+
+  cudaStream_t stream_;
+  std::shared_ptr<ReduceScratch> scratch_;
+};
+
+DIFFGRAD_CUDA_NAMESPACE_END

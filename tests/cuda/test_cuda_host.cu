@@ -1,0 +1,322 @@
+// Host-side tests of the CUDA backend: the kernel math is host/device functors, and here they
+// run on the host (through run_for_each_on_host, the launcher's host twin) against
+// EigenBackend (bit for bit where the CPU backend defines the result) or against formulas
+// evaluated independently in the test. Also: the Backend concept, the namespace/visibility
+// hygiene and the argument checks that fire before any device call. No GPU needed.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <typeinfo>
+#include <vector>
+
+#include "cpu_reference.hpp"
+#include "cuda_test_support.hpp"
+#include "diffgrad/backend/counting_backend.hpp"
+#include "diffgrad/backend/cuda/cuda_backend.cuh"
+#include "diffgrad/backend/cuda/launch.cuh"
+#include "diffgrad/backend/cuda/lincomb.cuh"
+#include "diffgrad/backend/cuda/reduce.cuh"
+#include "diffgrad/concepts/backend.hpp"
+#include "diffgrad/detail/philox.hpp"
+#include "diffgrad/models/cuda/dirac_mixture.cuh"
+#include "diffgrad/models/cuda/mlp.cuh"
+
+using namespace diffgrad;
+using diffgrad::testing::Precision;
+
+namespace dc = diffgrad::cuda;
+
+static_assert(Backend<dc::CudaBackend<float>>);
+static_assert(Backend<dc::CudaBackend<double>>);
+static_assert(Backend<CountingBackend<dc::CudaBackend<double>>>);
+static_assert(std::is_nothrow_move_constructible_v<dc::DeviceState<float>>);
+static_assert(std::is_copy_constructible_v<dc::DeviceState<double>>);
+
+namespace {
+
+/// Host buffers that are 16-byte aligned (as every device allocation is), so the functors
+/// take their vectorised path, with an offset to exercise the element-wise tail.
+template <class Scalar> struct AlignedHost {
+  std::vector<Scalar> storage;
+  Scalar* ptr;
+  explicit AlignedHost(std::size_t n) : storage(n + 16 / sizeof(Scalar)) {
+    void* p = storage.data();
+    std::size_t space = storage.size() * sizeof(Scalar);
+    ptr = static_cast<Scalar*>(std::align(16, n * sizeof(Scalar), p, space));
+  }
+};
+
+template <class Scalar>
+std::vector<double> run_lincomb_functor(const std::vector<double>& coeffs,
+                                        const std::vector<std::vector<double>>& inputs,
+                                        double noise_coeff, std::uint64_t seed,
+                                        std::uint64_t step, std::size_t size);
+
+template <class Scalar, int N, bool WithNoise>
+std::vector<double> run_fixed(const std::vector<double>& coeffs,
+                              const std::vector<std::vector<double>>& inputs, double noise_coeff,
+                              std::uint64_t seed, std::uint64_t step, std::size_t size) {
+  std::vector<AlignedHost<Scalar>> in;
+  for (int k = 0; k < N; ++k) {
+    in.emplace_back(size);
+    for (std::size_t i = 0; i < size; ++i)
+      in.back().ptr[i] = static_cast<Scalar>(inputs[static_cast<std::size_t>(k)][i]);
+  }
+  AlignedHost<Scalar> out(size);
+  dc::LincombFunctor<Scalar, N, WithNoise> f{};
+  f.out = out.ptr;
+  f.size = static_cast<std::int64_t>(size);
+  f.noise = dc::NoiseParams{noise_coeff, seed, step};
+  for (int k = 0; k < N; ++k) {
+    f.in[k] = in[static_cast<std::size_t>(k)].ptr;
+    f.coeff[k] = static_cast<Scalar>(coeffs[static_cast<std::size_t>(k)]);
+  }
+  dc::run_for_each_on_host(f, f.items(f.size));
+  return std::vector<double>(out.ptr, out.ptr + size);
+}
+
+template <class Scalar, std::size_t... Ns>
+std::vector<double> dispatch(std::size_t n, bool noise, const std::vector<double>& coeffs,
+                             const std::vector<std::vector<double>>& inputs, double noise_coeff,
+                             std::uint64_t seed, std::uint64_t step, std::size_t size,
+                             std::index_sequence<Ns...>) {
+  std::vector<double> r;
+  ((n == Ns ? (r = noise ? run_fixed<Scalar, static_cast<int>(Ns), true>(coeffs, inputs,
+                                                                         noise_coeff, seed, step,
+                                                                         size)
+                         : (Ns == 0 ? std::vector<double>{}
+                                    : run_fixed<Scalar, static_cast<int>(Ns == 0 ? 1 : Ns), false>(
+                                          coeffs, inputs, noise_coeff, seed, step, size)),
+              true)
+           : false) ||
+   ...);
+  return r;
+}
+
+std::vector<double> host_values(std::size_t n, double phase) {
+  std::vector<double> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = std::sin(0.37 * static_cast<double>(i) + phase) * (1.0 + phase);
+  return v;
+}
+
+} // namespace
+
+TEST_CASE("lincomb functor == EigenBackend::lincomb bit for bit, arity 0..9, with/without noise",
+          "[cuda][host][lincomb]") {
+  const int batch = 5, dim = 7;  // 35 elements: the float path has a 3-element tail
+  const auto size = static_cast<std::size_t>(batch * dim);
+  for (Precision p : {Precision::f64, Precision::f32}) {
+    for (std::size_t n = 0; n <= static_cast<std::size_t>(kMaxLincombTerms); ++n) {
+      for (bool noise : {false, true}) {
+        if (n == 0 && !noise) continue;
+        std::vector<double> coeffs;
+        std::vector<std::vector<double>> inputs;
+        for (std::size_t k = 0; k < n; ++k) {
+          coeffs.push_back(0.3 + 0.7 * static_cast<double>(k) - 0.11 * static_cast<double>(k * k));
+          inputs.push_back(host_values(size, 0.25 * static_cast<double>(k)));
+        }
+        const double nc = noise ? 0.37 : 0.0;
+        const auto expected = testing::cpu_lincomb(p, coeffs, inputs, nc, 11, 4, batch, dim);
+        const auto got =
+            p == Precision::f64
+                ? dispatch<double>(n, noise, coeffs, inputs, nc, 11, 4, size,
+                                   std::make_index_sequence<kMaxLincombTerms + 1>{})
+                : dispatch<float>(n, noise, coeffs, inputs, nc, 11, 4, size,
+                                  std::make_index_sequence<kMaxLincombTerms + 1>{});
+        INFO((p == Precision::f64 ? "double" : "float") << ", " << n << " terms, noise " << noise);
+        CHECK(testing::bitwise_mismatches(got, expected) == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("lincomb functor of arity 12 (beyond the runtime span limit) is the left fold",
+          "[cuda][host][lincomb]") {
+  // Reference: the left fold c_0 x_0 + c_1 x_1 + ... in double, every operation rounded once,
+  // written out here independently of the functor.
+  constexpr int kTerms = 12;
+  const std::size_t size = 19;
+  std::vector<double> coeffs;
+  std::vector<std::vector<double>> inputs;
+  for (int k = 0; k < kTerms; ++k) {
+    coeffs.push_back(1.0 / (1.0 + k));
+    inputs.push_back(host_values(size, 0.1 * k));
+  }
+  const auto got = run_fixed<double, kTerms, false>(coeffs, inputs, 0.0, 0, 0, size);
+  for (std::size_t i = 0; i < size; ++i) {
+    volatile double acc = coeffs[0] * inputs[0][i];
+    for (int k = 1; k < kTerms; ++k) {
+      volatile double prod = coeffs[static_cast<std::size_t>(k)] * inputs[static_cast<std::size_t>(k)][i];
+      acc = acc + prod;
+    }
+    CHECK(got[i] == acc);
+  }
+}
+
+TEST_CASE("noise: vectorised pairs and the element-wise tail give detail::gaussian",
+          "[cuda][host][philox]") {
+  // 2 x 9 = 18 doubles = 9 packets (pairs); 18 floats = 4 packets + a 2-element tail.
+  const std::size_t size = 18;
+  const auto d = run_fixed<double, 0, true>({}, {}, 1.0, 99, 123456789, size);
+  const auto f = run_fixed<float, 0, true>({}, {}, 1.0, 99, 123456789, size);
+  for (std::size_t i = 0; i < size; ++i) {
+    const double g = detail::gaussian(99, 123456789, i);
+    CHECK(d[i] == g);
+    CHECK(f[i] == static_cast<double>(static_cast<float>(g)));
+  }
+}
+
+TEST_CASE("fill, dot and finite-check functors", "[cuda][host]") {
+  AlignedHost<float> buf(11);
+  dc::FillFunctor<float> fill{buf.ptr, 2.5f, 11};
+  dc::run_for_each_on_host(fill, fill.items(11));
+  for (std::size_t i = 0; i < 11; ++i) CHECK(buf.ptr[i] == 2.5f);
+
+  const std::vector<float> a{1.0f, -2.0f, 0.5f}, b{3.0f, 4.0f, -8.0f};
+  const dc::DotTransform<float> dot{a.data(), b.data()};
+  CHECK(dot(0) == 3.0);
+  CHECK(dot(1) == -8.0);
+  CHECK(dot(2) == -4.0);
+
+  const std::vector<double> x{1.0, std::numeric_limits<double>::infinity(), -0.0,
+                              std::numeric_limits<double>::quiet_NaN(),
+                              std::numeric_limits<double>::max()};
+  const dc::NonFiniteTransform<double> bad{x.data()};
+  CHECK(bad(0) == 0);
+  CHECK(bad(1) == 1);
+  CHECK(bad(2) == 0);
+  CHECK(bad(3) == 1);
+  CHECK(bad(4) == 0);
+}
+
+TEST_CASE("Dirac-mixture functors: stable softmax and logit cotangent", "[cuda][host][models]") {
+  // Two samples, three points; q_i = alpha^2 |y_i|^2 - 2 alpha x.y_i from given cross terms.
+  const std::vector<double> xy{0.5, -1.0, 2.0, 40.0, -3.0, 0.0};
+  const std::vector<double> y_sq{1.0, 2.0, 0.5};
+  const std::vector<double> log_prior{-1.0, -0.5, -2.0};
+  const double alpha = 0.8, sigma = 0.05;
+  std::vector<double> w(6);
+  const dc::dirac::Softmax<double> softmax{xy.data(),   w.data(), y_sq.data(), log_prior.data(),
+                                           -2 * alpha, alpha * alpha, 0.5 / (sigma * sigma), 3};
+  dc::run_for_each_on_host(softmax, 2);
+  for (int b = 0; b < 2; ++b) {
+    // Reference in long double, straight from the definition (no shift).
+    long double logits[3], m = -INFINITY, sum = 0;
+    for (int i = 0; i < 3; ++i) {
+      const long double q = alpha * alpha * y_sq[static_cast<std::size_t>(i)] -
+                            2.0L * alpha * xy[static_cast<std::size_t>(b * 3 + i)];
+      logits[i] = log_prior[static_cast<std::size_t>(i)] - q / (2.0L * sigma * sigma);
+      m = std::max(m, logits[i]);
+    }
+    for (long double l : logits) sum += std::exp(l - m);
+    for (int i = 0; i < 3; ++i) {
+      const double expected = static_cast<double>(std::exp(logits[i] - m) / sum);
+      CHECK(w[static_cast<std::size_t>(b * 3 + i)] == Approx(expected).epsilon(1e-12).margin(1e-300));
+    }
+  }
+  // Far-away points underflow to exactly 0 (no NaN): sample 1 is dominated by point 0.
+  CHECK(w[4] == 0.0);
+  CHECK(std::isfinite(w[3]));
+
+  // dR_bi = w_bi (c_b . y_i - c_b . x0_b), with dr holding c_b . y_i on entry.
+  std::vector<double> dr{1.0, 2.0, 3.0, -1.0, 0.0, 1.0};
+  const std::vector<double> wt{0.2, 0.3, 0.5, 0.6, 0.3, 0.1};
+  const std::vector<double> c{1.0, 2.0, -1.0, 0.5};    // 2 x 2
+  const std::vector<double> x0{0.5, 0.25, 2.0, 1.0};   // 2 x 2
+  const dc::dirac::LogitCotangent<double> lc{dr.data(), wt.data(), c.data(), x0.data(), 3, 2};
+  dc::run_for_each_on_host(lc, 2);
+  const double cx0_0 = 1.0 * 0.5 + 2.0 * 0.25, cx0_1 = -1.0 * 2.0 + 0.5 * 1.0;
+  CHECK(dr[0] == Approx(0.2 * (1.0 - cx0_0)));
+  CHECK(dr[2] == Approx(0.5 * (3.0 - cx0_0)));
+  CHECK(dr[3] == Approx(0.6 * (-1.0 - cx0_1)));
+  CHECK(dr[5] == Approx(0.1 * (1.0 - cx0_1)));
+
+  std::vector<double> eps(2);
+  const std::vector<double> xs{1.0, -2.0}, x0s{0.5, 0.5};
+  dc::dirac::EpsFromX0<double>{xs.data(), x0s.data(), eps.data(), 0.8, 4.0}(1);
+  CHECK(eps[1] == Approx((-2.0 - 0.8 * 0.5) * 4.0));
+}
+
+TEST_CASE("MLP functors: input row, bias + activation, activation gradient", "[cuda][host][models]") {
+  std::vector<double> x{1.0, 2.0, 3.0, 4.0}, z{-1.0}, in(2 * 5);
+  dc::mlp::Input<double> input{};
+  input.x = x.data();
+  input.z = z.data();
+  input.in = in.data();
+  input.features[0] = 0.25;
+  input.features[1] = 0.75;
+  input.dim = 2;
+  input.num_features = 2;
+  input.cond_dim = 1;
+  dc::run_for_each_on_host(input, 10);
+  CHECK(in == std::vector<double>{1.0, 2.0, 0.25, 0.75, -1.0, 3.0, 4.0, 0.25, 0.75, -1.0});
+
+  std::vector<double> pre{0.5, -1.5, 2.0, 0.0}, bias{0.1, -0.2}, act(4);
+  dc::mlp::BiasActivation<double> silu{pre.data(), bias.data(), act.data(), 2, false};
+  dc::run_for_each_on_host(silu, 4);
+  CHECK(pre[1] == Approx(-1.7));
+  CHECK(act[0] == Approx(0.6 / (1.0 + std::exp(-0.6))));
+  CHECK(act[3] == Approx(-0.2 / (1.0 + std::exp(0.2))));
+  // SiLU'(p) = s (1 + p (1 - s)), checked against a central difference of SiLU.
+  std::vector<double> g{1.0, 1.0, 1.0, 1.0};
+  dc::mlp::ActivationGrad<double> grad{g.data(), pre.data(), act.data(), false};
+  dc::run_for_each_on_host(grad, 4);
+  const auto silu_f = [](double p) { return p / (1.0 + std::exp(-p)); };
+  for (std::size_t i = 0; i < 4; ++i) {
+    const double h = 1e-6;
+    CHECK(g[i] == Approx((silu_f(pre[i] + h) - silu_f(pre[i] - h)) / (2 * h)).epsilon(1e-8));
+  }
+  std::vector<double> pre_t{0.3, -0.7}, act_t(2), bias0{0.0, 0.0}, g_t{2.0, 2.0};
+  dc::mlp::BiasActivation<double> th{pre_t.data(), bias0.data(), act_t.data(), 2, true};
+  dc::run_for_each_on_host(th, 2);
+  CHECK(act_t[1] == Approx(std::tanh(-0.7)));
+  dc::mlp::ActivationGrad<double> tg{g_t.data(), pre_t.data(), act_t.data(), true};
+  dc::run_for_each_on_host(tg, 2);
+  CHECK(g_t[0] == Approx(2.0 * (1.0 - std::tanh(0.3) * std::tanh(0.3))));
+}
+
+TEST_CASE("kernels live in a versioned inline namespace", "[cuda][host]") {
+#define DIFFGRAD_TEST_STR_(x) #x
+#define DIFFGRAD_TEST_STR(x) DIFFGRAD_TEST_STR_(x)
+  const std::string ns = DIFFGRAD_TEST_STR(DIFFGRAD_CUDA_ABI_NAMESPACE);
+  CHECK(ns == diffgrad::detail::concat("v", DIFFGRAD_VERSION_MAJOR, "_", DIFFGRAD_VERSION_MINOR,
+                                       "_", DIFFGRAD_VERSION_PATCH));
+  // The inline namespace is part of the mangled name, so two library versions never share
+  // a kernel symbol.
+  const std::string mangled = typeid(dc::CudaBackend<float>).name();
+  CHECK(mangled.find(ns) != std::string::npos);
+}
+
+TEST_CASE("argument checks fire on the host, before any device call", "[cuda][host][errors]") {
+  const dc::CudaBackend<double> backend;  // constructing touches no device
+  CHECK_THROWS_AS(backend.make_state(-1, 3), diffgrad::invalid_argument);
+  CHECK_THROWS_WITH(backend.make_vector(-2),
+                    Catch::Contains("make_vector") && Catch::Contains("'size'") &&
+                        Catch::Contains("non-negative"));
+  const std::vector<double> host(5, 1.0);
+  CHECK_THROWS_WITH(dc::to_device<double>(std::span<const double>(host), 2, 3),
+                    Catch::Contains("to_device") && Catch::Contains("2 x 3") &&
+                        Catch::Contains("got 5"));
+  dc::DeviceState<double> a, b;  // empty states: no allocation
+  const std::vector<LinTerm<dc::DeviceState<double>>> none;
+  CHECK_THROWS_WITH(backend.lincomb(a, std::span<const LinTerm<dc::DeviceState<double>>>(none)),
+                    Catch::Contains("lincomb") && Catch::Contains("1..9 terms"));
+  std::vector<LinTerm<dc::DeviceState<double>>> ten(10, LinTerm<dc::DeviceState<double>>{1.0, &b});
+  CHECK_THROWS_AS(backend.lincomb(a, std::span<const LinTerm<dc::DeviceState<double>>>(ten)),
+                  diffgrad::invalid_argument);
+  // Misaligned raw pointers are refused with a status code (checked on the host).
+  alignas(16) float raw[8] = {};
+  CHECK(dc::lincomb(raw + 1, 4, nullptr, dc::Term<float>{1.0, raw}) == cudaErrorMisalignedAddress);
+  CHECK(dc::fill(raw + 1, 4, 1.0f, nullptr) == cudaErrorMisalignedAddress);
+  // Failed CUDA status -> cuda_error naming the place, the operation and the error.
+  CHECK_THROWS_WITH(dc::check(cudaErrorInvalidValue, "CudaBackend::copy", "cudaMemcpyAsync"),
+                    Catch::Contains("CudaBackend::copy") && Catch::Contains("cudaMemcpyAsync") &&
+                        Catch::Contains("cudaErrorInvalidValue"));
+  CHECK(dc::device_count() >= 0);  // never throws, also without a driver
+}
