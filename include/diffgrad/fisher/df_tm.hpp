@@ -12,16 +12,26 @@
 //  - df_tm_trace(node, T, x0_hat): the formula, per sample, in double.
 //  - DfTmTrace<TraceNet>: a trace provider for the likelihood integrator (likelihood.hpp),
 //    called as provider(x, node, eps, out) with the eps the integrator already computed.
-//    TraceNet is any callable net(x, node, Eigen::VectorXd& T) (one T per sample), e.g. the
-//    exact oracle of a mixture (ExactSecondMoment) or MlpTraceNetwork.
-//  - MlpTraceNetwork: models::Mlp read as a trace network. The MLP's d outputs regress the
-//    coordinates x0_j^2 and T = sum_j out_j (each output's L2 minimiser is E[x0_j^2 | x_t], so
-//    the sum is E[|x0|^2 | x_t]; d outputs cost no more than one and reuse models::Mlp as is).
-//  - train_trace_network: the reference training loop (Adam, Philox-drawn minibatches) on a
-//    finite data set of points (K x d), e.g. a checkerboard.
+//    TraceNet is any callable net(x, node, x0_hat, Eigen::VectorXd& T) (one T per sample;
+//    x0_hat is passed for networks that use it and may be ignored), e.g. the exact oracle of a
+//    mixture (ExactSecondMoment) or MlpTraceNetwork.
+//  - MlpTraceNetwork: models::Mlp read as a trace network, with two targets:
+//      TraceTarget::second_moment (the paper): the MLP's d outputs regress x0_j^2 and
+//        T = sum_j out_j (each output's L2 minimiser is E[x0_j^2 | x_t]; d outputs cost no
+//        more than one and reuse models::Mlp as is);
+//      TraceTarget::scaled_posterior_variance (diffgrad's variant): the outputs regress
+//        (alpha^2/sigma^2)(x0_j - x0_hat_j)^2, whose sum r has the conditional mean
+//        (alpha^2/sigma^2) tr Cov[x0 | x_t], and T = |x0_hat|^2 + (sigma^2/alpha^2) r, so that
+//        tr F = (d - r)/sigma^2. Same formula, same one network call; see below for why.
+//  - train_trace_network: the reference training loop (Adam, Philox-drawn minibatches, EMA of
+//    the weights) on a finite data set of points (K x d), e.g. a checkerboard.
 //
-// The amplification to keep in mind: an error delta in T is an error alpha^2 delta/sigma^4 in
-// tr F, i.e. a relative error alpha^2 delta/(d sigma^2). docs/fisher.md measures it across t.
+// Why the variant. An error delta in T is an error alpha^2 delta/sigma^4 in tr F, a relative
+// error alpha^2 delta/(d sigma^2): at sigma = 0.03 a 0.1% error in T = 2 becomes a ~100% trace
+// error, and a regression on noisy |x0|^2 targets does not get below ~1e-3. An error delta_r in
+// r is a relative trace error delta_r/(d - r), with no 1/sigma^2, and the targets vanish where
+// the posterior has collapsed. It needs x0_hat (from the eps model) when training and when
+// evaluating. docs/fisher.md measures both across t.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -58,7 +68,9 @@ Eigen::VectorXd df_tm_trace(const Node& n, const Eigen::VectorXd& second_moment,
 template <class Model> class ExactSecondMoment {
 public:
   explicit ExactSecondMoment(const Model& model) : fisher_(model) {}
-  void operator()(const typename Model::state_type& x, const Node& n, Eigen::VectorXd& out) const {
+  template <class Hat>
+  void operator()(const typename Model::state_type& x, const Node& n, const Hat&,
+                  Eigen::VectorXd& out) const {
     out = fisher_.second_moment(x, n);
   }
 
@@ -78,7 +90,7 @@ public:
     models::impl::require_same_shape(eps, x, where, "eps");
     models::impl::require_noisy_node(n, where);
     hat_ = ((x.template cast<double>() - n.sigma * eps.template cast<double>()) / n.alpha);
-    net_(x, n, t_);
+    net_(x, n, static_cast<const HatState&>(hat_), t_);
     ++calls_;
     if (t_.size() != x.rows())
       diffgrad::detail::throw_argument(where, "trace network output",
@@ -91,35 +103,68 @@ public:
   std::int64_t calls() const { return calls_; }
 
 private:
+  using HatState = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   TraceNet& net_;
-  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> hat_;
+  HatState hat_;
   Eigen::VectorXd t_;
   std::int64_t calls_ = 0;
 };
 
-/// A models::Mlp read as a trace network: T(x, t) = sum_j out_j(x, t), the network called at
-/// the node's schedule time n.t (choose MlpConfig::time_scale so that time_scale * t spans
-/// about [0, 1]). The MLP's dim must be the data dimension.
+/// What an MlpTraceNetwork's outputs regress (see the header note).
+enum class TraceTarget {
+  second_moment,             ///< x0_j^2; T = sum_j out_j (the paper's DF-TM)
+  scaled_posterior_variance, ///< (alpha^2/sigma^2)(x0_j - x0_hat_j)^2; T = |x0_hat|^2 + (sigma^2/alpha^2) sum_j out_j
+};
+
+/// Which time value the MLP of a trace network is fed (its sin/cos features resolve about one
+/// unit of MlpConfig::time_scale * input).
+enum class TraceNetworkTime {
+  log_snr,     ///< -lambda / 10 (about [-1, 1] for the usual schedules): resolves the data end,
+               ///< where sigma changes by orders of magnitude over a small range of t
+  schedule_t,  ///< the node's schedule time n.t
+};
+
+/// A models::Mlp read as a trace network T(x, t). The MLP's dim must be the data dimension.
+/// Called as net(x, node, x0_hat, T).
 template <class Scalar> class MlpTraceNetwork {
 public:
   using state_type = typename models::Mlp<Scalar>::state_type;
 
-  explicit MlpTraceNetwork(models::Mlp<Scalar> mlp) : mlp_(std::move(mlp)) {}
+  explicit MlpTraceNetwork(models::Mlp<Scalar> mlp, TraceTarget target = TraceTarget::second_moment,
+                           TraceNetworkTime time = TraceNetworkTime::log_snr)
+      : mlp_(std::move(mlp)), target_(target), time_(time) {}
 
-  void operator()(const state_type& x, const Node& n, Eigen::VectorXd& out) const {
-    mlp_.eps(x, n.t, out_);
-    out = out_.rowwise().sum().template cast<double>();
+  /// The time value the MLP is called with at node n.
+  double time_input(const Node& n) const {
+    return time_ == TraceNetworkTime::log_snr ? -0.1 * n.lambda : n.t;
   }
 
-  /// The per-coordinate predictions E[x0_j^2 | x_t] (B x d).
-  void coordinates(const state_type& x, const Node& n, state_type& out) const { mlp_.eps(x, n.t, out); }
+  template <class Hat>
+  void operator()(const state_type& x, const Node& n, const Hat& x0_hat, Eigen::VectorXd& out) const {
+    mlp_.eps(x, time_input(n), out_);
+    out = out_.rowwise().sum().template cast<double>();
+    if (target_ == TraceTarget::scaled_posterior_variance) {
+      models::impl::require_same_shape(x0_hat, x, "MlpTraceNetwork", "x0_hat");
+      const double ratio = n.sigma * n.sigma / (n.alpha * n.alpha);
+      out = x0_hat.rowwise().squaredNorm().template cast<double>() + ratio * out;
+    }
+  }
+
+  /// The raw per-coordinate outputs (B x d): the regressed targets.
+  void coordinates(const state_type& x, const Node& n, state_type& out) const {
+    mlp_.eps(x, time_input(n), out);
+  }
 
   models::Mlp<Scalar>& mlp() { return mlp_; }
   const models::Mlp<Scalar>& mlp() const { return mlp_; }
   std::int64_t dim() const { return mlp_.dim(); }
+  TraceTarget target() const { return target_; }
+  TraceNetworkTime time() const { return time_; }
 
 private:
   models::Mlp<Scalar> mlp_;
+  TraceTarget target_;
+  TraceNetworkTime time_;
   mutable state_type out_;
 };
 
@@ -164,15 +209,18 @@ inline double philox_uniform(std::uint64_t seed, std::uint64_t stream, std::uint
 }
 } // namespace detail
 
-/// Trains `net` to regress |x0|^2 (per coordinate, see MlpTraceNetwork) from
+/// Trains `net` on its target (per coordinate, see MlpTraceNetwork) from
 /// x_t = alpha_t x0 + sigma_t n, x0 drawn uniformly from the rows of `data` (K x d), n ~ N(0, I):
-/// L = mean over the batch of sum_j (out_j - x0_j^2)^2, minimised with Adam. Deterministic for
-/// a seed. All buffers are allocated before the loop.
-template <Schedule S>
+/// L = mean over the batch of sum_j (out_j - target_j)^2, minimised with Adam, the trained
+/// weights being the EMA of the iterates. The scaled_posterior_variance target needs
+/// `denoiser(x_t, node, x0_hat)` (the eps model's data prediction). Deterministic for a seed.
+/// All buffers are allocated before the loop.
+template <Schedule S, class DenoiserFn>
 TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& schedule,
                                         const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
                                                             Eigen::RowMajor>& data,
-                                        const TraceTrainingOptions& options = {}) {
+                                        const TraceTrainingOptions& options,
+                                        DenoiserFn&& denoiser) {
   using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const char* where = "train_trace_network";
   diffgrad::detail::require(options.steps >= 1, where, "options.steps", "at least 1", options.steps);
@@ -196,7 +244,9 @@ TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& s
   const int groups = options.time_groups;
   const int per_group = options.batch / groups;
   const Eigen::Index d = data.cols();
-  Mat x0(per_group, d), xt(per_group, d), out(per_group, d), grad(per_group, d), dx(per_group, d);
+  Mat x0(per_group, d), xt(per_group, d), out(per_group, d), grad(per_group, d), dx(per_group, d),
+      hat(per_group, d);
+  const bool variance = net.target() == TraceTarget::scaled_posterior_variance;
   Eigen::VectorXd dparams = Eigen::VectorXd::Zero(mlp.param_size());
   Adam adam({.learning_rate = options.learning_rate});
   Eigen::VectorXd ema = Eigen::VectorXd::Zero(mlp.param_size());
@@ -227,11 +277,18 @@ TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& s
                      n.sigma * diffgrad::detail::gaussian(options.seed ^ 0x5eedULL, counter,
                                                           static_cast<std::uint64_t>(b * d + j));
       }
-      mlp.eps(xt, n.t, out);
-      grad = out - x0.cwiseProduct(x0);
+      const double tau = net.time_input(n);
+      mlp.eps(xt, tau, out);
+      if (variance) {
+        denoiser(static_cast<const Mat&>(xt), n, hat);
+        models::impl::require_same_shape(hat, xt, where, "denoiser output");
+        grad = out - (n.alpha * n.alpha / (n.sigma * n.sigma)) * (x0 - hat).cwiseAbs2();
+      } else {
+        grad = out - x0.cwiseProduct(x0);
+      }
       loss += grad.squaredNorm() / total;
       grad *= 2.0 / total;
-      mlp.vjp(xt, n.t, grad, dx, nullptr, &dparams);
+      mlp.vjp(xt, tau, grad, dx, nullptr, &dparams);
     }
     adam.step(mlp.params(), dparams);
     // Bias-corrected EMA (as Adam's moments), so early steps are not pulled to the init.
@@ -251,6 +308,21 @@ TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& s
   report.final_loss = tail / std::max(1, tail_count);
   if (options.ema_decay > 0) mlp.params() = ema / ema_weight;
   return report;
+}
+
+/// train_trace_network for the second_moment target (no denoiser needed).
+template <Schedule S>
+TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& schedule,
+                                        const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
+                                                            Eigen::RowMajor>& data,
+                                        const TraceTrainingOptions& options = {}) {
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  if (net.target() != TraceTarget::second_moment)
+    diffgrad::detail::throw_argument("train_trace_network", "denoiser",
+                                     "a denoiser for the scaled_posterior_variance target",
+                                     "none");
+  return train_trace_network(net, schedule, data, options,
+                             [](const Mat&, const Node&, Mat&) {});
 }
 
 } // namespace diffgrad::fisher
