@@ -10,10 +10,10 @@
 //   const auto& r = diffgrad::flowgrad_gradient_flow(diffgrad::FlowEuler(), backend, times,
 //                                                    model, x0, u, loss, {.xi = 5e-3}, ws);
 //   r.objective, r.grad_controls[k] (dJ/du_k), r.segment_starts, r.cost.vjps
+//   const diffgrad::Adam adam({.learning_rate = 0.1});
 //   auto opt = diffgrad::flowgrad_optimize_flow(diffgrad::FlowEuler(), backend, times, model,
-//                                               x0, u, loss, diffgrad::Adam({.learning_rate =
-//                                               0.1}),
-//                                               {.xi = 5e-3}, {.iterations = 20});
+//                                               x0, u, loss, adam, {.xi = 5e-3},
+//                                               {.iterations = 20});
 //
 // Schemes: any one-stage, history-free, deterministic step-plan scheme, i.e. steps of the
 // form x_{k+1} = a_k x_k + b_k f(x_k) (flow/controls.hpp): FlowEuler on a velocity field
@@ -27,17 +27,19 @@
 // 2. Segment with threshold xi (eq. 12); xi = 0 gives N one-step segments.
 // 3. Reverse, segment by segment from the data end. A segment [a, b) is replaced by its
 //    linearisation: the steps composed with the model output frozen at the segment start,
-//      x_b = P_a x~_a + C f(x~_a) + (controls),   P_k = a_k ... a_{b-1},  C = sum_k P_{k+1} b_k
+//      x_b = P_a x~_a + C_a f(x~_a) + (controls),
+//      P_k = a_k ... a_{b-1},  C_k = sum_{i=k}^{b-1} P_{i+1} b_i      (P_b = 1, C_b = 0)
 //    (for Euler: one big Euler step x_b = x_a + (t_b - t_a) v(x_a), the paper's eq. 13).
-//    One VJP per segment: g_a = P_a g_b + C J_f(x~_a)^T g_b. Control gradients of the
-//    linearised objective, with g_b = dJ/dx_b:
-//      velocity: dJ/du_k = P_{k+1} b_k g_b             (Euler: dt_k g_b)
-//      kick:     dJ/du_a = g_a,  dJ/du_k = P_k g_b (k > a; the velocity is frozen)
-//    plus the exact penalty gradient 2 lambda u_k. With one-step segments this IS exact
+//    One VJP per segment, w = J_f(x~_a)^T g_b, and g_a = P_a g_b + C_a w (g = dJ/dx).
+// 4. Re-assignment (SegmentGradient), plus the exact penalty gradient 2 lambda u_k:
+//                      velocity control dJ/du_k           kick dJ/du_k
+//      frozen_jacobian b_k (P_{k+1} g_b + C_{k+1} w)      P_k g_b + C_k w
+//      frozen_velocity b_k P_{k+1} g_b  (Euler dt_k g_b)  g_a at k = a, P_k g_b after
+//      segment         C_a g_b for all k (paper 3.3)      g_a for all k (authors' code)
+//    frozen_jacobian (default) holds the start Jacobian over the segment: first order in the
+//    segment, exact for a constant nilpotent Jacobian, and the most accurate of the three
+//    per-step rules measured (docs/flowgrad.md). With one-step segments every rule IS exact
 //    backprop through the N steps (checked against gradients/gradient.hpp).
-// 4. Re-assignment (SegmentGradient): per_step (default) hands every step its own gradient
-//    above (they sum to the segment's); segment hands every step of a segment the gradient of
-//    the segment's single control (paper Sec. 3.3: C g_b; authors' code with kicks: g_a).
 // Cost per gradient: N model evaluations, one VJP per segment, one loss evaluation.
 #include <array>
 #include <cmath>
