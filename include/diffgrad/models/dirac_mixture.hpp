@@ -80,17 +80,23 @@ public:
                double alpha, double sigma) {
     const auto batch = x.rows(), k = y.rows();
     resize(batch, k, y.cols());
-    // Broadcasts below use plain vectors: a broadcast expression would allocate a temporary.
     y_sq_norm_.noalias() = Scalar(alpha * alpha) * y.rowwise().squaredNorm();
-    q_.noalias() = Scalar(-2.0 * alpha) * (x * y.transpose());  // the one GEMM: x_b . y_i
-    q_.rowwise() += y_sq_norm_.transpose();
-    row_min_ = q_.rowwise().minCoeff();
+    w_.noalias() = Scalar(-2.0 * alpha) * (x * y.transpose());  // the one GEMM: x_b . y_i
+    // The softmax one row at a time: a row of K logits stays in cache for all its passes.
     const Scalar inv_two_var = finite_scalar<Scalar>(0.5 / (sigma * sigma));
-    w_ = (-(q_.colwise() - row_min_) * inv_two_var).rowwise() + log_prior.transpose();
-    row_max_ = w_.rowwise().maxCoeff();
-    w_ = (w_.colwise() - row_max_).array().exp().matrix();
-    row_sum_ = w_.rowwise().sum();
-    w_ = w_.array().colwise() / row_sum_.array();
+    for (Eigen::Index b = 0; b < batch; ++b) {
+      auto w = w_.row(b);
+      w += y_sq_norm_.transpose();  // q_i = alpha^2 |y_i|^2 - 2 alpha x.y_i
+      const Scalar q_min = w.minCoeff();
+      w = log_prior.transpose() - (w.array() - q_min).matrix() * inv_two_var;
+      const Scalar w_max = w.maxCoeff();
+      w = (w.array() - w_max).exp().matrix();
+      const Scalar w_sum = w.sum();
+      w /= w_sum;
+      row_min_(b) = q_min;
+      row_max_(b) = w_max;
+      row_sum_(b) = w_sum;
+    }
     x0_.noalias() = w_ * y;
   }
 
@@ -131,7 +137,6 @@ public:
 private:
   void resize(Eigen::Index batch, Eigen::Index k, Eigen::Index dim) {
     // Eigen's resize is a no-op when the size is unchanged: no steady-state allocation.
-    q_.resize(batch, k);
     w_.resize(batch, k);
     dr_.resize(batch, k);
     x0_.resize(batch, dim);
@@ -142,7 +147,7 @@ private:
     y_sq_norm_.resize(k);
     col_sum_.resize(k);
   }
-  matrix_type q_, w_, dr_;
+  matrix_type w_, dr_;
   state_type x0_;
   vector_type row_min_, row_max_, row_sum_, cx0_, y_sq_norm_, col_sum_;
 };
