@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "diffgrad/models/dirac_mixture.hpp"
@@ -259,6 +260,26 @@ TEMPLATE_TEST_CASE("Dynamic thresholding reproduces diffusers' _threshold_sample
     INFO("worst difference " << worst_ulps << " ulp");
     CHECK(worst_ulps == 0.0);  // bit-identical in float32 and float64
   }
+}
+
+TEST_CASE("Thresholding keeps a NaN visible, like torch", "[models][threshold]") {
+  State<double> x0 = threshold_input<double>();
+  x0(1, 3) = std::numeric_limits<double>::quiet_NaN();
+  State<double> clipped = x0;
+  models::ThresholdingOptions o;
+  o.thresholding = true;
+  o.sample_max_value = 2.0;
+  models::SampleThreshold<double> dynamic(o);
+  dynamic.apply(x0);
+  CHECK(x0.row(1).array().isNaN().all());  // torch.quantile of a row with a NaN is NaN
+  CHECK(x0.row(0).allFinite());
+  CHECK(x0.row(2).allFinite());
+  models::ThresholdingOptions c;
+  c.clip_sample = true;
+  models::SampleThreshold<double> clip(c);
+  clip.apply(clipped);
+  CHECK(std::isnan(clipped(1, 3)));
+  CHECK(clipped.array().isNaN().count() == 1);
 }
 
 TEST_CASE("clip_sample clamps x0; inactive options are the identity", "[models][threshold]") {

@@ -37,6 +37,12 @@ inline void require_noisy_node(const Node& n, const char* where) {
                             n.alpha);
 }
 
+inline void require_positive_alpha(const Node& n, const char* where) {
+  if (!(n.alpha > 0.0) || !std::isfinite(n.alpha))
+    diffgrad::detail::throw_argument(where, "node.alpha", "alpha > 0 (x0 = (x - sigma eps)/alpha)",
+                                     n.alpha);
+}
+
 template <class State>
 void require_state_dim(const State& x, std::int64_t dim, const char* where, const char* arg) {
   if (x.cols() != dim)

@@ -122,6 +122,7 @@ public:
 
   /// E[x0 | x_t = x] = sum_k w_k (m_k + (alpha s_k^2 / v_k)(x - alpha m_k)).
   void x0_hat(const state_type& x, const Node& n, state_type& out) const {
+    impl::require_positive_alpha(n, "GaussianMixture::x0_hat");
     state_type e(x.rows(), x.cols());
     eps(x, n, e);
     out = (x - Scalar(n.sigma) * e) / Scalar(n.alpha);

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -118,9 +119,17 @@ public:
     if (options_.thresholding) {
       for (Eigen::Index b = 0; b < batch; ++b) {
         auto row = x0.row(b);
-        const auto pick = impl::torch_quantile<Scalar>(row.cwiseAbs(),
-                                                         options_.dynamic_thresholding_ratio,
-                                                         order_);
+        if (row.hasNaN()) {
+          // torch.quantile returns NaN for a row with a NaN, and so does the whole row after
+          // the clamp and division; keep that (and keep NaN out of the selection's ordering).
+          row.setConstant(std::numeric_limits<Scalar>::quiet_NaN());
+          scale_[static_cast<std::size_t>(b)] = std::numeric_limits<double>::quiet_NaN();
+          varies_[static_cast<std::size_t>(b)] = false;
+          continue;
+        }
+        abs_row_ = row.cwiseAbs();
+        const auto pick = impl::torch_quantile<Scalar>(abs_row_, options_.dynamic_thresholding_ratio,
+                                                       order_);
         // s = clamp(q, 1, max), in the state's precision as torch does.
         const Scalar q = static_cast<Scalar>(pick.value);
         const Scalar s = std::clamp(q, Scalar(1), static_cast<Scalar>(options_.sample_max_value));
@@ -133,7 +142,8 @@ public:
       }
     } else if (options_.clip_sample) {
       const Scalar r = static_cast<Scalar>(options_.clip_sample_range);
-      x0 = x0.array().min(r).max(-r).matrix();
+      // NaN-propagating clamp, as torch.clamp (Eigen's default min/max may drop a NaN).
+      x0 = x0.unaryExpr([r](Scalar v) { return v > r ? r : (v < -r ? -r : v); });
     }
   }
 
@@ -171,6 +181,7 @@ private:
   std::vector<impl::QuantilePick> picks_;
   std::vector<bool> varies_;
   std::vector<Eigen::Index> order_;
+  Eigen::Matrix<Scalar, 1, Eigen::Dynamic> abs_row_;
 };
 
 /// eps' = (x - alpha threshold(x0))/sigma around an eps model (wrap a v/x0 network with
