@@ -77,6 +77,10 @@ template <class Run> auto by_precision(Precision p, Run&& run) {
 
 } // namespace
 
+void add_part(Parts& parts, std::string name, std::vector<double> values) {
+  parts.emplace_back(std::move(name), std::move(values));
+}
+
 std::vector<double> cpu_lincomb(Precision p, const std::vector<double>& coeffs,
                                 const std::vector<std::vector<double>>& inputs, double noise_coeff,
                                 std::uint64_t seed, std::uint64_t step, int batch, int dim) {
@@ -158,15 +162,15 @@ Parts cpu_dirac_eval(const std::vector<double>& x, const std::vector<double>& a,
   RowMatrix out(batch, dim), dx(batch, dim);
   Parts parts;
   model.eps(xs, n, out);
-  parts.emplace_back("eps", io.host(out));
+  add_part(parts, "eps", io.host(out));
   model.x0_hat(xs, n, out);
-  parts.emplace_back("x0_hat", io.host(out));
+  add_part(parts, "x0_hat", io.host(out));
   Eigen::VectorXd dcond = Eigen::VectorXd::Zero(model.cond_size());
   Eigen::VectorXd dparams = Eigen::VectorXd::Zero(model.param_size());
   model.vjp(xs, n, as, dx, &dcond, &dparams);
-  parts.emplace_back("vjp dx", io.host(dx));
-  parts.emplace_back("vjp dcond", io.host(dcond));
-  parts.emplace_back("vjp dparams", io.host(dparams));
+  add_part(parts, "vjp dx", io.host(dx));
+  add_part(parts, "vjp dcond", io.host(dcond));
+  add_part(parts, "vjp dparams", io.host(dparams));
   return parts;
 }
 
@@ -186,15 +190,15 @@ Parts cpu_mlp_eval(Precision p, const std::vector<double>& x, const std::vector<
     typename EigenBackend<Scalar>::state_type out, dx;
     Parts parts;
     model.eps(xs, t, out);
-    parts.emplace_back("eps", io.host(out));
+    add_part(parts, "eps", io.host(out));
     typename EigenBackend<Scalar>::vector_type dcond =
         EigenBackend<Scalar>::vector_type::Zero(model.cond_size());
     typename EigenBackend<Scalar>::vector_type dparams =
         EigenBackend<Scalar>::vector_type::Zero(model.param_size());
     model.vjp(xs, t, as, dx, &dcond, &dparams);
-    parts.emplace_back("vjp dx", io.host(dx));
-    parts.emplace_back("vjp dcond", io.host(dcond));
-    parts.emplace_back("vjp dparams", io.host(dparams));
+    add_part(parts, "vjp dx", io.host(dx));
+    add_part(parts, "vjp dcond", io.host(dcond));
+    add_part(parts, "vjp dparams", io.host(dparams));
     return parts;
   };
   return p == Precision::f64 ? run(double{}) : run(float{});

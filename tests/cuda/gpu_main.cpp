@@ -18,7 +18,7 @@ int main(int argc, char* argv[]) {
   const auto& config = session.configData();
   const bool listing = config.listTests || config.listTestNamesOnly || config.listTags ||
                        config.listReporters || config.showHelp;
-  if (!listing && diffgrad::cuda::device_count() == 0) {
+  if (!listing && diffgrad::gpu::device_count() == 0) {
     std::printf("SKIPPED: no CUDA device visible (cudaGetDeviceCount == 0); the GPU tests need "
                 "one.\n");
     return kSkipReturnCode;

@@ -30,7 +30,7 @@
 using namespace diffgrad;
 using diffgrad::testing::Precision;
 
-namespace dc = diffgrad::cuda;
+namespace dc = diffgrad::gpu;
 
 static_assert(Backend<dc::CudaBackend<float>>);
 static_assert(Backend<dc::CudaBackend<double>>);

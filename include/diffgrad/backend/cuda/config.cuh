@@ -1,6 +1,9 @@
 #pragma once
 // CUDA hygiene of the header-only device code (DESIGN.md rule 8):
-//  - every kernel and every device-code template lives in diffgrad::cuda inside an inline
+//  - the CUDA backend's namespace is diffgrad::gpu, not diffgrad::cuda: CCCL (Thrust, CUB,
+//    libcu++) owns the global namespace ::cuda, and a diffgrad::cuda would make every `cuda::`
+//    ambiguous in code that says `using namespace diffgrad;`;
+//  - every kernel and every device-code template lives in diffgrad::gpu inside an inline
 //    namespace named after the library version (DIFFGRAD_CUDA_NAMESPACE_BEGIN/END), so two
 //    diffgrad versions linked into one program never share a kernel symbol;
 //  - kernels are declared with hidden ELF visibility (DIFFGRAD_CUDA_KERNEL): a header-only
@@ -18,7 +21,7 @@
   DIFFGRAD_CUDA_CAT(v, DIFFGRAD_VERSION_MAJOR, DIFFGRAD_VERSION_MINOR, DIFFGRAD_VERSION_PATCH)
 
 #define DIFFGRAD_CUDA_NAMESPACE_BEGIN                                                           \
-  namespace diffgrad::cuda {                                                                    \
+  namespace diffgrad::gpu {                                                                    \
   inline namespace DIFFGRAD_CUDA_ABI_NAMESPACE {
 #define DIFFGRAD_CUDA_NAMESPACE_END                                                             \
   }                                                                                             \

@@ -13,7 +13,7 @@
 
 #include "diffgrad/backend/cuda/error.cuh"
 
-namespace diffgrad::cuda {
+namespace diffgrad::gpu {
 
 class CublasHandle {
 public:
@@ -98,4 +98,4 @@ cublasStatus_t gemv_n(Handle h, std::int64_t m, std::int64_t n, Scalar alpha,
 }
 
 } // namespace blas
-} // namespace diffgrad::cuda
+} // namespace diffgrad::gpu

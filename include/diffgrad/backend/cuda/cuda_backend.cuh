@@ -3,15 +3,15 @@
 // gradient and inversion method runs on the GPU through the same code (DESIGN.md rule 1).
 //
 //   cudaStream_t stream = ...;                         // or nullptr: the default stream
-//   diffgrad::cuda::CudaBackend<float> backend(stream);
-//   auto x = diffgrad::cuda::to_device<float>(host_x, batch, dim, stream);
+//   diffgrad::gpu::CudaBackend<float> backend(stream);
+//   auto x = diffgrad::gpu::to_device<float>(host_x, batch, dim, stream);
 //   diffgrad::sample(diffgrad::DpmSolverMultistep(2), backend, schedule, nodes, model, x);
-//   std::vector<float> out = diffgrad::cuda::to_host(x);
+//   std::vector<float> out = diffgrad::gpu::to_host(x);
 //
 // Every operation is enqueued on the backend's stream and returns without waiting, except
 // the reductions (dot, squared_norm, all_finite), which return a value to the host and so
 // synchronise the stream. Errors: bad arguments throw diffgrad::invalid_argument like the
-// CPU backend; failed CUDA calls throw diffgrad::cuda::cuda_error.
+// CPU backend; failed CUDA calls throw diffgrad::gpu::cuda_error.
 //
 // Semantics that mirror EigenBackend (so generic code behaves the same on both):
 //  - make_state gives a zero-filled B x d state; `out` of lincomb/copy is reallocated to the
@@ -43,7 +43,7 @@ DIFFGRAD_CUDA_NAMESPACE_BEGIN
 
 template <class Scalar> class CudaBackend {
   static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
-                "diffgrad::cuda::CudaBackend supports float and double");
+                "diffgrad::gpu::CudaBackend supports float and double");
 
 public:
   using scalar_type = Scalar;
@@ -86,7 +86,7 @@ public:
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
     static_assert(sizeof...(States) >= 1, "lincomb: at least one term");
     prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
-    check(cuda::lincomb(out.data(), out.size(), stream_,
+    check(gpu::lincomb(out.data(), out.size(), stream_,
                         Term<Scalar>{terms.coeff, terms.vec->data()}...),
           "CudaBackend::lincomb", "kernel launch");
   }
@@ -97,7 +97,7 @@ public:
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
     if constexpr (sizeof...(States) > 0)
       prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
-    check(cuda::lincomb_noise(out.data(), out.size(), stream_, to_params(noise),
+    check(gpu::lincomb_noise(out.data(), out.size(), stream_, to_params(noise),
                               Term<Scalar>{terms.coeff, terms.vec->data()}...),
           "CudaBackend::lincomb", "kernel launch");
   }
@@ -126,7 +126,7 @@ public:
                           stream_, "CudaBackend::fill");
       return;
     }
-    check(cuda::fill(dst.data(), dst.size(), static_cast<Scalar>(value), stream_),
+    check(gpu::fill(dst.data(), dst.size(), static_cast<Scalar>(value), stream_),
           "CudaBackend::fill", "kernel launch");
   }
 

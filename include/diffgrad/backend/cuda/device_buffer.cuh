@@ -21,7 +21,7 @@
 #include "diffgrad/backend/cuda/error.cuh"
 #include "diffgrad/core/error.hpp"
 
-namespace diffgrad::cuda {
+namespace diffgrad::gpu {
 
 template <class T> class DeviceBuffer {
 public:
@@ -87,7 +87,7 @@ inline void zero_device(void* dst, std::size_t bytes, cudaStream_t stream, const
 /// The batched state on the device: B samples of dimension d, row-major.
 template <class Scalar> class DeviceState {
   static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
-                "diffgrad::cuda::DeviceState supports float and double");
+                "diffgrad::gpu::DeviceState supports float and double");
 
 public:
   using scalar_type = Scalar;
@@ -255,4 +255,4 @@ template <class Scalar> std::vector<Scalar> to_host(const DeviceVector<Scalar>& 
   return host;
 }
 
-} // namespace diffgrad::cuda
+} // namespace diffgrad::gpu

@@ -2,7 +2,7 @@
 // Errors of the CUDA backend. Inside (kernels, launch helpers, the cuBLAS/CUB wrappers)
 // everything reports a status code (cudaError_t, cublasStatus_t); only the host API
 // (CudaBackend, DeviceState, the device models) turns a failed status into an exception,
-// diffgrad::cuda::cuda_error, which names the operation and the CUDA error.
+// diffgrad::gpu::cuda_error, which names the operation and the CUDA error.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -11,7 +11,7 @@
 
 #include "diffgrad/backend/cuda/config.cuh"
 
-namespace diffgrad::cuda {
+namespace diffgrad::gpu {
 
 /// A CUDA runtime or cuBLAS call failed (no device, out of memory, a launch error, ...).
 class cuda_error : public std::runtime_error {
@@ -65,4 +65,4 @@ inline int device_count() {
   return count;
 }
 
-} // namespace diffgrad::cuda
+} // namespace diffgrad::gpu

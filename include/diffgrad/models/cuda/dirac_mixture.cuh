@@ -12,8 +12,8 @@
 // CPU model: dR = w .* (c Y^T - (c . x0_hat) 1^T),  dx += (alpha/sigma^2) dR Y,
 // dz += colsum(dR),  dY += w^T c + (alpha/sigma^2) dR^T x - (alpha^2/sigma^2) diag(colsum dR) Y.
 //
-//   diffgrad::cuda::CudaBackend<double> backend(stream);
-//   diffgrad::models::cuda::DiracMixture<double> model(backend, points, K, d);  // host points
+//   diffgrad::gpu::CudaBackend<double> backend(stream);
+//   diffgrad::models::gpu::DiracMixture<double> model(backend, points, K, d);  // host points
 //   diffgrad::sample(scheme, backend, schedule, nodes, model, x);               // x on device
 //
 // Scratch (B x K and B x d buffers) is reallocated only when the batch size changes; the
@@ -125,20 +125,20 @@ template <class Scalar> struct SubtractDiagTimesPoints {
 } // namespace dirac
 DIFFGRAD_CUDA_NAMESPACE_END
 
-namespace diffgrad::models::cuda {
+namespace diffgrad::models::gpu {
 
 template <class Scalar> class DiracMixture {
 public:
-  using backend_type = ::diffgrad::cuda::CudaBackend<Scalar>;
-  using state_type = ::diffgrad::cuda::DeviceState<Scalar>;
-  using vector_type = ::diffgrad::cuda::DeviceVector<Scalar>;
+  using backend_type = ::diffgrad::gpu::CudaBackend<Scalar>;
+  using state_type = ::diffgrad::gpu::DeviceState<Scalar>;
+  using vector_type = ::diffgrad::gpu::DeviceVector<Scalar>;
 
   /// Points: K x d, row-major on the host; weights: K positive finite (empty: equal), as the
   /// CPU model (normalised here, log taken in double).
   DiracMixture(const backend_type& backend, std::span<const double> points, std::int64_t k,
                std::int64_t dim, std::span<const double> weights = {})
       : backend_(backend), stream_(backend.stream()), k_(k), dim_(dim) {
-    const char* where = "cuda::DiracMixture";
+    const char* where = "gpu::DiracMixture";
     if (k < 1 || dim < 1)
       diffgrad::detail::throw_argument(where, "points", "at least one point of dimension >= 1",
                                        diffgrad::detail::concat(k, " x ", dim));
@@ -164,13 +164,13 @@ public:
     std::vector<Scalar> log_w(w.size()), pts(points.size());
     for (std::size_t i = 0; i < w.size(); ++i) log_w[i] = static_cast<Scalar>(std::log(w[i] / total));
     for (std::size_t i = 0; i < pts.size(); ++i) pts[i] = static_cast<Scalar>(points[i]);
-    params_ = ::diffgrad::cuda::to_device<Scalar>(std::span<const Scalar>(pts), stream_);
-    log_weights_ = ::diffgrad::cuda::to_device<Scalar>(std::span<const Scalar>(log_w), stream_);
+    params_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(pts), stream_);
+    log_weights_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(log_w), stream_);
     cond_ = vector_type(k, stream_);
     log_prior_ = vector_type(k, stream_);
     y_sq_ = vector_type(k, stream_);
     col_sum_ = vector_type(k, stream_);
-    blas_ = std::make_unique<::diffgrad::cuda::CublasHandle>(stream_);
+    blas_ = std::make_unique<::diffgrad::gpu::CublasHandle>(stream_);
   }
 
   std::int64_t dim() const { return dim_; }
@@ -186,19 +186,19 @@ public:
   vector_type& params() { return params_; }
 
   void eps(const state_type& x, const Node& n, state_type& out) const {
-    forward(x, n, "cuda::DiracMixture::eps");
+    forward(x, n, "gpu::DiracMixture::eps");
     prepare(out, x);
-    const ::diffgrad::cuda::dirac::EpsFromX0<Scalar> f{
+    const ::diffgrad::gpu::dirac::EpsFromX0<Scalar> f{
         x.data(), x0_.data(), out.data(), static_cast<Scalar>(n.alpha), finite(1.0 / n.sigma)};
     launch(f, x.size(), "eps");
   }
 
   /// The data prediction x0_hat = sum_i w_i y_i.
   void x0_hat(const state_type& x, const Node& n, state_type& out) const {
-    forward(x, n, "cuda::DiracMixture::x0_hat");
+    forward(x, n, "gpu::DiracMixture::x0_hat");
     prepare(out, x);
-    ::diffgrad::cuda::host_detail::copy_device(out.data(), x0_.data(), x0_.bytes(), stream_,
-                                          "cuda::DiracMixture::x0_hat");
+    ::diffgrad::gpu::host_detail::copy_device(out.data(), x0_.data(), x0_.bytes(), stream_,
+                                          "gpu::DiracMixture::x0_hat");
   }
 
   /// dx = (d eps/dx)^T a; *dcond += (d eps/dz)^T a and *dparams += (d eps/dY)^T a, summed
@@ -206,13 +206,13 @@ public:
   void vjp(const state_type& x, const Node& n, const state_type& a, state_type& dx,
            vector_type* dcond, vector_type* dparams) const {
     linear_vjp(x, n, a, 1.0 / n.sigma, -n.alpha / n.sigma, dx, dcond, dparams,
-               "cuda::DiracMixture::vjp");
+               "gpu::DiracMixture::vjp");
   }
 
   /// VJP of f(x) = c_x x + c_x0 x0_hat(x) (eps, x0_hat and flow velocities have this form).
   void linear_vjp(const state_type& x, const Node& n, const state_type& a, double c_x,
                   double c_x0, state_type& dx, vector_type* dcond, vector_type* dparams,
-                  const char* where = "cuda::DiracMixture::linear_vjp") const {
+                  const char* where = "gpu::DiracMixture::linear_vjp") const {
     if (a.batch() != x.batch() || a.dim() != x.dim())
       diffgrad::detail::throw_argument(
           where, "cotangent", diffgrad::detail::concat("shape ", x.batch(), " x ", x.dim(), " (x's shape)"),
@@ -226,7 +226,7 @@ public:
                                        dparams->size());
     forward(x, n, where);
     const std::int64_t b = x.batch(), size = x.size();
-    namespace dc = ::diffgrad::cuda;
+    namespace dc = ::diffgrad::gpu;
     // Read `a` before dx is written (they may alias).
     check(dc::lincomb(cot_.data(), size, stream_, dc::Term<Scalar>{finite_d(c_x0), a.data()}),
           "cotangent");
@@ -272,11 +272,11 @@ private:
   static double finite_d(double v) { return static_cast<double>(finite(v)); }
 
   void check(cudaError_t e, const char* what) const {
-    ::diffgrad::cuda::check(e, "cuda::DiracMixture", what);
+    ::diffgrad::gpu::check(e, "gpu::DiracMixture", what);
   }
-  void blas(cublasStatus_t s) const { ::diffgrad::cuda::check(s, "cuda::DiracMixture", "cuBLAS"); }
+  void blas(cublasStatus_t s) const { ::diffgrad::gpu::check(s, "gpu::DiracMixture", "cuBLAS"); }
   template <class F> void launch(const F& f, std::int64_t n, const char* what) const {
-    check(::diffgrad::cuda::launch_for_each(f, n, stream_), what);
+    check(::diffgrad::gpu::launch_for_each(f, n, stream_), what);
   }
 
   void prepare(state_type& out, const state_type& x) const {
@@ -285,7 +285,7 @@ private:
 
   void resize(std::int64_t batch) const {
     if (batch == batch_) return;  // steady state: no allocation
-    namespace dc = ::diffgrad::cuda;
+    namespace dc = ::diffgrad::gpu;
     xy_ = dc::DeviceBuffer<Scalar>(batch * k_, stream_);
     w_ = dc::DeviceBuffer<Scalar>(batch * k_, stream_);
     dr_ = dc::DeviceBuffer<Scalar>(batch * k_, stream_);
@@ -312,7 +312,7 @@ private:
       diffgrad::detail::throw_argument(where, "params (points)",
                                        diffgrad::detail::concat("length ", k_ * dim_),
                                        params_.size());
-    namespace dc = ::diffgrad::cuda;
+    namespace dc = ::diffgrad::gpu;
     using dc::blas::Op;
     const std::int64_t b = x.batch();
     resize(b);
@@ -340,8 +340,8 @@ private:
   vector_type params_, cond_, log_weights_;
   mutable vector_type log_prior_, y_sq_, col_sum_;
   mutable std::int64_t batch_ = -1;
-  mutable ::diffgrad::cuda::DeviceBuffer<Scalar> xy_, w_, dr_, x0_, cot_, ones_;
-  std::unique_ptr<::diffgrad::cuda::CublasHandle> blas_;
+  mutable ::diffgrad::gpu::DeviceBuffer<Scalar> xy_, w_, dr_, x0_, cot_, ones_;
+  std::unique_ptr<::diffgrad::gpu::CublasHandle> blas_;
 };
 
-} // namespace diffgrad::models::cuda
+} // namespace diffgrad::models::gpu

@@ -10,7 +10,7 @@
 //   hidden h_{l+1} = act(h_l W_l^T + b_l)             act = tanh or SiLU
 //   output y = h_L W_L^T + b_L
 //
-//   diffgrad::models::cuda::Mlp<float> net(backend, {.dim = 2, .hidden = {64, 64}}, seed);
+//   diffgrad::models::gpu::Mlp<float> net(backend, {.dim = 2, .hidden = {64, 64}}, seed);
 //   net.eps(x, t, out);  net.vjp(x, t, a, dx, &dcond, &dparams);   // device states
 //
 // The configuration mirrors models::MlpConfig (this header stays Eigen-free for nvcc; the
@@ -93,7 +93,7 @@ template <class Scalar> struct ActivationGrad {
 } // namespace mlp
 DIFFGRAD_CUDA_NAMESPACE_END
 
-namespace diffgrad::models::cuda {
+namespace diffgrad::models::gpu {
 
 enum class Activation { tanh, silu };
 
@@ -109,9 +109,9 @@ struct MlpConfig {
 
 template <class Scalar> class Mlp {
 public:
-  using backend_type = ::diffgrad::cuda::CudaBackend<Scalar>;
-  using state_type = ::diffgrad::cuda::DeviceState<Scalar>;
-  using vector_type = ::diffgrad::cuda::DeviceVector<Scalar>;
+  using backend_type = ::diffgrad::gpu::CudaBackend<Scalar>;
+  using state_type = ::diffgrad::gpu::DeviceState<Scalar>;
+  using vector_type = ::diffgrad::gpu::DeviceVector<Scalar>;
 
   /// Initialised deterministically from `seed`, identically to models::Mlp(config, seed).
   Mlp(const backend_type& backend, MlpConfig config, std::uint64_t seed = 0)
@@ -131,7 +131,7 @@ public:
         p[static_cast<std::size_t>(i)] = static_cast<Scalar>(bound * (2.0 * u - 1.0));
       }
     }
-    params_ = ::diffgrad::cuda::to_device<Scalar>(std::span<const Scalar>(p), stream_);
+    params_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(p), stream_);
   }
 
   /// Given flat parameters (host, length param_size(), the layout above).
@@ -139,11 +139,11 @@ public:
       : backend_(backend), stream_(backend.stream()), config_(std::move(config)) {
     build_layout();
     if (static_cast<std::int64_t>(params.size()) != param_size_)
-      diffgrad::detail::throw_argument("cuda::Mlp", "params",
+      diffgrad::detail::throw_argument("gpu::Mlp", "params",
                                        diffgrad::detail::concat("length ", param_size_),
                                        params.size());
     std::vector<Scalar> p(params.begin(), params.end());
-    params_ = ::diffgrad::cuda::to_device<Scalar>(std::span<const Scalar>(p), stream_);
+    params_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(p), stream_);
   }
 
   const MlpConfig& config() const { return config_; }
@@ -164,24 +164,24 @@ public:
   const vector_type& params() const { return params_; }
   vector_type& params() { return params_; }
 
-  void eps(const state_type& x, double t, state_type& out) const { forward(x, t, out, "cuda::Mlp::eps"); }
+  void eps(const state_type& x, double t, state_type& out) const { forward(x, t, out, "gpu::Mlp::eps"); }
   void velocity(const state_type& x, double t, state_type& out) const {
-    forward(x, t, out, "cuda::Mlp::velocity");
+    forward(x, t, out, "gpu::Mlp::velocity");
   }
   void vjp(const state_type& x, double t, const state_type& a, state_type& dx, vector_type* dcond,
            vector_type* dparams) const {
-    backward(x, t, a, dx, dcond, dparams, "cuda::Mlp::vjp");
+    backward(x, t, a, dx, dcond, dparams, "gpu::Mlp::vjp");
   }
   void velocity_vjp(const state_type& x, double t, const state_type& a, state_type& dx,
                     vector_type* dcond, vector_type* dparams) const {
-    backward(x, t, a, dx, dcond, dparams, "cuda::Mlp::velocity_vjp");
+    backward(x, t, a, dx, dcond, dparams, "gpu::Mlp::velocity_vjp");
   }
 
 private:
-  using Buffer = ::diffgrad::cuda::DeviceBuffer<Scalar>;
+  using Buffer = ::diffgrad::gpu::DeviceBuffer<Scalar>;
 
   void build_layout() {
-    const char* where = "cuda::Mlp";
+    const char* where = "gpu::Mlp";
     diffgrad::detail::require(config_.dim >= 1, where, "config.dim", ">= 1", config_.dim);
     diffgrad::detail::require(config_.cond_dim >= 0, where, "config.cond_dim", ">= 0",
                               config_.cond_dim);
@@ -207,7 +207,7 @@ private:
     pre_.resize(layers);
     act_.resize(layers);
     grad_.resize(layers);
-    blas_ = std::make_unique<::diffgrad::cuda::CublasHandle>(stream_);
+    blas_ = std::make_unique<::diffgrad::gpu::CublasHandle>(stream_);
   }
 
   std::size_t num_layers() const { return widths_.size() - 1; }
@@ -215,11 +215,11 @@ private:
   const Scalar* bias(std::size_t l) const { return params_.data() + bias_offset(l); }
 
   void check_status(cudaError_t e, const char* what) const {
-    ::diffgrad::cuda::check(e, "cuda::Mlp", what);
+    ::diffgrad::gpu::check(e, "gpu::Mlp", what);
   }
-  void blas(cublasStatus_t s) const { ::diffgrad::cuda::check(s, "cuda::Mlp", "cuBLAS"); }
+  void blas(cublasStatus_t s) const { ::diffgrad::gpu::check(s, "gpu::Mlp", "cuBLAS"); }
   template <class F> void launch(const F& f, std::int64_t n, const char* what) const {
-    check_status(::diffgrad::cuda::launch_for_each(f, n, stream_), what);
+    check_status(::diffgrad::gpu::launch_for_each(f, n, stream_), what);
   }
 
   void check(const state_type& x, const char* where) const {
@@ -245,13 +245,13 @@ private:
     }
     ones_ = Buffer(batch, stream_);
     col_sum_ = Buffer(widths_[1], stream_);
-    check_status(::diffgrad::cuda::fill(ones_.data(), batch, Scalar(1), stream_), "ones");
+    check_status(::diffgrad::gpu::fill(ones_.data(), batch, Scalar(1), stream_), "ones");
     batch_ = batch;
   }
 
   /// act_[0] = input rows; pre_[l] = act_[l] W_l^T + b_l; act_[l+1] = act(pre_[l]).
   void run_forward(const state_type& x, double t) const {
-    namespace dc = ::diffgrad::cuda;
+    namespace dc = ::diffgrad::gpu;
     using dc::blas::Op;
     const std::int64_t batch = x.batch();
     resize(batch);
@@ -284,7 +284,7 @@ private:
   }
 
   void forward(const state_type& x, double t, state_type& out, const char* where) const {
-    namespace dc = ::diffgrad::cuda;
+    namespace dc = ::diffgrad::gpu;
     using dc::blas::Op;
     check(x, where);
     run_forward(x, t);
@@ -302,7 +302,7 @@ private:
 
   void backward(const state_type& x, double t, const state_type& a, state_type& dx,
                 vector_type* dcond, vector_type* dparams, const char* where) const {
-    namespace dc = ::diffgrad::cuda;
+    namespace dc = ::diffgrad::gpu;
     using dc::blas::Op;
     check(x, where);
     if (a.batch() != x.batch() || a.dim() != x.dim())
@@ -323,7 +323,7 @@ private:
     const cublasHandle_t h = blas_->get();
     // Cotangent of the (linear) output layer's pre-activation.
     dc::host_detail::copy_device(grad_[layers - 1].data(), a.data(), a.size() * sizeof(Scalar),
-                                 stream_, "cuda::Mlp::vjp");
+                                 stream_, "gpu::Mlp::vjp");
     for (std::size_t l = layers; l-- > 0;) {
       const Scalar* g = grad_[l].data();
       const std::int64_t n_out = widths_[l + 1], n_in = widths_[l];
@@ -367,7 +367,7 @@ private:
   mutable std::int64_t batch_ = -1;
   mutable std::vector<Buffer> pre_, act_, grad_;
   mutable Buffer ones_, col_sum_;
-  std::unique_ptr<::diffgrad::cuda::CublasHandle> blas_;
+  std::unique_ptr<::diffgrad::gpu::CublasHandle> blas_;
 };
 
-} // namespace diffgrad::models::cuda
+} // namespace diffgrad::models::gpu
