@@ -13,7 +13,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 
 #include "diffgrad/fisher/exact_fisher.hpp"
@@ -289,5 +291,47 @@ TEST_CASE("Exact Fisher rejects bad input with diffgrad::invalid_argument", "[fi
   SECTION("sample index") {
     CHECK_THROWS_WITH(fisher.matrix(x, make_node(0.8, 0.6), 2),
                       Catch::Contains("'b'") && Catch::Contains("[0, 2)"));
+  }
+}
+
+TEST_CASE("Table: exact Fisher vs finite-difference Hessian", "[.table][fisher_fd]") {
+  const Mat y = cloud(5, 3);
+  Eigen::VectorXd pi(5), s(5);
+  pi << 0.1, 0.3, 0.2, 0.25, 0.15;
+  s << 0.3, 0.0, 0.7, 0.1, 0.2;
+  const models::DiracMixture<double> dirac(y, pi);
+  const models::GaussianMixture<double> gmm(y, s, pi);
+  const fisher::ExactFisher fd(dirac);
+  const fisher::ExactFisher fg(gmm);
+  const auto x = diffgrad::testing::test_batch<double>(8, 3);
+  std::printf("Exact Fisher F vs -Hessian(log p_t) by Richardson-extrapolated central differences "
+              "of a long-double textbook density (h = 0.01 sigma), d = 3, K = 5, 8 points x; "
+              "max over the points of |F + H_fd|_F / |H_fd|_F; lambda_max(F) sigma^2 (<= 1); "
+              "|tr F - trace(F matrix)| / |F|_F\n");
+  std::printf("| alpha | sigma | Dirac: FD rel. error | Dirac: max lambda sigma^2 | Gaussian "
+              "mixture: FD rel. error | GMM: max lambda sigma^2 | max trace mismatch |\n"
+              "|---|---|---|---|---|---|---|\n");
+  for (const Case c : kCases) {
+    const Node n = make_node(c.alpha, c.sigma);
+    double e1 = 0, e2 = 0, l1 = -1e300, l2 = -1e300, tm = 0;
+    const Eigen::VectorXd trd = fd.trace(x, n), trg = fg.trace(x, n);
+    for (Eigen::Index b = 0; b < x.rows(); ++b) {
+      const Eigen::VectorXd xb = x.row(b).transpose();
+      const auto ld = [&](const Eigen::VectorXd& v) {
+        return textbook_log_density(v, y, Eigen::VectorXd::Zero(5), pi / pi.sum(), c.alpha, c.sigma);
+      };
+      const auto lg = [&](const Eigen::VectorXd& v) {
+        return textbook_log_density(v, y, s, pi / pi.sum(), c.alpha, c.sigma);
+      };
+      const Eigen::MatrixXd hd = fd_hessian(ld, xb, 0.01 * c.sigma), hg = fd_hessian(lg, xb, 0.01 * c.sigma);
+      const Eigen::MatrixXd md = fd.matrix(x, n, b), mg = fg.matrix(x, n, b);
+      e1 = std::max(e1, (md + hd).norm() / hd.norm());
+      e2 = std::max(e2, (mg + hg).norm() / hg.norm());
+      l1 = std::max(l1, fisher::symmetric_eigen_range(md)(1) * c.sigma * c.sigma);
+      l2 = std::max(l2, fisher::symmetric_eigen_range(mg)(1) * c.sigma * c.sigma);
+      tm = std::max({tm, std::abs(trd(b) - md.trace()) / md.norm(), std::abs(trg(b) - mg.trace()) / mg.norm()});
+    }
+    std::printf("| %.3g | %.3g | %.1e | %.4f | %.1e | %.4f | %.1e |\n", c.alpha, c.sigma, e1, l1, e2,
+                l2, tm);
   }
 }
