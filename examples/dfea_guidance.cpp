@@ -67,12 +67,18 @@ bool parse(int argc, char** argv, Args& a) {
     }
     if (i + 1 >= argc) return false;
     const std::string v = argv[++i];
-    if (k == "--t-guide") a.t_guide = std::atof(v.c_str());
-    else if (k == "--steps") a.steps = std::atoi(v.c_str());
-    else if (k == "--iterations") a.iterations = std::atoi(v.c_str());
-    else if (k == "--lr") a.lr = std::atof(v.c_str());
-    else if (k == "--batch") a.batch = std::atoi(v.c_str());
-    else if (k == "--seed") a.seed = static_cast<std::uint64_t>(std::atoll(v.c_str()));
+    if (k == "--t-guide")
+      a.t_guide = std::atof(v.c_str());
+    else if (k == "--steps")
+      a.steps = std::atoi(v.c_str());
+    else if (k == "--iterations")
+      a.iterations = std::atoi(v.c_str());
+    else if (k == "--lr")
+      a.lr = std::atof(v.c_str());
+    else if (k == "--batch")
+      a.batch = std::atoi(v.c_str());
+    else if (k == "--seed")
+      a.seed = static_cast<std::uint64_t>(std::atoll(v.c_str()));
     else if (k == "--target") {
       const auto comma = v.find(',');
       if (comma == std::string::npos) return false;
@@ -108,10 +114,10 @@ struct IdentityFisher {
 };
 
 struct Outcome {
-  double loss = 0.0;     // mean L at the end
-  double hit = 0.0;      // fraction of samples ending at the data point nearest the target
-  double seconds = 0.0;  // guidance wall time
-  long vjps = 0;         // model VJPs requested by the adjoint
+  double loss = 0.0;    // mean L at the end
+  double hit = 0.0;     // fraction of samples ending at the data point nearest the target
+  double seconds = 0.0; // guidance wall time
+  long vjps = 0;        // model VJPs requested by the adjoint
 };
 
 } // namespace
@@ -131,11 +137,14 @@ int main(int argc, char** argv) {
   (data.rowwise() - target).rowwise().squaredNorm().minCoeff(&nearest);
 
   // Unguided start at t_guide.
-  const auto to_guide = diffgrad::make_nodes(schedule, diffgrad::uniform_lambda_grid(schedule, 100, 1.0, args.t_guide));
+  const auto to_guide = diffgrad::make_nodes(
+      schedule, diffgrad::uniform_lambda_grid(schedule, 100, 1.0, args.t_guide));
   State x_guide(args.batch, 2);
   backend.gaussian(x_guide, args.seed, 0);
-  diffgrad::sample(diffgrad::Ddim(), backend, schedule, std::span<const diffgrad::Node>(to_guide), mixture, x_guide);
-  const auto nodes = diffgrad::make_nodes(schedule, diffgrad::uniform_lambda_grid(schedule, args.steps, args.t_guide, 1e-3));
+  diffgrad::sample(diffgrad::Ddim(), backend, schedule, std::span<const diffgrad::Node>(to_guide),
+                   mixture, x_guide);
+  const auto nodes = diffgrad::make_nodes(
+      schedule, diffgrad::uniform_lambda_grid(schedule, args.steps, args.t_guide, 1e-3));
   const std::span<const diffgrad::Node> span(nodes);
   const double sigma = nodes.front().sigma;
   const diffgrad::SquaredDistanceLoss<Backend> loss(State(target.replicate(args.batch, 1)));
@@ -144,10 +153,11 @@ int main(int argc, char** argv) {
     State x = x_t;
     diffgrad::sample(diffgrad::Ddim(), backend, schedule, span, mixture, x);
     State hat;
-    mixture.x0_hat(x, nodes.back(), hat);  // the data point each sample landed on
+    mixture.x0_hat(x, nodes.back(), hat); // the data point each sample landed on
     o.loss = 0.5 * (x.rowwise() - target).rowwise().squaredNorm().mean();
     int hits = 0;
-    for (Eigen::Index b = 0; b < hat.rows(); ++b) hits += (hat.row(b) - data.row(nearest)).norm() < 1e-3;
+    for (Eigen::Index b = 0; b < hat.rows(); ++b)
+      hits += (hat.row(b) - data.row(nearest)).norm() < 1e-3;
     o.hit = static_cast<double>(hits) / static_cast<double>(hat.rows());
   };
   // K normalised gradient steps with the gradient from `grad_of(x, ws)`.
@@ -157,7 +167,8 @@ int main(int argc, char** argv) {
     auto ws = diffgrad::make_gradient_workspace(diffgrad::Ddim(), backend, span, model, x);
     const auto t0 = std::chrono::steady_clock::now();
     for (int k = 0; k < args.iterations; ++k) {
-      const auto& r = diffgrad::gradient(diffgrad::Ddim(), backend, schedule, span, model, x, loss_fn, {}, ws);
+      const auto& r =
+          diffgrad::gradient(diffgrad::Ddim(), backend, schedule, span, model, x, loss_fn, {}, ws);
       o.vjps += static_cast<long>(r.cost.vjps);
       for (Eigen::Index b = 0; b < x.rows(); ++b) {
         const double g = r.grad_x.row(b).norm();
@@ -172,7 +183,7 @@ int main(int argc, char** argv) {
   Outcome none;
   finish(x_guide, none);
   const Outcome exact = guide(mixture, loss);
-  struct EpsOnly {  // what DF-EA sees: eps, nothing else
+  struct EpsOnly { // what DF-EA sees: eps, nothing else
     const Mixture& m;
     void eps(const State& x, const diffgrad::Node& n, State& out) const { m.eps(x, n, out); }
   } eps_only{mixture};
@@ -184,12 +195,14 @@ int main(int argc, char** argv) {
   IdentityFisher identity{mixture};
   const Outcome id = guide(identity, loss);
 
-  std::printf("Guidance toward (%.2f, %.2f) (nearest data point (%.0f, %.0f)) at t = %.3g (sigma %.3f), "
-              "%d DDIM steps to t = 1e-3, %d normalised steps of %.2f sigma, %d samples\n",
-              target(0), target(1), data(nearest, 0), data(nearest, 1), args.t_guide, sigma,
-              args.steps, args.iterations, args.lr, args.batch);
-  std::printf("| gradient | mean loss | samples at the nearest point | model VJPs | guidance time (s) |\n"
-              "|---|---|---|---|---|\n");
+  std::printf(
+      "Guidance toward (%.2f, %.2f) (nearest data point (%.0f, %.0f)) at t = %.3g (sigma %.3f), "
+      "%d DDIM steps to t = 1e-3, %d normalised steps of %.2f sigma, %d samples\n",
+      target(0), target(1), data(nearest, 0), data(nearest, 1), args.t_guide, sigma, args.steps,
+      args.iterations, args.lr, args.batch);
+  std::printf(
+      "| gradient | mean loss | samples at the nearest point | model VJPs | guidance time (s) |\n"
+      "|---|---|---|---|---|\n");
   const auto row = [](const char* name, const Outcome& o, const char* vjps) {
     std::printf("| %s | %.4f | %.1f%% | %s | %.3f |\n", name, o.loss, 100 * o.hit, vjps, o.seconds);
   };

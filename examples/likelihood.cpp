@@ -78,15 +78,24 @@ bool parse(int argc, char** argv, Args& a) {
     }
     if (i + 1 >= argc) return false;
     const char* v = argv[++i];
-    if (k == "--train-steps") a.train_steps = std::atoi(v);
-    else if (k == "--hidden") a.hidden = std::atoi(v);
-    else if (k == "--points-per-square") a.points_per_square = std::atoi(v);
-    else if (k == "--samples") a.samples = std::atoi(v);
-    else if (k == "--rk4-steps") a.rk4_steps = std::atoi(v);
-    else if (k == "--probes") a.probes = std::atoi(v);
-    else if (k == "--timing-batch") a.timing_batch = std::atoi(v);
-    else if (k == "--seed") a.seed = static_cast<std::uint64_t>(std::atoll(v));
-    else return false;
+    if (k == "--train-steps")
+      a.train_steps = std::atoi(v);
+    else if (k == "--hidden")
+      a.hidden = std::atoi(v);
+    else if (k == "--points-per-square")
+      a.points_per_square = std::atoi(v);
+    else if (k == "--samples")
+      a.samples = std::atoi(v);
+    else if (k == "--rk4-steps")
+      a.rk4_steps = std::atoi(v);
+    else if (k == "--probes")
+      a.probes = std::atoi(v);
+    else if (k == "--timing-batch")
+      a.timing_batch = std::atoi(v);
+    else if (k == "--seed")
+      a.seed = static_cast<std::uint64_t>(std::atoll(v));
+    else
+      return false;
   }
   return a.train_steps >= 1 && a.hidden >= 1 && a.points_per_square >= 1 && a.samples >= 1 &&
          a.rk4_steps >= 1 && a.probes >= 1 && a.timing_batch >= 1;
@@ -120,7 +129,7 @@ double relative(const Eigen::VectorXd& a, const Eigen::VectorXd& b) {
 
 /// Microseconds per call of f, repeated for at least `budget` seconds.
 template <class F> double time_per_call(F&& f, double budget = 0.2) {
-  f();  // warm-up: sizes every buffer
+  f(); // warm-up: sizes every buffer
   int calls = 0;
   const auto t0 = std::chrono::steady_clock::now();
   do {
@@ -139,9 +148,10 @@ void timing_table(const Args& args) {
               "them); exact = closed form for an 8-point Dirac mixture. Microseconds per call "
               "(this machine, Release); in parentheses: multiples of one eps-network forward.\n",
               args.timing_batch);
-  std::printf("| d | eps forward | exact (mixture) | DF-TM (trace net forward) | VJP trace (d VJPs) "
-              "| Hutchinson (%d VJP%s) |\n|---|---|---|---|---|---|\n",
-              args.probes, args.probes > 1 ? "s" : "");
+  std::printf(
+      "| d | eps forward | exact (mixture) | DF-TM (trace net forward) | VJP trace (d VJPs) "
+      "| Hutchinson (%d VJP%s) |\n|---|---|---|---|---|---|\n",
+      args.probes, args.probes > 1 ? "s" : "");
   for (const int d : {2, 16, 64, 256}) {
     models::MlpConfig c;
     c.dim = d;
@@ -164,9 +174,9 @@ void timing_table(const Args& args) {
     const double t_dftm = time_per_call([&] { dftm(x, n, eps, tr); });
     const double t_vjp = time_per_call([&] { vjp_trace(x, n, eps, tr); });
     const double t_hutch = time_per_call([&] { hutchinson(x, n, eps, tr); });
-    std::printf("| %d | %.0f | %.0f (%.2f) | %.0f (%.2f) | %.0f (%.1f) | %.0f (%.2f) |\n", d, forward,
-                t_exact, t_exact / forward, t_dftm, t_dftm / forward, t_vjp, t_vjp / forward,
-                t_hutch, t_hutch / forward);
+    std::printf("| %d | %.0f | %.0f (%.2f) | %.0f (%.2f) | %.0f (%.1f) | %.0f (%.2f) |\n", d,
+                forward, t_exact, t_exact / forward, t_dftm, t_dftm / forward, t_vjp,
+                t_vjp / forward, t_hutch, t_hutch / forward);
   }
 }
 
@@ -179,11 +189,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   const Backend backend;
-  const diffgrad::VPLinearSchedule schedule;  // t in [1e-3, 1]
+  const diffgrad::VPLinearSchedule schedule; // t in [1e-3, 1]
   const State data = checkerboard(args.points_per_square);
   const models::DiracMixture<double> model(data);
   const fisher::ExactFisher exact_fisher(model);
-  const auto denoiser = [&](const State& x, const diffgrad::Node& n, State& out) { model.x0_hat(x, n, out); };
+  const auto denoiser = [&](const State& x, const diffgrad::Node& n, State& out) {
+    model.x0_hat(x, n, out);
+  };
 
   // 1. Train the two trace networks.
   models::MlpConfig config;
@@ -236,16 +248,19 @@ int main(int argc, char** argv) {
   }
 
   // 3. Log-likelihood of DDIM samples at t0.
-  std::printf("\nLog-likelihood log p_t0(x) of %d DDIM samples (200 steps from t = 1) by the PF-ODE "
-              "from t0 to 1 (%d RK4 steps), prior = exact log p_1. Closed form = the mixture's "
-              "log p_t0; the provider columns are mean |log p - PF-ODE with the exact trace| "
-              "(nats; the trace's share of the error)\n",
-              args.samples, args.rk4_steps);
+  std::printf(
+      "\nLog-likelihood log p_t0(x) of %d DDIM samples (200 steps from t = 1) by the PF-ODE "
+      "from t0 to 1 (%d RK4 steps), prior = exact log p_1. Closed form = the mixture's "
+      "log p_t0; the provider columns are mean |log p - PF-ODE with the exact trace| "
+      "(nats; the trace's share of the error)\n",
+      args.samples, args.rk4_steps);
   std::printf("| t0 | sigma | mean log p (closed form) | PF-ODE exact trace vs closed form | "
               "DF-TM paper | DF-TM variance | Hutchinson (%d probe%s, fixed) | trace calls |\n"
               "|---|---|---|---|---|---|---|---|\n",
               args.probes, args.probes > 1 ? "s" : "");
-  const auto exact_prior = [&](const State& xe, const diffgrad::Node& n) { return model.log_density(xe, n); };
+  const auto exact_prior = [&](const State& xe, const diffgrad::Node& n) {
+    return model.log_density(xe, n);
+  };
   bool ok = true;
   for (const double t_start : {0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001}) {
     const auto grid = diffgrad::uniform_lambda_grid(schedule, 200, 1.0, t_start);
@@ -259,10 +274,14 @@ int main(int argc, char** argv) {
     fisher::ExactTrace et(model);
     fisher::DfTmTrace p(paper_net), v(variance_net);
     fisher::HutchinsonTrace h(model_for_vjp, {.probes = args.probes, .seed = args.seed + 6});
-    const auto le = fisher::log_likelihood(backend, schedule, model, et, s, t_start, 1.0, exact_prior, lo);
-    const auto lp = fisher::log_likelihood(backend, schedule, model, p, s, t_start, 1.0, exact_prior, lo);
-    const auto lv = fisher::log_likelihood(backend, schedule, model, v, s, t_start, 1.0, exact_prior, lo);
-    const auto lh = fisher::log_likelihood(backend, schedule, model, h, s, t_start, 1.0, exact_prior, lo);
+    const auto le =
+        fisher::log_likelihood(backend, schedule, model, et, s, t_start, 1.0, exact_prior, lo);
+    const auto lp =
+        fisher::log_likelihood(backend, schedule, model, p, s, t_start, 1.0, exact_prior, lo);
+    const auto lv =
+        fisher::log_likelihood(backend, schedule, model, v, s, t_start, 1.0, exact_prior, lo);
+    const auto lh =
+        fisher::log_likelihood(backend, schedule, model, h, s, t_start, 1.0, exact_prior, lo);
     const double integrator = (le.log_likelihood - closed).cwiseAbs().mean();
     // Samples on Voronoi boundaries sit on stiff stretches of the flow; the mean stays small.
     if (integrator > 1e-3) ok = false;

@@ -96,9 +96,9 @@ TEST_CASE("DF-EA is exact for a single data point", "[fisher][dfea]") {
     const Mat x_T = diffgrad::testing::test_batch<double>(4, 3);
     Mat target = Mat::Zero(4, 3);
     const SquaredDistanceLoss<B> loss(target);
-    const auto exact_grad = gradient(Ddim(), backend, schedule, std::span<const Node>(nodes),
-                                     mixture, x_T, loss);
-    fisher::DfEaEndpointLoss wrapped(dfea, loss, nodes.back());  // denoised endpoint = y
+    const auto exact_grad =
+        gradient(Ddim(), backend, schedule, std::span<const Node>(nodes), mixture, x_T, loss);
+    fisher::DfEaEndpointLoss wrapped(dfea, loss, nodes.back()); // denoised endpoint = y
     const auto ea_grad =
         gradient(Ddim(), backend, schedule, std::span<const Node>(nodes), dfea, x_T, wrapped);
     CHECK(rel(ea_grad.grad_x, exact_grad.grad_x) <= 1e-12);
@@ -132,8 +132,7 @@ TEST_CASE("DF-EA is exact for a single data point", "[fisher][dfea]") {
   }
 }
 
-TEST_CASE("DF-EA Hilbert-Schmidt error falls as sigma -> 0 along a trajectory",
-          "[fisher][dfea]") {
+TEST_CASE("DF-EA Hilbert-Schmidt error falls as sigma -> 0 along a trajectory", "[fisher][dfea]") {
   const B backend;
   const VPLinearSchedule schedule;
   const auto nodes = vp_nodes(200);
@@ -258,7 +257,8 @@ TEST_CASE("Table: DF-EA Hilbert-Schmidt error vs sigma along PF-ODE trajectories
   Mat denoised;
   model.x0_hat(x, nodes.back(), denoised);
   std::printf("DF-EA vs exact Fisher, 3x3 grid data (d = 2), %d DDIM steps (VP linear, uniform "
-              "lambda, t 1 -> 1e-3), %ld trajectories\n", steps, static_cast<long>(batch));
+              "lambda, t 1 -> 1e-3), %ld trajectories\n",
+              steps, static_cast<long>(batch));
   std::printf("| t | sigma | mean rel. HS error, x0_end = denoised endpoint | max | mean rel. HS "
               "error, x0_end = raw x(t_min) | max |\n|---|---|---|---|---|---|\n");
   for (const int i : {0, 100, 200, 250, 300, 340, 370, 390, 399}) {
@@ -269,7 +269,8 @@ TEST_CASE("Table: DF-EA Hilbert-Schmidt error vs sigma along PF-ODE trajectories
     for (Eigen::Index b = 0; b < batch; ++b) norm(b) = f[static_cast<std::size_t>(b)].norm();
     const Eigen::VectorXd e1 =
         fisher::dfea_hilbert_schmidt_error(exact, xi, n, denoised).cwiseQuotient(norm);
-    const Eigen::VectorXd e2 = fisher::dfea_hilbert_schmidt_error(exact, xi, n, x).cwiseQuotient(norm);
+    const Eigen::VectorXd e2 =
+        fisher::dfea_hilbert_schmidt_error(exact, xi, n, x).cwiseQuotient(norm);
     std::printf("| %.4g | %.3g | %.2e | %.2e | %.2e | %.2e |\n", n.t, n.sigma, e1.mean(),
                 e1.maxCoeff(), e2.mean(), e2.maxCoeff());
   }
@@ -298,12 +299,13 @@ TEST_CASE("Table: DF-EA guidance gradient vs the exact VJP gradient", "[.table][
   const Eigen::Index batch = 256;
   const Mat noise = noise_batch(batch, 7);
   const SquaredDistanceLoss<B> loss(Mat::Constant(batch, 2, 0.25));
-  std::printf("Guidance gradient dL/dx_t, L = |x0 - (0.25, 0.25)|^2 / 2, through N DDIM steps from "
-              "t_start to 1e-3 (VP linear, uniform lambda), 3x3 grid data, %ld samples; x_t = the "
-              "PF-ODE state (400 DDIM steps from t = 1). Errors relative to the exact-VJP gradient: "
-              "batch = |g - g_exact|_F / |g_exact|_F over the batch; median and p90 of the "
-              "per-sample |g_b - g_exact,b| / |g_exact,b|.\n",
-              static_cast<long>(batch));
+  std::printf(
+      "Guidance gradient dL/dx_t, L = |x0 - (0.25, 0.25)|^2 / 2, through N DDIM steps from "
+      "t_start to 1e-3 (VP linear, uniform lambda), 3x3 grid data, %ld samples; x_t = the "
+      "PF-ODE state (400 DDIM steps from t = 1). Errors relative to the exact-VJP gradient: "
+      "batch = |g - g_exact|_F / |g_exact|_F over the batch; median and p90 of the "
+      "per-sample |g_b - g_exact,b| / |g_exact,b|.\n",
+      static_cast<long>(batch));
   std::printf("| t_start | sigma | N | DF-EA, denoised x0_end: batch / median / p90 | DF-EA, raw "
               "x0_end: batch | I/sigma^2 baseline: batch / median / p90 | AdjointDEIS-1 with DF-EA "
               "vs with the exact VJP: batch |\n|---|---|---|---|---|---|---|\n");
@@ -336,10 +338,10 @@ TEST_CASE("Table: DF-EA guidance gradient vs the exact VJP gradient", "[.table][
       const Mat& ge = exact_grad.grad_x;
       std::printf("| %.3g | %.3g | %d | %.2e / %.2e / %.2e | %.2e | %.2e / %.2e / %.2e | %.2e |\n",
                   t_start, nodes.front().sigma, steps, rel(g_denoised.grad_x, ge),
-                  sample_quantile(g_denoised.grad_x, ge, 0.5), sample_quantile(g_denoised.grad_x, ge, 0.9),
-                  rel(g_raw.grad_x, ge), rel(g_identity.grad_x, ge),
-                  sample_quantile(g_identity.grad_x, ge, 0.5), sample_quantile(g_identity.grad_x, ge, 0.9),
-                  rel(c_ea, c_exact));
+                  sample_quantile(g_denoised.grad_x, ge, 0.5),
+                  sample_quantile(g_denoised.grad_x, ge, 0.9), rel(g_raw.grad_x, ge),
+                  rel(g_identity.grad_x, ge), sample_quantile(g_identity.grad_x, ge, 0.5),
+                  sample_quantile(g_identity.grad_x, ge, 0.9), rel(c_ea, c_exact));
     }
   }
 }

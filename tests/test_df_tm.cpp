@@ -82,8 +82,10 @@ TEST_CASE("DF-TM with the exact oracle inside the likelihood integrator", "[fish
   fisher::ExactTrace exact(model);
   const Mat x = checkerboard().topRows(4) * 0.999;
   const fisher::GaussianPrior prior(1.0);
-  const auto a = fisher::log_likelihood(backend, schedule, model, dftm, x, 1e-2, 1.0, prior, {.steps = 32});
-  const auto b = fisher::log_likelihood(backend, schedule, model, exact, x, 1e-2, 1.0, prior, {.steps = 32});
+  const auto a =
+      fisher::log_likelihood(backend, schedule, model, dftm, x, 1e-2, 1.0, prior, {.steps = 32});
+  const auto b =
+      fisher::log_likelihood(backend, schedule, model, exact, x, 1e-2, 1.0, prior, {.steps = 32});
   CHECK((a.log_likelihood - b.log_likelihood).cwiseAbs().maxCoeff() <= 1e-10);
 }
 
@@ -104,7 +106,7 @@ TEST_CASE("MlpTraceNetwork reads the MLP as T for both targets", "[fisher][dftm]
   const Mat x = diffgrad::testing::test_batch<double>(3, 2);
   const Node n = vp_node(0.4);
   Mat raw;
-  mlp.eps(x, -0.1 * n.lambda, raw);  // log-SNR time input (the default)
+  mlp.eps(x, -0.1 * n.lambda, raw); // log-SNR time input (the default)
   Mat hat(3, 2);
   hat << 0.1, 0.2, -0.3, 0.4, 0.5, -0.6;
   Eigen::VectorXd t;
@@ -121,7 +123,8 @@ TEST_CASE("MlpTraceNetwork reads the MLP as T for both targets", "[fisher][dftm]
   CHECK(by_t.time_input(n) == n.t);
 }
 
-TEST_CASE("A short training run learns E[|x0|^2 | x_t] and is deterministic", "[fisher][dftm][train]") {
+TEST_CASE("A short training run learns E[|x0|^2 | x_t] and is deterministic",
+          "[fisher][dftm][train]") {
   // 300 Adam steps of a 32 x 32 MLP (~0.3 s). Bounds are loose on purpose: they catch a
   // training loop that does not learn (wrong sign, wrong target, lost gradient), not the
   // accuracy a full run reaches (docs/fisher.md). The loss floor is the conditional variance of
@@ -141,7 +144,8 @@ TEST_CASE("A short training run learns E[|x0|^2 | x_t] and is deterministic", "[
   backend.gaussian(noise, 17, 0);
   const Node n = schedule.node(0.3);
   Mat x(256, 2);
-  for (Eigen::Index b = 0; b < 256; ++b) x.row(b) = n.alpha * data.row(b % 8) + n.sigma * noise.row(b);
+  for (Eigen::Index b = 0; b < 256; ++b)
+    x.row(b) = n.alpha * data.row(b % 8) + n.sigma * noise.row(b);
   Mat hat;
   model.x0_hat(x, n, hat);
   const Eigen::VectorXd t_exact = exact.second_moment(x, n);
@@ -175,24 +179,29 @@ TEST_CASE("A short training run learns E[|x0|^2 | x_t] and is deterministic", "[
   CHECK(var_err < 0.2);
 }
 
-TEST_CASE("DF-TM pieces reject bad input with diffgrad::invalid_argument", "[fisher][dftm][errors]") {
+TEST_CASE("DF-TM pieces reject bad input with diffgrad::invalid_argument",
+          "[fisher][dftm][errors]") {
   const VPLinearSchedule schedule;
   const Mat data = checkerboard();
   fisher::MlpTraceNetwork<double> net(models::Mlp<double>(small_config(), 1));
   SECTION("training options") {
     fisher::TraceTrainingOptions opt;
     opt.steps = 0;
-    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt), Catch::Contains("options.steps"));
+    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt),
+                      Catch::Contains("options.steps"));
     opt = {};
     opt.batch = 4;
-    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt), Catch::Contains("options.batch"));
+    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt),
+                      Catch::Contains("options.batch"));
     opt = {};
     opt.ema_decay = 1.0;
-    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt), Catch::Contains("ema_decay"));
+    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt),
+                      Catch::Contains("ema_decay"));
     opt = {};
     opt.t_min = 0.5;
     opt.t_max = 0.4;
-    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt), Catch::Contains("t_min/t_max"));
+    CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, data, opt),
+                      Catch::Contains("t_min/t_max"));
   }
   SECTION("data") {
     CHECK_THROWS_WITH(fisher::train_trace_network(net, schedule, Mat::Zero(3, 3)),
@@ -201,10 +210,13 @@ TEST_CASE("DF-TM pieces reject bad input with diffgrad::invalid_argument", "[fis
   SECTION("variance target without a denoiser") {
     fisher::MlpTraceNetwork<double> var(models::Mlp<double>(small_config(), 1),
                                         fisher::TraceTarget::scaled_posterior_variance);
-    CHECK_THROWS_WITH(fisher::train_trace_network(var, schedule, data), Catch::Contains("denoiser"));
+    CHECK_THROWS_WITH(fisher::train_trace_network(var, schedule, data),
+                      Catch::Contains("denoiser"));
   }
   SECTION("trace network returning the wrong number of values") {
-    auto bad = [](const Mat&, const Node&, const auto&, Eigen::VectorXd& out) { out = Eigen::VectorXd::Zero(1); };
+    auto bad = [](const Mat&, const Node&, const auto&, Eigen::VectorXd& out) {
+      out = Eigen::VectorXd::Zero(1);
+    };
     fisher::DfTmTrace dftm(bad);
     const Mat x = data.topRows(3);
     Eigen::VectorXd tr;

@@ -6,9 +6,9 @@
 // every Eigen include.
 #include <stdexcept>
 #define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x) \
-  do { \
-    if (!(x)) throw std::runtime_error("eigen_assert failed: " #x); \
+#define eigen_assert(x)                                                                            \
+  do {                                                                                             \
+    if (!(x)) throw std::runtime_error("eigen_assert failed: " #x);                                \
   } while (false)
 
 #include <catch2/catch.hpp>
@@ -78,10 +78,14 @@ Eigen::MatrixXd fd_hessian(const std::function<long double(const Eigen::VectorXd
           value = (f(p) - 2 * f0 + f(q)) / (static_cast<long double>(step) * step);
         } else {
           Eigen::VectorXd pp = x, pm = x, mp = x, mm = x;
-          pp(i) += step; pp(j) += step;
-          pm(i) += step; pm(j) -= step;
-          mp(i) -= step; mp(j) += step;
-          mm(i) -= step; mm(j) -= step;
+          pp(i) += step;
+          pp(j) += step;
+          pm(i) += step;
+          pm(j) -= step;
+          mp(i) -= step;
+          mp(j) += step;
+          mm(i) -= step;
+          mm(j) -= step;
           value = (f(pp) - f(pm) - f(mp) + f(mm)) / (4 * static_cast<long double>(step) * step);
         }
         hess(i, j) = hess(j, i) = static_cast<double>(value);
@@ -128,7 +132,7 @@ TEST_CASE("Exact Fisher of a Gaussian mixture equals the finite-difference Hessi
           "[fisher][exact]") {
   const Mat m = cloud(4, 3);
   Eigen::VectorXd s(4), pi(4);
-  s << 0.3, 0.0, 0.7, 0.1;  // one Dirac component
+  s << 0.3, 0.0, 0.7, 0.1; // one Dirac component
   pi << 0.4, 0.1, 0.3, 0.2;
   const models::GaussianMixture<double> model(m, s, pi);
   const fisher::ExactFisher fisher(model);
@@ -164,11 +168,11 @@ TEST_CASE("Exact Fisher: symmetric, eigenvalues <= 1/sigma^2, trace and product 
     const Eigen::VectorXd tr = fisher.trace(x, n);
     Mat fa;
     fisher.apply(x, n, a, fa);
-    Mat vjp;  // the model's own VJP: d eps/dx = sigma F
+    Mat vjp; // the model's own VJP: d eps/dx = sigma F
     model.vjp(x, n, a, vjp, nullptr, nullptr);
     for (Eigen::Index b = 0; b < x.rows(); ++b) {
       const Eigen::MatrixXd& f = mats[static_cast<std::size_t>(b)];
-      CHECK((f - f.transpose()).norm() == 0.0);  // bit-for-bit symmetric
+      CHECK((f - f.transpose()).norm() == 0.0); // bit-for-bit symmetric
       const Eigen::Vector2d range = fisher::symmetric_eigen_range(f);
       CHECK(range(1) <= (1.0 + 1e-12) / (n.sigma * n.sigma));
       CHECK(std::abs(tr(b) - f.trace()) <= 1e-12 * f.cwiseAbs().trace());
@@ -318,20 +322,23 @@ TEST_CASE("Table: exact Fisher vs finite-difference Hessian", "[.table][fisher_f
     for (Eigen::Index b = 0; b < x.rows(); ++b) {
       const Eigen::VectorXd xb = x.row(b).transpose();
       const auto ld = [&](const Eigen::VectorXd& v) {
-        return textbook_log_density(v, y, Eigen::VectorXd::Zero(5), pi / pi.sum(), c.alpha, c.sigma);
+        return textbook_log_density(v, y, Eigen::VectorXd::Zero(5), pi / pi.sum(), c.alpha,
+                                    c.sigma);
       };
       const auto lg = [&](const Eigen::VectorXd& v) {
         return textbook_log_density(v, y, s, pi / pi.sum(), c.alpha, c.sigma);
       };
-      const Eigen::MatrixXd hd = fd_hessian(ld, xb, 0.01 * c.sigma), hg = fd_hessian(lg, xb, 0.01 * c.sigma);
+      const Eigen::MatrixXd hd = fd_hessian(ld, xb, 0.01 * c.sigma),
+                            hg = fd_hessian(lg, xb, 0.01 * c.sigma);
       const Eigen::MatrixXd md = fd.matrix(x, n, b), mg = fg.matrix(x, n, b);
       e1 = std::max(e1, (md + hd).norm() / hd.norm());
       e2 = std::max(e2, (mg + hg).norm() / hg.norm());
       l1 = std::max(l1, fisher::symmetric_eigen_range(md)(1) * c.sigma * c.sigma);
       l2 = std::max(l2, fisher::symmetric_eigen_range(mg)(1) * c.sigma * c.sigma);
-      tm = std::max({tm, std::abs(trd(b) - md.trace()) / md.norm(), std::abs(trg(b) - mg.trace()) / mg.norm()});
+      tm = std::max({tm, std::abs(trd(b) - md.trace()) / md.norm(),
+                     std::abs(trg(b) - mg.trace()) / mg.norm()});
     }
-    std::printf("| %.3g | %.3g | %.1e | %.4f | %.1e | %.4f | %.1e |\n", c.alpha, c.sigma, e1, l1, e2,
-                l2, tm);
+    std::printf("| %.3g | %.3g | %.1e | %.4f | %.1e | %.4f | %.1e |\n", c.alpha, c.sigma, e1, l1,
+                e2, l2, tm);
   }
 }

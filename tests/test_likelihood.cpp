@@ -33,7 +33,7 @@ Eigen::VectorXd gaussian_log_density(const Mat& x, const Eigen::RowVectorXd& m, 
 }
 
 struct GaussianCase {
-  Mat mean;  // 1 x d
+  Mat mean; // 1 x d
   double s;
   models::GaussianMixture<double> model;
   GaussianCase(Mat m, double std) : mean(m), s(std), model(m, Eigen::VectorXd::Constant(1, std)) {}
@@ -53,7 +53,8 @@ Mat data_batch() {
 }
 
 /// Errors of log p_{t0} and of x_{t1} against the closed forms, for N steps.
-template <class S> std::pair<double, double> gaussian_errors(const S& schedule, double t0, double t1, int steps) {
+template <class S>
+std::pair<double, double> gaussian_errors(const S& schedule, double t0, double t1, int steps) {
   const B backend;
   GaussianCase g = gaussian_case();
   fisher::ExactTrace trace(g.model);
@@ -66,7 +67,8 @@ template <class S> std::pair<double, double> gaussian_errors(const S& schedule, 
       gaussian_log_density(x, n0.alpha * g.mean.row(0), g.variance(n0));
   // Exact flow: (x - alpha m)/sqrt(v) is constant.
   Mat x1 = ((x.rowwise() - n0.alpha * g.mean.row(0)) * std::sqrt(g.variance(n1) / g.variance(n0)))
-               .rowwise() + n1.alpha * g.mean.row(0);
+               .rowwise() +
+           n1.alpha * g.mean.row(0);
   return {(r.log_likelihood - expected).cwiseAbs().maxCoeff(), (r.x_end - x1).norm() / x1.norm()};
 }
 
@@ -147,7 +149,8 @@ TEST_CASE("Trace providers: VJP trace equals the exact trace, Hutchinson is unbi
   CHECK((by_vjp - exact).norm() <= 1e-11 * exact.norm());
   CHECK(vjp_trace.vjps() == 3);
   SECTION("Hutchinson, Rademacher and Gaussian probes: the mean of many probes") {
-    for (const auto dist : {fisher::ProbeDistribution::rademacher, fisher::ProbeDistribution::gaussian}) {
+    for (const auto dist :
+         {fisher::ProbeDistribution::rademacher, fisher::ProbeDistribution::gaussian}) {
       const int k = 4000;
       fisher::HutchinsonTrace hutchinson(model, {.probes = k, .distribution = dist, .seed = 3});
       hutchinson(x, n, eps, hutch);
@@ -182,9 +185,9 @@ TEST_CASE("log_likelihood rejects bad input with diffgrad::invalid_argument",
   fisher::ExactTrace trace(g.model);
   const Mat x = data_batch();
   const fisher::GaussianPrior prior(1.0);
-  CHECK_THROWS_WITH(fisher::log_likelihood(backend, schedule, g.model, trace, x, 1e-3, 1.0, prior,
-                                           {.steps = 0}),
-                    Catch::Contains("options.steps"));
+  CHECK_THROWS_WITH(
+      fisher::log_likelihood(backend, schedule, g.model, trace, x, 1e-3, 1.0, prior, {.steps = 0}),
+      Catch::Contains("options.steps"));
   CHECK_THROWS_WITH(fisher::log_likelihood(backend, schedule, g.model, trace, x, 0.5, 0.4, prior),
                     Catch::Contains("t0/t1"));
   CHECK_THROWS_AS(fisher::log_likelihood(backend, schedule, g.model, trace, x, 1e-4, 1.0, prior),
@@ -192,10 +195,12 @@ TEST_CASE("log_likelihood rejects bad input with diffgrad::invalid_argument",
   auto bad_trace = [](const Mat&, const Node&, const Mat&, Eigen::VectorXd& out) {
     out = Eigen::VectorXd::Zero(1);
   };
-  CHECK_THROWS_WITH(fisher::log_likelihood(backend, schedule, g.model, bad_trace, x, 1e-3, 1.0, prior),
-                    Catch::Contains("trace provider output") && Catch::Contains("4 traces"));
+  CHECK_THROWS_WITH(
+      fisher::log_likelihood(backend, schedule, g.model, bad_trace, x, 1e-3, 1.0, prior),
+      Catch::Contains("trace provider output") && Catch::Contains("4 traces"));
   CHECK_THROWS_AS(fisher::GaussianPrior(-1.0), diffgrad::invalid_argument);
-  CHECK_THROWS_WITH(fisher::HutchinsonTrace(g.model, {.probes = 0}), Catch::Contains("options.probes"));
+  CHECK_THROWS_WITH(fisher::HutchinsonTrace(g.model, {.probes = 0}),
+                    Catch::Contains("options.probes"));
 }
 
 // ---------------------------------------------------------------------------------------------

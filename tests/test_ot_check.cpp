@@ -72,8 +72,7 @@ template <class F> void for_each_schedule(F&& f) {
 
 } // namespace
 
-TEST_CASE("OT check: Gaussian data, A = sqrt(v_end / v_start) I with RK4's order",
-          "[fisher][ot]") {
+TEST_CASE("OT check: Gaussian data, A = sqrt(v_end / v_start) I with RK4's order", "[fisher][ot]") {
   Mat m(1, 2);
   m << 0.5, 0.5;
   const double s = 0.3;
@@ -90,7 +89,8 @@ TEST_CASE("OT check: Gaussian data, A = sqrt(v_end / v_start) I with RK4's order
     std::vector<int> steps{first, 2 * first, 4 * first, 8 * first, 16 * first};
     std::vector<double> errors;
     for (const int n : steps) {
-      const auto r = fisher::ot_check(setup.schedule, model, x, setup.t_start, setup.t_end, {.steps = n});
+      const auto r =
+          fisher::ot_check(setup.schedule, model, x, setup.t_start, setup.t_end, {.steps = n});
       double err = 0;
       for (const auto& j : r.jacobian)
         err = std::max(err, (j - std::sqrt(vb / va) * Eigen::MatrixXd::Identity(2, 2)).norm() /
@@ -98,8 +98,8 @@ TEST_CASE("OT check: Gaussian data, A = sqrt(v_end / v_start) I with RK4's order
       errors.push_back(err);
       CHECK(r.asymmetry.maxCoeff() <= 1e-14);
     }
-    INFO(setup.name << ": errors " << Eigen::Map<Eigen::VectorXd>(errors.data(), 5).transpose() << ", order "
-                    << fitted_order(steps, errors));
+    INFO(setup.name << ": errors " << Eigen::Map<Eigen::VectorXd>(errors.data(), 5).transpose()
+                    << ", order " << fitted_order(steps, errors));
     CHECK(std::abs(fitted_order(steps, errors) - 4.0) <= 0.2);
     CHECK(errors.back() <= 1e-9);
   });
@@ -119,10 +119,12 @@ TEST_CASE("OT check: the Jacobian is the derivative of the integrated map", "[fi
       xs.col(j).array() += step;
       return fisher::ot_check(schedule, model, xs, 1.0, 1e-2, opt).x_end;
     };
-    const Mat fd = (-shifted(2 * h) + 8 * shifted(h) - 8 * shifted(-h) + shifted(-2 * h)) / (12 * h);
+    const Mat fd =
+        (-shifted(2 * h) + 8 * shifted(h) - 8 * shifted(-h) + shifted(-2 * h)) / (12 * h);
     for (Eigen::Index b = 0; b < x.rows(); ++b) {
       const Eigen::VectorXd col = r.jacobian[static_cast<std::size_t>(b)].col(j);
-      const double err = (fd.row(b).transpose() - col).norm() / r.jacobian[static_cast<std::size_t>(b)].norm();
+      const double err =
+          (fd.row(b).transpose() - col).norm() / r.jacobian[static_cast<std::size_t>(b)].norm();
       INFO("sample " << b << " column " << j << " relative error " << err);
       CHECK(err <= 1e-7);
     }
@@ -135,7 +137,8 @@ TEST_CASE("OT check: affine data gives a symmetric Jacobian on every schedule", 
   for_each_schedule([&](const auto& setup) {
     const Mat x = starts(setup.schedule.node(setup.t_start));
     for (const auto* model : {&vertical, &rotated}) {
-      const auto r = fisher::ot_check(setup.schedule, *model, x, setup.t_start, setup.t_end, {.steps = 100});
+      const auto r =
+          fisher::ot_check(setup.schedule, *model, x, setup.t_start, setup.t_end, {.steps = 100});
       INFO(setup.name << ": max asymmetry " << r.asymmetry.maxCoeff());
       CHECK(r.asymmetry.maxCoeff() <= 1e-10);
       CHECK(r.min_symmetric_eigenvalue.minCoeff() > 0.0);
@@ -148,7 +151,8 @@ TEST_CASE("OT check: non-affine three-point data gives a clearly asymmetric Jaco
   const models::DiracMixture<double> model(three_points());
   for_each_schedule([&](const auto& setup) {
     const Mat x = starts(setup.schedule.node(setup.t_start));
-    const auto r = fisher::ot_check(setup.schedule, model, x, setup.t_start, setup.t_end, {.steps = 100});
+    const auto r =
+        fisher::ot_check(setup.schedule, model, x, setup.t_start, setup.t_end, {.steps = 100});
     INFO(setup.name << ": asymmetry " << r.asymmetry.transpose());
     // Measured: mean 2.9%, max 11% over these 8 starts (docs/fisher.md); the value depends on
     // the start (the paper's percentages depend on unreported draws and are not asserted).
@@ -161,7 +165,8 @@ TEST_CASE("ot_check rejects bad input with diffgrad::invalid_argument", "[fisher
   const VPLinearSchedule schedule;
   const models::DiracMixture<double> model(three_points());
   const Mat x = Mat::Zero(2, 2);
-  CHECK_THROWS_WITH(fisher::ot_check(schedule, model, x, 0.5, 0.6), Catch::Contains("t_start/t_end"));
+  CHECK_THROWS_WITH(fisher::ot_check(schedule, model, x, 0.5, 0.6),
+                    Catch::Contains("t_start/t_end"));
   CHECK_THROWS_WITH(fisher::ot_check(schedule, model, x, 1.0, 1e-3, {.steps = 0}),
                     Catch::Contains("options.steps"));
   CHECK_THROWS_WITH(fisher::ot_check(schedule, model, Mat::Zero(2, 3), 1.0, 1e-3),

@@ -65,8 +65,8 @@ void dfea_apply_into(const Node& n, const State& x0_end, const State& x0_hat, co
 /// scaled by `scale` (1 for F_EA, sigma for the eps-VJP). All four states are B x d; out may
 /// alias a. Sigma must be positive.
 template <class State>
-void dfea_apply(const Node& n, const State& x0_end, const State& x0_hat, const State& a,
-                State& out, double scale = 1.0) {
+void dfea_apply(const Node& n, const State& x0_end, const State& x0_hat, const State& a, State& out,
+                double scale = 1.0) {
   const char* where = "dfea_apply";
   models::impl::require_noisy_node(n, where);
   models::impl::require_same_shape(x0_end, a, where, "x0_end");
@@ -126,7 +126,8 @@ public:
   /// The trajectory endpoint, one row per sample of the batch the VJPs will see.
   void set_x0_end(const state_type& x0_end) {
     if (!x0_end.allFinite())
-      throw invalid_argument("DfEaModel::set_x0_end: argument 'x0_end' expected finite values, got NaN or Inf");
+      throw invalid_argument(
+          "DfEaModel::set_x0_end: argument 'x0_end' expected finite values, got NaN or Inf");
     x0_end_ = x0_end;
     has_end_ = true;
   }
@@ -141,12 +142,16 @@ public:
   const state_type& x0_end() const { return x0_end_; }
 
   std::int64_t cond_size() const {
-    if constexpr (requires { base_.cond_size(); }) return static_cast<std::int64_t>(base_.cond_size());
-    else return 0;
+    if constexpr (requires { base_.cond_size(); })
+      return static_cast<std::int64_t>(base_.cond_size());
+    else
+      return 0;
   }
   std::int64_t param_size() const {
-    if constexpr (requires { base_.param_size(); }) return static_cast<std::int64_t>(base_.param_size());
-    else return 0;
+    if constexpr (requires { base_.param_size(); })
+      return static_cast<std::int64_t>(base_.param_size());
+    else
+      return 0;
   }
 
   void eps(const state_type& x, const Node& n, state_type& out) const {
@@ -176,7 +181,7 @@ public:
     models::impl::require_same_shape(x0_end_, x, where, "x0_end (set_x0_end)");
     models::impl::require_noisy_node(n, where);
     x0_hat(x, n, hat_);
-    end_dot_.resize(x.rows());  // no-op when the batch size is unchanged
+    end_dot_.resize(x.rows()); // no-op when the batch size is unchanged
     hat_dot_.resize(x.rows());
     detail::dfea_apply_into(n, x0_end_, hat_, a, dx, n.sigma, end_dot_, hat_dot_);
     ++vjps_;
@@ -205,7 +210,8 @@ public:
   DfEaEndpointLoss(DfEa& model, Loss loss, std::optional<Node> denoise_at = std::nullopt)
       : model_(model), loss_(std::move(loss)), denoise_at_(denoise_at) {}
 
-  template <class B, class State> double operator()(const B& backend, const State& x0, State& grad) {
+  template <class B, class State>
+  double operator()(const B& backend, const State& x0, State& grad) {
     if (denoise_at_)
       model_.set_x0_end_denoised(x0, *denoise_at_);
     else

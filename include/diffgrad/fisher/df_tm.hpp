@@ -93,9 +93,9 @@ public:
     net_(x, n, static_cast<const HatState&>(hat_), t_);
     ++calls_;
     if (t_.size() != x.rows())
-      diffgrad::detail::throw_argument(where, "trace network output",
-                                       diffgrad::detail::concat(x.rows(), " values (one per sample)"),
-                                       t_.size());
+      diffgrad::detail::throw_argument(
+          where, "trace network output",
+          diffgrad::detail::concat(x.rows(), " values (one per sample)"), t_.size());
     out = df_tm_trace(n, t_, hat_);
   }
 
@@ -113,15 +113,16 @@ private:
 /// What an MlpTraceNetwork's outputs regress (see the header note).
 enum class TraceTarget {
   second_moment,             ///< x0_j^2; T = sum_j out_j (the paper's DF-TM)
-  scaled_posterior_variance, ///< (alpha^2/sigma^2)(x0_j - x0_hat_j)^2; T = |x0_hat|^2 + (sigma^2/alpha^2) sum_j out_j
+  scaled_posterior_variance, ///< (alpha^2/sigma^2)(x0_j - x0_hat_j)^2; T = |x0_hat|^2 +
+                             ///< (sigma^2/alpha^2) sum_j out_j
 };
 
 /// Which time value the MLP of a trace network is fed (its sin/cos features resolve about one
 /// unit of MlpConfig::time_scale * input).
 enum class TraceNetworkTime {
-  log_snr,     ///< -lambda / 10 (about [-1, 1] for the usual schedules): resolves the data end,
-               ///< where sigma changes by orders of magnitude over a small range of t
-  schedule_t,  ///< the node's schedule time n.t
+  log_snr,    ///< -lambda / 10 (about [-1, 1] for the usual schedules): resolves the data end,
+              ///< where sigma changes by orders of magnitude over a small range of t
+  schedule_t, ///< the node's schedule time n.t
 };
 
 /// A models::Mlp read as a trace network T(x, t). The MLP's dim must be the data dimension.
@@ -140,7 +141,8 @@ public:
   }
 
   template <class Hat>
-  void operator()(const state_type& x, const Node& n, const Hat& x0_hat, Eigen::VectorXd& out) const {
+  void operator()(const state_type& x, const Node& n, const Hat& x0_hat,
+                  Eigen::VectorXd& out) const {
     mlp_.eps(x, time_input(n), out_);
     out = out_.rowwise().sum().template cast<double>();
     if (target_ == TraceTarget::scaled_posterior_variance) {
@@ -170,9 +172,9 @@ private:
 
 /// How training draws the time of each group of samples.
 enum class TraceTimeSampling {
-  uniform_t,       ///< t ~ U(t_min, t_max)
-  uniform_lambda,  ///< lambda ~ U(lambda(t_max), lambda(t_min)): more weight on small sigma,
-                   ///< where trace errors are amplified (alpha^2/sigma^4)
+  uniform_t,      ///< t ~ U(t_min, t_max)
+  uniform_lambda, ///< lambda ~ U(lambda(t_max), lambda(t_min)): more weight on small sigma,
+                  ///< where trace errors are amplified (alpha^2/sigma^4)
 };
 
 struct TraceTrainingOptions {
@@ -184,26 +186,26 @@ struct TraceTrainingOptions {
                                ///< the iterates with this decay (0: the last iterate); it
                                ///< averages out the noise of the regression targets
   TraceTimeSampling time_sampling = TraceTimeSampling::uniform_lambda;
-  double t_min = -1.0;         ///< training time range; < 0: the schedule's t_min()
-  double t_max = -1.0;         ///< < 0: the schedule's t_max()
-  std::uint64_t seed = 0;      ///< Philox seed of indices, times and noise
-  int report_every = 0;        ///< > 0: record the mean loss every this many steps
+  double t_min = -1.0;    ///< training time range; < 0: the schedule's t_min()
+  double t_max = -1.0;    ///< < 0: the schedule's t_max()
+  std::uint64_t seed = 0; ///< Philox seed of indices, times and noise
+  int report_every = 0;   ///< > 0: record the mean loss every this many steps
 };
 
 struct TraceTrainingReport {
-  std::vector<double> loss_history;  ///< mean loss per report_every steps (if requested)
-  double first_loss = 0.0;           ///< mean loss of the first step
-  double final_loss = 0.0;           ///< mean loss of the last 5% of the steps
+  std::vector<double> loss_history; ///< mean loss per report_every steps (if requested)
+  double first_loss = 0.0;          ///< mean loss of the first step
+  double final_loss = 0.0;          ///< mean loss of the last 5% of the steps
   int steps = 0;
 };
 
 namespace detail {
 inline double philox_uniform(std::uint64_t seed, std::uint64_t stream, std::uint64_t index) {
   const auto r = diffgrad::detail::philox4x32_10(
-      diffgrad::detail::Philox4x32{{static_cast<std::uint32_t>(index),
-                                    static_cast<std::uint32_t>(index >> 32),
-                                    static_cast<std::uint32_t>(stream),
-                                    static_cast<std::uint32_t>(stream >> 32) ^ 0x74726163u /* "trac" */}},
+      diffgrad::detail::Philox4x32{
+          {static_cast<std::uint32_t>(index), static_cast<std::uint32_t>(index >> 32),
+           static_cast<std::uint32_t>(stream),
+           static_cast<std::uint32_t>(stream >> 32) ^ 0x74726163u /* "trac" */}},
       seed);
   return diffgrad::detail::uniform_open0(r.v[0], r.v[1]);
 }
@@ -216,14 +218,14 @@ inline double philox_uniform(std::uint64_t seed, std::uint64_t stream, std::uint
 /// `denoiser(x_t, node, x0_hat)` (the eps model's data prediction). Deterministic for a seed.
 /// All buffers are allocated before the loop.
 template <Schedule S, class DenoiserFn>
-TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& schedule,
-                                        const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
-                                                            Eigen::RowMajor>& data,
-                                        const TraceTrainingOptions& options,
-                                        DenoiserFn&& denoiser) {
+TraceTrainingReport train_trace_network(
+    MlpTraceNetwork<double>& net, const S& schedule,
+    const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& data,
+    const TraceTrainingOptions& options, DenoiserFn&& denoiser) {
   using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const char* where = "train_trace_network";
-  diffgrad::detail::require(options.steps >= 1, where, "options.steps", "at least 1", options.steps);
+  diffgrad::detail::require(options.steps >= 1, where, "options.steps", "at least 1",
+                            options.steps);
   diffgrad::detail::require(options.time_groups >= 1, where, "options.time_groups", "at least 1",
                             options.time_groups);
   diffgrad::detail::require(options.batch >= options.time_groups, where, "options.batch",
@@ -268,9 +270,10 @@ TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& s
                            : schedule.t_of_lambda(l_lo + u * (l_hi - l_lo));
       const Node n = schedule.node(std::clamp(t, t_lo, t_hi));
       for (int b = 0; b < per_group; ++b) {
-        const double v = detail::philox_uniform(options.seed, counter, static_cast<std::uint64_t>(b) + 1);
-        const auto k = std::min<Eigen::Index>(static_cast<Eigen::Index>(v * static_cast<double>(data.rows())),
-                                              data.rows() - 1);
+        const double v =
+            detail::philox_uniform(options.seed, counter, static_cast<std::uint64_t>(b) + 1);
+        const auto k = std::min<Eigen::Index>(
+            static_cast<Eigen::Index>(v * static_cast<double>(data.rows())), data.rows() - 1);
         x0.row(b) = data.row(k);
         for (Eigen::Index j = 0; j < d; ++j)
           xt(b, j) = n.alpha * x0(b, j) +
@@ -312,17 +315,15 @@ TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& s
 
 /// train_trace_network for the second_moment target (no denoiser needed).
 template <Schedule S>
-TraceTrainingReport train_trace_network(MlpTraceNetwork<double>& net, const S& schedule,
-                                        const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
-                                                            Eigen::RowMajor>& data,
-                                        const TraceTrainingOptions& options = {}) {
+TraceTrainingReport train_trace_network(
+    MlpTraceNetwork<double>& net, const S& schedule,
+    const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& data,
+    const TraceTrainingOptions& options = {}) {
   using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   if (net.target() != TraceTarget::second_moment)
     diffgrad::detail::throw_argument("train_trace_network", "denoiser",
-                                     "a denoiser for the scaled_posterior_variance target",
-                                     "none");
-  return train_trace_network(net, schedule, data, options,
-                             [](const Mat&, const Node&, Mat&) {});
+                                     "a denoiser for the scaled_posterior_variance target", "none");
+  return train_trace_network(net, schedule, data, options, [](const Mat&, const Node&, Mat&) {});
 }
 
 } // namespace diffgrad::fisher

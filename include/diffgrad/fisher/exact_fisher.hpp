@@ -64,7 +64,7 @@ template <class Model> struct model_state {
   using type = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 };
 template <class Model>
-  requires requires { typename Model::state_type; }
+requires requires { typename Model::state_type; }
 struct model_state<Model> {
   using type = typename Model::state_type;
 };
@@ -97,7 +97,7 @@ public:
     row_.noalias() = a.cwiseProduct(xs_).rowwise().sum();
     c_.colwise() += row_;
     c_ = c_.array().rowwise() * inv_var_.transpose().array();
-    row_ = w_.cwiseProduct(c_).rowwise().sum();  // cbar
+    row_ = w_.cwiseProduct(c_).rowwise().sum(); // cbar
     // R = w .* (c - cbar) ./ v;  F a = p a - (sum_k R_k) x' + alpha R M'.
     c_ = (w_.array() * (c_.colwise() - row_).array()).rowwise() * inv_var_.transpose().array();
     row_ = c_.rowwise().sum();
@@ -143,11 +143,13 @@ public:
   }
 
   /// The data prediction E[x0 | x_t = x] (B x d), as the model computes it.
-  void x0_hat(const state_type& x, const Node& n, state_type& out) const { model_.x0_hat(x, n, out); }
+  void x0_hat(const state_type& x, const Node& n, state_type& out) const {
+    model_.x0_hat(x, n, out);
+  }
 
   /// E[|x0|^2 | x_t = x] per sample, in double: sum_k w_k (|mu_k|^2 + d tau_k^2) with the
-  /// component posteriors mu_k = m_k + (alpha s_k^2/v_k)(x - alpha m_k), tau_k^2 = s_k^2 sigma^2/v_k
-  /// (mu_k = y_k, tau_k = 0 for a Dirac mixture). DF-TM's exact oracle.
+  /// component posteriors mu_k = m_k + (alpha s_k^2/v_k)(x - alpha m_k), tau_k^2 = s_k^2
+  /// sigma^2/v_k (mu_k = y_k, tau_k = 0 for a Dirac mixture). DF-TM's exact oracle.
   Eigen::VectorXd second_moment(const state_type& x, const Node& n) const {
     prepare(x, n, "ExactFisher::second_moment");
     const auto m = detail::MixtureView<Model>::means(model_);
@@ -161,8 +163,9 @@ public:
         const double s2 = stds_(k) * stds_(k);
         const double gain = n.alpha * s2 * inv_var_d_(k);
         const double tau2 = s2 * n.sigma * n.sigma * inv_var_d_(k);
-        const double mu_sq =
-            gain == 0.0 ? md.row(k).squaredNorm() : (md.row(k) + gain * (xb - n.alpha * md.row(k))).squaredNorm();
+        const double mu_sq = gain == 0.0
+                                 ? md.row(k).squaredNorm()
+                                 : (md.row(k) + gain * (xb - n.alpha * md.row(k))).squaredNorm();
         total += static_cast<double>(w_(b, k)) * (mu_sq + d * tau2);
       }
       out(b) = total;
@@ -175,7 +178,7 @@ private:
   // of the component means; v_k, 1/v_k, p_b = sum_k w_bk / v_k.
   void prepare(const state_type& x, const Node& n, const char* where) const {
     models::impl::require_noisy_node(n, where);
-    model_.posterior_weights(x, n, w_);  // checks x's dimension
+    model_.posterior_weights(x, n, w_); // checks x's dimension
     const auto m = detail::MixtureView<Model>::means(model_);
     detail::MixtureView<Model>::stds(model_, stds_);
     const auto k = m.rows();
@@ -230,10 +233,10 @@ private:
   mutable Eigen::RowVectorXd xb_, ebar_;
 };
 
-template <class Scalar> ExactFisher(const models::DiracMixture<Scalar>&)
-    -> ExactFisher<models::DiracMixture<Scalar>>;
-template <class Scalar> ExactFisher(const models::GaussianMixture<Scalar>&)
-    -> ExactFisher<models::GaussianMixture<Scalar>>;
+template <class Scalar>
+ExactFisher(const models::DiracMixture<Scalar>&) -> ExactFisher<models::DiracMixture<Scalar>>;
+template <class Scalar>
+ExactFisher(const models::GaussianMixture<Scalar>&) -> ExactFisher<models::GaussianMixture<Scalar>>;
 
 /// The extreme eigenvalues of a symmetric matrix (for the bound lambda_max(F) <= 1/sigma^2).
 inline Eigen::Vector2d symmetric_eigen_range(const Eigen::MatrixXd& f) {

@@ -56,8 +56,8 @@ private:
 };
 
 namespace detail {
-template <class Model, class State> void eps_vjp(Model& model, const State& x, const Node& n,
-                                                 const State& a, State& dx) {
+template <class Model, class State>
+void eps_vjp(Model& model, const State& x, const Node& n, const State& a, State& dx) {
   using Vector = Eigen::Matrix<typename State::Scalar, Eigen::Dynamic, 1>;
   EpsVjp<Model>{model}(x, n, a, dx, static_cast<Vector*>(nullptr), static_cast<Vector*>(nullptr));
 }
@@ -92,18 +92,18 @@ private:
 };
 
 enum class ProbeDistribution {
-  rademacher,  ///< z_i = +-1: the minimum-variance choice for a fixed matrix
-  gaussian,    ///< z_i ~ N(0, 1)
+  rademacher, ///< z_i = +-1: the minimum-variance choice for a fixed matrix
+  gaussian,   ///< z_i ~ N(0, 1)
 };
 
 struct HutchinsonOptions {
-  int probes = 1;                 ///< k: VJPs per call; the estimate averages k probes
+  int probes = 1; ///< k: VJPs per call; the estimate averages k probes
   ProbeDistribution distribution = ProbeDistribution::rademacher;
-  std::uint64_t seed = 0;         ///< Philox seed: probe k of sample b, coordinate j is keyed by
-                                  ///< (seed, k [+ k_total * call], b * d + j)
-  bool redraw_each_call = false;  ///< false: the same probes for every call (FFJORD's choice:
-                                  ///< the integrand stays smooth in time, so RK4 keeps its
-                                  ///< order); true: fresh probes per call
+  std::uint64_t seed = 0;        ///< Philox seed: probe k of sample b, coordinate j is keyed by
+                                 ///< (seed, k [+ k_total * call], b * d + j)
+  bool redraw_each_call = false; ///< false: the same probes for every call (FFJORD's choice:
+                                 ///< the integrand stays smooth in time, so RK4 keeps its
+                                 ///< order); true: fresh probes per call
 };
 
 /// Hutchinson's estimator tr F ~ (1/k) sum_k z_k^T (d eps/dx)^T z_k / sigma: unbiased, k VJPs
@@ -125,11 +125,13 @@ public:
     for (int k = 0; k < opt_.probes; ++k) {
       const std::uint64_t stream =
           static_cast<std::uint64_t>(k) +
-          (opt_.redraw_each_call ? static_cast<std::uint64_t>(calls_) * static_cast<std::uint64_t>(opt_.probes) : 0);
+          (opt_.redraw_each_call
+               ? static_cast<std::uint64_t>(calls_) * static_cast<std::uint64_t>(opt_.probes)
+               : 0);
       for (Eigen::Index b = 0; b < x.rows(); ++b)
         for (Eigen::Index j = 0; j < x.cols(); ++j)
-          probe_(b, j) = static_cast<typename State::Scalar>(
-              probe_value(stream, static_cast<std::uint64_t>(b) * cols + static_cast<std::uint64_t>(j)));
+          probe_(b, j) = static_cast<typename State::Scalar>(probe_value(
+              stream, static_cast<std::uint64_t>(b) * cols + static_cast<std::uint64_t>(j)));
       detail::eps_vjp(model_, x, n, probe_, dx_);
       out += dx_.cwiseProduct(probe_).rowwise().sum().template cast<double>();
       ++vjps_;
@@ -148,10 +150,10 @@ private:
     // One Philox block per 128 probe entries would be cheaper; one per entry keeps the keying
     // identical to the Gaussian case and is negligible next to a VJP.
     const auto r = diffgrad::detail::philox4x32_10(
-        diffgrad::detail::Philox4x32{{static_cast<std::uint32_t>(index),
-                                      static_cast<std::uint32_t>(index >> 32),
-                                      static_cast<std::uint32_t>(stream),
-                                      static_cast<std::uint32_t>(stream >> 32) ^ 0x68757463u /* "hutc" */}},
+        diffgrad::detail::Philox4x32{
+            {static_cast<std::uint32_t>(index), static_cast<std::uint32_t>(index >> 32),
+             static_cast<std::uint32_t>(stream),
+             static_cast<std::uint32_t>(stream >> 32) ^ 0x68757463u /* "hutc" */}},
         opt_.seed);
     return (r.v[0] & 1u) ? 1.0 : -1.0;
   }
@@ -167,8 +169,8 @@ private:
 class GaussianPrior {
 public:
   explicit GaussianPrior(double data_std) : s_(data_std) {
-    diffgrad::detail::require(data_std >= 0 && std::isfinite(data_std), "GaussianPrior",
-                              "data_std", "a finite std >= 0", data_std);
+    diffgrad::detail::require(data_std >= 0 && std::isfinite(data_std), "GaussianPrior", "data_std",
+                              "a finite std >= 0", data_std);
   }
   template <class State> Eigen::VectorXd operator()(const State& x, const Node& n) const {
     const double v = n.alpha * n.alpha * s_ * s_ + n.sigma * n.sigma;
@@ -183,18 +185,18 @@ private:
 };
 
 struct LikelihoodOptions {
-  int steps = 32;            ///< RK4 steps, uniform in lambda between t0 and t1
-  bool check_finite = true;  ///< check every model output and trace for NaN/Inf
+  int steps = 32;           ///< RK4 steps, uniform in lambda between t0 and t1
+  bool check_finite = true; ///< check every model output and trace for NaN/Inf
 };
 
 template <class State> struct LikelihoodResult {
-  Eigen::VectorXd log_likelihood;  ///< log p_{t0}(x) per sample (nats)
-  Eigen::VectorXd prior_log_density;  ///< log p_{t1}(x_{t1}) from the prior
-  Eigen::VectorXd divergence_integral;  ///< int_{t0}^{t1} div(drift) dt per sample
-  State x_end;                     ///< the state at t1 (the encoding of x)
+  Eigen::VectorXd log_likelihood;      ///< log p_{t0}(x) per sample (nats)
+  Eigen::VectorXd prior_log_density;   ///< log p_{t1}(x_{t1}) from the prior
+  Eigen::VectorXd divergence_integral; ///< int_{t0}^{t1} div(drift) dt per sample
+  State x_end;                         ///< the state at t1 (the encoding of x)
   int steps = 0;
-  std::int64_t model_evals = 0;    ///< eps evaluations (4 per step)
-  std::int64_t trace_calls = 0;    ///< trace-provider calls (4 per step)
+  std::int64_t model_evals = 0; ///< eps evaluations (4 per step)
+  std::int64_t trace_calls = 0; ///< trace-provider calls (4 per step)
 };
 
 namespace detail {
@@ -221,8 +223,9 @@ log_likelihood(const B& backend, const S& schedule, Model& model, Trace& trace,
   diffgrad::detail::require(options.steps >= 1, where, "options.steps", "at least 1 step",
                             options.steps);
   diffgrad::detail::require(t0 >= schedule.t_min() && t0 < t1 && t1 <= schedule.t_max(), where,
-                            "t0/t1", diffgrad::detail::concat("t_min = ", schedule.t_min(),
-                                                              " <= t0 < t1 <= t_max = ", schedule.t_max()),
+                            "t0/t1",
+                            diffgrad::detail::concat("t_min = ", schedule.t_min(),
+                                                     " <= t0 < t1 <= t_max = ", schedule.t_max()),
                             t0);
   diffgrad::detail::require(B::batch(x) >= 1 && B::dim(x) >= 1, where, "x", "a non-empty batch",
                             static_cast<double>(B::batch(x)));
@@ -231,7 +234,7 @@ log_likelihood(const B& backend, const S& schedule, Model& model, Trace& trace,
   const Node first = schedule.node(t0), last = schedule.node(t1);
   models::impl::require_noisy_node(first, where);
   const double l0 = first.lambda, l1 = last.lambda;
-  const double h = (l1 - l0) / options.steps;  // negative: data -> noise
+  const double h = (l1 - l0) / options.steps; // negative: data -> noise
   const auto node_at = [&](int i, double frac) {
     if (i == options.steps && frac == 0.0) return last;
     if (i == 0 && frac == 0.0) return first;
@@ -264,21 +267,25 @@ log_likelihood(const B& backend, const S& schedule, Model& model, Trace& trace,
         // u_s = x + a_s h k_{s-1},  k = c u - sigma e.
         const auto p = k - 1;
         const double a = kStage[k] * h;
-        const LinTerm<State> terms[3] = {{1.0, &xs}, {a * c[p], &u[p]}, {-a * nodes[p].sigma, &e[p]}};
+        const LinTerm<State> terms[3] = {
+            {1.0, &xs}, {a * c[p], &u[p]}, {-a * nodes[p].sigma, &e[p]}};
         backend.lincomb(u[k], std::span<const LinTerm<State>>(terms, 3));
       }
       EpsField<Model>{model}(static_cast<const State&>(u[k]), nodes[k], e[k]);
       ++result.model_evals;
-      ::diffgrad::detail::check_model_output(backend, u[k], e[k], options.check_finite, i, nodes[k]);
+      ::diffgrad::detail::check_model_output(backend, u[k], e[k], options.check_finite, i,
+                                             nodes[k]);
       trace(static_cast<const State&>(u[k]), nodes[k], static_cast<const State&>(e[k]), tr[k]);
       ++result.trace_calls;
       if (tr[k].size() != batch)
-        diffgrad::detail::throw_argument(where, "trace provider output",
-                                         diffgrad::detail::concat(batch, " traces (one per sample)"),
-                                         tr[k].size());
+        diffgrad::detail::throw_argument(
+            where, "trace provider output",
+            diffgrad::detail::concat(batch, " traces (one per sample)"), tr[k].size());
       if (options.check_finite && !tr[k].allFinite())
-        throw numerical_error(diffgrad::detail::concat(where, ": trace provider: expected finite "
-                                                       "values, got NaN or Inf at step ", i));
+        throw numerical_error(diffgrad::detail::concat(where,
+                                                       ": trace provider: expected finite "
+                                                       "values, got NaN or Inf at step ",
+                                                       i));
     }
     // x += h sum_s w_s (c_s u_s - sigma_s e_s);  l += h sum_s w_s (c_s d - sigma_s^2 tr_s).
     std::array<LinTerm<State>, 8> terms{};
@@ -288,7 +295,7 @@ log_likelihood(const B& backend, const S& schedule, Model& model, Trace& trace,
       const auto k = static_cast<std::size_t>(s);
       const double w = h * kWeight[k];
       if (s == 0)
-        x_coeff += w * c[k];  // u_0 is x itself
+        x_coeff += w * c[k]; // u_0 is x itself
       else
         terms[static_cast<std::size_t>(n++)] = {w * c[k], &u[k]};
       terms[static_cast<std::size_t>(n++)] = {-w * nodes[k].sigma, &e[k]};

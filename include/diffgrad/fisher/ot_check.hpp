@@ -39,14 +39,14 @@ inline double asymmetry_index(const Eigen::MatrixXd& a) {
 }
 
 struct OtCheckOptions {
-  int steps = 400;  ///< RK4 steps, uniform in lambda from t_start to t_end
+  int steps = 400; ///< RK4 steps, uniform in lambda from t_start to t_end
 };
 
 template <class State> struct OtCheckResult {
-  std::vector<Eigen::MatrixXd> jacobian;      ///< per sample: d x_{t_end} / d x_{t_start} (d x d)
-  Eigen::VectorXd asymmetry;                  ///< per sample: asymmetry_index(jacobian)
-  Eigen::VectorXd min_symmetric_eigenvalue;   ///< per sample: min eigenvalue of (A + A^T)/2
-  State x_end;                                ///< the states at t_end
+  std::vector<Eigen::MatrixXd> jacobian;    ///< per sample: d x_{t_end} / d x_{t_start} (d x d)
+  Eigen::VectorXd asymmetry;                ///< per sample: asymmetry_index(jacobian)
+  Eigen::VectorXd min_symmetric_eigenvalue; ///< per sample: min eigenvalue of (A + A^T)/2
+  State x_end;                              ///< the states at t_end
   int steps = 0;
 };
 
@@ -62,11 +62,12 @@ ot_check(const S& schedule, const Model& model, const typename Model::state_type
   const char* where = "ot_check";
   diffgrad::detail::require(options.steps >= 1, where, "options.steps", "at least 1 step",
                             options.steps);
-  diffgrad::detail::require(t_start > t_end && t_start <= schedule.t_max() && t_end >= schedule.t_min(),
-                            where, "t_start/t_end",
-                            diffgrad::detail::concat("t_min = ", schedule.t_min(),
-                                                     " <= t_end < t_start <= t_max = ", schedule.t_max()),
-                            t_start);
+  diffgrad::detail::require(
+      t_start > t_end && t_start <= schedule.t_max() && t_end >= schedule.t_min(), where,
+      "t_start/t_end",
+      diffgrad::detail::concat("t_min = ", schedule.t_min(),
+                               " <= t_end < t_start <= t_max = ", schedule.t_max()),
+      t_start);
   models::impl::require_state_dim(x_start, model.dim(), where, "x_start");
   const auto batch = x_start.rows(), dim = x_start.cols();
   const ExactFisher<Model> fisher(model);
@@ -90,7 +91,7 @@ ot_check(const S& schedule, const Model& model, const typename Model::state_type
   constexpr std::array<double, 4> kStage{0.0, 0.5, 0.5, 1.0};
   constexpr std::array<double, 4> kWeight{1.0 / 6, 2.0 / 6, 2.0 / 6, 1.0 / 6};
   std::array<State, 4> u, e;
-  std::array<std::vector<Eigen::MatrixXd>, 4> a_stage, ka;  // per stage, per sample
+  std::array<std::vector<Eigen::MatrixXd>, 4> a_stage, ka; // per stage, per sample
   for (auto& v : a_stage) v.assign(static_cast<std::size_t>(batch), identity);
   for (auto& v : ka) v.assign(static_cast<std::size_t>(batch), identity);
   for (int i = 0; i < options.steps; ++i) {
@@ -106,7 +107,8 @@ ot_check(const S& schedule, const Model& model, const typename Model::state_type
       } else {
         // Stage s reads stage s - 1's slopes: u_s = x + a_s h k_{s-1}, A_s = A + a_s h K_{s-1}.
         const double a = kStage[s] * h;
-        u[s] = r.x_end + Scalar(a * c[s - 1]) * u[s - 1] - Scalar(a * nodes[s - 1].sigma) * e[s - 1];
+        u[s] =
+            r.x_end + Scalar(a * c[s - 1]) * u[s - 1] - Scalar(a * nodes[s - 1].sigma) * e[s - 1];
         for (Eigen::Index b = 0; b < batch; ++b) {
           const auto k = static_cast<std::size_t>(b);
           a_stage[s][k] = r.jacobian[k] + a * ka[s - 1][k];
