@@ -18,6 +18,7 @@
 #include "cpu_reference.hpp"
 #include "cuda_test_support.hpp"
 #include "diffgrad/backend/counting_backend.hpp"
+#include "diffgrad/backend/cuda/cublas.cuh"
 #include "diffgrad/backend/cuda/cuda_backend.cuh"
 #include "diffgrad/backend/cuda/launch.cuh"
 #include "diffgrad/backend/cuda/lincomb.cuh"
@@ -279,6 +280,100 @@ TEST_CASE("MLP functors: input row, bias + activation, activation gradient", "[c
   dc::mlp::ActivationGrad<double> tg{g_t.data(), pre_t.data(), act_t.data(), true};
   dc::run_for_each_on_host(tg, 2);
   CHECK(g_t[0] == Approx(2.0 * (1.0 - std::tanh(0.3) * std::tanh(0.3))));
+}
+
+namespace blas_reference {
+
+/// A plain column-major BLAS with cuBLAS's contract (C = alpha op(A) op(B) + beta C), to check
+/// on the host how gpu::blas maps row-major products onto column-major calls.
+struct HostColumnMajorBlas {};
+
+template <class T>
+cublasStatus_t gemm_cm(HostColumnMajorBlas, cublasOperation_t ta, cublasOperation_t tb, int m,
+                       int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+                       T* c, int ldc) {
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) {
+      T sum = 0;
+      for (int p = 0; p < k; ++p) {
+        const T aip = ta == CUBLAS_OP_N ? a[i + p * lda] : a[p + i * lda];
+        const T bpj = tb == CUBLAS_OP_N ? b[p + j * ldb] : b[j + p * ldb];
+        sum += aip * bpj;
+      }
+      c[i + j * ldc] = alpha * sum + beta * c[i + j * ldc];
+    }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+template <class T>
+cublasStatus_t gemv_cm(HostColumnMajorBlas, cublasOperation_t t, int m, int n, T alpha, const T* a,
+                       int lda, const T* x, T beta, T* y) {
+  const int rows = t == CUBLAS_OP_N ? m : n, inner = t == CUBLAS_OP_N ? n : m;
+  for (int r = 0; r < rows; ++r) {
+    T sum = 0;
+    for (int q = 0; q < inner; ++q) sum += (t == CUBLAS_OP_N ? a[r + q * lda] : a[q + r * lda]) * x[q];
+    y[r] = alpha * sum + beta * y[r];
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+} // namespace blas_reference
+
+TEST_CASE("row-major GEMM/GEMV mapping onto column-major BLAS", "[cuda][host][blas]") {
+  using blas_reference::HostColumnMajorBlas;
+  using dc::blas::Op;
+  // Row-major matrices stored with padded rows (leading dimension > width).
+  const auto matrix = [](int rows, int cols, int ld, double phase) {
+    std::vector<double> m(static_cast<std::size_t>(rows * ld), 1e300);  // padding never read
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c)
+        m[static_cast<std::size_t>(r * ld + c)] = std::sin(1.1 * (r * cols + c) + phase);
+    return m;
+  };
+  const int m = 3, n = 4, k = 5;
+  for (Op op_a : {Op::n, Op::t})
+    for (Op op_b : {Op::n, Op::t}) {
+      // op(A) is m x k: A is stored m x k (Op::n) or k x m (Op::t); likewise B.
+      const int a_rows = op_a == Op::n ? m : k, a_cols = op_a == Op::n ? k : m;
+      const int b_rows = op_b == Op::n ? k : n, b_cols = op_b == Op::n ? n : k;
+      const int lda = a_cols + 2, ldb = b_cols + 1, ldc = n + 3;
+      const auto a = matrix(a_rows, a_cols, lda, 0.1), b = matrix(b_rows, b_cols, ldb, 0.7);
+      std::vector<double> c = matrix(m, n, ldc, 1.3);
+      const std::vector<double> c0 = c;
+      REQUIRE(dc::blas::gemm<double>(HostColumnMajorBlas{}, op_a, op_b, m, n, k, 2.0, a.data(), lda,
+                                     b.data(), ldb, 0.5, c.data(), ldc) == CUBLAS_STATUS_SUCCESS);
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+          double ref = 0;
+          for (int p = 0; p < k; ++p) {
+            const double aip = op_a == Op::n ? a[static_cast<std::size_t>(i * lda + p)]
+                                             : a[static_cast<std::size_t>(p * lda + i)];
+            const double bpj = op_b == Op::n ? b[static_cast<std::size_t>(p * ldb + j)]
+                                             : b[static_cast<std::size_t>(j * ldb + p)];
+            ref += aip * bpj;
+          }
+          ref = 2.0 * ref + 0.5 * c0[static_cast<std::size_t>(i * ldc + j)];
+          CHECK(c[static_cast<std::size_t>(i * ldc + j)] == Approx(ref).epsilon(1e-14));
+        }
+    }
+  // y = A^T x (column sums when x = 1) and y = A x for a padded row-major A (m x n).
+  const int lda = n + 2;
+  const auto a = matrix(m, n, lda, 0.4);
+  std::vector<double> x_m{1.0, -2.0, 0.5}, x_n{0.25, 1.0, -1.0, 2.0}, y_n(4, 1.0), y_m(3, 1.0);
+  REQUIRE(dc::blas::gemv_t<double>(HostColumnMajorBlas{}, m, n, 1.0, a.data(), lda, x_m.data(),
+                                   1.0, y_n.data()) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(dc::blas::gemv_n<double>(HostColumnMajorBlas{}, m, n, 1.0, a.data(), lda, x_n.data(),
+                                   0.0, y_m.data()) == CUBLAS_STATUS_SUCCESS);
+  for (int j = 0; j < n; ++j) {
+    double ref = 1.0;
+    for (int i = 0; i < m; ++i) ref += a[static_cast<std::size_t>(i * lda + j)] * x_m[static_cast<std::size_t>(i)];
+    CHECK(y_n[static_cast<std::size_t>(j)] == Approx(ref).epsilon(1e-14));
+  }
+  for (int i = 0; i < m; ++i) {
+    double ref = 0.0;
+    for (int j = 0; j < n; ++j) ref += a[static_cast<std::size_t>(i * lda + j)] * x_n[static_cast<std::size_t>(j)];
+    CHECK(y_m[static_cast<std::size_t>(i)] == Approx(ref).epsilon(1e-14));
+  }
 }
 
 TEST_CASE("kernels live in a versioned inline namespace", "[cuda][host]") {

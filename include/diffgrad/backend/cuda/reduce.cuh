@@ -113,9 +113,11 @@ private:
                                                            reduction, op, init, stream);
         e != cudaSuccess)
       return e;
-    if (bytes > temp_.bytes()) {
+    // Never pass a null temp pointer below: CUB would read it as another size query.
+    if (bytes > temp_.bytes() || temp_.data() == nullptr) {
       try {
-        temp_ = DeviceBuffer<unsigned char>(static_cast<std::int64_t>(bytes), stream);
+        temp_ = DeviceBuffer<unsigned char>(static_cast<std::int64_t>(bytes < 16 ? 16 : bytes),
+                                            stream);
       } catch (const cuda_error& err) {
         return static_cast<cudaError_t>(err.code());
       }
