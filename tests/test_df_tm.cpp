@@ -228,3 +228,22 @@ TEST_CASE("DF-TM pieces reject bad input with diffgrad::invalid_argument",
                       Catch::Contains("second_moment") && Catch::Contains("length 8"));
   }
 }
+
+TEST_CASE("DF-TM with a float MLP trace network", "[fisher][dftm][float]") {
+  // The provider forms x0_hat in double; a float network must accept it.
+  models::MlpConfig c = small_config();
+  fisher::MlpTraceNetwork<double> net_d(models::Mlp<double>(c, 2),
+                                        fisher::TraceTarget::scaled_posterior_variance);
+  fisher::MlpTraceNetwork<float> net_f(models::Mlp<float>(c, net_d.mlp().params().cast<float>()),
+                                       fisher::TraceTarget::scaled_posterior_variance);
+  const Mat x = checkerboard().topRows(3) * 0.9;
+  const Node n = vp_node(0.2);
+  Mat eps = x * 0.1;
+  fisher::DfTmTrace pd(net_d);
+  fisher::DfTmTrace pf(net_f);
+  Eigen::VectorXd td, tf;
+  pd(x, n, eps, td);
+  const EigenBackend<float>::state_type xf = x.cast<float>(), ef = eps.cast<float>();
+  pf(xf, n, ef, tf);
+  CHECK((tf - td).norm() <= 1e-5 * td.norm());
+}

@@ -104,6 +104,22 @@ TEST_CASE("PF-ODE log-likelihood of Gaussian data converges with order 4 to the 
   check_order(EDMSchedule(0.002, 80.0), 0.002, 80.0, "EDM");
 }
 
+TEST_CASE("PF-ODE log-likelihood at t0 -> 0 is the data likelihood log N(x; mu, s^2 I)",
+          "[fisher][likelihood]") {
+  // VP with t_min = 1e-6: sigma_t0^2 ~ 1e-7, so log p_t0 differs from the data density by
+  // O(sigma^2 / s^2) ~ 1e-6 (|x - mu|^2 / s^2 up to ~10); the integrator adds ~1e-9 at 512 steps.
+  const B backend;
+  const VPLinearSchedule schedule(0.1, 20.0, 1e-6);
+  GaussianCase g = gaussian_case();
+  fisher::ExactTrace trace(g.model);
+  const Mat x = data_batch();
+  const auto exact_prior = [&](const Mat& xe, const Node& n) { return g.model.log_density(xe, n); };
+  const auto r = fisher::log_likelihood(backend, schedule, g.model, trace, x, 1e-6, 1.0,
+                                        exact_prior, {.steps = 512});
+  const Eigen::VectorXd data_density = gaussian_log_density(x, g.mean.row(0), g.s * g.s);
+  CHECK((r.log_likelihood - data_density).cwiseAbs().maxCoeff() <= 1e-5);
+}
+
 TEST_CASE("PF-ODE log-likelihood of a Dirac mixture matches its exact log-density",
           "[fisher][likelihood]") {
   const B backend;

@@ -146,7 +146,11 @@ public:
     mlp_.eps(x, time_input(n), out_);
     out = out_.rowwise().sum().template cast<double>();
     if (target_ == TraceTarget::scaled_posterior_variance) {
-      models::impl::require_same_shape(x0_hat, x, "MlpTraceNetwork", "x0_hat");
+      if (x0_hat.rows() != x.rows() || x0_hat.cols() != x.cols()) // x0_hat may be double
+        diffgrad::detail::throw_argument(
+            "MlpTraceNetwork", "x0_hat",
+            diffgrad::detail::concat("shape ", x.rows(), " x ", x.cols(), " (x's shape)"),
+            diffgrad::detail::concat(x0_hat.rows(), " x ", x0_hat.cols()));
       const double ratio = n.sigma * n.sigma / (n.alpha * n.alpha);
       out = x0_hat.rowwise().squaredNorm().template cast<double>() + ratio * out;
     }
