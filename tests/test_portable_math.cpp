@@ -21,7 +21,8 @@ namespace {
 /// |got - ref| in units of the last place of ref rounded to double.
 double ulp_error(double got, long double ref) {
   const double r = static_cast<double>(ref);
-  const double ulp = r == 0.0 ? DBL_TRUE_MIN : std::nextafter(std::fabs(r), INFINITY) - std::fabs(r);
+  const double ulp =
+      r == 0.0 ? DBL_TRUE_MIN : std::nextafter(std::fabs(r), INFINITY) - std::fabs(r);
   return static_cast<double>(std::fabs(static_cast<long double>(got) - ref) /
                              static_cast<long double>(ulp));
 }
@@ -52,7 +53,8 @@ TEST_CASE("portable log is within 1 ulp on (0, 1] and on other binades", "[porta
     double u = uniform_open0(static_cast<std::uint32_t>(b >> 32), static_cast<std::uint32_t>(b));
     if (i % 3 == 0) u = std::ldexp(u, -static_cast<int>(b % 60));
     if (i % 5 == 0) u = std::ldexp(u, static_cast<int>(b % 200));
-    worst = std::max(worst, ulp_error(portable::log_normal(u), std::log(static_cast<long double>(u))));
+    worst =
+        std::max(worst, ulp_error(portable::log_normal(u), std::log(static_cast<long double>(u))));
   }
   INFO("max error " << worst << " ulp");
   if (LDBL_MANT_DIG >= 64) CHECK(worst < 1.0);
@@ -66,7 +68,7 @@ TEST_CASE("portable sin/cos of a quarter turn are within 2 ulp", "[portable_math
   SplitMix rng{2};
   double worst_sin = 0.0, worst_cos = 0.0;
   for (int i = 0; i < 200000; ++i) {
-    const double r = static_cast<double>(rng.next() >> 11) * 0x1.0p-53 - 0.5;  // [-1/2, 1/2)
+    const double r = static_cast<double>(rng.next() >> 11) * 0x1.0p-53 - 0.5; // [-1/2, 1/2)
     const long double x = kHalfPi * static_cast<long double>(r);
     worst_sin = std::max(worst_sin, ulp_error(portable::sin_quarter_turn(r), std::sin(x)));
     worst_cos = std::max(worst_cos, ulp_error(portable::cos_quarter_turn(r), std::cos(x)));
@@ -133,8 +135,8 @@ TEST_CASE("the noise agrees with a C-library Box-Muller to a few ulp", "[portabl
     const long double ref = (i & 1u) ? radius * std::sin(angle) : radius * std::cos(angle);
     // Absolute error in units of the ulp of the radius (the factor that sets the scale).
     const double got = gaussian(5, 9, i);
-    const double ulp_radius = std::nextafter(static_cast<double>(radius), INFINITY) -
-                              static_cast<double>(radius);
+    const double ulp_radius =
+        std::nextafter(static_cast<double>(radius), INFINITY) - static_cast<double>(radius);
     worst = std::max(worst, static_cast<double>(std::fabs(got - ref) / ulp_radius));
   }
   INFO("max error " << worst << " ulp of the radius");

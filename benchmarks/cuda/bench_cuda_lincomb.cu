@@ -49,7 +49,7 @@ template <class F> double gpu_seconds(cudaStream_t stream, int calls, F&& f) {
   cudaEvent_t start, stop;
   dg::check(cudaEventCreate(&start), "bench", "cudaEventCreate");
   dg::check(cudaEventCreate(&stop), "bench", "cudaEventCreate");
-  f();  // warm-up
+  f(); // warm-up
   std::vector<double> times;
   for (int run = 0; run < 7; ++run) {
     dg::check(cudaEventRecord(start, stream), "bench", "cudaEventRecord");
@@ -84,7 +84,8 @@ void lincomb_rows(std::int64_t n, const Options& opt, cudaStream_t stream, std::
   const int calls = static_cast<int>(std::max<std::int64_t>(5, 100000000 / n));
   const double s = sizeof(Scalar);
   const double t_copy = gpu_seconds(stream, calls, [&] {
-    dg::check(cudaMemcpyAsync(copy_dst.data(), x[0].data(), static_cast<std::size_t>(n) * sizeof(Scalar),
+    dg::check(cudaMemcpyAsync(copy_dst.data(), x[0].data(),
+                              static_cast<std::size_t>(n) * sizeof(Scalar),
                               cudaMemcpyDeviceToDevice, stream),
               "bench", "cudaMemcpyAsync");
   });
@@ -94,9 +95,9 @@ void lincomb_rows(std::int64_t n, const Options& opt, cudaStream_t stream, std::
     int terms;
     bool noise;
   };
-  for (const Case c : {Case{"lincomb 1 (copy kernel)", 1, false}, Case{"lincomb 2 (DDIM)", 2, false},
-                       Case{"lincomb 4 (3M + history)", 4, false},
-                       Case{"lincomb 2 + noise (SDE)", 2, true}}) {
+  for (const Case c :
+       {Case{"lincomb 1 (copy kernel)", 1, false}, Case{"lincomb 2 (DDIM)", 2, false},
+        Case{"lincomb 4 (3M + history)", 4, false}, Case{"lincomb 2 + noise (SDE)", 2, true}}) {
     std::vector<LinTerm<State>> terms;
     for (int k = 0; k < c.terms; ++k)
       terms.push_back(LinTerm<State>{0.25 * (k + 1), &x[static_cast<std::size_t>(k)]});
@@ -116,8 +117,8 @@ void lincomb_rows(std::int64_t n, const Options& opt, cudaStream_t stream, std::
     }
     char row[512];
     std::snprintf(row, sizeof row, "| %s | %.0e | %s | %.4f | %.0f | %.0f | %.2f | %s |\n",
-                  sizeof(Scalar) == 8 ? "double" : "float", static_cast<double>(n), c.name,
-                  t * 1e3, bw * 1e-9, bw_copy * 1e-9, bw / bw_copy, cpu.str().c_str());
+                  sizeof(Scalar) == 8 ? "double" : "float", static_cast<double>(n), c.name, t * 1e3,
+                  bw * 1e-9, bw_copy * 1e-9, bw / bw_copy, cpu.str().c_str());
     os << row;
     std::fputs(row, stdout);
     std::fflush(stdout);
@@ -133,21 +134,21 @@ void step_rows(std::int64_t batch, std::int64_t dim, const Options& opt, cudaStr
     for (bool check_finite : {true, false}) {
       auto x = backend.make_state(batch, dim);
       backend.fill(x, 0.5);
-      bench::run_scheme_by_index(scheme, backend, x, 2, check_finite);  // warm-up
+      bench::run_scheme_by_index(scheme, backend, x, 2, check_finite); // warm-up
       backend.synchronize();
       std::vector<double> times;
       for (int r = 0; r < 3; ++r) {
         const auto t0 = std::chrono::steady_clock::now();
         bench::run_scheme_by_index(scheme, backend, x, steps, check_finite);
         backend.synchronize();
-        times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
-                        steps);
+        times.push_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / steps);
       }
       const double t = median(times);
       std::ostringstream cpu;
       if (opt.cpu && batch * dim <= 10000000) {
-        const double t_cpu = bench::cpu_step_seconds(scheme, batch, dim, check_finite,
-                                                     sizeof(Scalar) == 8, steps);
+        const double t_cpu =
+            bench::cpu_step_seconds(scheme, batch, dim, check_finite, sizeof(Scalar) == 8, steps);
         cpu.precision(3);
         cpu << std::fixed << t_cpu * 1e3 << " | " << t_cpu / t << "x";
       } else {
@@ -169,9 +170,12 @@ void step_rows(std::int64_t batch, std::int64_t dim, const Options& opt, cudaStr
 int main(int argc, char* argv[]) {
   Options opt;
   for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--quick") == 0) opt.quick = true;
-    else if (std::strcmp(argv[i], "--no-cpu") == 0) opt.cpu = false;
-    else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc) opt.out = argv[++i];
+    if (std::strcmp(argv[i], "--quick") == 0)
+      opt.quick = true;
+    else if (std::strcmp(argv[i], "--no-cpu") == 0)
+      opt.cpu = false;
+    else if (std::strcmp(argv[i], "--out") == 0 && i + 1 < argc)
+      opt.out = argv[++i];
     else {
       std::fprintf(stderr, "usage: %s [--quick] [--no-cpu] [--out FILE.md]\n", argv[0]);
       return 2;

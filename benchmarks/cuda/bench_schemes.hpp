@@ -24,8 +24,8 @@ struct NullModel {
 
 /// Runs `steps` steps of scheme 0/1/2 on (backend, x); returns the SampleResult.
 template <class B>
-SampleResult run_scheme_by_index(int scheme, const B& backend, typename B::state_type& x,
-                                 int steps, bool check_finite) {
+SampleResult run_scheme_by_index(int scheme, const B& backend, typename B::state_type& x, int steps,
+                                 bool check_finite) {
   static const VPLinearSchedule schedule;
   const std::vector<Node> nodes = make_nodes(schedule, uniform_t_grid(schedule, steps, 1.0, 1e-3));
   NullModel model;

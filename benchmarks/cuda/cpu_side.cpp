@@ -28,9 +28,10 @@ template <class Scalar> double lincomb_seconds(std::int64_t n, int terms, bool n
   for (int k = 0; k < terms; ++k) x.push_back(State::Constant(1, n, Scalar(0.5 + k)));
   State out = State::Zero(1, n);
   std::vector<LinTerm<State>> t;
-  for (int k = 0; k < terms; ++k) t.push_back(LinTerm<State>{0.25 * (k + 1), &x[static_cast<std::size_t>(k)]});
+  for (int k = 0; k < terms; ++k)
+    t.push_back(LinTerm<State>{0.25 * (k + 1), &x[static_cast<std::size_t>(k)]});
   const NoiseTerm nt{noise ? 0.1 : 0.0, 7, 0};
-  backend.lincomb(out, std::span<const LinTerm<State>>(t), nt);  // warm-up (page faults)
+  backend.lincomb(out, std::span<const LinTerm<State>>(t), nt); // warm-up (page faults)
   std::vector<double> times;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = Clock::now();
@@ -46,7 +47,7 @@ double step_seconds(int scheme, std::int64_t batch, std::int64_t dim, bool check
   using B = EigenBackend<Scalar>;
   const B backend;
   typename B::state_type x = B::state_type::Constant(batch, dim, Scalar(0.5));
-  run_scheme_by_index(scheme, backend, x, 2, check_finite);  // warm-up
+  run_scheme_by_index(scheme, backend, x, 2, check_finite); // warm-up
   std::vector<double> times;
   for (int r = 0; r < 3; ++r) {
     const auto t0 = Clock::now();

@@ -34,7 +34,7 @@ int main() {
   int failures = 0;
   {
     const Backend backend(stream);
-    const std::vector<double> points{1.0, 1.0, -1.0, 0.5, 0.0, -1.0};  // K = 3 points in 2-D
+    const std::vector<double> points{1.0, 1.0, -1.0, 0.5, 0.0, -1.0}; // K = 3 points in 2-D
     diffgrad::models::gpu::DiracMixture<double> model(backend, points, 3, 2);
 
     const int n = 1024;

@@ -46,8 +46,8 @@ public:
     const double c = slope(t);
     backend_.lincomb(out, term(c, x), term(1.0 - c * t, mu_));
   }
-  void velocity_vjp(const state_type&, double t, const state_type& a, state_type& dx,
-                    vector_type*, vector_type*) const {
+  void velocity_vjp(const state_type&, double t, const state_type& a, state_type& dx, vector_type*,
+                    vector_type*) const {
     backend_.lincomb(dx, term(slope(t), a));
   }
 

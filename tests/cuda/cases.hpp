@@ -35,17 +35,16 @@ namespace diffgrad::testing {
 /// Named result vectors of one case, compared part by part.
 using Parts = std::vector<std::pair<std::string, std::vector<double>>>;
 
-/// Appends a part. Defined out of line (cpu_reference.cpp): GCC 12 at -O3 reports a false
+/// Appends a part. Defined out of line (cpu_reference_samplers.cpp): GCC 12 at -O3 reports a false
 /// -Warray-bounds in the inlined vector<pair<string, vector>> growth path.
 void add_part(Parts& parts, std::string name, std::vector<double> values);
 
 /// Makes the backend-generic Gaussian model for a problem.
 struct MakeGaussian {
-  template <Backend B, class IO> BackendGaussian<B> operator()(const B& backend, const IO& io,
-                                                               const Problem& p) const {
-    return BackendGaussian<B>(backend, io.state(backend, problem_mu_rows(p.batch, p.dim), p.batch,
-                                                p.dim),
-                              kGaussianStd);
+  template <Backend B, class IO>
+  BackendGaussian<B> operator()(const B& backend, const IO& io, const Problem& p) const {
+    return BackendGaussian<B>(
+        backend, io.state(backend, problem_mu_rows(p.batch, p.dim), p.batch, p.dim), kGaussianStd);
   }
 };
 
@@ -64,7 +63,7 @@ Parts sample_case(const B& backend, const IO& io, const MakeModel& make_model, i
         const std::vector<double> times = flow_times(p);
         sample_flow(scheme, backend, std::span<const double>(times), model, x, options);
       } else {
-        return;  // no velocity field: flow schemes do not apply to this model
+        return; // no velocity field: flow schemes do not apply to this model
       }
     } else {
       const std::vector<Node> nodes = diffusion_nodes(p);
@@ -77,12 +76,12 @@ Parts sample_case(const B& backend, const IO& io, const MakeModel& make_model, i
 
 /// How a gradient case runs (gradients/gradient.hpp options).
 struct GradientSpec {
-  int memory = 0;          ///< 0 store_all, 1 checkpoint(snapshots), 2 recompute
+  int memory = 0; ///< 0 store_all, 1 checkpoint(snapshots), 2 recompute
   int snapshots = 3;
   bool wrt_cond = false;
   bool wrt_params = false;
   bool wrt_noise = false;
-  bool given_noise = false;  ///< stochastic steps read stored noise states (Cycle-SDE style)
+  bool given_noise = false; ///< stochastic steps read stored noise states (Cycle-SDE style)
 };
 
 inline GradientOptions gradient_options(const GradientSpec& g, const Problem& p) {
@@ -128,7 +127,7 @@ Parts gradient_case(const B& backend, const IO& io, const MakeModel& make_model,
         emit(gradient_flow(scheme, backend, std::span<const double>(times), model, x_T, loss,
                            options, ws));
       } else {
-        return;  // no velocity field: flow schemes do not apply to this model
+        return; // no velocity field: flow schemes do not apply to this model
       }
     } else {
       const std::vector<Node> nodes = diffusion_nodes(p);

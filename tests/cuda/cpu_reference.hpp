@@ -49,8 +49,8 @@ Parts cpu_continuous_dirac(const Problem& problem);
 // --- model evaluations ----------------------------------------------------------------------
 /// eps, x0_hat, and vjp (dx, dcond, dparams) of the CPU Dirac mixture at node `n` for the
 /// batch x and cotangent a (row-major batch x dim).
-Parts cpu_dirac_eval(const std::vector<double>& x, const std::vector<double>& a, int batch,
-                     int dim, const Node& n);
+Parts cpu_dirac_eval(const std::vector<double>& x, const std::vector<double>& a, int batch, int dim,
+                     const Node& n);
 /// The CPU Mlp's flat parameters and parameter count for the tests' configuration.
 std::vector<double> cpu_mlp_params(int dim, bool use_tanh);
 /// eps (= velocity), and vjp (dx, dcond, dparams) of the CPU Mlp at time t.

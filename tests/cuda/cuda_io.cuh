@@ -1,6 +1,6 @@
 #pragma once
 // The device side of the CPU-vs-GPU cases (cases.hpp): host <-> device IO for CudaBackend,
-// the device model factories matching cpu_reference.cpp's, and the part-by-part comparison.
+// the device model factories matching cpu_reference_impl.hpp's, and the part-by-part comparison.
 #include <catch2/catch.hpp>
 
 #include <cstdio>
@@ -24,7 +24,7 @@ template <class Scalar> struct CudaIO {
   State state(const B& backend, const std::vector<double>& v, int batch, int dim) const {
     const std::vector<Scalar> s(v.begin(), v.end());
     return ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(s), batch, dim,
-                                               backend.stream());
+                                              backend.stream());
   }
   std::vector<double> host(const State& s) const {
     const std::vector<Scalar> h = ::diffgrad::gpu::to_host(s);
@@ -42,11 +42,11 @@ void set_device_vector(::diffgrad::gpu::DeviceVector<Scalar>& dst, const std::ve
   ::diffgrad::gpu::copy_to_device(std::span<const Scalar>(s), dst);
 }
 
-/// The Dirac mixture of cpu_reference.cpp, on the device.
+/// The Dirac mixture of cpu_reference_impl.hpp, on the device.
 struct MakeDiracGpu {
   template <class IO>
   models::gpu::DiracMixture<double> operator()(const ::diffgrad::gpu::CudaBackend<double>& b,
-                                                const IO&, const Problem& p) const {
+                                               const IO&, const Problem& p) const {
     const std::vector<double> pts = problem_points(kDiracPoints, p.dim);
     const std::vector<double> w = problem_weights(kDiracPoints);
     models::gpu::DiracMixture<double> m(b, pts, kDiracPoints, p.dim, w);
@@ -66,12 +66,12 @@ inline models::gpu::MlpConfig gpu_mlp_config(int dim, bool use_tanh) {
   return c;
 }
 
-/// The MLP of cpu_reference.cpp, on the device (same config, same seed).
+/// The MLP of cpu_reference_impl.hpp, on the device (same config, same seed).
 template <class Scalar> struct MakeMlpGpu {
   bool use_tanh = false;
   template <class IO>
   models::gpu::Mlp<Scalar> operator()(const ::diffgrad::gpu::CudaBackend<Scalar>& b, const IO&,
-                                       const Problem& p) const {
+                                      const Problem& p) const {
     models::gpu::Mlp<Scalar> m(b, gpu_mlp_config(p.dim, use_tanh), kMlpSeed);
     set_device_vector(m.cond(), mlp_cond());
     return m;
@@ -81,7 +81,7 @@ template <class Scalar> struct MakeMlpGpu {
 /// Largest error over the parts of one comparison (for the printed summaries).
 struct Agreement {
   double max_error = 0.0;
-  std::size_t differing_elements = 0;  ///< elements that differ in any bit
+  std::size_t differing_elements = 0; ///< elements that differ in any bit
   std::size_t elements = 0;
 };
 

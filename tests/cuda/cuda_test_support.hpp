@@ -1,5 +1,5 @@
 #pragma once
-// Eigen-free helpers shared by the CUDA tests (.cu) and their CPU reference (cpu_reference.cpp):
+// Eigen-free helpers shared by the CUDA tests (.cu) and their CPU reference (cpu_reference_*.cpp):
 // the test problems as plain host data, the catalog of every scheme of the library, and the
 // error measures. The .cu side runs a case on CudaBackend, the .cpp side runs the SAME case
 // (same catalog index, same host data) on EigenBackend; the two meet as std::vector<double>.
@@ -58,7 +58,8 @@ inline std::vector<double> problem_points(int k, int dim) {
 }
 inline std::vector<double> problem_weights(int k) {
   std::vector<double> w(static_cast<std::size_t>(k));
-  for (int i = 0; i < k; ++i) w[static_cast<std::size_t>(i)] = 1.0 + 0.25 * static_cast<double>(i % 3);
+  for (int i = 0; i < k; ++i)
+    w[static_cast<std::size_t>(i)] = 1.0 + 0.25 * static_cast<double>(i % 3);
   return w;
 }
 
@@ -83,8 +84,7 @@ template <class F> void for_each_scheme(int steps, F&& f) {
   f(std::string("DDIM"), Ddim(), false);
   f(std::string("DDIM eta=1"), Ddim(1.0), false);
   for (int k = 1; k <= 3; ++k) {
-    f("DpmSolverSinglestep-" + std::to_string(k) + " data", DpmSolverSinglestep(k, P::data),
-      false);
+    f("DpmSolverSinglestep-" + std::to_string(k) + " data", DpmSolverSinglestep(k, P::data), false);
     f("DpmSolverSinglestep-" + std::to_string(k) + " noise", DpmSolverSinglestep(k, P::noise),
       false);
   }
@@ -94,8 +94,7 @@ template <class F> void for_each_scheme(int steps, F&& f) {
     DpmSolverSinglestep::diffusers({.solver_order = 3}), false);
   for (int k = 2; k <= 3; ++k) {
     f("DpmSolverMultistep-" + std::to_string(k) + " data", DpmSolverMultistep(k, P::data), false);
-    f("DpmSolverMultistep-" + std::to_string(k) + " noise", DpmSolverMultistep(k, P::noise),
-      false);
+    f("DpmSolverMultistep-" + std::to_string(k) + " noise", DpmSolverMultistep(k, P::noise), false);
   }
   for (int k = 1; k <= 3; ++k)
     f("SdeDpmSolver-" + std::to_string(k) + " data", SdeDpmSolver(k, P::data), false);

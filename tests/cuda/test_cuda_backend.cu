@@ -50,11 +50,13 @@ template <class Scalar> void lincomb_matches_cpu(int batch, int dim) {
       }
       std::vector<LinTerm<State>> terms;
       for (int k = 0; k < n; ++k)
-        terms.push_back(LinTerm<State>{coeffs[static_cast<std::size_t>(k)], &xs[static_cast<std::size_t>(k)]});
+        terms.push_back(
+            LinTerm<State>{coeffs[static_cast<std::size_t>(k)], &xs[static_cast<std::size_t>(k)]});
       const double nc = noise ? -0.61 : 0.0;
       State out = backend.make_state(batch, dim);
       backend.lincomb(out, std::span<const LinTerm<State>>(terms), NoiseTerm{nc, 5, 17});
-      const auto expected = cpu_lincomb(precision_of<Scalar>(), coeffs, inputs, nc, 5, 17, batch, dim);
+      const auto expected =
+          cpu_lincomb(precision_of<Scalar>(), coeffs, inputs, nc, 5, 17, batch, dim);
       INFO(sizeof(Scalar) * 8 << "-bit, " << batch << " x " << dim << ", " << n << " terms, noise "
                               << noise);
       CHECK(bitwise_mismatches(io.host(out), expected) == 0);
@@ -86,7 +88,7 @@ TEST_CASE("variadic lincomb: arity 12, output aliasing an input, reallocation",
     h.push_back(values(size, 0.1 * k));
     x.push_back(io.state(backend, h.back(), batch, dim));
   }
-  State out;  // empty: lincomb gives it the inputs' shape
+  State out; // empty: lincomb gives it the inputs' shape
   backend.lincomb(out, term(1.0, x[0]), term(0.5, x[1]), term(-1.5, x[2]), term(2.0, x[3]),
                   term(0.25, x[4]), term(-0.75, x[5]), term(1.0, x[6]), term(3.0, x[7]),
                   term(-2.0, x[8]), term(0.125, x[9]), term(0.5, x[10]), term(-1.0, x[11]));
@@ -141,7 +143,8 @@ TEST_CASE("reductions: dot, squared_norm, all_finite", "[gpu][backend][reduce]")
   const gpu::CudaBackend<double> b64;
   const gpu::CudaBackend<float> b32;
   for (int n : {1, 5, 1000, 1 << 20}) {
-    const auto a = values(static_cast<std::size_t>(n), 0.3), c = values(static_cast<std::size_t>(n), 1.1);
+    const auto a = values(static_cast<std::size_t>(n), 0.3),
+               c = values(static_cast<std::size_t>(n), 1.1);
     const auto da = CudaIO<double>{}.state(b64, a, 1, n), dc = CudaIO<double>{}.state(b64, c, 1, n);
     const double ref = cpu_dot(Precision::f64, a, c, 1, n);
     double abs_sum = 0.0;
@@ -158,7 +161,7 @@ TEST_CASE("reductions: dot, squared_norm, all_finite", "[gpu][backend][reduce]")
     CHECK_FALSE(b64.all_finite(CudaIO<double>{}.state(b64, bad, 1, n)));
     bad.back() = -std::numeric_limits<double>::infinity();
     CHECK_FALSE(b32.all_finite(CudaIO<float>{}.state(b32, bad, 1, n)));
-    bad.back() = std::numeric_limits<double>::max();  // huge but finite
+    bad.back() = std::numeric_limits<double>::max(); // huge but finite
     CHECK(b64.all_finite(CudaIO<double>{}.state(b64, bad, 1, n)));
   }
   CHECK_THROWS_AS(b64.dot(b64.make_state(2, 3), b64.make_state(3, 2)), diffgrad::invalid_argument);
@@ -169,12 +172,12 @@ TEST_CASE("states: zero-filled, deep copies, copy/fill, host round trips", "[gpu
   auto x = backend.make_state(3, 4);
   for (float v : gpu::to_host(x)) CHECK(v == 0.0f);
   backend.fill(x, 1.5);
-  auto y = x;  // deep copy
+  auto y = x; // deep copy
   backend.fill(x, -2.0);
   for (float v : gpu::to_host(y)) CHECK(v == 1.5f);
   for (float v : gpu::to_host(x)) CHECK(v == -2.0f);
   gpu::DeviceState<float> z;
-  backend.copy(z, y);  // reallocates to y's shape
+  backend.copy(z, y); // reallocates to y's shape
   CHECK(z.batch() == 3);
   CHECK(z.dim() == 4);
   for (float v : gpu::to_host(z)) CHECK(v == 1.5f);
@@ -205,8 +208,8 @@ TEST_CASE("CountingBackend<CudaBackend>: the same passes as on the CPU",
   const Problem p;
   const CountingBackend<gpu::CudaBackend<double>> backend;
   BackendGaussian<gpu::CudaBackend<double>> model(
-      backend.inner(), CudaIO<double>{}.state(backend.inner(), problem_mu_rows(p.batch, p.dim),
-                                              p.batch, p.dim),
+      backend.inner(),
+      CudaIO<double>{}.state(backend.inner(), problem_mu_rows(p.batch, p.dim), p.batch, p.dim),
       kGaussianStd);
   auto x = CudaIO<double>{}.state(backend.inner(), problem_x_T(p.batch, p.dim), p.batch, p.dim);
   const auto nodes = diffusion_nodes(p);
@@ -214,10 +217,10 @@ TEST_CASE("CountingBackend<CudaBackend>: the same passes as on the CPU",
   const auto r = sample(Ddim(1.0), backend, vp_schedule(), std::span<const Node>(nodes), model, x,
                         SampleOptions{.seed = 3});
   CHECK(r.model_evals == p.steps);
-  CHECK(backend.counts().lincomb_passes == p.steps);  // the model's own lincombs are uncounted
+  CHECK(backend.counts().lincomb_passes == p.steps); // the model's own lincombs are uncounted
   CHECK(backend.counts().noise_passes == p.steps);
   CHECK(backend.counts().finite_checks == p.steps);
-  CHECK(backend.counts().make_state == 2 * (1 + 0));  // ring of x and e, history 0
+  CHECK(backend.counts().make_state == 2 * (1 + 0)); // ring of x and e, history 0
   CHECK(backend.counts().copies == 2);
 }
 
@@ -233,7 +236,8 @@ TEST_CASE("cuBLAS Dirac mixture == CPU Dirac mixture (eps, x0_hat, VJP w.r.t. x,
   for (double t : {0.9, 0.5, 0.1}) {
     const Node n = vp_schedule().node(t);
     auto out = backend.make_state(p.batch, p.dim), dx = backend.make_state(p.batch, p.dim);
-    auto dcond = backend.make_vector(model.cond_size()), dparams = backend.make_vector(model.param_size());
+    auto dcond = backend.make_vector(model.cond_size()),
+         dparams = backend.make_vector(model.param_size());
     Parts gpu;
     model.eps(x, n, out);
     add_part(gpu, "eps", io.host(out));
@@ -267,7 +271,8 @@ TEST_CASE("Dirac VJP on the device: <a, J v> == <J^T a, v> (central differences,
   Problem p;
   auto model = MakeDiracGpu{}(backend, io, p);
   const Node n = vp_schedule().node(0.4);
-  const auto xh = problem_x_T(p.batch, p.dim), ah = values(xh.size(), 0.2), vh = values(xh.size(), 1.7);
+  const auto xh = problem_x_T(p.batch, p.dim), ah = values(xh.size(), 0.2),
+             vh = values(xh.size(), 1.7);
   const auto x = io.state(backend, xh, p.batch, p.dim), a = io.state(backend, ah, p.batch, p.dim),
              v = io.state(backend, vh, p.batch, p.dim);
   auto dx = backend.make_state(p.batch, p.dim);
@@ -295,7 +300,8 @@ TEST_CASE("cuBLAS MLP == CPU MLP (parameters, eps, VJP w.r.t. x, z, parameters)"
       const CudaIO<double> io;
       auto model = MakeMlpGpu<double>{use_tanh}(backend, io, p);
       CHECK(bitwise_mismatches(io.host(model.params()), cpu_mlp_params(p.dim, use_tanh)) == 0);
-      const auto x = io.state(backend, xh, p.batch, p.dim), a = io.state(backend, ah, p.batch, p.dim);
+      const auto x = io.state(backend, xh, p.batch, p.dim),
+                 a = io.state(backend, ah, p.batch, p.dim);
       for (double t : {0.05, 0.5, 1.0}) {
         auto out = backend.make_state(p.batch, p.dim), dx = backend.make_state(p.batch, p.dim);
         auto dcond = backend.make_vector(model.cond_size());
@@ -307,17 +313,18 @@ TEST_CASE("cuBLAS MLP == CPU MLP (parameters, eps, VJP w.r.t. x, z, parameters)"
         add_part(gpu, "vjp dx", io.host(dx));
         add_part(gpu, "vjp dcond", io.host(dcond));
         add_part(gpu, "vjp dparams", io.host(dparams));
-        print_agreement(std::string("MLP f64 ") + (use_tanh ? "tanh" : "SiLU"),
-                        check_parts(gpu, cpu_mlp_eval(Precision::f64, xh, ah, p.batch, p.dim, t,
-                                                      use_tanh),
-                                    1e-13, "MLP f64"));
+        print_agreement(
+            std::string("MLP f64 ") + (use_tanh ? "tanh" : "SiLU"),
+            check_parts(gpu, cpu_mlp_eval(Precision::f64, xh, ah, p.batch, p.dim, t, use_tanh),
+                        1e-13, "MLP f64"));
       }
     }
     {
       const gpu::CudaBackend<float> backend;
       const CudaIO<float> io;
       auto model = MakeMlpGpu<float>{use_tanh}(backend, io, p);
-      const auto x = io.state(backend, xh, p.batch, p.dim), a = io.state(backend, ah, p.batch, p.dim);
+      const auto x = io.state(backend, xh, p.batch, p.dim),
+                 a = io.state(backend, ah, p.batch, p.dim);
       auto out = backend.make_state(p.batch, p.dim), dx = backend.make_state(p.batch, p.dim);
       auto dcond = backend.make_vector(model.cond_size());
       auto dparams = backend.make_vector(model.param_size());
@@ -328,10 +335,10 @@ TEST_CASE("cuBLAS MLP == CPU MLP (parameters, eps, VJP w.r.t. x, z, parameters)"
       add_part(gpu, "vjp dx", io.host(dx));
       add_part(gpu, "vjp dcond", io.host(dcond));
       add_part(gpu, "vjp dparams", io.host(dparams));
-      print_agreement(std::string("MLP f32 ") + (use_tanh ? "tanh" : "SiLU"),
-                      check_parts(gpu, cpu_mlp_eval(Precision::f32, xh, ah, p.batch, p.dim, 0.3,
-                                                    use_tanh),
-                                  1e-5, "MLP f32"));
+      print_agreement(
+          std::string("MLP f32 ") + (use_tanh ? "tanh" : "SiLU"),
+          check_parts(gpu, cpu_mlp_eval(Precision::f32, xh, ah, p.batch, p.dim, 0.3, use_tanh),
+                      1e-5, "MLP f32"));
     }
   }
 }

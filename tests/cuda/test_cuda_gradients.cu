@@ -66,17 +66,17 @@ TEST_CASE("gradient memory modes, dL/dxi and given noise on the GPU == CPU", "[g
       {.memory = 0, .wrt_noise = true},
       {.memory = 1, .snapshots = 2, .wrt_noise = true, .given_noise = true},
   };
-  const char* spec_names[] = {"checkpoint(3)", "recompute", "wrt_noise", "checkpoint(2) given noise"};
+  const char* spec_names[] = {"checkpoint(3)", "recompute", "wrt_noise",
+                              "checkpoint(2) given noise"};
   std::printf("gradient() memory modes, Gaussian model, float64:\n");
   for (int i = 0; i < n; ++i) {
     const std::string name = scheme_name(i, p.steps);
     if (!one_of_each_family(name)) continue;
     for (int s = 0; s < 4; ++s) {
-      if (name == "FlowHeun" && specs[s].given_noise) continue;  // flows have no noise
+      if (name == "FlowHeun" && specs[s].given_noise) continue; // flows have no noise
       const std::string label = name + ", " + spec_names[s];
-      print_agreement(label, check_parts(gradient_case(gpu::CudaBackend<double>{},
-                                                       CudaIO<double>{}, MakeGaussian{}, i, p,
-                                                       specs[s]),
+      print_agreement(label, check_parts(gradient_case(gpu::CudaBackend<double>{}, CudaIO<double>{},
+                                                       MakeGaussian{}, i, p, specs[s]),
                                          cpu_gradient_gaussian(i, p, specs[s], Precision::f64),
                                          1e-12, label));
     }
@@ -101,13 +101,11 @@ TEST_CASE("gradients through the cuBLAS models w.r.t. x_T, conditioning and para
     print_agreement(name + " MLP f64",
                     check_parts(gradient_case(gpu::CudaBackend<double>{}, CudaIO<double>{},
                                               MakeMlpGpu<double>{}, i, p, all),
-                                cpu_gradient_mlp(i, p, all, Precision::f64), 1e-12,
-                                name + " MLP"));
+                                cpu_gradient_mlp(i, p, all, Precision::f64), 1e-12, name + " MLP"));
     print_agreement(name + " MLP f32",
                     check_parts(gradient_case(gpu::CudaBackend<float>{}, CudaIO<float>{},
                                               MakeMlpGpu<float>{}, i, p, all),
-                                cpu_gradient_mlp(i, p, all, Precision::f32), 1e-5,
-                                name + " MLP"));
+                                cpu_gradient_mlp(i, p, all, Precision::f32), 1e-5, name + " MLP"));
   }
 }
 
@@ -134,17 +132,16 @@ TEST_CASE("Cycle-SDE, AdjointDEIS and SDE-AdjointDEIS on the GPU == CPU",
           "[gpu][gradients][continuous]") {
   Problem p;
   std::printf("continuous adjoints and Cycle-SDE:\n");
-  print_agreement("Gaussian f64",
-                  check_parts(continuous_case(gpu::CudaBackend<double>{}, CudaIO<double>{},
-                                              MakeGaussian{}, p),
-                              cpu_continuous_gaussian(p, Precision::f64), 1e-12, "Gaussian f64"));
-  print_agreement("Gaussian f32",
-                  check_parts(continuous_case(gpu::CudaBackend<float>{}, CudaIO<float>{},
-                                              MakeGaussian{}, p),
-                              cpu_continuous_gaussian(p, Precision::f32), 1e-5, "Gaussian f32"));
+  print_agreement(
+      "Gaussian f64",
+      check_parts(continuous_case(gpu::CudaBackend<double>{}, CudaIO<double>{}, MakeGaussian{}, p),
+                  cpu_continuous_gaussian(p, Precision::f64), 1e-12, "Gaussian f64"));
+  print_agreement(
+      "Gaussian f32",
+      check_parts(continuous_case(gpu::CudaBackend<float>{}, CudaIO<float>{}, MakeGaussian{}, p),
+                  cpu_continuous_gaussian(p, Precision::f32), 1e-5, "Gaussian f32"));
   p.t_end = 0.1;
-  print_agreement("Dirac f64",
-                  check_parts(continuous_case(gpu::CudaBackend<double>{}, CudaIO<double>{},
-                                              MakeDiracGpu{}, p),
-                              cpu_continuous_dirac(p), 1e-12, "Dirac f64"));
+  print_agreement("Dirac f64", check_parts(continuous_case(gpu::CudaBackend<double>{},
+                                                           CudaIO<double>{}, MakeDiracGpu{}, p),
+                                           cpu_continuous_dirac(p), 1e-12, "Dirac f64"));
 }

@@ -56,8 +56,8 @@ template <class Scalar> struct AlignedHost {
 template <class Scalar>
 std::vector<double> run_lincomb_functor(const std::vector<double>& coeffs,
                                         const std::vector<std::vector<double>>& inputs,
-                                        double noise_coeff, std::uint64_t seed,
-                                        std::uint64_t step, std::size_t size);
+                                        double noise_coeff, std::uint64_t seed, std::uint64_t step,
+                                        std::size_t size);
 
 template <class Scalar, int N, bool WithNoise>
 std::vector<double> run_fixed(const std::vector<double>& coeffs,
@@ -88,21 +88,21 @@ std::vector<double> dispatch(std::size_t n, bool noise, const std::vector<double
                              std::uint64_t seed, std::uint64_t step, std::size_t size,
                              std::index_sequence<Ns...>) {
   std::vector<double> r;
-  ((n == Ns ? (r = noise ? run_fixed<Scalar, static_cast<int>(Ns), true>(coeffs, inputs,
-                                                                         noise_coeff, seed, step,
-                                                                         size)
+  ((n == Ns ? (r = noise ? run_fixed<Scalar, static_cast<int>(Ns), true>(
+                               coeffs, inputs, noise_coeff, seed, step, size)
                          : (Ns == 0 ? std::vector<double>{}
                                     : run_fixed<Scalar, static_cast<int>(Ns == 0 ? 1 : Ns), false>(
                                           coeffs, inputs, noise_coeff, seed, step, size)),
-              true)
-           : false) ||
+               true)
+            : false) ||
    ...);
   return r;
 }
 
 std::vector<double> host_values(std::size_t n, double phase) {
   std::vector<double> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = std::sin(0.37 * static_cast<double>(i) + phase) * (1.0 + phase);
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] = std::sin(0.37 * static_cast<double>(i) + phase) * (1.0 + phase);
   return v;
 }
 
@@ -110,7 +110,7 @@ std::vector<double> host_values(std::size_t n, double phase) {
 
 TEST_CASE("lincomb functor == EigenBackend::lincomb bit for bit, arity 0..9, with/without noise",
           "[cuda][host][lincomb]") {
-  const int batch = 5, dim = 7;  // 35 elements: the float path has a 3-element tail
+  const int batch = 5, dim = 7; // 35 elements: the float path has a 3-element tail
   const auto size = static_cast<std::size_t>(batch * dim);
   for (Precision p : {Precision::f64, Precision::f32}) {
     for (std::size_t n = 0; n <= static_cast<std::size_t>(kMaxLincombTerms); ++n) {
@@ -124,12 +124,11 @@ TEST_CASE("lincomb functor == EigenBackend::lincomb bit for bit, arity 0..9, wit
         }
         const double nc = noise ? 0.37 : 0.0;
         const auto expected = testing::cpu_lincomb(p, coeffs, inputs, nc, 11, 4, batch, dim);
-        const auto got =
-            p == Precision::f64
-                ? dispatch<double>(n, noise, coeffs, inputs, nc, 11, 4, size,
-                                   std::make_index_sequence<kMaxLincombTerms + 1>{})
-                : dispatch<float>(n, noise, coeffs, inputs, nc, 11, 4, size,
-                                  std::make_index_sequence<kMaxLincombTerms + 1>{});
+        const auto got = p == Precision::f64
+                             ? dispatch<double>(n, noise, coeffs, inputs, nc, 11, 4, size,
+                                                std::make_index_sequence<kMaxLincombTerms + 1>{})
+                             : dispatch<float>(n, noise, coeffs, inputs, nc, 11, 4, size,
+                                               std::make_index_sequence<kMaxLincombTerms + 1>{});
         INFO((p == Precision::f64 ? "double" : "float") << ", " << n << " terms, noise " << noise);
         CHECK(testing::bitwise_mismatches(got, expected) == 0);
       }
@@ -153,7 +152,8 @@ TEST_CASE("lincomb functor of arity 12 (beyond the runtime span limit) is the le
   for (std::size_t i = 0; i < size; ++i) {
     volatile double acc = coeffs[0] * inputs[0][i];
     for (int k = 1; k < kTerms; ++k) {
-      volatile double prod = coeffs[static_cast<std::size_t>(k)] * inputs[static_cast<std::size_t>(k)][i];
+      volatile double prod =
+          coeffs[static_cast<std::size_t>(k)] * inputs[static_cast<std::size_t>(k)][i];
       acc = acc + prod;
     }
     CHECK(got[i] == acc);
@@ -203,8 +203,9 @@ TEST_CASE("Dirac-mixture functors: stable softmax and logit cotangent", "[cuda][
   const std::vector<double> log_prior{-1.0, -0.5, -2.0};
   const double alpha = 0.8, sigma = 0.05;
   std::vector<double> w(6);
-  const dc::dirac::Softmax<double> softmax{xy.data(),   w.data(), y_sq.data(), log_prior.data(),
-                                           -2 * alpha, alpha * alpha, 0.5 / (sigma * sigma), 3};
+  const dc::dirac::Softmax<double> softmax{
+      xy.data(),  w.data(),      y_sq.data(),           log_prior.data(),
+      -2 * alpha, alpha * alpha, 0.5 / (sigma * sigma), 3};
   dc::run_for_each_on_host(softmax, 2);
   for (int b = 0; b < 2; ++b) {
     // Reference in long double, straight from the definition (no shift).
@@ -218,7 +219,8 @@ TEST_CASE("Dirac-mixture functors: stable softmax and logit cotangent", "[cuda][
     for (long double l : logits) sum += std::exp(l - m);
     for (int i = 0; i < 3; ++i) {
       const double expected = static_cast<double>(std::exp(logits[i] - m) / sum);
-      CHECK(w[static_cast<std::size_t>(b * 3 + i)] == Approx(expected).epsilon(1e-12).margin(1e-300));
+      CHECK(w[static_cast<std::size_t>(b * 3 + i)] ==
+            Approx(expected).epsilon(1e-12).margin(1e-300));
     }
   }
   // Far-away points underflow to exactly 0 (no NaN): sample 1 is dominated by point 0.
@@ -228,8 +230,8 @@ TEST_CASE("Dirac-mixture functors: stable softmax and logit cotangent", "[cuda][
   // dR_bi = w_bi (c_b . y_i - c_b . x0_b), with dr holding c_b . y_i on entry.
   std::vector<double> dr{1.0, 2.0, 3.0, -1.0, 0.0, 1.0};
   const std::vector<double> wt{0.2, 0.3, 0.5, 0.6, 0.3, 0.1};
-  const std::vector<double> c{1.0, 2.0, -1.0, 0.5};    // 2 x 2
-  const std::vector<double> x0{0.5, 0.25, 2.0, 1.0};   // 2 x 2
+  const std::vector<double> c{1.0, 2.0, -1.0, 0.5};  // 2 x 2
+  const std::vector<double> x0{0.5, 0.25, 2.0, 1.0}; // 2 x 2
   const dc::dirac::LogitCotangent<double> lc{dr.data(), wt.data(), c.data(), x0.data(), 3, 2};
   dc::run_for_each_on_host(lc, 2);
   const double cx0_0 = 1.0 * 0.5 + 2.0 * 0.25, cx0_1 = -1.0 * 2.0 + 0.5 * 1.0;
@@ -244,7 +246,8 @@ TEST_CASE("Dirac-mixture functors: stable softmax and logit cotangent", "[cuda][
   CHECK(eps[1] == Approx((-2.0 - 0.8 * 0.5) * 4.0));
 }
 
-TEST_CASE("MLP functors: input row, bias + activation, activation gradient", "[cuda][host][models]") {
+TEST_CASE("MLP functors: input row, bias + activation, activation gradient",
+          "[cuda][host][models]") {
   std::vector<double> x{1.0, 2.0, 3.0, 4.0}, z{-1.0}, in(2 * 5);
   dc::mlp::Input<double> input{};
   input.x = x.data();
@@ -311,7 +314,8 @@ cublasStatus_t gemv_cm(HostColumnMajorBlas, cublasOperation_t t, int m, int n, T
   const int rows = t == CUBLAS_OP_N ? m : n, inner = t == CUBLAS_OP_N ? n : m;
   for (int r = 0; r < rows; ++r) {
     T sum = 0;
-    for (int q = 0; q < inner; ++q) sum += (t == CUBLAS_OP_N ? a[r + q * lda] : a[q + r * lda]) * x[q];
+    for (int q = 0; q < inner; ++q)
+      sum += (t == CUBLAS_OP_N ? a[r + q * lda] : a[q + r * lda]) * x[q];
     y[r] = alpha * sum + beta * y[r];
   }
   return CUBLAS_STATUS_SUCCESS;
@@ -324,7 +328,7 @@ TEST_CASE("row-major GEMM/GEMV mapping onto column-major BLAS", "[cuda][host][bl
   using dc::blas::Op;
   // Row-major matrices stored with padded rows (leading dimension > width).
   const auto matrix = [](int rows, int cols, int ld, double phase) {
-    std::vector<double> m(static_cast<std::size_t>(rows * ld), 1e300);  // padding never read
+    std::vector<double> m(static_cast<std::size_t>(rows * ld), 1e300); // padding never read
     for (int r = 0; r < rows; ++r)
       for (int c = 0; c < cols; ++c)
         m[static_cast<std::size_t>(r * ld + c)] = std::sin(1.1 * (r * cols + c) + phase);
@@ -360,18 +364,20 @@ TEST_CASE("row-major GEMM/GEMV mapping onto column-major BLAS", "[cuda][host][bl
   const int lda = n + 2;
   const auto a = matrix(m, n, lda, 0.4);
   std::vector<double> x_m{1.0, -2.0, 0.5}, x_n{0.25, 1.0, -1.0, 2.0}, y_n(4, 1.0), y_m(3, 1.0);
-  REQUIRE(dc::blas::gemv_t<double>(HostColumnMajorBlas{}, m, n, 1.0, a.data(), lda, x_m.data(),
-                                   1.0, y_n.data()) == CUBLAS_STATUS_SUCCESS);
-  REQUIRE(dc::blas::gemv_n<double>(HostColumnMajorBlas{}, m, n, 1.0, a.data(), lda, x_n.data(),
-                                   0.0, y_m.data()) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(dc::blas::gemv_t<double>(HostColumnMajorBlas{}, m, n, 1.0, a.data(), lda, x_m.data(), 1.0,
+                                   y_n.data()) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(dc::blas::gemv_n<double>(HostColumnMajorBlas{}, m, n, 1.0, a.data(), lda, x_n.data(), 0.0,
+                                   y_m.data()) == CUBLAS_STATUS_SUCCESS);
   for (int j = 0; j < n; ++j) {
     double ref = 1.0;
-    for (int i = 0; i < m; ++i) ref += a[static_cast<std::size_t>(i * lda + j)] * x_m[static_cast<std::size_t>(i)];
+    for (int i = 0; i < m; ++i)
+      ref += a[static_cast<std::size_t>(i * lda + j)] * x_m[static_cast<std::size_t>(i)];
     CHECK(y_n[static_cast<std::size_t>(j)] == Approx(ref).epsilon(1e-14));
   }
   for (int i = 0; i < m; ++i) {
     double ref = 0.0;
-    for (int j = 0; j < n; ++j) ref += a[static_cast<std::size_t>(i * lda + j)] * x_n[static_cast<std::size_t>(j)];
+    for (int j = 0; j < n; ++j)
+      ref += a[static_cast<std::size_t>(i * lda + j)] * x_n[static_cast<std::size_t>(j)];
     CHECK(y_m[static_cast<std::size_t>(i)] == Approx(ref).epsilon(1e-14));
   }
 }
@@ -389,16 +395,16 @@ TEST_CASE("kernels live in a versioned inline namespace", "[cuda][host]") {
 }
 
 TEST_CASE("argument checks fire on the host, before any device call", "[cuda][host][errors]") {
-  const dc::CudaBackend<double> backend;  // constructing touches no device
+  const dc::CudaBackend<double> backend; // constructing touches no device
   CHECK_THROWS_AS(backend.make_state(-1, 3), diffgrad::invalid_argument);
-  CHECK_THROWS_WITH(backend.make_vector(-2),
-                    Catch::Contains("make_vector") && Catch::Contains("'size'") &&
-                        Catch::Contains("non-negative"));
+  CHECK_THROWS_WITH(backend.make_vector(-2), Catch::Contains("make_vector") &&
+                                                 Catch::Contains("'size'") &&
+                                                 Catch::Contains("non-negative"));
   const std::vector<double> host(5, 1.0);
   CHECK_THROWS_WITH(dc::to_device<double>(std::span<const double>(host), 2, 3),
                     Catch::Contains("to_device") && Catch::Contains("2 x 3") &&
                         Catch::Contains("got 5"));
-  dc::DeviceState<double> a, b;  // empty states: no allocation
+  dc::DeviceState<double> a, b; // empty states: no allocation
   const std::vector<LinTerm<dc::DeviceState<double>>> none;
   CHECK_THROWS_WITH(backend.lincomb(a, std::span<const LinTerm<dc::DeviceState<double>>>(none)),
                     Catch::Contains("lincomb") && Catch::Contains("1..9 terms"));
@@ -413,5 +419,5 @@ TEST_CASE("argument checks fire on the host, before any device call", "[cuda][ho
   CHECK_THROWS_WITH(dc::check(cudaErrorInvalidValue, "CudaBackend::copy", "cudaMemcpyAsync"),
                     Catch::Contains("CudaBackend::copy") && Catch::Contains("cudaMemcpyAsync") &&
                         Catch::Contains("cudaErrorInvalidValue"));
-  CHECK(dc::device_count() >= 0);  // never throws, also without a driver
+  CHECK(dc::device_count() >= 0); // never throws, also without a driver
 }

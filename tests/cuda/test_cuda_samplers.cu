@@ -62,7 +62,7 @@ TEST_CASE("every diffusion scheme with the cuBLAS Dirac mixture == CPU model, fl
       name = s;
       flow = f;
     });
-    if (flow) continue;  // the Dirac mixture is a noise model
+    if (flow) continue; // the Dirac mixture is a noise model
     const Parts gpu = sample_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i, p);
     const Parts cpu = cpu_sample_dirac(i, p);
     print_agreement(name, check_parts(gpu, cpu, 1e-12, name));
@@ -85,15 +85,15 @@ TEST_CASE("MLP on the device == CPU MLP through the sampler (SiLU/tanh, float64/
     for (bool use_tanh : {false, true}) {
       const std::string label = name + (use_tanh ? " (tanh)" : " (SiLU)");
       const gpu::CudaBackend<double> b64;
-      print_agreement(label + " f64",
-                      check_parts(sample_case(b64, CudaIO<double>{}, MakeMlpGpu<double>{use_tanh},
-                                              i, p),
-                                  cpu_sample_mlp(i, p, Precision::f64, use_tanh), 1e-12, label));
+      print_agreement(
+          label + " f64",
+          check_parts(sample_case(b64, CudaIO<double>{}, MakeMlpGpu<double>{use_tanh}, i, p),
+                      cpu_sample_mlp(i, p, Precision::f64, use_tanh), 1e-12, label));
       const gpu::CudaBackend<float> b32;
-      print_agreement(label + " f32",
-                      check_parts(sample_case(b32, CudaIO<float>{}, MakeMlpGpu<float>{use_tanh}, i,
-                                              p),
-                                  cpu_sample_mlp(i, p, Precision::f32, use_tanh), 1e-5, label));
+      print_agreement(
+          label + " f32",
+          check_parts(sample_case(b32, CudaIO<float>{}, MakeMlpGpu<float>{use_tanh}, i, p),
+                      cpu_sample_mlp(i, p, Precision::f32, use_tanh), 1e-5, label));
     }
   }
 }
@@ -106,10 +106,10 @@ TEST_CASE("sampling on a user stream gives the same result as the default stream
   Parts on_stream;
   {
     const gpu::CudaBackend<double> backend(stream);
-    on_stream = sample_case(backend, CudaIO<double>{}, MakeGaussian{}, 1, p);  // DDIM eta = 1
+    on_stream = sample_case(backend, CudaIO<double>{}, MakeGaussian{}, 1, p); // DDIM eta = 1
   }
-  const Parts on_default = sample_case(gpu::CudaBackend<double>{}, CudaIO<double>{},
-                                       MakeGaussian{}, 1, p);
+  const Parts on_default =
+      sample_case(gpu::CudaBackend<double>{}, CudaIO<double>{}, MakeGaussian{}, 1, p);
   CHECK(bitwise_mismatches(on_stream.front().second, on_default.front().second) == 0);
   gpu::check(cudaStreamDestroy(stream), "test", "cudaStreamDestroy");
 }

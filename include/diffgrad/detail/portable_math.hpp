@@ -40,7 +40,7 @@ DIFFGRAD_HOST_DEVICE inline double mul_rn(double a, double b) {
 #elif defined(__GNUC__) && defined(__aarch64__)
   __asm__("" : "+w"(p));
 #else
-  volatile double opaque = p;  // other compilers: a volatile round trip does the same
+  volatile double opaque = p; // other compilers: a volatile round trip does the same
   p = opaque;
 #endif
   return p;
@@ -98,7 +98,7 @@ DIFFGRAD_HOST_DEVICE inline double from_bits(std::uint64_t b) {
 /// f = m - 1 (exact), s = f / (2 + f), log(1 + f) = f - hf + s (hf + R(s^2)), hf = f^2 / 2,
 /// with fdlibm's minimax coefficients for R and fdlibm's order of operations.
 DIFFGRAD_HOST_DEVICE inline double log_normal(double x) {
-  constexpr double kLn2Hi = 6.93147180369123816490e-01;  // 0x3fe62e42fee00000: k * hi is exact
+  constexpr double kLn2Hi = 6.93147180369123816490e-01; // 0x3fe62e42fee00000: k * hi is exact
   constexpr double kLn2Lo = 1.90821492927058770002e-10;
   constexpr double kLg1 = 6.666666666666735130e-01, kLg2 = 3.999999999940941908e-01,
                    kLg3 = 2.857142874366239149e-01, kLg4 = 2.222219843214978396e-01,
@@ -106,18 +106,18 @@ DIFFGRAD_HOST_DEVICE inline double log_normal(double x) {
                    kLg7 = 1.479819860511658591e-01;
   constexpr std::uint64_t kMantissa = (std::uint64_t{1} << 52) - 1;
   constexpr std::uint64_t kExponentOfOne = std::uint64_t{1023} << 52;
-  constexpr std::uint64_t kSqrt2Mantissa = 0x6a09e667f3bcdull;  // mantissa bits of sqrt(2)
+  constexpr std::uint64_t kSqrt2Mantissa = 0x6a09e667f3bcdull; // mantissa bits of sqrt(2)
   const std::uint64_t bits = to_bits(x);
   int k = static_cast<int>((bits >> 52) & 0x7ff) - 1023;
   std::uint64_t mant = bits & kMantissa;
   double m;
-  if (mant >= kSqrt2Mantissa) {  // m in [sqrt(2), 2): halve it (exact) so m < sqrt(2)
+  if (mant >= kSqrt2Mantissa) { // m in [sqrt(2), 2): halve it (exact) so m < sqrt(2)
     m = from_bits(mant | (kExponentOfOne - (std::uint64_t{1} << 52)));
     ++k;
   } else {
     m = from_bits(mant | kExponentOfOne);
   }
-  const double f = m - 1.0;  // exact (Sterbenz)
+  const double f = m - 1.0; // exact (Sterbenz)
   const double s = div_rn(f, add_rn(2.0, f));
   const double z = mul_rn(s, s);
   double p = kLg7;
@@ -127,13 +127,13 @@ DIFFGRAD_HOST_DEVICE inline double log_normal(double x) {
   p = mul_add_rn(p, z, kLg3);
   p = mul_add_rn(p, z, kLg2);
   p = mul_add_rn(p, z, kLg1);
-  const double half_f = 0.5 * f;                   // exact
-  const double hf = mul_rn(half_f, f);             // f^2 / 2
-  const double hf_plus_r = mul_add_rn(z, p, hf);  // hf + R(z), R = z p
+  const double half_f = 0.5 * f;                 // exact
+  const double hf = mul_rn(half_f, f);           // f^2 / 2
+  const double hf_plus_r = mul_add_rn(z, p, hf); // hf + R(z), R = z p
   const double dk = static_cast<double>(k);
-  const double tail = mul_add_rn(s, hf_plus_r, mul_rn(dk, kLn2Lo));  // s (hf + R) + k ln2_lo
+  const double tail = mul_add_rn(s, hf_plus_r, mul_rn(dk, kLn2Lo)); // s (hf + R) + k ln2_lo
   const double log1p_f_minus_f = add_rn(tail, -hf);
-  return mul_add_rn(dk, kLn2Hi, add_rn(log1p_f_minus_f, f));  // k ln2_hi is exact
+  return mul_add_rn(dk, kLn2Hi, add_rn(log1p_f_minus_f, f)); // k ln2_hi is exact
 }
 
 /// sin(pi/2 r) for |r| <= 1/2 (Taylor series in r, coefficients (pi/2)^n / n! rounded to
@@ -170,11 +170,11 @@ DIFFGRAD_HOST_DEVICE inline double cos_quarter_turn(double r) {
 /// (a power-of-two scaling and the subtraction of a double's integer part are exact), so
 /// 2 pi u = (pi/2)(q + r); returns q mod 4 (the quadrant) and writes r.
 DIFFGRAD_HOST_DEVICE inline int reduce_turn(double u, double& r) {
-  const double t = 4.0 * u;  // exact
-  double q = std::floor(t);  // exact
-  r = t - q;                 // exact, in [0, 1)
+  const double t = 4.0 * u; // exact
+  double q = std::floor(t); // exact
+  r = t - q;                // exact, in [0, 1)
   if (r > 0.5) {
-    r -= 1.0;  // exact
+    r -= 1.0; // exact
     q += 1.0;
   }
   return static_cast<int>(q) & 3;
@@ -200,10 +200,22 @@ DIFFGRAD_HOST_DEVICE inline void sincos_two_pi(double u, double& sin_out, double
   const int quadrant = reduce_turn(u, r);
   const double s = sin_quarter_turn(r), c = cos_quarter_turn(r);
   switch (quadrant) {
-  case 0: sin_out = s; cos_out = c; break;
-  case 1: sin_out = c; cos_out = -s; break;
-  case 2: sin_out = -s; cos_out = -c; break;
-  default: sin_out = -c; cos_out = s; break;
+  case 0:
+    sin_out = s;
+    cos_out = c;
+    break;
+  case 1:
+    sin_out = c;
+    cos_out = -s;
+    break;
+  case 2:
+    sin_out = -s;
+    cos_out = -c;
+    break;
+  default:
+    sin_out = -c;
+    cos_out = s;
+    break;
   }
 }
 

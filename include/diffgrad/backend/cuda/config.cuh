@@ -17,14 +17,14 @@
 #define DIFFGRAD_CUDA_CAT_(a, b, c, d) a##b##_##c##_##d
 #define DIFFGRAD_CUDA_CAT(a, b, c, d) DIFFGRAD_CUDA_CAT_(a, b, c, d)
 /// The versioned inline namespace, e.g. v0_1_0.
-#define DIFFGRAD_CUDA_ABI_NAMESPACE                                                             \
+#define DIFFGRAD_CUDA_ABI_NAMESPACE                                                                \
   DIFFGRAD_CUDA_CAT(v, DIFFGRAD_VERSION_MAJOR, DIFFGRAD_VERSION_MINOR, DIFFGRAD_VERSION_PATCH)
 
-#define DIFFGRAD_CUDA_NAMESPACE_BEGIN                                                           \
-  namespace diffgrad::gpu {                                                                    \
+#define DIFFGRAD_CUDA_NAMESPACE_BEGIN                                                              \
+  namespace diffgrad::gpu {                                                                        \
   inline namespace DIFFGRAD_CUDA_ABI_NAMESPACE {
-#define DIFFGRAD_CUDA_NAMESPACE_END                                                             \
-  }                                                                                             \
+#define DIFFGRAD_CUDA_NAMESPACE_END                                                                \
+  }                                                                                                \
   }
 
 #if defined(__CUDACC__)

@@ -39,7 +39,7 @@ private:
 
 namespace blas {
 
-enum class Op { n, t };  ///< op(M) = M or M^T (of the ROW-MAJOR matrix)
+enum class Op { n, t }; ///< op(M) = M or M^T (of the ROW-MAJOR matrix)
 
 inline cublasOperation_t to_cublas(Op op) { return op == Op::n ? CUBLAS_OP_N : CUBLAS_OP_T; }
 
@@ -49,8 +49,8 @@ inline cublasStatus_t gemm_cm(cublasHandle_t h, cublasOperation_t ta, cublasOper
   return cublasSgemm(h, ta, tb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
 }
 inline cublasStatus_t gemm_cm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
-                              int n, int k, double alpha, const double* a, int lda,
-                              const double* b, int ldb, double beta, double* c, int ldc) {
+                              int n, int k, double alpha, const double* a, int lda, const double* b,
+                              int ldb, double beta, double* c, int ldc) {
   return cublasDgemm(h, ta, tb, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
 }
 
@@ -58,9 +58,9 @@ inline cublasStatus_t gemm_cm(cublasHandle_t h, cublasOperation_t ta, cublasOper
 /// and op(B) k x n; lda/ldb are the row strides of A and B as stored. (Handle is
 /// cublasHandle_t; the host tests pass a reference column-major BLAS to check the mapping.)
 template <class Scalar, class Handle>
-cublasStatus_t gemm(Handle h, Op op_a, Op op_b, std::int64_t m, std::int64_t n,
-                    std::int64_t k, Scalar alpha, const Scalar* a, std::int64_t lda,
-                    const Scalar* b, std::int64_t ldb, Scalar beta, Scalar* c, std::int64_t ldc) {
+cublasStatus_t gemm(Handle h, Op op_a, Op op_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                    Scalar alpha, const Scalar* a, std::int64_t lda, const Scalar* b,
+                    std::int64_t ldb, Scalar beta, Scalar* c, std::int64_t ldc) {
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
   // Column-major: C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m).
   return gemm_cm(h, to_cublas(op_b), to_cublas(op_a), static_cast<int>(n), static_cast<int>(m),
@@ -80,8 +80,8 @@ inline cublasStatus_t gemv_cm(cublasHandle_t h, cublasOperation_t t, int m, int 
 /// y (n) = alpha A^T x + beta y for a row-major A (m x n, row stride lda) and x (m): the
 /// column sums of A when x is all ones.
 template <class Scalar, class Handle>
-cublasStatus_t gemv_t(Handle h, std::int64_t m, std::int64_t n, Scalar alpha,
-                      const Scalar* a, std::int64_t lda, const Scalar* x, Scalar beta, Scalar* y) {
+cublasStatus_t gemv_t(Handle h, std::int64_t m, std::int64_t n, Scalar alpha, const Scalar* a,
+                      std::int64_t lda, const Scalar* x, Scalar beta, Scalar* y) {
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
   // Row-major A (m x n) is column-major A^T (n x m): A^T x is a plain (N) GEMV there.
   return gemv_cm(h, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m), alpha, a,
@@ -90,8 +90,8 @@ cublasStatus_t gemv_t(Handle h, std::int64_t m, std::int64_t n, Scalar alpha,
 
 /// y (m) = alpha A x + beta y for a row-major A (m x n, row stride lda) and x (n).
 template <class Scalar, class Handle>
-cublasStatus_t gemv_n(Handle h, std::int64_t m, std::int64_t n, Scalar alpha,
-                      const Scalar* a, std::int64_t lda, const Scalar* x, Scalar beta, Scalar* y) {
+cublasStatus_t gemv_n(Handle h, std::int64_t m, std::int64_t n, Scalar alpha, const Scalar* a,
+                      std::int64_t lda, const Scalar* x, Scalar beta, Scalar* y) {
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
   return gemv_cm(h, CUBLAS_OP_T, static_cast<int>(n), static_cast<int>(m), alpha, a,
                  static_cast<int>(lda), x, beta, y);

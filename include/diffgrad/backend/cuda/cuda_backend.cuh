@@ -65,8 +65,7 @@ public:
   /// Allocates a zero-filled B x d state. Never called inside a step loop.
   state_type make_state(index_type batch, index_type dim) const {
     if (batch < 0 || dim < 0)
-      diffgrad::detail::throw_argument("CudaBackend::make_state", "batch/dim",
-                                       "non-negative sizes",
+      diffgrad::detail::throw_argument("CudaBackend::make_state", "batch/dim", "non-negative sizes",
                                        diffgrad::detail::concat(batch, " x ", dim));
     return state_type(batch, dim, stream_);
   }
@@ -81,13 +80,12 @@ public:
   static index_type dim(const state_type& x) { return x.dim(); }
 
   /// out = sum_k c_k x_k, one fused pass, any number of terms. `out` may alias any input.
-  template <class... States>
-  void lincomb(state_type& out, LinTerm<States>... terms) const {
+  template <class... States> void lincomb(state_type& out, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
     static_assert(sizeof...(States) >= 1, "lincomb: at least one term");
     prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
     check(gpu::lincomb(out.data(), out.size(), stream_,
-                        Term<Scalar>{terms.coeff, terms.vec->data()}...),
+                       Term<Scalar>{terms.coeff, terms.vec->data()}...),
           "CudaBackend::lincomb", "kernel launch");
   }
 
@@ -95,10 +93,9 @@ public:
   template <class... States>
   void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
-    if constexpr (sizeof...(States) > 0)
-      prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
+    if constexpr (sizeof...(States) > 0) prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
     check(gpu::lincomb_noise(out.data(), out.size(), stream_, to_params(noise),
-                              Term<Scalar>{terms.coeff, terms.vec->data()}...),
+                             Term<Scalar>{terms.coeff, terms.vec->data()}...),
           "CudaBackend::lincomb", "kernel launch");
   }
 
@@ -117,13 +114,14 @@ public:
     if (&dst == &src) return;
     if (dst.batch() != src.batch() || dst.dim() != src.dim())
       dst = state_type(src.batch(), src.dim(), stream_);
-    host_detail::copy_device(dst.data(), src.data(), static_cast<std::size_t>(src.size()) * sizeof(Scalar),
-                        stream_, "CudaBackend::copy");
+    host_detail::copy_device(dst.data(), src.data(),
+                             static_cast<std::size_t>(src.size()) * sizeof(Scalar), stream_,
+                             "CudaBackend::copy");
   }
   void fill(state_type& dst, double value) const {
     if (value == 0.0 && !std::signbit(value)) {
       host_detail::zero_device(dst.data(), static_cast<std::size_t>(dst.size()) * sizeof(Scalar),
-                          stream_, "CudaBackend::fill");
+                               stream_, "CudaBackend::fill");
       return;
     }
     check(gpu::fill(dst.data(), dst.size(), static_cast<Scalar>(value), stream_),
@@ -177,9 +175,9 @@ private:
   void dispatch(state_type& out, std::span<const LinTerm<state_type>> terms, NoiseTerm noise,
                 std::index_sequence<Is...>) const {
     // One branch per arity; each is a single fused kernel.
-    ((terms.size() == Is + 1 ? (call_fixed(out, terms, noise, std::make_index_sequence<Is + 1>{}),
-                                true)
-                             : false) ||
+    ((terms.size() == Is + 1
+          ? (call_fixed(out, terms, noise, std::make_index_sequence<Is + 1>{}), true)
+          : false) ||
      ...);
   }
   template <std::size_t... Js>

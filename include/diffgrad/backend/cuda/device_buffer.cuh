@@ -40,8 +40,8 @@ public:
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   DeviceBuffer(DeviceBuffer&& o) noexcept
-      : ptr_(std::exchange(o.ptr_, nullptr)), size_(std::exchange(o.size_, 0)),
-        stream_(o.stream_) {}
+      : ptr_(std::exchange(o.ptr_, nullptr)), size_(std::exchange(o.size_, 0)), stream_(o.stream_) {
+  }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     if (this != &o) {
       release();
@@ -95,13 +95,12 @@ public:
   DeviceState() = default;
   /// A zero-filled B x d state on `stream`.
   DeviceState(std::int64_t batch, std::int64_t dim, cudaStream_t stream = nullptr)
-      : batch_(checked(batch, "batch")), dim_(checked(dim, "dim")),
-        buf_(batch * dim, stream) {
+      : batch_(checked(batch, "batch")), dim_(checked(dim, "dim")), buf_(batch * dim, stream) {
     host_detail::zero_device(buf_.data(), buf_.bytes(), stream, "DeviceState");
   }
-  DeviceState(const DeviceState& o)
-      : batch_(o.batch_), dim_(o.dim_), buf_(o.size(), o.stream()) {
-    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(), "DeviceState copy");
+  DeviceState(const DeviceState& o) : batch_(o.batch_), dim_(o.dim_), buf_(o.size(), o.stream()) {
+    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(),
+                             "DeviceState copy");
   }
   DeviceState& operator=(const DeviceState& o) {
     if (this == &o) return *this;
@@ -109,7 +108,8 @@ public:
       buf_ = DeviceBuffer<Scalar>(o.size(), o.stream());
     batch_ = o.batch_;
     dim_ = o.dim_;
-    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(), "DeviceState copy");
+    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(),
+                             "DeviceState copy");
     return *this;
   }
   DeviceState(DeviceState&& o) noexcept
@@ -132,8 +132,7 @@ public:
 
 private:
   static std::int64_t checked(std::int64_t n, const char* arg) {
-    if (n < 0)
-      diffgrad::detail::throw_argument("DeviceState", arg, "a non-negative size", n);
+    if (n < 0) diffgrad::detail::throw_argument("DeviceState", arg, "a non-negative size", n);
     return n;
   }
   std::int64_t batch_ = 0, dim_ = 0;
@@ -151,13 +150,15 @@ public:
     setZero();
   }
   DeviceVector(const DeviceVector& o) : buf_(o.size(), o.stream()) {
-    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(), "DeviceVector copy");
+    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(),
+                             "DeviceVector copy");
   }
   DeviceVector& operator=(const DeviceVector& o) {
     if (this == &o) return *this;
     if (o.size() != size() || buf_.data() == nullptr)
       buf_ = DeviceBuffer<Scalar>(o.size(), o.stream());
-    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(), "DeviceVector copy");
+    host_detail::copy_device(buf_.data(), o.data(), buf_.bytes(), buf_.stream(),
+                             "DeviceVector copy");
     return *this;
   }
   DeviceVector(DeviceVector&&) noexcept = default;
@@ -168,7 +169,9 @@ public:
   const Scalar* data() const { return buf_.data(); }
   cudaStream_t stream() const { return buf_.stream(); }
   /// Enqueues a zero fill (the name matches Eigen's, which the generic code detects).
-  void setZero() { host_detail::zero_device(buf_.data(), buf_.bytes(), buf_.stream(), "DeviceVector"); }
+  void setZero() {
+    host_detail::zero_device(buf_.data(), buf_.bytes(), buf_.stream(), "DeviceVector");
+  }
 
 private:
   DeviceBuffer<Scalar> buf_;
@@ -177,8 +180,8 @@ private:
 // --- host <-> device (synchronous) -------------------------------------------------------------
 
 namespace host_detail {
-inline void copy_to_device_raw(void* dst, const void* src, std::size_t bytes,
-                               cudaStream_t stream, const char* where) {
+inline void copy_to_device_raw(void* dst, const void* src, std::size_t bytes, cudaStream_t stream,
+                               const char* where) {
   if (bytes == 0) return;
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), where,
         "cudaMemcpyAsync (host to device)");
@@ -194,9 +197,8 @@ inline void copy_to_host_raw(void* dst, const void* src, std::size_t bytes, cuda
 template <class Host, class Device>
 void require_same_size(const Host& host, const Device& dev, const char* where) {
   if (static_cast<std::int64_t>(host.size()) != dev.size())
-    diffgrad::detail::throw_argument(where, "host",
-                                     diffgrad::detail::concat(dev.size(), " elements"),
-                                     host.size());
+    diffgrad::detail::throw_argument(
+        where, "host", diffgrad::detail::concat(dev.size(), " elements"), host.size());
 }
 } // namespace host_detail
 
@@ -205,13 +207,13 @@ template <class Scalar>
 void copy_to_device(std::span<const Scalar> host, DeviceState<Scalar>& dst) {
   host_detail::require_same_size(host, dst, "copy_to_device");
   host_detail::copy_to_device_raw(dst.data(), host.data(), host.size_bytes(), dst.stream(),
-                             "copy_to_device");
+                                  "copy_to_device");
 }
 template <class Scalar>
 void copy_to_device(std::span<const Scalar> host, DeviceVector<Scalar>& dst) {
   host_detail::require_same_size(host, dst, "copy_to_device");
   host_detail::copy_to_device_raw(dst.data(), host.data(), host.size_bytes(), dst.stream(),
-                             "copy_to_device");
+                                  "copy_to_device");
 }
 
 /// A new B x d state holding the row-major host data (host.size() == batch * dim).
@@ -237,12 +239,12 @@ DeviceVector<Scalar> to_device(std::span<const Scalar> host, cudaStream_t stream
 template <class Scalar> void copy_to_host(const DeviceState<Scalar>& src, std::span<Scalar> host) {
   host_detail::require_same_size(host, src, "copy_to_host");
   host_detail::copy_to_host_raw(host.data(), src.data(), host.size_bytes(), src.stream(),
-                           "copy_to_host");
+                                "copy_to_host");
 }
 template <class Scalar> void copy_to_host(const DeviceVector<Scalar>& src, std::span<Scalar> host) {
   host_detail::require_same_size(host, src, "copy_to_host");
   host_detail::copy_to_host_raw(host.data(), src.data(), host.size_bytes(), src.stream(),
-                           "copy_to_host");
+                                "copy_to_host");
 }
 template <class Scalar> std::vector<Scalar> to_host(const DeviceState<Scalar>& src) {
   std::vector<Scalar> host(static_cast<std::size_t>(src.size()));

@@ -27,8 +27,8 @@ private:
 /// Throws cuda_error("<where>: <operation> failed: <error name> (<message>)") on failure.
 inline void check(cudaError_t status, const char* where, const char* operation) {
   if (status == cudaSuccess) return;
-  throw cuda_error(std::string(where) + ": " + operation + " failed: " +
-                       cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")",
+  throw cuda_error(std::string(where) + ": " + operation + " failed: " + cudaGetErrorName(status) +
+                       " (" + cudaGetErrorString(status) + ")",
                    static_cast<int>(status));
 }
 
@@ -49,8 +49,7 @@ inline const char* cublas_status_name(cublasStatus_t status) {
 
 inline void check(cublasStatus_t status, const char* where, const char* operation) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
-  throw cuda_error(std::string(where) + ": " + operation + " failed: " +
-                       cublas_status_name(status),
+  throw cuda_error(std::string(where) + ": " + operation + " failed: " + cublas_status_name(status),
                    static_cast<int>(status));
 }
 
@@ -59,7 +58,7 @@ inline void check(cublasStatus_t status, const char* where, const char* operatio
 inline int device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the sticky "no device" error
+    (void)cudaGetLastError(); // clear the sticky "no device" error
     return 0;
   }
   return count;

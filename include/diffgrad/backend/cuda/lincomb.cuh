@@ -69,8 +69,7 @@ template <class Scalar> struct Packet {
 
 /// 128-bit load / store of an aligned packet (float4 / double2 on the device; memcpy on the
 /// host, which is alias-safe).
-template <class Scalar>
-DIFFGRAD_HOST_DEVICE inline Packet<Scalar> load_packet(const Scalar* p) {
+template <class Scalar> DIFFGRAD_HOST_DEVICE inline Packet<Scalar> load_packet(const Scalar* p) {
   Packet<Scalar> r;
 #if defined(__CUDA_ARCH__)
   if constexpr (sizeof(Scalar) == 4) {
@@ -141,7 +140,7 @@ template <class Scalar, int N, bool WithNoise> struct LincombFunctor {
     Scalar acc{};
     if constexpr (N > 0) {
       acc = detail::mul_rn(coeff[0], x[0]);
-DIFFGRAD_UNROLL
+      DIFFGRAD_UNROLL
       for (int k = 1; k < N; ++k) acc = detail::add_rn(acc, detail::mul_rn(coeff[k], x[k]));
     }
     if constexpr (WithNoise) {
@@ -155,22 +154,22 @@ DIFFGRAD_UNROLL
     const std::int64_t first = item * kWidth;
     if (first + kWidth <= size) {
       detail::Packet<Scalar> x[kSlots];
-DIFFGRAD_UNROLL
+      DIFFGRAD_UNROLL
       for (int k = 0; k < N; ++k) x[k] = detail::load_packet(in[k] + first);
       double xi[kWidth] = {};
       if constexpr (WithNoise) {
         // first is even (kWidth is 2 or 4): the packet holds whole Box-Muller pairs.
-DIFFGRAD_UNROLL
+        DIFFGRAD_UNROLL
         for (int p = 0; p < kWidth / 2; ++p)
           diffgrad::detail::gaussian_pair(noise.seed, noise.step,
                                           static_cast<std::uint64_t>(first / 2 + p), xi[2 * p],
                                           xi[2 * p + 1]);
       }
       detail::Packet<Scalar> r;
-DIFFGRAD_UNROLL
+      DIFFGRAD_UNROLL
       for (int e = 0; e < kWidth; ++e) {
         Scalar xe[kSlots] = {};
-DIFFGRAD_UNROLL
+        DIFFGRAD_UNROLL
         for (int k = 0; k < N; ++k) xe[k] = x[k].v[e];
         r.v[e] = combine(xe, xi[e]);
       }
@@ -178,7 +177,7 @@ DIFFGRAD_UNROLL
     } else {
       for (std::int64_t i = first; i < size; ++i) {
         Scalar xe[kSlots] = {};
-DIFFGRAD_UNROLL
+        DIFFGRAD_UNROLL
         for (int k = 0; k < N; ++k) xe[k] = in[k][i];
         double xi = 0.0;
         if constexpr (WithNoise)
@@ -200,7 +199,7 @@ template <class Scalar> struct FillFunctor {
     const std::int64_t first = item * kWidth;
     if (first + kWidth <= size) {
       detail::Packet<Scalar> r;
-DIFFGRAD_UNROLL
+      DIFFGRAD_UNROLL
       for (int e = 0; e < kWidth; ++e) r.v[e] = value;
       detail::store_packet(out + first, r);
     } else {

@@ -10,9 +10,9 @@
 // (about n u |a||b|), not bit for bit; CUB's order is run-to-run deterministic on one GPU.
 #include <cuda_runtime.h>
 
+#include <cub/device/device_reduce.cuh>
 #include <cuda/functional>
 #include <cuda/std/functional>
-#include <cub/device/device_reduce.cuh>
 #include <thrust/iterator/counting_iterator.h>
 
 #include <cmath>
@@ -75,8 +75,8 @@ public:
     if (cudaError_t e = prepare(stream); e != cudaSuccess) return e;
     int any_bad = 0;
     const NonFiniteTransform<Scalar> op{x};
-    const cudaError_t e = reduce(op, n, ::cuda::maximum<int>{}, 0, dev_flag_.data(),
-                                 &host_->flag, stream, any_bad);
+    const cudaError_t e =
+        reduce(op, n, ::cuda::maximum<int>{}, 0, dev_flag_.data(), &host_->flag, stream, any_bad);
     result = any_bad == 0;
     return e;
   }
@@ -116,8 +116,8 @@ private:
     // Never pass a null temp pointer below: CUB would read it as another size query.
     if (bytes > temp_.bytes() || temp_.data() == nullptr) {
       try {
-        temp_ = DeviceBuffer<unsigned char>(static_cast<std::int64_t>(bytes < 16 ? 16 : bytes),
-                                            stream);
+        temp_ =
+            DeviceBuffer<unsigned char>(static_cast<std::int64_t>(bytes < 16 ? 16 : bytes), stream);
       } catch (const cuda_error& err) {
         return static_cast<cudaError_t>(err.code());
       }

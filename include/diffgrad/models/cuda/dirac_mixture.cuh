@@ -59,8 +59,8 @@ template <class Scalar> struct SquaredRowNorm {
 template <class Scalar> struct Softmax {
   const Scalar* xy;
   Scalar* w;
-  const Scalar* y_sq;       ///< |y_i|^2
-  const Scalar* log_prior;  ///< l_i
+  const Scalar* y_sq;      ///< |y_i|^2
+  const Scalar* log_prior; ///< l_i
   Scalar minus_two_alpha, alpha_sq, inv_two_var;
   std::int64_t k;
   DIFFGRAD_HOST_DEVICE void operator()(std::int64_t b) const {
@@ -68,12 +68,12 @@ template <class Scalar> struct Softmax {
     Scalar* row = w + b * k;
     Scalar q_min = ::cuda::std::numeric_limits<Scalar>::infinity();
     for (std::int64_t i = 0; i < k; ++i) {
-      row[i] = minus_two_alpha * cross[i] + alpha_sq * y_sq[i];  // q_i
+      row[i] = minus_two_alpha * cross[i] + alpha_sq * y_sq[i]; // q_i
       q_min = detail::min_of(q_min, row[i]);
     }
     Scalar l_max = -::cuda::std::numeric_limits<Scalar>::infinity();
     for (std::int64_t i = 0; i < k; ++i) {
-      row[i] = -(row[i] - q_min) * inv_two_var + log_prior[i];  // logit
+      row[i] = -(row[i] - q_min) * inv_two_var + log_prior[i]; // logit
       l_max = detail::max_of(l_max, row[i]);
     }
     Scalar sum = 0;
@@ -143,9 +143,8 @@ public:
       diffgrad::detail::throw_argument(where, "points", "at least one point of dimension >= 1",
                                        diffgrad::detail::concat(k, " x ", dim));
     if (static_cast<std::int64_t>(points.size()) != k * dim)
-      diffgrad::detail::throw_argument(where, "points",
-                                       diffgrad::detail::concat(k * dim, " values (K x d)"),
-                                       points.size());
+      diffgrad::detail::throw_argument(
+          where, "points", diffgrad::detail::concat(k * dim, " values (K x d)"), points.size());
     for (double p : points)
       if (!std::isfinite(p))
         throw invalid_argument(std::string(where) +
@@ -162,7 +161,8 @@ public:
       total += v;
     }
     std::vector<Scalar> log_w(w.size()), pts(points.size());
-    for (std::size_t i = 0; i < w.size(); ++i) log_w[i] = static_cast<Scalar>(std::log(w[i] / total));
+    for (std::size_t i = 0; i < w.size(); ++i)
+      log_w[i] = static_cast<Scalar>(std::log(w[i] / total));
     for (std::size_t i = 0; i < pts.size(); ++i) pts[i] = static_cast<Scalar>(points[i]);
     params_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(pts), stream_);
     log_weights_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(log_w), stream_);
@@ -198,7 +198,7 @@ public:
     forward(x, n, "gpu::DiracMixture::x0_hat");
     prepare(out, x);
     ::diffgrad::gpu::host_detail::copy_device(out.data(), x0_.data(), x0_.bytes(), stream_,
-                                          "gpu::DiracMixture::x0_hat");
+                                              "gpu::DiracMixture::x0_hat");
   }
 
   /// dx = (d eps/dx)^T a; *dcond += (d eps/dz)^T a and *dparams += (d eps/dY)^T a, summed
@@ -210,20 +210,20 @@ public:
   }
 
   /// VJP of f(x) = c_x x + c_x0 x0_hat(x) (eps, x0_hat and flow velocities have this form).
-  void linear_vjp(const state_type& x, const Node& n, const state_type& a, double c_x,
-                  double c_x0, state_type& dx, vector_type* dcond, vector_type* dparams,
+  void linear_vjp(const state_type& x, const Node& n, const state_type& a, double c_x, double c_x0,
+                  state_type& dx, vector_type* dcond, vector_type* dparams,
                   const char* where = "gpu::DiracMixture::linear_vjp") const {
     if (a.batch() != x.batch() || a.dim() != x.dim())
       diffgrad::detail::throw_argument(
-          where, "cotangent", diffgrad::detail::concat("shape ", x.batch(), " x ", x.dim(), " (x's shape)"),
+          where, "cotangent",
+          diffgrad::detail::concat("shape ", x.batch(), " x ", x.dim(), " (x's shape)"),
           diffgrad::detail::concat(a.batch(), " x ", a.dim()));
     if (dcond && dcond->size() != k_)
       diffgrad::detail::throw_argument(where, "dcond", diffgrad::detail::concat("length ", k_),
                                        dcond->size());
     if (dparams && dparams->size() != k_ * dim_)
-      diffgrad::detail::throw_argument(where, "dparams",
-                                       diffgrad::detail::concat("length ", k_ * dim_),
-                                       dparams->size());
+      diffgrad::detail::throw_argument(
+          where, "dparams", diffgrad::detail::concat("length ", k_ * dim_), dparams->size());
     forward(x, n, where);
     const std::int64_t b = x.batch(), size = x.size();
     namespace dc = ::diffgrad::gpu;
@@ -237,14 +237,14 @@ public:
     // dR = c Y^T (B x K), then w .* (dR - (c . x0_hat)).
     blas(dc::blas::gemm<Scalar>(h, Op::n, Op::t, b, k_, dim_, Scalar(1), cot_.data(), dim_,
                                 params_.data(), dim_, Scalar(0), dr_.data(), k_));
-    launch(dc::dirac::LogitCotangent<Scalar>{dr_.data(), w_.data(), cot_.data(), x0_.data(), k_,
-                                             dim_},
-           b, "logit cotangent");
+    launch(
+        dc::dirac::LogitCotangent<Scalar>{dr_.data(), w_.data(), cot_.data(), x0_.data(), k_, dim_},
+        b, "logit cotangent");
     const Scalar a_over_var = finite(n.alpha / (n.sigma * n.sigma));
     // dx += (alpha/sigma^2) dR Y.
     blas(dc::blas::gemm<Scalar>(h, Op::n, Op::n, b, dim_, k_, a_over_var, dr_.data(), k_,
                                 params_.data(), dim_, Scalar(1), dx.data(), dim_));
-    if (dcond || dparams)  // colsum(dR) = dR^T 1
+    if (dcond || dparams) // colsum(dR) = dR^T 1
       blas(dc::blas::gemv_t<Scalar>(h, b, k_, Scalar(1), dr_.data(), k_, ones_.data(), Scalar(0),
                                     col_sum_.data()));
     if (dcond)
@@ -257,10 +257,11 @@ public:
                                   cot_.data(), dim_, Scalar(1), dy, dim_));
       blas(dc::blas::gemm<Scalar>(h, Op::t, Op::n, k_, dim_, b, a_over_var, dr_.data(), k_,
                                   x.data(), dim_, Scalar(1), dy, dim_));
-      launch(dc::dirac::SubtractDiagTimesPoints<Scalar>{
-                 dy, col_sum_.data(), params_.data(),
-                 finite(n.alpha * n.alpha / (n.sigma * n.sigma)), dim_},
-             k_ * dim_, "dparams");
+      launch(
+          dc::dirac::SubtractDiagTimesPoints<Scalar>{
+              dy, col_sum_.data(), params_.data(), finite(n.alpha * n.alpha / (n.sigma * n.sigma)),
+              dim_},
+          k_ * dim_, "dparams");
     }
   }
 
@@ -280,11 +281,12 @@ private:
   }
 
   void prepare(state_type& out, const state_type& x) const {
-    if (out.batch() != x.batch() || out.dim() != x.dim()) out = backend_.make_state(x.batch(), x.dim());
+    if (out.batch() != x.batch() || out.dim() != x.dim())
+      out = backend_.make_state(x.batch(), x.dim());
   }
 
   void resize(std::int64_t batch) const {
-    if (batch == batch_) return;  // steady state: no allocation
+    if (batch == batch_) return; // steady state: no allocation
     namespace dc = ::diffgrad::gpu;
     xy_ = dc::DeviceBuffer<Scalar>(batch * k_, stream_);
     w_ = dc::DeviceBuffer<Scalar>(batch * k_, stream_);
@@ -306,12 +308,11 @@ private:
     diffgrad::detail::require(std::isfinite(n.alpha), where, "node.alpha", "a finite number",
                               n.alpha);
     if (cond_.size() != k_)
-      diffgrad::detail::throw_argument(where, "cond (logits z)", diffgrad::detail::concat("length ", k_),
-                                       cond_.size());
+      diffgrad::detail::throw_argument(where, "cond (logits z)",
+                                       diffgrad::detail::concat("length ", k_), cond_.size());
     if (params_.size() != k_ * dim_)
-      diffgrad::detail::throw_argument(where, "params (points)",
-                                       diffgrad::detail::concat("length ", k_ * dim_),
-                                       params_.size());
+      diffgrad::detail::throw_argument(
+          where, "params (points)", diffgrad::detail::concat("length ", k_ * dim_), params_.size());
     namespace dc = ::diffgrad::gpu;
     using dc::blas::Op;
     const std::int64_t b = x.batch();

@@ -62,14 +62,13 @@ template <class Scalar> struct Input {
 template <class Scalar> struct BiasActivation {
   Scalar* pre;
   const Scalar* bias;
-  Scalar* act;  ///< null for the (linear) output layer
+  Scalar* act; ///< null for the (linear) output layer
   std::int64_t width;
   bool use_tanh;
   DIFFGRAD_HOST_DEVICE void operator()(std::int64_t e) const {
     const Scalar p = pre[e] + bias[e % width];
     pre[e] = p;
-    if (act)
-      act[e] = use_tanh ? detail::tanh_of(p) : p / (Scalar(1) + detail::exp_of(-p));
+    if (act) act[e] = use_tanh ? detail::tanh_of(p) : p / (Scalar(1) + detail::exp_of(-p));
   }
 };
 
@@ -99,11 +98,11 @@ enum class Activation { tanh, silu };
 
 /// Same fields and defaults as models::MlpConfig.
 struct MlpConfig {
-  int dim = 2;                      ///< d: state dimension (input x and output)
-  int cond_dim = 0;                 ///< c: length of the conditioning vector z
-  int time_frequencies = 4;         ///< F: sin/cos features at omega_j = pi 2^j, j < F
-  double time_scale = 1.0;          ///< tau = time_scale * t
-  std::vector<int> hidden{64, 64};  ///< widths of the hidden layers (may be empty: linear)
+  int dim = 2;                     ///< d: state dimension (input x and output)
+  int cond_dim = 0;                ///< c: length of the conditioning vector z
+  int time_frequencies = 4;        ///< F: sin/cos features at omega_j = pi 2^j, j < F
+  double time_scale = 1.0;         ///< tau = time_scale * t
+  std::vector<int> hidden{64, 64}; ///< widths of the hidden layers (may be empty: linear)
   Activation activation = Activation::silu;
 };
 
@@ -123,9 +122,10 @@ public:
       const std::int64_t end = bias_offset(l) + widths_[l + 1];
       for (std::int64_t i = offsets_[l]; i < end; ++i) {
         const auto r = diffgrad::detail::philox4x32_10(
-            diffgrad::detail::Philox4x32{{static_cast<std::uint32_t>(i),
-                                          static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
-                                          0x6d6c70u /* "mlp" */, 0u}},
+            diffgrad::detail::Philox4x32{
+                {static_cast<std::uint32_t>(i),
+                 static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
+                 0x6d6c70u /* "mlp" */, 0u}},
             seed);
         const double u = diffgrad::detail::uniform_open0(r.v[0], r.v[1]);
         p[static_cast<std::size_t>(i)] = static_cast<Scalar>(bound * (2.0 * u - 1.0));
@@ -139,9 +139,8 @@ public:
       : backend_(backend), stream_(backend.stream()), config_(std::move(config)) {
     build_layout();
     if (static_cast<std::int64_t>(params.size()) != param_size_)
-      diffgrad::detail::throw_argument("gpu::Mlp", "params",
-                                       diffgrad::detail::concat("length ", param_size_),
-                                       params.size());
+      diffgrad::detail::throw_argument(
+          "gpu::Mlp", "params", diffgrad::detail::concat("length ", param_size_), params.size());
     std::vector<Scalar> p(params.begin(), params.end());
     params_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(p), stream_);
   }
@@ -164,7 +163,9 @@ public:
   const vector_type& params() const { return params_; }
   vector_type& params() { return params_; }
 
-  void eps(const state_type& x, double t, state_type& out) const { forward(x, t, out, "gpu::Mlp::eps"); }
+  void eps(const state_type& x, double t, state_type& out) const {
+    forward(x, t, out, "gpu::Mlp::eps");
+  }
   void velocity(const state_type& x, double t, state_type& out) const {
     forward(x, t, out, "gpu::Mlp::velocity");
   }
@@ -186,8 +187,7 @@ private:
     diffgrad::detail::require(config_.cond_dim >= 0, where, "config.cond_dim", ">= 0",
                               config_.cond_dim);
     diffgrad::detail::require(config_.time_frequencies >= 0 && config_.time_frequencies <= 60,
-                              where, "config.time_frequencies", "0..60",
-                              config_.time_frequencies);
+                              where, "config.time_frequencies", "0..60", config_.time_frequencies);
     diffgrad::detail::require(std::isfinite(config_.time_scale), where, "config.time_scale",
                               "a finite number", config_.time_scale);
     widths_.assign(1, config_.dim + 2 * config_.time_frequencies + config_.cond_dim);
@@ -224,20 +224,18 @@ private:
 
   void check(const state_type& x, const char* where) const {
     if (x.dim() != config_.dim)
-      diffgrad::detail::throw_argument(where, "x", diffgrad::detail::concat("dimension ", config_.dim),
-                                       x.dim());
+      diffgrad::detail::throw_argument(
+          where, "x", diffgrad::detail::concat("dimension ", config_.dim), x.dim());
     if (cond_.size() != config_.cond_dim)
-      diffgrad::detail::throw_argument(where, "cond (z)",
-                                       diffgrad::detail::concat("length ", config_.cond_dim),
-                                       cond_.size());
+      diffgrad::detail::throw_argument(
+          where, "cond (z)", diffgrad::detail::concat("length ", config_.cond_dim), cond_.size());
     if (params_.size() != param_size_)
-      diffgrad::detail::throw_argument(where, "params",
-                                       diffgrad::detail::concat("length ", param_size_),
-                                       params_.size());
+      diffgrad::detail::throw_argument(
+          where, "params", diffgrad::detail::concat("length ", param_size_), params_.size());
   }
 
   void resize(std::int64_t batch) const {
-    if (batch == batch_) return;  // steady state: no allocation
+    if (batch == batch_) return; // steady state: no allocation
     for (std::size_t l = 0; l < num_layers(); ++l) {
       act_[l] = Buffer(batch * widths_[l], stream_);
       pre_[l] = Buffer(batch * widths_[l + 1], stream_);
@@ -264,7 +262,7 @@ private:
     input.cond_dim = config_.cond_dim;
     const int f = config_.time_frequencies;
     const double tau = config_.time_scale * t;
-    for (int j = 0; j < f; ++j) {  // exactly models::Mlp::time_features
+    for (int j = 0; j < f; ++j) { // exactly models::Mlp::time_features
       const double omega = std::numbers::pi * std::ldexp(1.0, j);
       input.features[j] = static_cast<Scalar>(std::sin(omega * tau));
       input.features[f + j] = static_cast<Scalar>(std::cos(omega * tau));
@@ -295,9 +293,9 @@ private:
                                 widths_[last], Scalar(1), act_[last].data(), widths_[last],
                                 weight(last), widths_[last], Scalar(0), out.data(),
                                 widths_[last + 1]));
-    launch(dc::mlp::BiasActivation<Scalar>{out.data(), bias(last), nullptr, widths_[last + 1],
-                                           false},
-           x.size(), "output bias");
+    launch(
+        dc::mlp::BiasActivation<Scalar>{out.data(), bias(last), nullptr, widths_[last + 1], false},
+        x.size(), "output bias");
   }
 
   void backward(const state_type& x, double t, const state_type& a, state_type& dx,
@@ -307,16 +305,15 @@ private:
     check(x, where);
     if (a.batch() != x.batch() || a.dim() != x.dim())
       diffgrad::detail::throw_argument(
-          where, "cotangent", diffgrad::detail::concat("shape ", x.batch(), " x ", x.dim(), " (x's shape)"),
+          where, "cotangent",
+          diffgrad::detail::concat("shape ", x.batch(), " x ", x.dim(), " (x's shape)"),
           diffgrad::detail::concat(a.batch(), " x ", a.dim()));
     if (dcond && dcond->size() != config_.cond_dim)
-      diffgrad::detail::throw_argument(where, "dcond",
-                                       diffgrad::detail::concat("length ", config_.cond_dim),
-                                       dcond->size());
+      diffgrad::detail::throw_argument(
+          where, "dcond", diffgrad::detail::concat("length ", config_.cond_dim), dcond->size());
     if (dparams && dparams->size() != param_size_)
-      diffgrad::detail::throw_argument(where, "dparams",
-                                       diffgrad::detail::concat("length ", param_size_),
-                                       dparams->size());
+      diffgrad::detail::throw_argument(
+          where, "dparams", diffgrad::detail::concat("length ", param_size_), dparams->size());
     run_forward(x, t);
     const std::int64_t batch = x.batch();
     const std::size_t layers = num_layers();
@@ -330,10 +327,10 @@ private:
       if (dparams) {
         // dW_l += g^T act_l (n_out x n_in);  db_l += colsum(g).
         blas(dc::blas::gemm<Scalar>(h, Op::t, Op::n, n_out, n_in, batch, Scalar(1), g, n_out,
-                                    act_[l].data(), n_in, Scalar(1),
-                                    dparams->data() + offsets_[l], n_in));
-        blas(dc::blas::gemv_t<Scalar>(h, batch, n_out, Scalar(1), g, n_out, ones_.data(),
-                                      Scalar(1), dparams->data() + bias_offset(l)));
+                                    act_[l].data(), n_in, Scalar(1), dparams->data() + offsets_[l],
+                                    n_in));
+        blas(dc::blas::gemv_t<Scalar>(h, batch, n_out, Scalar(1), g, n_out, ones_.data(), Scalar(1),
+                                      dparams->data() + bias_offset(l)));
       }
       if (l == 0) break;
       // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
@@ -349,8 +346,8 @@ private:
       // dz += W_0[:, d + 2F :]^T colsum(g_0).
       blas(dc::blas::gemv_t<Scalar>(h, batch, n1, Scalar(1), grad_[0].data(), n1, ones_.data(),
                                     Scalar(0), col_sum_.data()));
-      blas(dc::blas::gemv_t<Scalar>(h, n1, c, Scalar(1), weight(0) + (n0 - c), n0,
-                                    col_sum_.data(), Scalar(1), dcond->data()));
+      blas(dc::blas::gemv_t<Scalar>(h, n1, c, Scalar(1), weight(0) + (n0 - c), n0, col_sum_.data(),
+                                    Scalar(1), dcond->data()));
     }
     if (&dx != &a && (dx.batch() != batch || dx.dim() != d)) dx = backend_.make_state(batch, d);
     // dx = g_0 W_0[:, :d].
