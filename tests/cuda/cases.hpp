@@ -27,6 +27,7 @@
 #include "diffgrad/inversion/bdia.hpp"
 #include "diffgrad/inversion/coupling.hpp"
 #include "diffgrad/inversion/edict.hpp"
+#include "diffgrad/inversion/edit.hpp"
 #include "diffgrad/inversion/engine.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 
@@ -171,8 +172,8 @@ template <class F> void with_inversion_method(int index, F&& f) {
   });
 }
 
-/// sample_from_noise, invert the sample, generate from the latent; and the reversible
-/// gradient of <w, sample> (w = the sample's own values reversed) w.r.t. x_T.
+/// sample_from_noise, invert the sample, generate from the latent; the reversible gradient of
+/// <w, sample> w.r.t. x_T; and an edit (invert_and_regenerate under a shifted Gaussian).
 template <Backend B, class IO, class MakeModel>
 Parts inversion_case(const B& backend, const IO& io, const MakeModel& make_model, int index,
                      const Problem& p) {
@@ -202,6 +203,15 @@ Parts inversion_case(const B& backend, const IO& io, const MakeModel& make_model
         ReversibleGradientOptions{.want_cond = false, .want_params = false});
     add_part(parts, "reversible sample", io.host(r.sample));
     add_part(parts, "reversible grad_x", io.host(r.grad_x));
+    // Editing: invert under the model, regenerate under a Gaussian with a shifted mean.
+    std::vector<double> shifted = problem_mu_rows(p.batch, p.dim);
+    for (double& v : shifted) v += 0.5;
+    BackendGaussian<B> target(backend, io.state(backend, shifted, p.batch, p.dim), kGaussianStd);
+    State edited = backend.make_state(p.batch, p.dim);
+    const auto e = invert_and_regenerate(method, backend, vp_schedule(), ns, model, target, x,
+                                         edited, EditOptions{.measure_round_trip = false});
+    add_part(parts, "invert_and_regenerate edited", io.host(edited));
+    add_part(parts, "invert_and_regenerate edit_change", std::vector<double>{e.edit_change});
   });
   return parts;
 }

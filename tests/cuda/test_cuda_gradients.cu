@@ -5,10 +5,12 @@
 //   - exact discrete gradient (x0, loss, dL/dx_T) for every scheme, memory mode store_all;
 //     checkpoint(3) / recompute, dL/dxi and given-noise replays for a scheme of each family;
 //   - the cuBLAS Dirac mixture and MLP: dL/dx_T, dL/dcond, dL/dtheta through the sampler;
-//   - every exactly invertible method: sample_from_noise, invert, generate, reversible gradient;
+//   - every exactly invertible method: sample_from_noise, invert, generate, reversible gradient,
+//     invert_and_regenerate (editing);
 //   - Cycle-SDE encode/replay, AdjointDEIS-1/-2M (cached and re-solved), SDE-AdjointDEIS.
-// Fisher operators: fisher/exact_fisher.hpp is written on Eigen matrices (model-specific
-// dense algebra, not the Backend concept), so it has no device path to compare (docs/cuda.md).
+// Fisher operators: fisher/*.hpp (exact Fisher, DF-EA, DF-TM, likelihood, OT check) work on
+// Eigen types with per-sample reductions, which the Backend concept does not have, so they have
+// no device path to compare yet (docs/cuda.md lists what they would need).
 #include <catch2/catch.hpp>
 
 #include <cstdio>
