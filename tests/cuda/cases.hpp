@@ -1,6 +1,6 @@
 #pragma once
 // CPU-vs-GPU cases, written ONCE as templates over the backend: the CPU reference translation
-// unit (cpu_reference_*.cpp) instantiates them with EigenBackend, the .cu tests with
+// unit (cpu_reference.cpp) instantiates them with EigenBackend, the .cu tests with
 // CudaBackend, and the results meet as host vectors. Only the library's generic code runs
 // in between (sample, sample_flow, gradient, gradient_flow, invert/generate, reversible
 // gradients, Cycle-SDE, AdjointDEIS), so a case passing on both backends shows that this
@@ -36,7 +36,7 @@ namespace diffgrad::testing {
 /// Named result vectors of one case, compared part by part.
 using Parts = std::vector<std::pair<std::string, std::vector<double>>>;
 
-/// Appends a part. Defined out of line (cpu_reference_samplers.cpp): GCC 12 at -O3 reports a false
+/// Appends a part. Defined out of line (cpu_reference.cpp): GCC 12 at -O3 reports a false
 /// -Warray-bounds in the inlined vector<pair<string, vector>> growth path.
 void add_part(Parts& parts, std::string name, std::vector<double> values);
 

@@ -1,6 +1,6 @@
 #pragma once
 // The CPU side of the CPU-vs-GPU tests: each function runs a case of cases.hpp (or a model
-// evaluation) on EigenBackend and returns host vectors. Implemented in cpu_reference_*.cpp,
+// evaluation) on EigenBackend and returns host vectors. Implemented in cpu_reference.cpp,
 // compiled by the host compiler: Eigen never enters a .cu translation unit (under nvcc,
 // Eigen 3.4 floods warning #20012-D).
 #include <cstdint>

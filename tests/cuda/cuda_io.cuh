@@ -1,6 +1,6 @@
 #pragma once
 // The device side of the CPU-vs-GPU cases (cases.hpp): host <-> device IO for CudaBackend,
-// the device model factories matching cpu_reference_impl.hpp's, and the part-by-part comparison.
+// the device model factories matching cpu_reference.cpp's, and the part-by-part comparison.
 #include <catch2/catch.hpp>
 
 #include <cstdio>
@@ -42,7 +42,7 @@ void set_device_vector(::diffgrad::gpu::DeviceVector<Scalar>& dst, const std::ve
   ::diffgrad::gpu::copy_to_device(std::span<const Scalar>(s), dst);
 }
 
-/// The Dirac mixture of cpu_reference_impl.hpp, on the device.
+/// The Dirac mixture of cpu_reference.cpp, on the device.
 struct MakeDiracGpu {
   template <class IO>
   models::gpu::DiracMixture<double> operator()(const ::diffgrad::gpu::CudaBackend<double>& b,
@@ -66,7 +66,7 @@ inline models::gpu::MlpConfig gpu_mlp_config(int dim, bool use_tanh) {
   return c;
 }
 
-/// The MLP of cpu_reference_impl.hpp, on the device (same config, same seed).
+/// The MLP of cpu_reference.cpp, on the device (same config, same seed).
 template <class Scalar> struct MakeMlpGpu {
   bool use_tanh = false;
   template <class IO>

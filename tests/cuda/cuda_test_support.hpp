@@ -1,5 +1,5 @@
 #pragma once
-// Eigen-free helpers shared by the CUDA tests (.cu) and their CPU reference (cpu_reference_*.cpp):
+// Eigen-free helpers shared by the CUDA tests (.cu) and their CPU reference (cpu_reference.cpp):
 // the test problems as plain host data, the catalog of every scheme of the library, and the
 // error measures. The .cu side runs a case on CudaBackend, the .cpp side runs the SAME case
 // (same catalog index, same host data) on EigenBackend; the two meet as std::vector<double>.
