@@ -53,9 +53,9 @@ using Mlp = diffgrad::models::Mlp<double>;
 using Clock = std::chrono::steady_clock;
 
 constexpr const char* kSamplers =
-    "ddim, ddpm (DDIM eta = 1), dpm1, dpm2s, dpm3s, dpm2m, dpm3m (DPM-Solver, noise "
-    "prediction), dpm++2s, dpm++3s, dpm++2m, dpm++3m, sde-dpm++1, sde-dpm++2m, sde-dpm++3m, "
-    "deis-tab1..3, deis-rhoab1..3, deis-heun, deis-kutta, deis-rk4, deis-logrho2..3, ipndm1..4";
+    "ddim, ddpm (DDIM eta = 1),\n  dpm1, dpm2s, dpm3s, dpm2m, dpm3m (DPM-Solver, noise prediction),\n"
+    "  dpm++2s, dpm++3s, dpm++2m, dpm++3m, sde-dpm++1, sde-dpm++2m, sde-dpm++3m,\n"
+    "  deis-tab1..3, deis-rhoab1..3, deis-heun, deis-kutta, deis-rk4, deis-logrho2..3, ipndm1..4";
 
 struct Args {
   std::string model = "mixture";
@@ -292,8 +292,8 @@ int main(int argc, char** argv) {
   examples::Cli cli("sample",
                     std::string("Sample 8x8 digits with any sampler, schedule and time grid, from "
                                 "the exact mixture model of the data\nor from a small MLP fitted "
-                                "to it. Samplers: ") +
-                        kSamplers + ".");
+                                "to it. Samplers:\n  ") +
+                        kSamplers);
   cli.option("--model", a.model, "mixture (exact eps of the data) or mlp (fitted here)");
   cli.option("--sampler", a.sampler, "sampler name (list above)");
   cli.option("--schedule", a.schedule, "vp-linear, vp-cosine, subvp, discrete, ve or edm");

@@ -7,6 +7,7 @@ The twin reads the file diffgrad's Mlp::save writes, so both sides run the same 
            omega_j = pi 2^j (computed in float64 with math.sin/cos, as the C++ side does)
     hidden h_{l+1} = act(h_l W_l^T + b_l),  output y = h_L W_L^T + b_L
 """
+import ctypes
 import json
 import math
 import os
@@ -115,9 +116,12 @@ def proc_status_bytes(field):
 
 
 class PeakMeter:
-    """Peak resident growth (VmHWM) from construction to growth_mib(); the peak is reset first."""
+    """Peak resident growth (VmHWM) from construction to growth_mib(): free heap pages are
+    returned to the kernel first (glibc malloc_trim, as the C++ drivers do), then the peak is
+    reset."""
 
     def __init__(self):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.start = proc_status_bytes("VmRSS")

@@ -5,10 +5,13 @@
 //   const auto r = examples::run_isolated([&] { ...work...; return std::vector<double>{...}; });
 //   r.payload (what the lambda returned), r.peak_growth_bytes
 //
-// In the child the peak is reset (/proc/self/clear_refs, "5"), the resident size is read, the
-// work runs, and the growth of the peak (VmHWM) over that start is reported with the payload
-// through a pipe. Where /proc or fork is unavailable the work runs in-process and the growth
+// In the child, free heap memory inherited from the parent is handed back to the kernel
+// (malloc_trim: otherwise the work would reuse those already-resident pages and its growth
+// would not show), the peak is reset (/proc/self/clear_refs, "5"), the resident size is read,
+// the work runs, and the growth of the peak (VmHWM) over that start is reported with the
+// payload through a pipe. Where /proc or fork is unavailable the work runs in-process and the growth
 // is reported as -1.
+#include <malloc.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -31,6 +34,14 @@ inline long long proc_status_bytes(const char* field) {
   while (std::getline(in, line))
     if (line.compare(0, key.size(), key) == 0) return std::stoll(line.substr(key.size())) * 1024;
   return -1;
+}
+
+/// Returns the heap's free pages to the kernel (glibc), so later allocations that reuse them
+/// count as resident growth again.
+inline void release_free_heap() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
 }
 
 /// Resets VmHWM to the current resident size (Linux >= 4.0). Returns false if not possible.
@@ -61,6 +72,7 @@ template <class Work> IsolatedResult run_isolated(Work&& work) {
     int code = 0;
     std::vector<double> msg;
     try {
+      release_free_heap();
       const bool reset = reset_peak_rss();
       const long long start = proc_status_bytes("VmRSS");
       std::vector<double> payload = work();
