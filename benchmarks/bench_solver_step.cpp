@@ -8,9 +8,11 @@
 //   copy   y = x                  2 streams (1 read, 1 write)
 //   triad  y = x + s z            3 streams (2 reads, 1 write): a DDIM step's shape
 //   sum6   y = sum of 6 c_k x_k   7 streams: a DPM-Solver++ 3M step's shape and working set
-// A step's nominal traffic is (terms of its output combination + 1 write) streams of B*d
-// doubles (DDIM: x_i, e_i -> x_{i+1}: 3; DPM-Solver++ 3M: x_i, e_i, e_{i-1}, e_{i-2} -> 5),
-// plus one read of e_i for the finiteness check when it is on. The table reports
+// A step's nominal traffic is (nonzero terms of its output combination + 1 write) streams of
+// B*d doubles, counted from the scheme's own plan (DDIM: x_i, e_i -> x_{i+1}: 3; DPM-Solver++
+// 3M, whose data predictions also read the earlier states: x_i, e_i, x_{i-1}, e_{i-1}, x_{i-2},
+// e_{i-2} -> x_{i+1}: 7), plus one read of e_i for the finiteness check when it is on. The
+// table reports
 //   step bandwidth / copy bandwidth = (streams / 2) * t_copy / t_step   (>= 0.8 is the goal)
 //   t_step / t_triad
 // Per-step times come from the observer's clock between step 1 and step N (manual time), so
