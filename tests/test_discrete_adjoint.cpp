@@ -2,48 +2,9 @@
 // conditioning, parameters, noise) on the Gaussian, Dirac-mixture and MLP models, the
 // dot-product test on a linear model, the DDIM closed form on Gaussian data, identical
 // gradients and exact costs across memory modes, and bad input.
-// Heap allocations inside gradient() are counted as tests/test_counting.cpp does: global
-// operator new is replaced, and Eigen's EIGEN_RUNTIME_NO_MALLOC hook reports its own
-// (malloc-based) allocations through eigen_assert, redefined here to count. Both must precede
+// Heap allocations inside gradient() are counted by tests/alloc_probe.hpp, which must precede
 // every Eigen include.
-#define EIGEN_RUNTIME_NO_MALLOC
-#include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <new>
-
-namespace alloc_probe {
-inline std::atomic<bool> counting{false};
-inline std::atomic<long> allocations{0};
-inline void eigen_assert_hook(bool ok, const char* expression, const char* file, int line) {
-  if (ok) return;
-  if (std::strstr(expression, "heap allocation is forbidden") != nullptr) {
-    ++allocations;
-    return;
-  }
-  std::fprintf(stderr, "%s:%d: Eigen assertion failed: %s\n", file, line, expression);
-  std::abort();
-}
-inline void* allocate(std::size_t size) {
-  if (counting.load(std::memory_order_relaxed)) ++allocations;
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-} // namespace alloc_probe
-#define eigen_assert(x)                                                                            \
-  ::alloc_probe::eigen_assert_hook(static_cast<bool>(x), #x, __FILE__, __LINE__)
-// GCC -O1 (the sanitizer build) inlines these and warns that free() meets operator new's
-// pointer (-Wmismatched-new-delete); the replacements pair them by construction.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-void* operator new(std::size_t size) { return alloc_probe::allocate(size); }
-void* operator new[](std::size_t size) { return alloc_probe::allocate(size); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-#pragma GCC diagnostic pop
+#include "alloc_probe.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -1027,19 +988,19 @@ template <class Scheme> long allocations_in_gradient(const Scheme& scheme, Memor
   const SquaredDistanceLoss<Backend64> loss(State(State::Constant(2, 3, 0.1)));
   const GradientOptions opt{.memory = memory, .wrt_cond = true, .wrt_noise = true};
   auto ws = make_gradient_workspace(scheme, Backend64{}, grid.nodes, model, x_T, opt);
-  const long before = alloc_probe::allocations.load();
+  const long before = alloc_probe::total_allocations();
   Eigen::internal::set_is_malloc_allowed(false);
   alloc_probe::counting = true;
   gradient(scheme, Backend64{}, vp_schedule(), grid.nodes, model, x_T, loss, opt, ws);
   alloc_probe::counting = false;
   Eigen::internal::set_is_malloc_allowed(true);
-  return alloc_probe::allocations.load() - before;
+  return alloc_probe::total_allocations() - before;
 }
 } // namespace
 
 TEST_CASE("gradient() with a prebuilt workspace does not allocate", "[adjoint][alloc]") {
   {  // the probe itself sees Eigen allocations and operator new
-    const long before = alloc_probe::allocations.load();
+    const long before = alloc_probe::total_allocations();
     Eigen::internal::set_is_malloc_allowed(false);
     alloc_probe::counting = true;
     const State tmp = State::Zero(4, 4);
@@ -1048,7 +1009,7 @@ TEST_CASE("gradient() with a prebuilt workspace does not allocate", "[adjoint][a
     Eigen::internal::set_is_malloc_allowed(true);
     delete boxed;
     CHECK(tmp.size() == 16);
-    CHECK(alloc_probe::allocations.load() - before == 2);
+    CHECK(alloc_probe::total_allocations() - before == 2);
   }
   for (MemoryMode m : {MemoryMode::store_all(), MemoryMode::checkpoint(3), MemoryMode::recompute()}) {
     CHECK(allocations_in_gradient(Ddim(), m) == 0);
