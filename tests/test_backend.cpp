@@ -144,9 +144,10 @@ template <class F> std::string thrown_message(F&& f) {
 
 TEST_CASE("lincomb matches a naive loop for every arity, with and without noise",
           "[backend][lincomb]") {
-  // Shapes: a single sample, a single feature, and sizes that leave a SIMD remainder.
-  for (auto [rows, cols] :
-       {std::pair<Eigen::Index, Eigen::Index>{1, 1}, {1, 17}, {5, 1}, {3, 7}, {4, 16}, {6, 13}}) {
+  // Shapes: a single sample, a single feature, sizes that leave a SIMD remainder, and sizes
+  // around the noise path's 256-element chunks (exactly two, and an odd 513 = 2 * 256 + 1).
+  for (auto [rows, cols] : {std::pair<Eigen::Index, Eigen::Index>{1, 1}, {1, 17}, {5, 1}, {3, 7},
+                            {4, 16}, {6, 13}, {2, 256}, {3, 171}}) {
     check_all_arities<double>(rows, cols);
     check_all_arities<float>(rows, cols);
   }
@@ -191,6 +192,20 @@ TEST_CASE("A noise-only lincomb writes coefficient * xi(seed, step, index)", "[b
   for (Eigen::Index r = 0; r < 3; ++r)
     for (Eigen::Index c = 0; c < 5; ++c)
       CHECK(out(r, c) == 2.5 * detail::gaussian(12, 9, static_cast<std::uint64_t>(r * 5 + c)));
+  // Bit for bit across the chunked pair-wise generation: 3 x 171 = 513 elements are two full
+  // 256-element chunks and an odd tail of one; the float backend rounds the same double.
+  StateOf<double> big = backend.make_state(3, 171);
+  backend.lincomb(big, NoiseTerm{-0.75, 5, 1234567});
+  const EigenBackend<float> float_backend;
+  StateOf<float> big_float = float_backend.make_state(3, 171);
+  float_backend.lincomb(big_float, NoiseTerm{-0.75, 5, 1234567});
+  int mismatches = 0;
+  for (Eigen::Index i = 0; i < big.size(); ++i) {
+    const double expected = -0.75 * detail::gaussian(5, 1234567, static_cast<std::uint64_t>(i));
+    mismatches += big.data()[i] != expected;
+    mismatches += big_float.data()[i] != static_cast<float>(expected);
+  }
+  CHECK(mismatches == 0);
   // The runtime-arity form with a zero noise coefficient generates no noise at all.
   const auto x = input<double>(0, 3, 5);
   const std::array<LinTerm<StateOf<double>>, 1> one{term(1.0, x)};
@@ -234,6 +249,16 @@ TEST_CASE("Backend helpers: make_state, copy, fill, all_finite, shape", "[backen
   CHECK_FALSE(backend.all_finite(x));
   x(2, 3) = -std::numeric_limits<double>::infinity();
   CHECK_FALSE(backend.all_finite(x));
+}
+
+TEST_CASE("A noisy lincomb rejects terms whose shape differs from the output", "[backend][errors]") {
+  const EigenBackend<double> backend;
+  StateOf<double> out = backend.make_state(3, 4);
+  const StateOf<double> wrong = backend.make_state(4, 3);
+  const std::string message =
+      thrown_message([&] { backend.lincomb(out, NoiseTerm{1.0, 1, 1}, term(1.0, wrong)); });
+  CHECK(message.find("terms") != std::string::npos);
+  CHECK(message.find("3 x 4") != std::string::npos);
 }
 
 TEST_CASE("lincomb rejects 0 or more than kMaxLincombTerms terms", "[backend][errors]") {

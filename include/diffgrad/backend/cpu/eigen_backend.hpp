@@ -3,6 +3,7 @@
 // dimension d). Every update is one Eigen expression, so Eigen's evaluator fuses it into a
 // single vectorised loop with no temporaries: `lincomb` is the whole solver step.
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <span>
@@ -10,6 +11,7 @@
 
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/detail/gaussian_batch.hpp"
 #include "diffgrad/detail/philox.hpp"
 
 namespace diffgrad {
@@ -34,24 +36,39 @@ public:
   static index_type dim(const state_type& x) { return x.cols(); }
 
   /// out = sum_k c_k x_k (+ noise), one fused pass. `out` may alias any input.
-  template <class... States>
-  void lincomb(state_type& out, LinTerm<States>... terms) const {
+  template <class... States> void lincomb(state_type& out, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
     out.noalias() = (... + (Scalar(terms.coeff) * *terms.vec));
   }
 
+  /// With a noise term the batch is walked in chunks: the chunk's noise is drawn in
+  /// Box-Muller pairs (one Philox block, one log and one sincos per TWO elements) into a
+  /// stack buffer, then the chunk's update is one fused vectorised expression. Every element
+  /// gets exactly the bits of detail::gaussian(seed, step, index), index = r * d + c.
   template <class... States>
   void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
-    const auto cols = out.cols();
-    const auto xi = state_type::NullaryExpr(out.rows(), cols, [=](index_type r, index_type c) {
-      return Scalar(noise.coeff *
-                    detail::gaussian(noise.seed, noise.step,
-                                     static_cast<std::uint64_t>(r * cols + c)));
-    });
-    if constexpr (sizeof...(States) == 0) {
-      out = xi;
-    } else {
-      out.noalias() = (... + (Scalar(terms.coeff) * *terms.vec)) + xi;
+    static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
+    const index_type n = out.size();
+    const bool shapes_match =
+        ((terms.vec->rows() == out.rows() && terms.vec->cols() == out.cols()) && ...);
+    if (!shapes_match)
+      detail::throw_argument("EigenBackend::lincomb", "terms",
+                             detail::concat("states of shape ", out.rows(), " x ", out.cols()),
+                             "a state of another shape");
+    using Chunk = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    using ConstChunk = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+    alignas(64) Scalar xi[kNoiseChunk];
+    for (index_type begin = 0; begin < n; begin += kNoiseChunk) {
+      const index_type len = std::min<index_type>(kNoiseChunk, n - begin);
+      draw_noise(xi, noise, begin, len);
+      Chunk dst(out.data() + begin, len);
+      const ConstChunk noise_chunk(xi, len);
+      if constexpr (sizeof...(States) == 0) {
+        dst = noise_chunk;
+      } else {
+        dst = (... + (Scalar(terms.coeff) * ConstChunk(terms.vec->data() + begin, len))) +
+              noise_chunk;
+      }
     }
   }
 
@@ -83,6 +100,24 @@ public:
   }
 
 private:
+  /// Elements per noise chunk: even (chunks start on a Box-Muller pair), 2 KiB of doubles,
+  /// small enough to stay in L1 next to the chunk's inputs.
+  static constexpr index_type kNoiseChunk = 256;
+
+  /// xi[k] = coeff * gaussian(seed, step, begin + k) for k < len; begin is even. The pairs
+  /// are drawn several per SIMD register (detail/gaussian_batch.hpp), bit-identical to the
+  /// scalar generator and to the CUDA backend.
+  static void draw_noise(Scalar* xi, const NoiseTerm& noise, index_type begin, index_type len) {
+    alignas(64) double raw[kNoiseChunk];
+    const index_type pairs = len / 2;
+    detail::gaussian_pairs(noise.seed, noise.step, static_cast<std::uint64_t>(begin) / 2,
+                           static_cast<std::size_t>(pairs), raw);
+    if (len % 2 != 0) // odd tail: the even element of the last pair
+      raw[len - 1] =
+          detail::gaussian(noise.seed, noise.step, static_cast<std::uint64_t>(begin + len - 1));
+    for (index_type k = 0; k < len; ++k) xi[k] = Scalar(noise.coeff * raw[k]);
+  }
+
   template <std::size_t... Is>
   void dispatch(state_type& out, std::span<const LinTerm<state_type>> terms, NoiseTerm noise,
                 std::index_sequence<Is...>) const {
