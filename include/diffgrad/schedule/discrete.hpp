@@ -31,12 +31,13 @@ inline std::vector<double> make_betas(BetaSchedule kind, int num_train_timesteps
   const int n = num_train_timesteps;
   std::vector<double> betas(static_cast<std::size_t>(n));
   for (int i = 0; i < n; ++i) {
+    double& beta = betas[static_cast<std::size_t>(i)];
     const double frac = static_cast<double>(i) / (n - 1);
     switch (kind) {
-    case BetaSchedule::linear: betas[i] = beta_start + frac * (beta_end - beta_start); break;
+    case BetaSchedule::linear: beta = beta_start + frac * (beta_end - beta_start); break;
     case BetaSchedule::scaled_linear: {
       const double r = std::sqrt(beta_start) + frac * (std::sqrt(beta_end) - std::sqrt(beta_start));
-      betas[i] = r * r;
+      beta = r * r;
       break;
     }
     case BetaSchedule::squaredcos_cap_v2: {
@@ -44,8 +45,8 @@ inline std::vector<double> make_betas(BetaSchedule kind, int num_train_timesteps
         const double c = std::cos((t + 0.008) / 1.008 * std::numbers::pi / 2.0);
         return c * c;
       };
-      betas[i] = std::min(1.0 - alpha_bar((i + 1.0) / n) / alpha_bar(static_cast<double>(i) / n),
-                          0.999);
+      beta =
+          std::min(1.0 - alpha_bar((i + 1.0) / n) / alpha_bar(static_cast<double>(i) / n), 0.999);
       break;
     }
     }
@@ -56,14 +57,14 @@ inline std::vector<double> make_betas(BetaSchedule kind, int num_train_timesteps
 class DiscreteSchedule {
 public:
   /// From the cumulative products alphas_cumprod[n] (strictly decreasing, in (0, 1)).
-  static DiscreteSchedule from_alphas_cumprod(std::vector<double> alphas_cumprod,
-                                              DiscreteTimeInput input =
-                                                  DiscreteTimeInput::dpm_solver_official) {
+  static DiscreteSchedule
+  from_alphas_cumprod(std::vector<double> alphas_cumprod,
+                      DiscreteTimeInput input = DiscreteTimeInput::dpm_solver_official) {
     return DiscreteSchedule(std::move(alphas_cumprod), input);
   }
-  static DiscreteSchedule from_betas(const std::vector<double>& betas,
-                                     DiscreteTimeInput input =
-                                         DiscreteTimeInput::dpm_solver_official) {
+  static DiscreteSchedule
+  from_betas(const std::vector<double>& betas,
+             DiscreteTimeInput input = DiscreteTimeInput::dpm_solver_official) {
     std::vector<double> cumprod(betas.size());
     double acc = 1.0;
     for (std::size_t i = 0; i < betas.size(); ++i) {
@@ -74,10 +75,10 @@ public:
     }
     return DiscreteSchedule(std::move(cumprod), input);
   }
-  static DiscreteSchedule from_beta_schedule(BetaSchedule kind, int num_train_timesteps = 1000,
-                                             double beta_start = 1e-4, double beta_end = 0.02,
-                                             DiscreteTimeInput input =
-                                                 DiscreteTimeInput::dpm_solver_official) {
+  static DiscreteSchedule
+  from_beta_schedule(BetaSchedule kind, int num_train_timesteps = 1000, double beta_start = 1e-4,
+                     double beta_end = 0.02,
+                     DiscreteTimeInput input = DiscreteTimeInput::dpm_solver_official) {
     return from_betas(make_betas(kind, num_train_timesteps, beta_start, beta_end), input);
   }
 
@@ -102,8 +103,8 @@ public:
     const auto n = log_alpha_.size();
     const auto it = std::lower_bound(log_alpha_.begin(), log_alpha_.end(), la,
                                      [](double table, double v) { return table > v; });
-    std::size_t hi = static_cast<std::size_t>(std::clamp<std::ptrdiff_t>(
-        it - log_alpha_.begin(), 1, static_cast<std::ptrdiff_t>(n - 1)));
+    std::size_t hi = static_cast<std::size_t>(
+        std::clamp<std::ptrdiff_t>(it - log_alpha_.begin(), 1, static_cast<std::ptrdiff_t>(n - 1)));
     const std::size_t lo = hi - 1;
     const double w = (la - log_alpha_[lo]) / (log_alpha_[hi] - log_alpha_[lo]);
     return t_of_timestep(static_cast<double>(lo) + w);
@@ -115,9 +116,8 @@ public:
   }
   double g2(double t) const { return -2.0 * f(t); }
   double model_time(double t) const {
-    return input_ == DiscreteTimeInput::dpm_solver_official
-               ? 1000.0 * (t - t_min())
-               : t * num_train_timesteps() - 1.0;
+    return input_ == DiscreteTimeInput::dpm_solver_official ? 1000.0 * (t - t_min())
+                                                            : t * num_train_timesteps() - 1.0;
   }
   Node node(double t) const {
     detail::check_time(t, t_min(), t_max(), "DiscreteSchedule::node");
@@ -131,8 +131,7 @@ public:
     const double la = log_alpha_[static_cast<std::size_t>(k)];
     const double t = t_of_timestep(k);
     const double a2 = alphas_cumprod_[static_cast<std::size_t>(k)];
-    return Node{t, std::sqrt(a2), std::sqrt(1.0 - a2), la - 0.5 * std::log1p(-a2),
-                model_time(t)};
+    return Node{t, std::sqrt(a2), std::sqrt(1.0 - a2), la - 0.5 * std::log1p(-a2), model_time(t)};
   }
 
 private:
@@ -143,18 +142,17 @@ private:
     log_alpha_.resize(alphas_cumprod_.size());
     for (std::size_t i = 0; i < alphas_cumprod_.size(); ++i) {
       const double a = alphas_cumprod_[i];
-      detail::require(a > 0 && a < 1 && (i == 0 || a < alphas_cumprod_[i - 1]),
-                      "DiscreteSchedule", "alphas_cumprod",
-                      "strictly decreasing values in (0, 1)", a);
+      detail::require(a > 0 && a < 1 && (i == 0 || a < alphas_cumprod_[i - 1]), "DiscreteSchedule",
+                      "alphas_cumprod", "strictly decreasing values in (0, 1)", a);
       log_alpha_[i] = 0.5 * std::log(a);
     }
   }
   /// Segment index i and weight w with t between nodes i and i+1 (ends extrapolate).
   std::pair<std::size_t, double> segment(double t) const {
-    const double pos = t * num_train_timesteps() - 1.0;  // fractional timestep
+    const double pos = t * num_train_timesteps() - 1.0; // fractional timestep
     const double fl = std::floor(pos);
-    const auto i = static_cast<std::size_t>(
-        std::clamp(fl, 0.0, static_cast<double>(log_alpha_.size() - 2)));
+    const auto i =
+        static_cast<std::size_t>(std::clamp(fl, 0.0, static_cast<double>(log_alpha_.size() - 2)));
     return {i, pos - static_cast<double>(i)};
   }
 

@@ -20,8 +20,8 @@ inline void check_steps(int num_steps, const char* where) {
 template <class S> void check_span(const S& s, double t_start, double t_end, const char* where) {
   require(t_start <= s.t_max() * (1 + 1e-12) && t_start > t_end, where, "t_start",
           concat("t_end < t_start <= t_max = ", s.t_max()), t_start);
-  require(t_end >= s.t_min() * (1 - 1e-12), where, "t_end",
-          concat("t_end >= t_min = ", s.t_min()), t_end);
+  require(t_end >= s.t_min() * (1 - 1e-12), where, "t_end", concat("t_end >= t_min = ", s.t_min()),
+          t_end);
 }
 } // namespace detail
 
@@ -32,7 +32,8 @@ std::vector<double> uniform_t_grid(const S& s, int num_steps, double t_start, do
   detail::check_span(s, t_start, t_end, "uniform_t_grid");
   std::vector<double> t(static_cast<std::size_t>(num_steps) + 1);
   for (int i = 0; i <= num_steps; ++i)
-    t[i] = t_start + (t_end - t_start) * static_cast<double>(i) / num_steps;
+    t[static_cast<std::size_t>(i)] =
+        t_start + (t_end - t_start) * static_cast<double>(i) / num_steps;
   t.back() = t_end;
   return t;
 }
@@ -45,7 +46,8 @@ std::vector<double> uniform_lambda_grid(const S& s, int num_steps, double t_star
   const double l0 = s.lambda(t_start), l1 = s.lambda(t_end);
   std::vector<double> t(static_cast<std::size_t>(num_steps) + 1);
   for (int i = 0; i <= num_steps; ++i)
-    t[i] = s.t_of_lambda(l0 + (l1 - l0) * static_cast<double>(i) / num_steps);
+    t[static_cast<std::size_t>(i)] =
+        s.t_of_lambda(l0 + (l1 - l0) * static_cast<double>(i) / num_steps);
   t.front() = t_start;
   t.back() = t_end;
   return t;
@@ -60,7 +62,7 @@ std::vector<double> quadratic_t_grid(const S& s, int num_steps, double t_start, 
   std::vector<double> t(static_cast<std::size_t>(num_steps) + 1);
   for (int i = 0; i <= num_steps; ++i) {
     const double r = r0 + (r1 - r0) * static_cast<double>(i) / num_steps;
-    t[i] = r * r;
+    t[static_cast<std::size_t>(i)] = r * r;
   }
   t.front() = t_start;
   t.back() = t_end;
@@ -113,8 +115,8 @@ template <Schedule S> std::vector<Node> make_nodes(const S& s, std::span<const d
     detail::require_finite(times[i], "make_nodes", "times");
     if (i > 0 && !(times[i] < times[i - 1]))
       detail::throw_argument("make_nodes", "times",
-                             detail::concat("strictly decreasing times (noise -> data); times[",
-                                            i, "] = ", times[i], " follows ", times[i - 1]),
+                             detail::concat("strictly decreasing times (noise -> data); times[", i,
+                                            "] = ", times[i], " follows ", times[i - 1]),
                              times[i]);
     nodes.push_back(s.node(times[i]));
   }
@@ -127,10 +129,9 @@ inline void validate_nodes(std::span<const Node> nodes, const char* where) {
                   static_cast<double>(nodes.size()));
   for (std::size_t i = 1; i < nodes.size(); ++i)
     if (!(nodes[i].lambda > nodes[i - 1].lambda))
-      detail::throw_argument(where, "nodes",
-                             detail::concat("strictly increasing lambda (noise -> data) at node ",
-                                            i),
-                             nodes[i].lambda);
+      detail::throw_argument(
+          where, "nodes", detail::concat("strictly increasing lambda (noise -> data) at node ", i),
+          nodes[i].lambda);
 }
 
 } // namespace diffgrad

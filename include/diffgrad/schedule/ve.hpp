@@ -20,6 +20,8 @@ public:
   }
   double t_min() const { return t_min_; }
   double t_max() const { return t_max_; }
+  double sigma_min() const { return smin_; }
+  double sigma_max() const { return smax_; }
   double alpha(double) const { return 1.0; }
   double sigma(double t) const { return smin_ * std::exp(t * log_ratio_); }
   double lambda(double t) const { return -std::log(smin_) - t * log_ratio_; }
