@@ -9,7 +9,8 @@
 //   bdia             reversible BDIA-DDIM gradient, O(1) states      (gradients/reversible.hpp)
 //   adjoint_cached   AdjointDEIS-1 on the cached forward trajectory  (gradients/adjoint_deis.hpp)
 //   adjoint_resolve  AdjointDEIS-1 re-solving the state backwards (no trajectory)
-//   dfea             exact adjoint with the DF-EA Fisher in place of the model VJP (fisher/df_ea.hpp);
+//   dfea             exact adjoint with the DF-EA Fisher in place of the model VJP
+//   (fisher/df_ea.hpp);
 //                    timed only (on an untrained MLP its values are meaningless)
 // Times are Google Benchmark medians of interleaved repetitions. Memory is measured once per
 // (mode, N) in a forked child (examples/common/memory.hpp): the growth of the peak resident
@@ -52,9 +53,8 @@ using Mlp = diffgrad::models::Mlp<double>;
 
 constexpr Eigen::Index kBatch = 128, kDim = 64;
 const std::vector<int> kSteps{10, 20, 50, 100, 200};
-const std::vector<std::string> kModes{"forward",        "store_all",       "checkpoint5",
-                                      "recompute",      "bdia",            "adjoint_cached",
-                                      "adjoint_resolve", "dfea"};
+const std::vector<std::string> kModes{"forward", "store_all",      "checkpoint5",     "recompute",
+                                      "bdia",    "adjoint_cached", "adjoint_resolve", "dfea"};
 
 struct Problem {
   Backend backend;
@@ -74,7 +74,8 @@ struct Problem {
     return c;
   }
   std::vector<diffgrad::Node> nodes(int steps) const {
-    return diffgrad::make_nodes(schedule, diffgrad::uniform_lambda_grid(schedule, steps, 1.0, 1e-3));
+    return diffgrad::make_nodes(schedule,
+                                diffgrad::uniform_lambda_grid(schedule, steps, 1.0, 1e-3));
   }
 };
 
@@ -141,7 +142,8 @@ Runner make_runner(const std::string& mode, int steps) {
       *states = g.cost.trajectory_states;
     };
   } else if (mode == "adjoint_cached") {
-    auto cache = std::make_shared<diffgrad::TrajectoryCache<Backend>>(p.backend, steps, kBatch, kDim);
+    auto cache =
+        std::make_shared<diffgrad::TrajectoryCache<Backend>>(p.backend, steps, kBatch, kDim);
     auto x = std::make_shared<State>(p.x_T), grad = std::make_shared<State>(p.x_T);
     auto ws = std::make_shared<diffgrad::SamplerWorkspace<Backend>>(p.backend, 0, 1, kBatch, kDim);
     r.call = [&p, nodes, span, cache, x, grad, ws, states] {
@@ -160,7 +162,7 @@ Runner make_runner(const std::string& mode, int steps) {
       diffgrad::run_scheme(diffgrad::Ddim(), p.backend, span, diffgrad::NodeAtLambda(p.schedule),
                            diffgrad::EpsField<Mlp>{p.model}, *x, *ws);
       diffgrad::adjoint_deis_resolve(p.backend, p.model, span, *x, p.weights, *grad);
-      *states = 1;  // the current state only (re-solved backwards)
+      *states = 1; // the current state only (re-solved backwards)
     };
   } else {
     throw std::runtime_error("unknown mode " + mode);
@@ -179,17 +181,16 @@ std::map<std::string, Memory>& memory() {
 void bm_mode(benchmark::State& st, const std::string& mode) {
   const int steps = static_cast<int>(st.range(0));
   const std::string key = mode + "/" + std::to_string(steps);
-  problem();  // built before any fork, so no child pays for it
+  problem(); // built before any fork, so no child pays for it
   if (!memory().contains(key)) {
     const auto iso = examples::run_isolated([&] {
       Runner r = make_runner(mode, steps);
       r.call();
       return std::vector<double>{*r.states};
     });
-    memory()[key] = Memory{iso.peak_growth_bytes < 0
-                               ? -1.0
-                               : static_cast<double>(iso.peak_growth_bytes) / 1048576.0,
-                           iso.payload.at(0)};
+    memory()[key] = Memory{
+        iso.peak_growth_bytes < 0 ? -1.0 : static_cast<double>(iso.peak_growth_bytes) / 1048576.0,
+        iso.payload.at(0)};
   }
   Runner r = make_runner(mode, steps);
   for (auto _ : st) r.call();
@@ -200,20 +201,10 @@ void bm_mode(benchmark::State& st, const std::string& mode) {
 } // namespace
 
 int main(int argc, char** argv) {
-  int reps = 3;
-  std::vector<char*> rest{argv[0]};
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
-      reps = std::atoi(argv[++i]);
-    else
-      rest.push_back(argv[i]);
-  }
-  auto args = bench::with_defaults(static_cast<int>(rest.size()), rest.data(), reps);
-  int count = static_cast<int>(args.size());
-  benchmark::Initialize(&count, args.data());
+  const int reps = bench::initialize(argc, argv, 3);
   for (const auto& mode : kModes)
     for (int steps : kSteps) {
-      if (mode == "recompute" && steps > 50) continue;  // N^2/2 advances
+      if (mode == "recompute" && steps > 50) continue; // N^2/2 advances
       benchmark::RegisterBenchmark(mode.c_str(),
                                    [mode](benchmark::State& st) { bm_mode(st, mode); })
           ->Arg(steps)
@@ -235,8 +226,9 @@ int main(int argc, char** argv) {
     for (const auto& mode : kModes) {
       const auto* m = reporter.find(mode + "/" + std::to_string(steps));
       if (m == nullptr || fwd == nullptr) continue;
-      std::printf("| %d | %s | %.2f | %.2f | %.0f | %.2f |\n", steps, mode.c_str(), m->seconds * 1e3,
-                  m->seconds / fwd->seconds, m->counters.at("states"), m->counters.at("peak_MiB"));
+      std::printf("| %d | %s | %.2f | %.2f | %.0f | %.2f |\n", steps, mode.c_str(),
+                  m->seconds * 1e3, m->seconds / fwd->seconds, m->counters.at("states"),
+                  m->counters.at("peak_MiB"));
     }
   }
   benchmark::Shutdown();

@@ -200,17 +200,7 @@ struct Variant {
 } // namespace
 
 int main(int argc, char** argv) {
-  int reps = 5;
-  std::vector<char*> rest{argv[0]};
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
-      reps = std::atoi(argv[++i]);
-    else
-      rest.push_back(argv[i]);
-  }
-  auto args = bench::with_defaults(static_cast<int>(rest.size()), rest.data(), reps);
-  int count = static_cast<int>(args.size());
-  benchmark::Initialize(&count, args.data());
+  const int reps = bench::initialize(argc, argv, 5);
 
   for (long n : kSizes) {
     benchmark::RegisterBenchmark("copy", bm_copy)->Arg(n)->Unit(benchmark::kMicrosecond);

@@ -7,6 +7,8 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <string>
@@ -15,7 +17,7 @@
 namespace bench {
 
 struct Median {
-  double seconds = 0;  ///< median real time per iteration
+  double seconds = 0; ///< median real time per iteration
   std::map<std::string, double> counters;
 };
 
@@ -63,6 +65,23 @@ inline std::vector<char*> with_defaults(int argc, char** argv, int repetitions) 
   for (auto& s : storage) out.push_back(s.data());
   for (int i = 1; i < argc; ++i) out.push_back(argv[i]);
   return out;
+}
+
+/// Reads and removes "--reps N" (default `default_reps`), prepends the defaults of
+/// with_defaults and hands the rest to Google Benchmark. Returns the repetitions.
+inline int initialize(int argc, char** argv, int default_reps) {
+  int reps = default_reps;
+  std::vector<char*> rest{argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--reps") == 0 && i + 1 < argc)
+      reps = std::atoi(argv[++i]);
+    else
+      rest.push_back(argv[i]);
+  }
+  auto args = with_defaults(static_cast<int>(rest.size()), rest.data(), reps);
+  int count = static_cast<int>(args.size());
+  benchmark::Initialize(&count, args.data());
+  return reps;
 }
 
 } // namespace bench

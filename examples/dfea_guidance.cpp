@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cli.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/fisher/df_ea.hpp"
 #include "diffgrad/gradients/gradient.hpp"
@@ -38,57 +39,20 @@ struct Args {
   int iterations = 20;
   double lr = 0.3;
   int batch = 256;
-  double target_x = 0.8, target_y = 0.9;
+  std::string target = "0.8,0.9";
   std::uint64_t seed = 0;
 };
 
-void usage(const char* argv0) {
-  std::printf(
-      "usage: %s [options]\n"
-      "Guide DDIM samples of a 3 x 3 grid of points toward a target with the gradient through\n"
-      "the sampler: exact VJP vs DF-EA (no model derivative) vs the I/sigma^2 baseline.\n"
-      "  --t-guide T      guidance time (VP-linear t in (1e-3, 1])  (default 0.1)\n"
-      "  --steps N        DDIM steps from t_guide to 1e-3          (default 10)\n"
-      "  --iterations K   normalised gradient steps on x_t_guide   (default 20)\n"
-      "  --lr L           step length, in units of sigma(t_guide)  (default 0.3)\n"
-      "  --batch B        samples                                  (default 256)\n"
-      "  --target X,Y     the target point                         (default 0.8,0.9)\n"
-      "  --seed S         Philox seed of the initial noise          (default 0)\n"
-      "  --help           this text\n",
-      argv0);
-}
-
-bool parse(int argc, char** argv, Args& a) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      usage(argv[0]);
-      std::exit(0);
-    }
-    if (i + 1 >= argc) return false;
-    const std::string v = argv[++i];
-    if (k == "--t-guide")
-      a.t_guide = std::atof(v.c_str());
-    else if (k == "--steps")
-      a.steps = std::atoi(v.c_str());
-    else if (k == "--iterations")
-      a.iterations = std::atoi(v.c_str());
-    else if (k == "--lr")
-      a.lr = std::atof(v.c_str());
-    else if (k == "--batch")
-      a.batch = std::atoi(v.c_str());
-    else if (k == "--seed")
-      a.seed = static_cast<std::uint64_t>(std::atoll(v.c_str()));
-    else if (k == "--target") {
-      const auto comma = v.find(',');
-      if (comma == std::string::npos) return false;
-      a.target_x = std::atof(v.substr(0, comma).c_str());
-      a.target_y = std::atof(v.substr(comma + 1).c_str());
-    } else
-      return false;
-  }
-  return a.t_guide > 1e-3 && a.t_guide <= 1.0 && a.steps >= 1 && a.iterations >= 0 && a.lr > 0 &&
-         a.batch >= 1;
+/// Reads "X,Y" into x and y; false when the text is not two numbers separated by a comma.
+bool parse_point(const std::string& text, double& x, double& y) {
+  const auto comma = text.find(',');
+  if (comma == std::string::npos) return false;
+  char* end = nullptr;
+  const std::string first = text.substr(0, comma), second = text.substr(comma + 1);
+  x = std::strtod(first.c_str(), &end);
+  if (end == first.c_str() || *end != '\0') return false;
+  y = std::strtod(second.c_str(), &end);
+  return end != second.c_str() && *end == '\0';
 }
 
 State grid_points() {
@@ -124,15 +88,31 @@ struct Outcome {
 
 int main(int argc, char** argv) {
   Args args;
-  if (!parse(argc, argv, args)) {
-    usage(argv[0]);
+  examples::Cli cli("dfea_guidance",
+                    "Guide DDIM samples of a 3 x 3 grid of points toward a target with the "
+                    "gradient through\nthe sampler: exact VJP vs DF-EA (no model derivative) "
+                    "vs the I/sigma^2 baseline.");
+  cli.option("--t-guide", args.t_guide, "guidance time (VP-linear t in (1e-3, 1])");
+  cli.option("--steps", args.steps, "DDIM steps from t_guide to 1e-3");
+  cli.option("--iterations", args.iterations, "normalised gradient steps on x_t_guide");
+  cli.option("--lr", args.lr, "step length, in units of sigma(t_guide)");
+  cli.option("--batch", args.batch, "samples");
+  cli.option("--target", args.target, "the target point X,Y");
+  cli.option("--seed", args.seed, "Philox seed of the initial noise");
+  if (!cli.parse(argc, argv)) return 2;
+  double target_x = 0, target_y = 0;
+  if (!parse_point(args.target, target_x, target_y) || !(args.t_guide > 1e-3) ||
+      args.t_guide > 1.0 || args.steps < 1 || args.iterations < 0 || !(args.lr > 0) ||
+      args.batch < 1) {
+    std::fprintf(stderr, "dfea_guidance: need --target X,Y, 1e-3 < --t-guide <= 1, --steps >= 1, "
+                         "--iterations >= 0, --lr > 0, --batch >= 1\n");
     return 2;
   }
   const Backend backend;
   const diffgrad::VPLinearSchedule schedule;
   const State data = grid_points();
   Mixture mixture(data);
-  const Eigen::RowVector2d target(args.target_x, args.target_y);
+  const Eigen::RowVector2d target(target_x, target_y);
   Eigen::Index nearest = 0;
   (data.rowwise() - target).rowwise().squaredNorm().minCoeff(&nearest);
 

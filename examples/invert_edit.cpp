@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cli.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/inversion/bdia.hpp"
 #include "diffgrad/inversion/coupling.hpp"
@@ -43,50 +44,6 @@ struct Args {
   int dim = 16;
 };
 
-void usage(const char* argv0) {
-  std::printf(
-      "usage: %s [options]\n"
-      "Invert samples of Gaussian data under mean mu (the conditioning), shift mu, regenerate.\n"
-      "  --method M   bdia | edict | coupling | all       (default all)\n"
-      "  --steps N    number of sampler steps               (default 50)\n"
-      "  --gamma G    BDIA mixing, 0 < G <= 1               (default 1)\n"
-      "  --p P        EDICT mixing, 0 < P <= 1              (default 0.93)\n"
-      "  --c C        coupling parameter, 0 < C <= 1        (default 0.999)\n"
-      "  --batch B    samples                               (default 8)\n"
-      "  --dim D      dimension                             (default 16)\n"
-      "  --help       this text\n",
-      argv0);
-}
-
-bool parse(int argc, char** argv, Args& a) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      usage(argv[0]);
-      std::exit(0);
-    }
-    if (i + 1 >= argc) return false;
-    const char* v = argv[++i];
-    if (k == "--method")
-      a.method = v;
-    else if (k == "--steps")
-      a.steps = std::atoi(v);
-    else if (k == "--gamma")
-      a.gamma = std::atof(v);
-    else if (k == "--p")
-      a.p = std::atof(v);
-    else if (k == "--c")
-      a.c = std::atof(v);
-    else if (k == "--batch")
-      a.batch = std::atoi(v);
-    else if (k == "--dim")
-      a.dim = std::atoi(v);
-    else
-      return false;
-  }
-  return a.method == "all" || a.method == "bdia" || a.method == "edict" || a.method == "coupling";
-}
-
 double rel(const State& a, const State& b) { return (a - b).norm() / b.norm(); }
 
 /// Inverts x0 under `source`, regenerates under `target`; prints one line; returns the
@@ -111,8 +68,20 @@ double run(const char* name, const Method& method, const diffgrad::VPLinearSched
 
 int main(int argc, char** argv) {
   Args args;
-  if (!parse(argc, argv, args)) {
-    usage(argv[0]);
+  examples::Cli cli("invert_edit", "Invert samples of Gaussian data under mean mu (the "
+                                   "conditioning), shift mu, regenerate.");
+  cli.option("--method", args.method, "bdia | edict | coupling | all");
+  cli.option("--steps", args.steps, "number of sampler steps");
+  cli.option("--gamma", args.gamma, "BDIA mixing, 0 < G <= 1");
+  cli.option("--p", args.p, "EDICT mixing, 0 < P <= 1");
+  cli.option("--c", args.c, "coupling parameter, 0 < C <= 1");
+  cli.option("--batch", args.batch, "samples");
+  cli.option("--dim", args.dim, "dimension");
+  if (!cli.parse(argc, argv)) return 2;
+  if (args.method != "all" && args.method != "bdia" && args.method != "edict" &&
+      args.method != "coupling") {
+    std::fprintf(stderr, "invert_edit: --method must be bdia, edict, coupling or all, not '%s'\n",
+                 args.method.c_str());
     return 2;
   }
   try {

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cli.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/fisher/df_tm.hpp"
 #include "diffgrad/fisher/likelihood.hpp"
@@ -41,65 +42,10 @@ struct Args {
   int samples = 256;
   int rk4_steps = 64;
   int probes = 1;
-  bool timing = true;
+  bool no_timing = false;
   int timing_batch = 256;
   std::uint64_t seed = 0;
 };
-
-void usage(const char* argv0) {
-  std::printf(
-      "usage: %s [options]\n"
-      "Log-likelihood of checkerboard samples: exact Fisher trace vs DF-TM (trained MLP) vs\n"
-      "Hutchinson, VP-linear schedule, PF-ODE by RK4 uniform in lambda.\n"
-      "  --train-steps N        Adam steps per trace network           (default 2000)\n"
-      "  --hidden W             width of the two hidden layers          (default 64)\n"
-      "  --points-per-square K  data: K x K points in each of the 8 black squares of a 4 x 4\n"
-      "                         board on [-2, 2]^2 (K = 1: the centres)  (default 1)\n"
-      "  --samples B            samples per table row                   (default 256)\n"
-      "  --rk4-steps N          RK4 steps of the likelihood ODE         (default 64)\n"
-      "  --probes k             Hutchinson probes per call (Rademacher) (default 1)\n"
-      "  --no-timing            skip the cost table\n"
-      "  --timing-batch B       batch of the cost table                 (default 256)\n"
-      "  --seed S               Philox seed (training, noise, probes)   (default 0)\n"
-      "  --help                 this text\n",
-      argv0);
-}
-
-bool parse(int argc, char** argv, Args& a) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      usage(argv[0]);
-      std::exit(0);
-    }
-    if (k == "--no-timing") {
-      a.timing = false;
-      continue;
-    }
-    if (i + 1 >= argc) return false;
-    const char* v = argv[++i];
-    if (k == "--train-steps")
-      a.train_steps = std::atoi(v);
-    else if (k == "--hidden")
-      a.hidden = std::atoi(v);
-    else if (k == "--points-per-square")
-      a.points_per_square = std::atoi(v);
-    else if (k == "--samples")
-      a.samples = std::atoi(v);
-    else if (k == "--rk4-steps")
-      a.rk4_steps = std::atoi(v);
-    else if (k == "--probes")
-      a.probes = std::atoi(v);
-    else if (k == "--timing-batch")
-      a.timing_batch = std::atoi(v);
-    else if (k == "--seed")
-      a.seed = static_cast<std::uint64_t>(std::atoll(v));
-    else
-      return false;
-  }
-  return a.train_steps >= 1 && a.hidden >= 1 && a.points_per_square >= 1 && a.samples >= 1 &&
-         a.rk4_steps >= 1 && a.probes >= 1 && a.timing_batch >= 1;
-}
 
 State checkerboard(int per_square) {
   State y(8 * per_square * per_square, 2);
@@ -184,8 +130,24 @@ void timing_table(const Args& args) {
 
 int main(int argc, char** argv) {
   Args args;
-  if (!parse(argc, argv, args)) {
-    usage(argv[0]);
+  examples::Cli cli("likelihood",
+                    "Log-likelihood of checkerboard samples: exact Fisher trace vs DF-TM (trained "
+                    "MLP) vs\nHutchinson, VP-linear schedule, PF-ODE by RK4 uniform in lambda.");
+  cli.option("--train-steps", args.train_steps, "Adam steps per trace network");
+  cli.option("--hidden", args.hidden, "width of the two hidden layers");
+  cli.option("--points-per-square", args.points_per_square,
+             "data: K x K points in each of the 8 black squares of a 4 x 4 board on [-2, 2]^2 "
+             "(K = 1: the centres)");
+  cli.option("--samples", args.samples, "samples per table row");
+  cli.option("--rk4-steps", args.rk4_steps, "RK4 steps of the likelihood ODE");
+  cli.option("--probes", args.probes, "Hutchinson probes per call (Rademacher)");
+  cli.flag("--no-timing", args.no_timing, "skip the cost table");
+  cli.option("--timing-batch", args.timing_batch, "batch of the cost table");
+  cli.option("--seed", args.seed, "Philox seed (training, noise, probes)");
+  if (!cli.parse(argc, argv)) return 2;
+  if (args.train_steps < 1 || args.hidden < 1 || args.points_per_square < 1 || args.samples < 1 ||
+      args.rk4_steps < 1 || args.probes < 1 || args.timing_batch < 1) {
+    std::fprintf(stderr, "likelihood: every count option must be >= 1\n");
     return 2;
   }
   const Backend backend;
@@ -293,7 +255,7 @@ int main(int argc, char** argv) {
                 static_cast<long>(le.trace_calls));
   }
 
-  if (args.timing) timing_table(args);
+  if (!args.no_timing) timing_table(args);
   if (!ok) {
     std::printf("FAILED: the PF-ODE with the exact trace misses the closed form by > 1e-3 nats\n");
     return 1;

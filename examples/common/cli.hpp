@@ -7,6 +7,7 @@
 //   int steps = 25;
 //   cli.option("--steps", steps, "sampler steps");
 //   if (!cli.parse(argc, argv)) return 2;   // --help exits 0; a bad option prints why
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <sstream>
@@ -22,6 +23,7 @@ public:
       : program_(std::move(program)), description_(std::move(description)) {}
 
   void option(const char* name, int& value, const char* help) { add(name, &value, help); }
+  void option(const char* name, std::uint64_t& value, const char* help) { add(name, &value, help); }
   void option(const char* name, double& value, const char* help) { add(name, &value, help); }
   void option(const char* name, std::string& value, const char* help) { add(name, &value, help); }
   /// A flag: present = true (takes no value).
@@ -53,8 +55,8 @@ public:
     std::fprintf(out, "usage: %s [options]\n%s\n\noptions:\n", program_.c_str(),
                  description_.c_str());
     for (const auto& o : options_) {
-      const std::string shown = std::holds_alternative<bool*>(o.target) ? o.name
-                                                                         : o.name + " <value>";
+      const std::string shown =
+          std::holds_alternative<bool*>(o.target) ? o.name : o.name + " <value>";
       std::fprintf(out, "  %-22s %s (default: %s)\n", shown.c_str(), o.help.c_str(),
                    o.default_text.c_str());
     }
@@ -62,7 +64,7 @@ public:
   }
 
 private:
-  using Target = std::variant<int*, double*, std::string*, bool*>;
+  using Target = std::variant<int*, std::uint64_t*, double*, std::string*, bool*>;
   struct Option {
     std::string name, help, default_text;
     Target target;
@@ -91,6 +93,11 @@ private:
       const long v = std::strtol(text.c_str(), &end, 10);
       if (end == text.c_str() || *end != '\0') return false;
       **p = static_cast<int>(v);
+    } else if (auto* u = std::get_if<std::uint64_t*>(&o.target)) {
+      if (text.empty() || text[0] == '-') return false; // strtoull would wrap a negative value
+      const unsigned long long v = std::strtoull(text.c_str(), &end, 10);
+      if (end == text.c_str() || *end != '\0') return false;
+      **u = static_cast<std::uint64_t>(v);
     } else if (auto* d = std::get_if<double*>(&o.target)) {
       const double v = std::strtod(text.c_str(), &end);
       if (end == text.c_str() || *end != '\0') return false;
