@@ -4,9 +4,15 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 #include "diffgrad/gradients/checkpointing.hpp"
 
@@ -35,7 +41,7 @@ std::vector<std::vector<std::int64_t>> brute_force_table(int n_max, int s_max) {
 }
 
 struct Replay {
-  std::int64_t advances = 0;  // one-step advances, output excluded
+  std::int64_t advances = 0; // one-step advances, output excluded
   int outputs = 0;
   int peak_slots = 0;
 };
@@ -44,7 +50,7 @@ struct Replay {
 Replay replay(const CheckpointSchedule& sch) {
   const int n = sch.num_steps();
   Replay r;
-  std::map<int, int> slot_step;  // occupied slots -> their step
+  std::map<int, int> slot_step; // occupied slots -> their step
   int current = 0;
   int next_reverse = n - 1;
   bool output_done = false;
@@ -63,12 +69,10 @@ Replay replay(const CheckpointSchedule& sch) {
       current = slot_step[a.slot];
       REQUIRE(a.step == current);
       break;
-    case CheckpointOp::discard:
-      REQUIRE(slot_step.erase(a.slot) == 1);
-      break;
+    case CheckpointOp::discard: REQUIRE(slot_step.erase(a.slot) == 1); break;
     case CheckpointOp::advance:
       REQUIRE(a.step > current);
-      REQUIRE(a.step <= next_reverse);  // never advance past the next step to reverse
+      REQUIRE(a.step <= next_reverse); // never advance past the next step to reverse
       r.advances += a.step - current;
       current = a.step;
       break;
@@ -86,9 +90,139 @@ Replay replay(const CheckpointSchedule& sch) {
       break;
     }
   }
-  REQUIRE(next_reverse == -1);  // every step reversed, last first
-  REQUIRE(slot_step.empty());   // every slot released
+  REQUIRE(next_reverse == -1); // every step reversed, last first
+  REQUIRE(slot_step.empty());  // every slot released
   return r;
+}
+
+/// The schedule generator as first written, recursively (depth N for store_all): the
+/// reference the iterative builder must reproduce action for action. Lowest free slot first.
+struct RecursiveReference {
+  std::vector<CheckpointAction> actions;
+  std::set<int> free_slots;
+  int current = 0;
+  bool output_done = false;
+
+  RecursiveReference(int n, int s) {
+    for (int k = 0; k < s; ++k) free_slots.insert(k);
+    const int first = store(0);
+    build(0, n, s, first);
+    discard(first);
+  }
+  void push(CheckpointOp op, int step, int slot) { actions.push_back({op, step, slot}); }
+  int store(int step) {
+    const int slot = *free_slots.begin();
+    free_slots.erase(free_slots.begin());
+    push(CheckpointOp::store, step, slot);
+    return slot;
+  }
+  void discard(int slot) {
+    free_slots.insert(slot);
+    push(CheckpointOp::discard, 0, slot);
+  }
+  void bring(int step, int slot) {
+    if (current != step) push(CheckpointOp::restore, step, slot);
+    current = step;
+  }
+  void advance_to(int step) {
+    push(CheckpointOp::advance, step, 0);
+    current = step;
+  }
+  void reverse_current() {
+    if (!output_done) push(CheckpointOp::output, current, 0);
+    output_done = true;
+    push(CheckpointOp::reverse, current, 0);
+  }
+  // The optimal split by exhaustive search of j + t(n - j, s - 1) + t(j, s) (smallest j
+  // among equal minima), independent of the builder's bisection.
+  static int split(int n, int s) {
+    int best_j = 1;
+    std::int64_t best = INT64_MAX;
+    for (int j = 1; j < n; ++j) {
+      const std::int64_t f = j + revolve_advances(n - j, s - 1) + revolve_advances(j, s);
+      if (f < best) best = f, best_j = j;
+    }
+    return best_j;
+  }
+  void build(int a, int n, int s, int slot) {
+    if (n == 1) {
+      bring(a, slot);
+      reverse_current();
+      return;
+    }
+    if (s == 1) {
+      for (int k = n - 1; k >= 0; --k) {
+        bring(a, slot);
+        if (k > 0) advance_to(a + k);
+        reverse_current();
+      }
+      return;
+    }
+    const int j = split(n, s);
+    bring(a, slot);
+    advance_to(a + j);
+    if (n - j == 1) {
+      reverse_current();
+    } else {
+      const int sub = store(a + j);
+      build(a + j, n - j, s - 1, sub);
+      discard(sub);
+    }
+    build(a, j, s, slot);
+  }
+};
+
+bool same_actions(const CheckpointSchedule& sch, const std::vector<CheckpointAction>& ref) {
+  const auto acts = sch.actions();
+  if (acts.size() != ref.size()) return false;
+  for (std::size_t k = 0; k < ref.size(); ++k)
+    if (acts[k].op != ref[k].op || acts[k].step != ref[k].step || acts[k].slot != ref[k].slot)
+      return false;
+  return true;
+}
+
+/// Replay's rules without a Catch assertion per action (millions of them at N = 100,000):
+/// returns the advance count, or -1 at the first broken rule.
+std::int64_t quick_replay(const CheckpointSchedule& sch) {
+  const int n = sch.num_steps();
+  std::vector<int> slot_step(static_cast<std::size_t>(sch.snapshots()), -1);
+  std::int64_t advances = 0;
+  int current = 0, next_reverse = n - 1, held = 0;
+  bool output_done = false;
+  for (const CheckpointAction& a : sch.actions()) {
+    const bool slot_ok = a.slot >= 0 && a.slot < sch.snapshots();
+    int* held_step = slot_ok ? &slot_step[static_cast<std::size_t>(a.slot)] : nullptr;
+    switch (a.op) {
+    case CheckpointOp::store:
+      if (!slot_ok || *held_step != -1 || a.step != current) return -1;
+      *held_step = current;
+      ++held;
+      break;
+    case CheckpointOp::restore:
+      if (!slot_ok || *held_step != a.step) return -1;
+      current = a.step;
+      break;
+    case CheckpointOp::discard:
+      if (!slot_ok || *held_step == -1) return -1;
+      *held_step = -1;
+      --held;
+      break;
+    case CheckpointOp::advance:
+      if (a.step <= current || a.step > next_reverse) return -1;
+      advances += a.step - current;
+      current = a.step;
+      break;
+    case CheckpointOp::output:
+      if (output_done || current != n - 1) return -1;
+      output_done = true;
+      break;
+    case CheckpointOp::reverse:
+      if (!output_done || a.step != next_reverse || current != a.step) return -1;
+      --next_reverse;
+      break;
+    }
+  }
+  return next_reverse == -1 && held == 0 ? advances : -1;
 }
 
 } // namespace
@@ -116,10 +250,10 @@ TEST_CASE("t(N, s) reproduces REFERENCE.md's values", "[checkpoint]") {
   CHECK(revolve_advances(50, 5) == 122);
   CHECK(revolve_advances(100, 8) == 245);
   for (int n : {2, 3, 10, 37, 100, 1000}) {
-    CHECK(revolve_advances(n, n - 1) == n - 1);  // store all
+    CHECK(revolve_advances(n, n - 1) == n - 1); // store all
     CHECK(revolve_advances(n, 1) == static_cast<std::int64_t>(n) * (n - 1) / 2);
   }
-  CHECK(revolve_beta(2, 3) == 10);  // C(5, 2)
+  CHECK(revolve_beta(2, 3) == 10); // C(5, 2)
   CHECK(revolve_beta(5, 0) == 1);
   CHECK(revolve_beta(3, -1) == 0);
   CHECK(revolve_repetitions(10, 2) == 3);
@@ -150,3 +284,64 @@ TEST_CASE("checkpoint schedules reject bad input", "[checkpoint][errors]") {
   CHECK_THROWS_AS(revolve_advances(0, 1), diffgrad::invalid_argument);
   CHECK_THROWS_AS(revolve_advances(5, 0), diffgrad::invalid_argument);
 }
+
+TEST_CASE("schedules equal the recursive reference generator action for action (N <= 60)",
+          "[checkpoint]") {
+  for (int n = 1; n <= 60; ++n)
+    for (int s = 1; s <= n + 1; ++s) {
+      INFO("N = " << n << ", s = " << s);
+      const RecursiveReference ref(n, std::min(s, n));
+      REQUIRE(same_actions(CheckpointSchedule::revolve(n, s), ref.actions));
+    }
+  for (const auto& [n, s] : std::vector<std::pair<int, int>>{
+           {1000, 2}, {1000, 7}, {777, 40}, {500, 500}, {2000, 1999}}) {
+    INFO("N = " << n << ", s = " << s);
+    const RecursiveReference ref(n, std::min(s, n));
+    REQUIRE(same_actions(CheckpointSchedule::revolve(n, s), ref.actions));
+  }
+}
+
+TEST_CASE("N = 1e5: store_all and checkpoint schedules build and replay", "[checkpoint]") {
+  // Building was recursive (N deep for store_all: a stack overflow near N = 50,000) and
+  // O(N^2) (a linear free-slot search), 5 s here at N = 100,000.
+  const int n = 100000;
+  for (int s : {n, n - 1, 1000, 12, 2}) {
+    INFO("s = " << s);
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto sch = CheckpointSchedule::revolve(n, s);
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    UNSCOPED_INFO("N = " << n << ", s = " << s << ": built in " << seconds << " s");
+    CHECK(quick_replay(sch) == revolve_advances(n, s));
+    CHECK(sch.advances() == revolve_advances(n, s));
+    CHECK(sch.peak_snapshots() <= std::min(s, n));
+  }
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+namespace {
+struct ThreadJob {
+  int n = 0;
+  std::int64_t replayed = -2;
+};
+void* build_on_thread(void* arg) {
+  auto* job = static_cast<ThreadJob*>(arg);
+  job->replayed = quick_replay(CheckpointSchedule::revolve(job->n, job->n));
+  return nullptr;
+}
+} // namespace
+
+TEST_CASE("store_all schedules build on a thread with a 512 KiB stack (N = 20000)",
+          "[checkpoint]") {
+  // The recursive builder overflowed such a stack at N of about 3,000.
+  pthread_attr_t attr;
+  REQUIRE(pthread_attr_init(&attr) == 0);
+  REQUIRE(pthread_attr_setstacksize(&attr, 512 * 1024) == 0);
+  ThreadJob job{20000};
+  pthread_t thread;
+  REQUIRE(pthread_create(&thread, &attr, build_on_thread, &job) == 0);
+  REQUIRE(pthread_join(thread, nullptr) == 0);
+  pthread_attr_destroy(&attr);
+  CHECK(job.replayed == job.n - 1);
+}
+#endif

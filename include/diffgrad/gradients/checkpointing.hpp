@@ -12,7 +12,9 @@
 // t(1, s) = 0, t(n, 1) = n (n - 1) / 2 (tests/test_checkpointing.cpp checks both).
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <queue>
 #include <span>
 #include <vector>
 
@@ -46,9 +48,23 @@ inline std::int64_t revolve_repetitions(std::int64_t n, std::int64_t s) {
   detail::require(n >= 1, "revolve_repetitions", "n", "at least 1 step", static_cast<double>(n));
   detail::require(s >= 1, "revolve_repetitions", "s", "at least 1 snapshot",
                   static_cast<double>(s));
-  std::int64_t r = 0;
-  while (revolve_beta(s, r) < n) ++r;
-  return r;
+  // beta(s, .) is increasing: gallop to an upper bound, then bisect. A linear scan costs
+  // O(r) binomials, and r grows like sqrt(2 n) for s = 2, which made building a large
+  // schedule with few snapshots quadratic.
+  if (revolve_beta(s, 0) >= n) return 0;
+  std::int64_t lo = 0, hi = 1; // invariant: beta(s, lo) < n
+  while (revolve_beta(s, hi) < n) {
+    lo = hi;
+    hi *= 2;
+  }
+  while (hi - lo > 1) { // beta(s, lo) < n <= beta(s, hi)
+    const std::int64_t mid = lo + (hi - lo) / 2;
+    if (revolve_beta(s, mid) < n)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return hi;
 }
 
 /// t(n, s): the minimal number of one-step advances that reverses n steps with s snapshots.
@@ -60,18 +76,18 @@ inline std::int64_t revolve_advances(std::int64_t n, std::int64_t s) {
 /// One instruction of a checkpoint schedule. The executor keeps one working (extended)
 /// state, the "current step", and `snapshots` slots.
 enum class CheckpointOp {
-  store,    ///< copy the current state into `slot`
-  restore,  ///< copy `slot` into the working state; the current step becomes that slot's step
-  discard,  ///< `slot` is not needed any more (for memory accounting only)
-  advance,  ///< advance the working state one step at a time up to step `step`
-  output,   ///< from the current step N - 1, produce x_N (beside it) and seed the adjoint
-  reverse,  ///< reverse step `step` (== the current step): adjoint x_{step+1} -> x_step
+  store,   ///< copy the current state into `slot`
+  restore, ///< copy `slot` into the working state; the current step becomes that slot's step
+  discard, ///< `slot` is not needed any more (for memory accounting only)
+  advance, ///< advance the working state one step at a time up to step `step`
+  output,  ///< from the current step N - 1, produce x_N (beside it) and seed the adjoint
+  reverse, ///< reverse step `step` (== the current step): adjoint x_{step+1} -> x_step
 };
 
 struct CheckpointAction {
   CheckpointOp op;
-  int step = 0;  ///< advance: target step; reverse: the step reversed; store/restore: its step
-  int slot = 0;  ///< store / restore / discard
+  int step = 0; ///< advance: target step; reverse: the step reversed; store/restore: its step
+  int slot = 0; ///< store / restore / discard
 };
 
 /// An offline schedule for reversing `num_steps` steps with at most `snapshots` stored
@@ -88,70 +104,97 @@ public:
     CheckpointSchedule sch;
     sch.num_steps_ = num_steps;
     sch.snapshots_ = std::min(snapshots, num_steps);
-    Builder b{sch, 0, false, std::vector<bool>(static_cast<std::size_t>(sch.snapshots_), false),
-              0};
-    b.store(0);
-    b.build(0, num_steps, sch.snapshots_, 0);
-    b.discard(0);
+    Builder b(sch);
+    b.run();
     return sch;
   }
 
   int num_steps() const { return num_steps_; }
-  int snapshots() const { return snapshots_; }  ///< slots the executor must allocate
+  int snapshots() const { return snapshots_; } ///< slots the executor must allocate
   std::span<const CheckpointAction> actions() const { return actions_; }
-  std::int64_t advances() const { return advances_; }  ///< one-step advances, output excluded
-  int peak_snapshots() const { return peak_; }         ///< slots in use at once, at most
+  std::int64_t advances() const { return advances_; } ///< one-step advances, output excluded
+  int peak_snapshots() const { return peak_; }        ///< slots in use at once, at most
 
 private:
-  // Recursive generator. Precondition of build(a, n, s, slot): state a is held in `slot`;
-  // steps a .. a + n - 1 are to be reversed (the adjoint at a + n is known) using at most
-  // s slots, `slot` included.
-  struct Builder {
-    CheckpointSchedule& sch;
-    int current;  // step of the working state
-    bool output_done;
-    std::vector<bool> used;
-    int in_use;
+  // The generator. A task build(a, n, s, slot) has the precondition: state a is held in
+  // `slot`; steps a .. a + n - 1 are to be reversed (the adjoint at a + n is known) using at
+  // most s slots, `slot` included. It is the recursion
+  //   build(a, n, s, slot): bring a, advance to a + j, sub = store(a + j),
+  //                         build(a + j, n - j, s - 1, sub), discard(sub), build(a, j, s, slot)
+  // run on an explicit task stack: with s >= n (store_all) the optimal split is j = 1 and
+  // the recursion is N deep, which overflowed the call stack at N of about 50,000 (3,000 on
+  // a 512 KiB thread). The stack holds at most two pending tasks per level of s.
+  class Builder {
+  public:
+    explicit Builder(CheckpointSchedule& sch) : sch_(sch) {
+      // Lowest free slot first (as the linear search this replaces did, so schedules are
+      // unchanged), from a min-heap: O(log s) per store instead of O(s).
+      std::vector<int> all(static_cast<std::size_t>(sch.snapshots_));
+      for (int k = 0; k < sch.snapshots_; ++k) all[static_cast<std::size_t>(k)] = k;
+      free_ = FreeSlots(std::greater<int>(), std::move(all));
+    }
 
-    void push(CheckpointOp op, int step, int slot) { sch.actions_.push_back({op, step, slot}); }
+    void run() {
+      const int first = store(0);
+      tasks_.push_back({Task::kBuild, 0, sch_.num_steps_, sch_.snapshots_, first});
+      while (!tasks_.empty()) {
+        const Task t = tasks_.back();
+        tasks_.pop_back();
+        if (t.kind == Task::kDiscard)
+          discard(t.slot);
+        else
+          build(t.a, t.n, t.s, t.slot);
+      }
+      discard(first);
+    }
+
+  private:
+    struct Task {
+      enum Kind { kBuild, kDiscard } kind;
+      int a, n, s, slot;
+    };
+    using FreeSlots = std::priority_queue<int, std::vector<int>, std::greater<int>>;
+
+    void push(CheckpointOp op, int step, int slot) { sch_.actions_.push_back({op, step, slot}); }
     int store(int step) {
-      const auto it = std::find(used.begin(), used.end(), false);
-      const int slot = static_cast<int>(it - used.begin());
-      *it = true;
-      sch.peak_ = std::max(sch.peak_, ++in_use);
+      const int slot = free_.top();
+      free_.pop();
+      sch_.peak_ = std::max(sch_.peak_, ++in_use_);
       push(CheckpointOp::store, step, slot);
       return slot;
     }
     void discard(int slot) {
-      used[static_cast<std::size_t>(slot)] = false;
-      --in_use;
+      free_.push(slot);
+      --in_use_;
       push(CheckpointOp::discard, 0, slot);
     }
-    void bring(int step, int slot) {  // make `step` the working state, restoring from `slot`
-      if (current != step) {
+    void bring(int step, int slot) { // make `step` the working state, restoring from `slot`
+      if (current_ != step) {
         push(CheckpointOp::restore, step, slot);
-        current = step;
+        current_ = step;
       }
     }
     void advance_to(int step) {
-      sch.advances_ += step - current;
+      sch_.advances_ += step - current_;
       push(CheckpointOp::advance, step, 0);
-      current = step;
+      current_ = step;
     }
     void reverse_current() {
-      if (!output_done) {  // the first reversal is of step N - 1: x_N and the loss come first
-        push(CheckpointOp::output, current, 0);
-        output_done = true;
+      if (!output_done_) { // the first reversal is of step N - 1: x_N and the loss come first
+        push(CheckpointOp::output, current_, 0);
+        output_done_ = true;
       }
-      push(CheckpointOp::reverse, current, 0);
+      push(CheckpointOp::reverse, current_, 0);
     }
+    // One level of the recursion; the two sub-builds it leads to go onto the task stack,
+    // the one to run first on top.
     void build(int a, int n, int s, int slot) {
       if (n == 1) {
         bring(a, slot);
         reverse_current();
         return;
       }
-      if (s == 1) {  // no spare slot: re-advance from a for every step, last first
+      if (s == 1) { // no spare slot: re-advance from a for every step, last first
         for (int k = n - 1; k >= 0; --k) {
           bring(a, slot);
           if (k > 0) advance_to(a + k);
@@ -162,16 +205,23 @@ private:
       const int j = optimal_split(n, s);
       bring(a, slot);
       advance_to(a + j);
+      tasks_.push_back({Task::kBuild, a, j, s, slot}); // runs last
       if (n - j == 1) {
         // The single remaining step is reversed from the working state: no slot needed.
         reverse_current();
       } else {
         const int sub = store(a + j);
-        build(a + j, n - j, s - 1, sub);
-        discard(sub);
+        tasks_.push_back({Task::kDiscard, 0, 0, 0, sub});
+        tasks_.push_back({Task::kBuild, a + j, n - j, s - 1, sub}); // runs first
       }
-      build(a, j, s, slot);
     }
+
+    CheckpointSchedule& sch_;
+    int current_ = 0; // step of the working state
+    bool output_done_ = false;
+    int in_use_ = 0;
+    FreeSlots free_;
+    std::vector<Task> tasks_;
   };
 
   // argmin over 1 <= j < n of f(j) = j + t(n - j, s - 1) + t(j, s). f is convex in j (t(., s)
@@ -181,7 +231,7 @@ private:
     const auto f = [n, s](std::int64_t j) {
       return j + revolve_advances(n - j, s - 1) + revolve_advances(j, s);
     };
-    std::int64_t lo = 1, hi = n - 1;  // the minimiser lies in [lo, hi]
+    std::int64_t lo = 1, hi = n - 1; // the minimiser lies in [lo, hi]
     while (lo < hi) {
       const std::int64_t mid = lo + (hi - lo) / 2;
       if (f(mid + 1) - f(mid) >= 0)
