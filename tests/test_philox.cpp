@@ -1,5 +1,11 @@
 // Counter-based noise (detail/philox.hpp and EigenBackend's noise terms):
 //   - Philox4x32-10 reproduces the Random123 known-answer vectors;
+//   - gaussian(seed, step, index) matches an independent implementation (Python, integers and
+//     50-digit decimals: tests/data/philox_reference.py) on seeds, steps and indices that set
+//     every 32-bit half of the counter and key: the Philox words exactly, the double within a
+//     few ulps of the correctly rounded value, the float exactly. This pins the counter layout,
+//     the uniform's bits and the Box-Muller mapping: changing any of them changes every seeded
+//     sample, a breaking change (docs/architecture.md, CHANGELOG.md);
 //   - a draw depends only on (seed, step, index): reproducible, independent of batch shape,
 //     and each of the three keys changes it (including their high 32 bits);
 //   - 10^6 draws have mean 0, variance 1, zero skewness and excess kurtosis, and pass a
@@ -13,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "data/philox_reference.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/detail/philox.hpp"
 
@@ -68,6 +75,39 @@ TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors", "[philox]"
     const detail::Philox4x32 out = detail::philox4x32_10(k.counter, k.key);
     for (int w = 0; w < 4; ++w) CHECK(out.v[w] == k.expected[w]);
   }
+}
+
+TEST_CASE("gaussian(seed, step, index) matches the independent reference table", "[philox][kat]") {
+  const EigenBackend<float> flt;
+  double worst_ulps = 0;
+  for (const auto& k : diffgrad_test::kGaussianKats) {
+    INFO("seed " << k.seed << ", step " << k.step << ", index " << k.index);
+    // The Philox block of the index's Box-Muller pair, word for word.
+    const detail::Philox4x32 block = detail::gaussian_block(k.seed, k.step, k.index >> 1);
+    for (int w = 0; w < 4; ++w) CHECK(block.v[w] == k.words[w]);
+    // The double: the library's log/sin/cos are not correctly rounded, but within a few ulps.
+    const double got = gaussian(k.seed, k.step, k.index);
+    const double ulp = std::nextafter(std::abs(k.value), INFINITY) - std::abs(k.value);
+    const double ulps = std::abs(got - k.value) / ulp;
+    worst_ulps = std::max(worst_ulps, ulps);
+    INFO("got " << got << ", reference " << k.value << ", " << ulps << " ulps");
+    CHECK(ulps <= 2.0);
+    // gaussian_pair gives the same bits for both members of the pair.
+    double even, odd;
+    detail::gaussian_pair(k.seed, k.step, k.index >> 1, even, odd);
+    CHECK(((k.index & 1u) != 0 ? odd : even) == got);
+    // The float: the double rounded once, equal to the correctly rounded float (the script
+    // checks that no entry lies near a float rounding boundary).
+    CHECK(static_cast<float>(got) == k.value_float);
+    // The float backend's noise state, where the index fits a small state.
+    if (k.index < 4096) {
+      EigenBackend<float>::state_type xf(1, static_cast<Eigen::Index>(k.index) + 1);
+      flt.gaussian(xf, k.seed, k.step);
+      CHECK(xf(0, static_cast<Eigen::Index>(k.index)) == k.value_float);
+    }
+  }
+  INFO("largest difference from the correctly rounded double: " << worst_ulps << " ulps");
+  CHECK(worst_ulps <= 2.0);
 }
 
 TEST_CASE("Uniforms from Philox words lie in (0, 1] and reach both ends", "[philox]") {
