@@ -4,10 +4,13 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
+#include <iomanip>
 #include <string>
 #include <vector>
 
 #include "diffgrad/coeffs/dpm_solver.hpp"
+#include "diffgrad/detail/philox.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
 #include "diffgrad/solvers/dpm_solver_singlestep.hpp"
@@ -258,6 +261,61 @@ TEST_CASE("SDE step into a sigma = 0 node: data form lands on x0, noise form sta
         CHECK(diffgrad::testing::relative_error<double>(x, expected) < 1e-14);
       }
     }
+}
+
+// =======================================================================================
+// Stability pins
+// =======================================================================================
+
+TEST_CASE("Seeded SDE-DPM-Solver++ 2M output is pinned (stability, not correctness)",
+          "[dpm][sde][seed][stability]") {
+  // STABILITY PINS, not correctness checks: the numbers below are what this version of the
+  // library produced (after the noise itself was checked against an independent reference in
+  // test_philox.cpp), so that a change of the noise stream, of the step coefficients or of the
+  // order rules cannot go unnoticed. Seeded results are promised to stay the same across
+  // versions; a change that moves these numbers is a breaking change and goes in CHANGELOG.md
+  // together with the new pins.
+  // Run: SDE-DPM-Solver++ 2M (midpoint), 5 uniform-t steps from t = 1 to 1e-3 on the Gaussian
+  // reference problem, B = 2, d = 3, seed 20261206. Pinned to 1e-12 relative per element.
+  const double pinned[2][3] = {
+      {0.53941327073274947, 0.27633385088059859, -0.096860677949679827},
+      {0.54492055223182145, 0.2099438959924923, -0.098232632712739437},
+  };
+  const VPLinearSchedule schedule;
+  const EigenBackend<double> backend;
+  auto model = diffgrad::testing::gaussian_problem<double>(3);
+  const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 5, 1.0, 1e-3));
+  const SdeDpmSolver scheme(2, SolverPrediction::data);
+  const std::uint64_t seed = 20261206;
+  const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
+  auto check = [&](const StateD& x, const char* path) {
+    for (Eigen::Index r = 0; r < 2; ++r)
+      for (Eigen::Index c = 0; c < 3; ++c) {
+        INFO(path << " noise, element (" << r << ", " << c << "): " << std::setprecision(17)
+                  << x(r, c));
+        CHECK(x(r, c) == Approx(pinned[r][c]).epsilon(1e-12));
+      }
+  };
+  // The SIMD noise path: the engine's Philox noise, drawn by EigenBackend's batched generator
+  // (with 2 lanes, SSE2 or AArch64, two of the 3 pairs per step go through the SIMD block;
+  // wider builds draw all three in its scalar tail, and test_gaussian_batch.cpp checks every
+  // SIMD lane against the reference table on its own).
+  auto x_simd = x_T;
+  sample(scheme, backend, schedule, nodes, model, x_simd, SampleOptions{seed});
+  check(x_simd, "batched (SIMD)");
+  // The scalar path: the same noise written element by element with detail::gaussian (the
+  // function the CUDA backend runs) and handed to the engine as given noise.
+  std::vector<StateD> noise(nodes.size() - 1, StateD(2, 3));
+  for (std::size_t i = 0; i < noise.size(); ++i)
+    for (Eigen::Index r = 0; r < 2; ++r)
+      for (Eigen::Index c = 0; c < 3; ++c)
+        noise[i](r, c) = detail::gaussian(seed, i, static_cast<std::uint64_t>(r * 3 + c));
+  SamplerWorkspace<EigenBackend<double>> ws(backend, scheme.history(), scheme.stages(), 2, 3);
+  ws.given_noise = noise;
+  auto x_scalar = x_T;
+  run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
+             EpsField<decltype(model)>{model}, x_scalar, ws);
+  check(x_scalar, "scalar");
 }
 
 // =======================================================================================
