@@ -10,7 +10,7 @@
 //   dx     = (sigma / v) a + (alpha / v) sum_i lbar_i (m_i - xhat)
 //   dcond += b - (alpha^2 / v) sum_i lbar_i (m_i - xhat)         (summed over the batch)
 //   dtheta_i += lbar_i                                             (summed over the batch)
-// (s0 -> 0 gives the Dirac mixture of REFERENCE.md problem 3; the VJP is then sigma F a.)
+// (s0 -> 0 gives the Dirac mixture, docs/math.md's exact problem 3; the VJP is then sigma F a.)
 // Computed in double whatever the state's Scalar. Checked against finite differences in
 // test_reversible_gradient.cpp.
 #include <Eigen/Core>

@@ -31,7 +31,7 @@ using VecD = EigenBackend<double>::vector_type;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Exact answers for L = <w, x_0> on Gaussian data N(mu, s^2 I) (REFERENCE.md, problem 1).
+// Exact answers for L = <w, x_0> on Gaussian data N(mu, s^2 I) (docs/math.md, problem 1).
 // ---------------------------------------------------------------------------------------------
 double variance(const Node& n, double s) { return n.alpha * n.alpha * s * s + n.sigma * n.sigma; }
 

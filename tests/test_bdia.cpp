@@ -68,7 +68,7 @@ struct NanModel {
   }
 };
 
-/// REFERENCE.md problem 3: equal-weight Dirac mixture in d = 3 (models/dirac_mixture.hpp).
+/// docs/math.md exact problem 3: equal-weight Dirac mixture in d = 3 (models/dirac_mixture.hpp).
 template <class Scalar> models::DiracMixture<Scalar> dirac() {
   Eigen::MatrixXd points(4, 3);
   points << 1.0, -0.5, 0.3, -0.8, 0.6, -0.2, 0.1, 0.9, 1.1, -0.6, -0.9, 0.4;
@@ -97,7 +97,7 @@ TEST_CASE("BDIA coefficients match the reference formulas", "[bdia][coeffs]") {
     const Node prev = s.node(t + 0.02), cur = s.node(t), next = s.node(t - 0.02);
     for (double gamma : {0.0, 0.5, 0.93, 1.0}) {
       const auto c = coeffs::bdia(prev, cur, next, gamma);
-      // REFERENCE.md in the paper's indexing: i+1 = prev (noisier), i = cur, i-1 = next.
+      // docs/math.md in the paper's indexing: i+1 = prev (noisier), i = cur, i-1 = next.
       const double cz = (next.alpha - gamma * prev.alpha) / cur.alpha;
       const double ce = (next.sigma - gamma * prev.sigma) - cur.sigma * cz;
       CHECK(c.prev == gamma);

@@ -1,5 +1,5 @@
 // Binomial checkpointing: the closed form t(N, s) and the generated schedules against a
-// brute-force dynamic program, REFERENCE.md's values, a symbolic replay of every schedule
+// brute-force dynamic program, the values in docs/math.md, a symbolic replay of every schedule
 // (order, slot use, advance count) and bad input.
 #include <catch2/catch.hpp>
 
@@ -245,7 +245,7 @@ TEST_CASE("closed-form t(N, s) and the schedules match a brute-force DP (N <= 40
     }
 }
 
-TEST_CASE("t(N, s) reproduces REFERENCE.md's values", "[checkpoint]") {
+TEST_CASE("t(N, s) reproduces the known values", "[checkpoint]") {
   CHECK(revolve_advances(10, 2) == 20);
   CHECK(revolve_advances(50, 5) == 122);
   CHECK(revolve_advances(100, 8) == 245);

@@ -77,7 +77,7 @@ struct TwoStepScheme {
   void validate(std::span<const Node> nodes) const { validate_nodes(nodes, "TwoStepScheme"); }
   StepPlan plan(std::span<const Node>, int, NodeAtLambda) const { return {}; }
 };
-/// REFERENCE.md problem 3: equal-weight Dirac mixture in d = 3 (models/dirac_mixture.hpp).
+/// docs/math.md exact problem 3: equal-weight Dirac mixture in d = 3 (models/dirac_mixture.hpp).
 template <class Scalar> models::DiracMixture<Scalar> dirac() {
   Eigen::MatrixXd points(4, 3);
   points << 1.0, -0.5, 0.3, -0.8, 0.6, -0.2, 0.1, 0.9, 1.1, -0.6, -0.9, 0.4;

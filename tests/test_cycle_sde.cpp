@@ -151,7 +151,7 @@ TEST_CASE("Cycle-SDE recovers the Philox noise of a sampled path and replays it"
 
 TEST_CASE("Cycle-SDE encodes the closed form xi_s of the first-order step", "[cycle_sde]") {
   // xi_s = (x_t - (alpha_t/alpha_s) x_s + 2 sigma_t (e^h - 1) eps(x_s)) / (sigma_t sqrt(e^{2h} - 1)),
-  // written out here with exp() (REFERENCE.md), on an arbitrary pair of states.
+  // written out here with exp() (docs/math.md, 'Cycle-SDE'), on an arbitrary pair of states.
   Setup S;
   const auto nodes = S.nodes(6);
   std::vector<StateD> traj;

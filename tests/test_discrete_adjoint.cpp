@@ -635,7 +635,7 @@ struct MemoryCase {
   int steps;
   MemoryMode memory;
   int s;
-  std::int64_t t;  ///< t(N, s) from REFERENCE.md / the brute-force DP, not from the code
+  std::int64_t t;  ///< t(N, s) from docs/math.md / the brute-force DP, not from the code
 };
 const std::vector<MemoryCase>& memory_cases() {
   static const std::vector<MemoryCase> cases{{1, MemoryMode::checkpoint(1), 1, 0},

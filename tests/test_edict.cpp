@@ -47,7 +47,7 @@ template <class Method> double order_on_gaussian(const Method& m, std::vector<in
   }
   return diffgrad::testing::fitted_order(steps, errors);
 }
-/// REFERENCE.md problem 3: equal-weight Dirac mixture in d = 3 (models/dirac_mixture.hpp).
+/// docs/math.md exact problem 3: equal-weight Dirac mixture in d = 3 (models/dirac_mixture.hpp).
 template <class Scalar> models::DiracMixture<Scalar> dirac() {
   Eigen::MatrixXd points(4, 3);
   points << 1.0, -0.5, 0.3, -0.8, 0.6, -0.2, 0.1, 0.9, 1.1, -0.6, -0.9, 0.4;

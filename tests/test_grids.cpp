@@ -1,6 +1,6 @@
 // Time grids: exact endpoints, strictly decreasing times, N + 1 points, and each grid uniform in
 // its own variable (t, lambda, sqrt(t), rho^(1/7)). The Karras grid is compared with the
-// formula of REFERENCE.md written out here.
+// formula of docs/math.md ('Time grids') written out here.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -84,7 +84,7 @@ TEST_CASE("Every grid kind on every schedule: endpoints, order, uniformity", "[g
   check_grids("Discrete(linear)", DiscreteSchedule::from_beta_schedule(BetaSchedule::linear));
 }
 
-TEST_CASE("The Karras grid is REFERENCE.md's formula", "[grid][karras]") {
+TEST_CASE("The Karras grid is Karras et al.'s formula", "[grid][karras]") {
   // sigma_i = (s_max^(1/r) + i/(N-1) (s_min^(1/r) - s_max^(1/r)))^r, N points, r = 7.
   const auto formula = [](double smax, double smin, int points, int i, double r) {
     const double a = std::pow(smax, 1 / r), b = std::pow(smin, 1 / r);

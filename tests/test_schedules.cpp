@@ -126,7 +126,7 @@ std::vector<double> interior(double lo, double hi, double h, int n) {
 
 } // namespace
 
-TEST_CASE("VP linear: identities and the closed form of REFERENCE.md", "[schedule][vp]") {
+TEST_CASE("VP linear: identities and the closed-form inverse", "[schedule][vp]") {
   const VPLinearSchedule s; // b0 = 0.1, b1 = 20, t in [1e-3, 1]
   check_schedule_identities("VPLinear", s, interior(s.t_min(), s.t_max(), 1e-5, 25), 1e-5);
   for (double t : linspace(1e-3, 1.0, 11)) {
@@ -135,7 +135,7 @@ TEST_CASE("VP linear: identities and the closed form of REFERENCE.md", "[schedul
     CHECK(close(s.sigma(t), std::sqrt(1.0 - std::exp(2 * log_alpha)), 1e-12));
     CHECK(close(s.f(t), -0.5 * (0.1 + (20.0 - 0.1) * t), 1e-15));
     CHECK(close(s.g2(t), 0.1 + (20.0 - 0.1) * t, 1e-15));
-    // REFERENCE.md's inverse: L = 0.5 log(1 + e^{-2 lambda}), t = 4L/(b0 + sqrt(b0^2 + 4(b1-b0)L)).
+    // docs/math.md's inverse: L = 0.5 log(1 + e^{-2 lambda}), t = 4L/(b0 + sqrt(b0^2 + 4(b1-b0)L)).
     const double lambda = s.lambda(t);
     const double L = 0.5 * std::log(1.0 + std::exp(-2.0 * lambda));
     CHECK(close(s.t_of_lambda(lambda), 4 * L / (0.1 + std::sqrt(0.01 + 4 * (20.0 - 0.1) * L)),

@@ -51,7 +51,7 @@ StateD marginal_sample(const models::GaussianData<double>& model, const Node& n,
 // Coefficients
 // =======================================================================================
 
-TEST_CASE("SDE-DPM-Solver-1 is REFERENCE.md's Cycle-SDE step", "[dpm][sde][coeffs]") {
+TEST_CASE("SDE-DPM-Solver-1 is the step Cycle-SDE inverts", "[dpm][sde][coeffs]") {
   // x_t = (alpha_t/alpha_s) x_s - 2 sigma_t (e^h - 1) eps_s + sigma_t sqrt(e^{2h} - 1) xi.
   const VPLinearSchedule schedule;
   for (auto [ts, tt] : {std::pair{0.9, 0.8}, std::pair{0.5, 0.1}, std::pair{0.2, 0.199}}) {

@@ -2,7 +2,7 @@
 // Test models written with Backend operations only, so the SAME code runs on EigenBackend
 // (in the CPU reference translation unit) and on CudaBackend (in the .cu tests): any
 // CPU/GPU difference in a sampler run then comes from the backends, not from two model
-// implementations. Gaussian data N(mu, s^2 I) (REFERENCE.md exact problem 1):
+// implementations. Gaussian data N(mu, s^2 I) (docs/math.md, exact test problem 1):
 //   eps(x, node)       = sigma (x - alpha mu) / v,       v = alpha^2 s^2 + sigma^2
 //   velocity(x, t)     = c_t x + (1 - c_t t) mu,         c_t = (t s^2 - (1 - t)) / var_t,
 //                                                        var_t = (1 - t)^2 + t^2 s^2

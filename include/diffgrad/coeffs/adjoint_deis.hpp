@@ -1,7 +1,7 @@
 #pragma once
 // Scalar coefficients of the continuous adjoint solvers (AdjointDEIS-1, AdjointDEIS-2M and
 // their SDE twins), derived here rather than copied from the paper (whose eqs. 3.12-3.17 carry
-// one power of alpha_s too few; see REFERENCE.md, "Gradients").
+// one power of alpha_s too few; see docs/math.md, "Deviations from papers").
 //
 // Derivation. The PF-ODE is dx/dt = f x + (g^2/(2 sigma)) eps = f x - sigma lambda'(t) eps
 // (g^2 = -2 sigma^2 lambda'). Its adjoint a = dL/dx obeys da/dt = -f a + sigma lambda' V with

@@ -58,7 +58,7 @@ DIFFGRAD_HOST_DEVICE inline Philox4x32 gaussian_block(std::uint64_t seed, std::u
 
 /// Box-Muller radius sqrt(-2 log u1). log, sin and cos come from detail/portable_math.hpp,
 /// not from the C library: the host's libm and CUDA's differ in the last bit for some
-/// arguments, and the noise must be bit-identical on every backend (DESIGN.md rule 7).
+/// arguments, and the noise must be bit-identical on every backend (docs/architecture.md).
 DIFFGRAD_HOST_DEVICE inline double box_muller_radius(const Philox4x32& r) {
   return portable::sqrt_rn(-2.0 * portable::log_normal(uniform_open0(r.v[0], r.v[1])));
 }

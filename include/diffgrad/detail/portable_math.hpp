@@ -6,7 +6,7 @@
 // about 0.52 ulp and its sin/cos to under 1 ulp, CUDA's double log to 1 ulp and sin/cos to
 // 2 ulp (CUDA Math API, table of maximum ulp errors); neither is correctly rounded, so the
 // same uniform gives a Gaussian that differs in the last bit between the CPU and the GPU
-// backend for some fraction of the draws. Bit-identical noise (DESIGN.md rule 7) therefore
+// backend for some fraction of the draws. Bit-identical noise (docs/architecture.md) therefore
 // needs one implementation written only with operations that IEEE-754 rounds correctly on
 // both sides:
 //   - +, -, *, / and sqrt, each rounded once (on the device through the __d*_rn intrinsics,

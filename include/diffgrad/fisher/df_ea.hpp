@@ -1,6 +1,6 @@
 #pragma once
 // DF-EA, the diffusion-Fisher endpoint approximation (Diffusion Fisher paper, Sec. 5;
-// REFERENCE.md "Diffusion Fisher operators"): the exact Fisher of a Dirac mixture is
+// docs/math.md, "Diffusion Fisher"): the exact Fisher of a Dirac mixture is
 //   F a = a/sigma^2 - (alpha^2/sigma^4) [ sum_i w_i <y_i, a> y_i - <x0_hat, a> x0_hat ],
 // and DF-EA replaces the posterior second moment sum_i w_i y_i y_i^T by the outer product of
 // the trajectory's endpoint x0_end:

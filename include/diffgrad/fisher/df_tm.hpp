@@ -1,5 +1,5 @@
 #pragma once
-// DF-TM, diffusion-Fisher trace matching (Diffusion Fisher paper, Sec. 4; REFERENCE.md):
+// DF-TM, diffusion-Fisher trace matching (Diffusion Fisher paper, Sec. 4; docs/math.md):
 //   tr F(x_t) = d/sigma^2 - (alpha^2/sigma^4) [ T(x_t) - |x0_hat(x_t)|^2 ],
 //   T(x_t) = E[|x0|^2 | x_t],
 // exact for any data distribution (F = I/sigma^2 - (alpha^2/sigma^4) Cov[x0 | x_t] and

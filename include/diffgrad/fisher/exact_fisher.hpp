@@ -1,6 +1,6 @@
 #pragma once
 // The exact diffusion Fisher F = -Hessian_x log p_t(x) of an analytic mixture
-// (REFERENCE.md, exact test problem 3 and its Gaussian-mixture generalisation):
+// (docs/math.md, exact test problem 3 and its Gaussian-mixture generalisation):
 //
 //   data ~ sum_k pi_k N(m_k, s_k^2 I)      (s_k = 0: a Dirac mixture, models::DiracMixture)
 //   x_t | k ~ N(alpha m_k, v_k I),  v_k = alpha^2 s_k^2 + sigma^2,

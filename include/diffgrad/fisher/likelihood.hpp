@@ -1,5 +1,5 @@
 #pragma once
-// PF-ODE log-likelihood by the instantaneous change of variables (REFERENCE.md):
+// PF-ODE log-likelihood by the instantaneous change of variables (docs/math.md):
 //   log p_{t0}(x_{t0}) = log p_{t1}(x_{t1}) + int_{t0}^{t1} div(drift)(x_t, t) dt,
 //   drift = f x + (g^2/(2 sigma)) eps,   div(drift) = f d + (g^2/2) tr F,
 // integrating the state and the divergence together from the data end t0 to the noise end t1.

@@ -1,5 +1,5 @@
 #pragma once
-// OT check of the PF-ODE map (Diffusion Fisher paper, Sec. 6; REFERENCE.md): the Jacobian
+// OT check of the PF-ODE map (Diffusion Fisher paper, Sec. 6; docs/math.md): the Jacobian
 // A(t) = d x_t / d x_{t_start} of the flow solves the variational equation
 //   dA/dt = (f I + (g^2/2) F(x_t, t)) A,   A(t_start) = I,
 // with F the exact diffusion Fisher (exact_fisher.hpp). A gradient map of a convex potential

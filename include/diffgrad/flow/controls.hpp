@@ -1,5 +1,5 @@
 #pragma once
-// Per-step controls u_k for FlowGrad (papers/flowgrad.txt), on any one-stage, history-free,
+// Per-step controls u_k for FlowGrad (Liu et al., CVPR 2023), on any one-stage, history-free,
 // deterministic step-plan scheme whose step is affine in the state and the model output:
 //   x_{k+1} = a_k x_k + b_k f(x_k, node_k)      (FlowEuler: a = 1, b = t_{k+1} - t_k;
 //                                               Ddim(0): a = alpha_t/alpha_s, b = -sigma_t(e^h-1))

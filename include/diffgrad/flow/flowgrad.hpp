@@ -1,5 +1,5 @@
 #pragma once
-// FlowGrad (Liu et al. 2023, papers/flowgrad.txt): steer the output of a generative ODE by
+// FlowGrad (Liu et al., CVPR 2023; docs/flowgrad.md): steer the output of a generative ODE by
 // optimising per-step controls u_k of its N-step sampler,
 //   min_u  J = L(x_N) + lambda sum_k |u_k|^2,
 // with gradients from a VJP-decomposed reverse pass that merges straight parts of the

@@ -1,5 +1,5 @@
 #pragma once
-// FlowGrad's straightness measure and non-uniform segmentation (papers/flowgrad.txt, eqs.
+// FlowGrad's straightness measure and non-uniform segmentation (FlowGrad paper, eqs.
 // 11-12). With v_k = f(x_k, node_k) the model outputs along the trajectory (velocities; eps
 // for DDIM, the velocity of x/alpha in rho):
 //   d(a, b) = |a - b|^2 / |b|^2                    (relative change, per sample)

@@ -2,7 +2,7 @@
 // Offline optimal binomial checkpointing (Griewank's "revolve") for reversing a fixed number
 // of sampler steps with a fixed number of stored states.
 //
-// Counting convention (REFERENCE.md): `snapshots` s counts the stored states INCLUDING the
+// Counting convention (docs/math.md): `snapshots` s counts the stored states INCLUDING the
 // initial one, and t(N, s) counts plain one-step advances. Reversing step i needs only the
 // state before it (x_i and, for multistep schemes, its history) in the working buffer; the
 // adjoint of the first reversed step additionally needs x_N, produced by one extra "output"

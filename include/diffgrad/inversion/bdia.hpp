@@ -1,6 +1,6 @@
 #pragma once
 // BDIA-DDIM (Zhang et al., "Exact diffusion inversion via bi-directional integration
-// approximation", ECCV 2024; papers/bdia.txt eqs. 24 and 28).
+// approximation", ECCV 2024, eqs. 24 and 28).
 //
 // In the paper's indexing (i = N noise .. 0 data), with eps_i = eps(z_i, t_i):
 //   z_{N-1} = plain DDIM step from z_N

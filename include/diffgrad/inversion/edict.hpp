@@ -1,6 +1,6 @@
 #pragma once
 // EDICT (Wallace et al., "EDICT: Exact diffusion inversion via coupled transformations",
-// CVPR 2023; papers/bdia.txt eqs. 9-16). Two coupled copies (x, y) of the state; one step
+// CVPR 2023; BDIA paper eqs. 9-16). Two coupled copies (x, y) of the state; one step
 // from node s to node t with the DDIM coefficients a = alpha_t/alpha_s, b = -sigma_t(e^h - 1):
 //   x_int = a x + b eps(y, s)
 //   y_int = a y + b eps(x_int, s)

@@ -1,5 +1,5 @@
 #pragma once
-// Exact eps of a Dirac mixture (REFERENCE.md, exact test problem 3): data = point y_i with
+// Exact eps of a Dirac mixture (docs/math.md, exact test problem 3): data = point y_i with
 // probability pi_i, so x_t = alpha y_i + sigma n and
 //   w_i(x) = softmax_i( l_i - |x - alpha y_i|^2 / (2 sigma^2) ),   l = log(weights) + z,
 //   x0_hat = sum_i w_i y_i,   eps = (x - alpha x0_hat) / sigma,
@@ -279,7 +279,7 @@ public:
   }
 
   /// tr F = d/sigma^2 - (alpha^2/sigma^4) [sum_i w_i |y_i|^2 - |x0_hat|^2] per sample, in
-  /// double (F = -Hessian of log p_t; REFERENCE.md problem 3).
+  /// double (F = -Hessian of log p_t; docs/math.md, problem 3).
   Eigen::VectorXd fisher_trace(const state_type& x, const Node& n) const {
     forward(x, n, "DiracMixture::fisher_trace");
     const auto y = points();

@@ -1,5 +1,5 @@
 #pragma once
-// Exact eps of Gaussian data N(mu, s^2 I) (REFERENCE.md, exact test problem 1):
+// Exact eps of Gaussian data N(mu, s^2 I) (docs/math.md, exact test problem 1):
 //   v_t = alpha_t^2 s^2 + sigma_t^2,   eps(x, t) = sigma_t (x - alpha_t mu) / v_t.
 // The PF-ODE flow is known in closed form (exact_flow), so every solver's global error and
 // every gradient can be checked against it. mu is the conditioning; s is the one parameter.

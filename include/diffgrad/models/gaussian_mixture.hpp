@@ -4,7 +4,7 @@
 //   r_k = l_k - (d/2) log v_k - |x - alpha m_k|^2 / (2 v_k),   w = softmax(r),  l = log pi + z,
 //   eps = -sigma grad log p_t = sigma sum_k w_k e_k,
 //   d eps/dx = sigma [ (sum_k w_k / v_k) I - Cov_w(e) ]   (symmetric).
-// K = 1 is GaussianData (REFERENCE.md problem 1); s_k -> 0 is the Dirac mixture (problem 3).
+// K = 1 is GaussianData (docs/math.md, problem 1); s_k -> 0 is the Dirac mixture (problem 3).
 // Conditioning z: K logits added to the log-weights. Parameters: the means, flat row-major
 // (m_k[j] at k*d + j). The stds s_k are fixed at construction.
 // Evaluation is GEMM-shaped (|x - alpha m_k|^2 = |x|^2 - 2 alpha x.m_k + alpha^2 |m_k|^2 with one

@@ -1,6 +1,6 @@
 #pragma once
 // Prediction-type adapters: solvers only ever see an eps model; what the network predicts is
-// converted here (DESIGN.md rule 4). With x = alpha x0 + sigma eps (general alpha, sigma):
+// converted here (docs/architecture.md). With x = alpha x0 + sigma eps (general alpha, sigma):
 //   eps    eps                          (PredictionType::eps, diffusers "epsilon")
 //   x0     x0 = (x - sigma eps)/alpha   (PredictionType::x0,  diffusers "sample")
 //   v      v = alpha eps - sigma x0     (PredictionType::v,   diffusers "v_prediction")

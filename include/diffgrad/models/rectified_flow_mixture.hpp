@@ -1,5 +1,5 @@
 #pragma once
-// Exact velocity of the rectified flow to a Dirac mixture (REFERENCE.md, exact test problem 4).
+// Exact velocity of the rectified flow to a Dirac mixture (docs/math.md, exact test problem 4).
 // Flow time t runs from 0 (noise) to 1 (data): X_t = (1 - t) X_0 + t X_1, X_0 ~ N(0, I),
 // X_1 = y_i with probability pi_i. Then E[X_1 | X_t = x] is the Dirac posterior mean at
 // alpha = t, sigma = 1 - t and

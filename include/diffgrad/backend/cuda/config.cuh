@@ -1,5 +1,5 @@
 #pragma once
-// CUDA hygiene of the header-only device code (DESIGN.md rule 8):
+// CUDA hygiene of the header-only device code (docs/cuda.md):
 //  - the CUDA backend's namespace is diffgrad::gpu, not diffgrad::cuda: CCCL (Thrust, CUB,
 //    libcu++) owns the global namespace ::cuda, and a diffgrad::cuda would make every `cuda::`
 //    ambiguous in code that says `using namespace diffgrad;`;

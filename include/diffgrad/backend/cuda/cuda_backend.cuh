@@ -1,6 +1,6 @@
 #pragma once
 // CUDA backend: the same Backend concept as EigenBackend, on device memory, so every solver,
-// gradient and inversion method runs on the GPU through the same code (DESIGN.md rule 1).
+// gradient and inversion method runs on the GPU through the same code (docs/architecture.md).
 //
 //   cudaStream_t stream = ...;                         // or nullptr: the default stream
 //   diffgrad::gpu::CudaBackend<float> backend(stream);

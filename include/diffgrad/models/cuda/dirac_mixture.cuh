@@ -1,6 +1,6 @@
 #pragma once
 // Exact eps of a Dirac mixture on the device: models::DiracMixture (models/dirac_mixture.hpp,
-// REFERENCE.md exact problem 3) with cuBLAS GEMMs and a numerically stable softmax.
+// docs/math.md, exact test problem 3) with cuBLAS GEMMs and a numerically stable softmax.
 //   w_i(x) = softmax_i( l_i - |x - alpha y_i|^2 / (2 sigma^2) ),  l = log(weights) + z,
 //   x0_hat = sum_i w_i y_i,   eps = (x - alpha x0_hat) / sigma.
 // Same algorithm and parameter layout as the CPU model (so results agree to rounding):
