@@ -121,9 +121,9 @@ Gradients discrete_gradient(const std::function<Affine(const std::vector<Node>&,
 }
 
 /// States of an affine sampler run (for a cached trajectory that is exactly DPM-Solver++2M's).
-std::vector<StateD> affine_trajectory(const std::function<Affine(const std::vector<Node>&, Cplx)>& run,
-                                      const std::vector<Node>& nodes, const VecD& mu, double s,
-                                      const StateD& x_T) {
+std::vector<StateD>
+affine_trajectory(const std::function<Affine(const std::vector<Node>&, Cplx)>& run,
+                  const std::vector<Node>& nodes, const VecD& mu, double s, const StateD& x_T) {
   std::vector<StateD> states;
   for (std::size_t i = 0; i < nodes.size(); ++i) {
     const std::vector<Node> head(nodes.begin(), nodes.begin() + static_cast<long>(i) + 1);
@@ -217,12 +217,13 @@ TEST_CASE("AdjointDEIS-1 step uses the derived coefficients, not the misprinted 
   CHECK(c2.integral_t == Approx(2 * c.integral_t));
 }
 
-TEST_CASE("Adjoint coefficients integrate the exponential weight exactly", "[adjoint_deis][coeffs]") {
+TEST_CASE("Adjoint coefficients integrate the exponential weight exactly",
+          "[adjoint_deis][coeffs]") {
   // Independent check by composite Simpson quadrature in lambda of int_{lt}^{ls} e^-l P(l) dl for
   // a linear P (which AdjointDEIS-2M must integrate exactly with the exact_integral weights).
   const VPLinearSchedule sch;
   const Node r = sch.node(0.2), t = sch.node(0.35), s = sch.node(0.6);
-  const double p0 = 0.8, p1 = -1.7;  // P(l) = p0 + p1 (l - lt)
+  const double p0 = 0.8, p1 = -1.7; // P(l) = p0 + p1 (l - lt)
   auto P = [&](double l) { return p0 + p1 * (l - t.lambda); };
   const int M = 20000;
   double I = 0.0;
@@ -253,10 +254,12 @@ TEST_CASE("Adjoint coefficients integrate the exponential weight exactly", "[adj
     const auto cp = coeffs::adjoint_deis_2m(rr, tt, ss, AdjointMultistepWeights::paper);
     const double at2 = tt.alpha * tt.alpha, ar2 = rr.alpha * rr.alpha;
     // A constant bracket (alpha^2 V = 1) is integrated identically.
-    CHECK(cp.vjp_t / at2 + cp.vjp_r / ar2 == Approx(ce.vjp_t / at2 + ce.vjp_r / ar2).epsilon(1e-12));
+    CHECK(cp.vjp_t / at2 + cp.vjp_r / ar2 ==
+          Approx(ce.vjp_t / at2 + ce.vjp_r / ar2).epsilon(1e-12));
     // A linear one differs by O(h^3).
     const double pt = 1.0, pr = 1.0 + p1 * (rr.lambda - tt.lambda);
-    return std::abs(ss.alpha * ((cp.vjp_t - ce.vjp_t) * pt / at2 + (cp.vjp_r - ce.vjp_r) * pr / ar2));
+    return std::abs(ss.alpha *
+                    ((cp.vjp_t - ce.vjp_t) * pt / at2 + (cp.vjp_r - ce.vjp_r) * pr / ar2));
   };
   const double ratio = paper_gap(0.02) / paper_gap(0.01);
   CHECK(ratio == Approx(8.0).margin(1.5));
@@ -283,8 +286,8 @@ TEST_CASE("Adjoint coefficient functions reject bad nodes", "[adjoint_deis][coef
   const VPLinearSchedule sch;
   const Node a = sch.node(0.2), b = sch.node(0.5);
   CHECK_THROWS_AS(coeffs::adjoint_deis_1(b, a), diffgrad::invalid_argument);
-  CHECK_THROWS_WITH(coeffs::adjoint_deis_1(b, a), Catch::Contains("argument 's'") &&
-                                                      Catch::Contains("noisier"));
+  CHECK_THROWS_WITH(coeffs::adjoint_deis_1(b, a),
+                    Catch::Contains("argument 's'") && Catch::Contains("noisier"));
   CHECK_THROWS_WITH(coeffs::adjoint_deis_2m(b, a, sch.node(0.7)), Catch::Contains("argument 'r'"));
   CHECK_THROWS_AS(coeffs::backward_state_1(b, a), diffgrad::invalid_argument);
 }
@@ -316,11 +319,12 @@ TEST_CASE("AdjointDEIS converges to the exact continuous gradient (x_T, mu, s)",
       }
       const double ox = fitted_order(steps, ex), om = fitted_order(steps, em),
                    os = fitted_order(steps, es);
-      INFO("AdjointDEIS order " << k << (weights == AdjointMultistepWeights::paper ? " (paper)" : "")
-                                << ": x_T errors " << ex.front() << " .. " << ex.back()
-                                << " order " << ox << "; mu " << em.front() << " .. " << em.back()
-                                << " order " << om << "; s " << es.front() << " .. " << es.back()
-                                << " order " << os);
+      INFO("AdjointDEIS order " << k
+                                << (weights == AdjointMultistepWeights::paper ? " (paper)" : "")
+                                << ": x_T errors " << ex.front() << " .. " << ex.back() << " order "
+                                << ox << "; mu " << em.front() << " .. " << em.back() << " order "
+                                << om << "; s " << es.front() << " .. " << es.back() << " order "
+                                << os);
       const double margin = k == 1 ? 0.2 : 0.3;
       CHECK(ox == Approx(k).margin(margin));
       CHECK(om == Approx(k).margin(margin));
@@ -329,7 +333,8 @@ TEST_CASE("AdjointDEIS converges to the exact continuous gradient (x_T, mu, s)",
   }
 }
 
-TEST_CASE("AdjointDEIS-1 along a DDIM trajectory recorded by TrajectoryCache", "[adjoint_deis][order]") {
+TEST_CASE("AdjointDEIS-1 along a DDIM trajectory recorded by TrajectoryCache",
+          "[adjoint_deis][order]") {
   GaussianSetup P;
   const EigenBackend<double> backend;
   const std::vector<int> steps{80, 160, 320, 640, 1280};
@@ -369,12 +374,12 @@ TEST_CASE("AdjointDEIS re-solving the state backwards converges and counts its c
     std::vector<double> ex, em, es, erec;
     for (int n : steps) {
       const auto nodes = P.nodes(n);
-      StateD x = P.model.exact_flow(P.x_T, nodes.front(), nodes.back());  // the exact sample
+      StateD x = P.model.exact_flow(P.x_T, nodes.front(), nodes.back()); // the exact sample
       Gradients g;
       g.mu = VecD::Zero(3);
       VecD params = VecD::Zero(1);
-      const auto cost = adjoint_deis_resolve(backend, P.model, nodes, x, P.w, g.x_T, &g.mu,
-                                             &params, order(k));
+      const auto cost =
+          adjoint_deis_resolve(backend, P.model, nodes, x, P.w, g.x_T, &g.mu, &params, order(k));
       g.s = params(0);
       CHECK(cost.model_evals == n);
       CHECK(cost.vjps == n);
@@ -385,9 +390,9 @@ TEST_CASE("AdjointDEIS re-solving the state backwards converges and counts its c
       erec.push_back((x - P.x_T).norm() / P.x_T.norm());
     }
     INFO("order " << k << ": s errors " << es.front() << " .. " << es.back()
-                  << ", x_T reconstruction " << erec.front() << " .. " << erec.back()
-                  << "; orders " << fitted_order(steps, ex) << ", " << fitted_order(steps, em)
-                  << ", " << fitted_order(steps, es) << ", " << fitted_order(steps, erec));
+                  << ", x_T reconstruction " << erec.front() << " .. " << erec.back() << "; orders "
+                  << fitted_order(steps, ex) << ", " << fitted_order(steps, em) << ", "
+                  << fitted_order(steps, es) << ", " << fitted_order(steps, erec));
     const double margin = k == 1 ? 0.2 : 0.3;
     CHECK(fitted_order(steps, ex) == Approx(k).margin(margin));
     CHECK(fitted_order(steps, em) == Approx(k).margin(margin));
@@ -418,7 +423,8 @@ public:
            VecD* dparams) const {
     const double v = n.alpha * n.alpha * s_ * s_ + n.sigma * n.sigma;
     const auto th = x.array().tanh();
-    dx = ((n.sigma / v) * a.array() + beta_ * n.sigma * n.alpha * (1 - th * th) * a.array()).matrix();
+    dx = ((n.sigma / v) * a.array() + beta_ * n.sigma * n.alpha * (1 - th * th) * a.array())
+             .matrix();
     if (dcond) *dcond += (-n.sigma * n.alpha / v) * a.colwise().sum().transpose();
     if (dparams) (*dparams)(0) += n.sigma * n.alpha * (th * a.array()).sum();
   }
@@ -463,7 +469,9 @@ TEST_CASE("AdjointDEIS on a nonlinear model matches finite differences of the ex
   w << 1.0, 0.5, -0.7, 0.3;
   const Node T = sch.node(1.0), D = sch.node(1e-3);
   const int fine = 2000;
-  auto loss = [&](const StateD& xT) { return (w.array() * rk4_flow(model, sch, xT, T, D, fine).array()).sum(); };
+  auto loss = [&](const StateD& xT) {
+    return (w.array() * rk4_flow(model, sch, xT, T, D, fine).array()).sum();
+  };
   // Reference gradient: central differences of the RK4 flow (truncation ~1e-9 relative).
   const double d = 1e-4;
   StateD ref_x(2, 2);
@@ -516,12 +524,11 @@ TEST_CASE("AdjointDEIS on a nonlinear model matches finite differences of the ex
         em.push_back((gm - ref_mu).norm() / ref_mu.norm());
         eb.push_back(std::abs(gb(0) - ref_beta) / std::abs(ref_beta));
       }
-      INFO((resolve ? "re-solved" : "cached") << " order " << k << ": x_T " << ex.front() << " .. "
-                                              << ex.back() << ", mu " << em.back() << ", beta "
-                                              << eb.front() << " .. " << eb.back()
-                                              << "; orders " << fitted_order(steps, ex) << ", "
-                                              << fitted_order(steps, em) << ", "
-                                              << fitted_order(steps, eb));
+      INFO((resolve ? "re-solved" : "cached")
+           << " order " << k << ": x_T " << ex.front() << " .. " << ex.back() << ", mu "
+           << em.back() << ", beta " << eb.front() << " .. " << eb.back() << "; orders "
+           << fitted_order(steps, ex) << ", " << fitted_order(steps, em) << ", "
+           << fitted_order(steps, eb));
       const double margin = k == 1 ? 0.2 : 0.3;
       CHECK(fitted_order(steps, ex) == Approx(k).margin(margin));
       CHECK(fitted_order(steps, em) == Approx(k).margin(margin));
@@ -536,82 +543,82 @@ TEST_CASE("AdjointDEIS on a nonlinear model matches finite differences of the ex
 TEST_CASE("AdjointDEIS vs the exact discrete gradients of DDIM and DPM-Solver++2M",
           "[adjoint_deis][table]") {
   for (GridKind grid : {GridKind::uniform_lambda, GridKind::uniform_t}) {
-  GaussianSetup P;
-  P.grid = grid;
-  const EigenBackend<double> backend;
-  const auto& mu = P.model.mu();
-  const double s = P.model.s();
-  std::printf("\nAdjointDEIS on Gaussian data (VP linear, %s grid t = 1 -> 1e-3, d = 3, B = 4, "
-              "s = 0.2), relative errors of dL/dx_T | dL/dmu | dL/ds\n",
-              grid == GridKind::uniform_t ? "uniform t" : "uniform lambda");
-  std::printf("%-4s %-34s %-34s %-34s\n", "N", "AdjointDEIS-1 vs DDIM discrete",
-              "AdjointDEIS-1 vs continuous", "DDIM discrete vs continuous");
-  std::vector<double> gap1, gap2;
-  for (int n : {10, 20, 50, 200}) {
-    const auto nodes = P.nodes(n);
-    const auto exact = P.exact(nodes);
-    // Forward DDIM with the engine, states recorded; the adjoint runs along them.
-    TrajectoryCache<EigenBackend<double>> cache(backend, n, 4, 3);
-    cache.reset(P.x_T);
-    StateD x = P.x_T;
-    sample(Ddim(), backend, P.schedule, nodes, P.model, x, {}, cache);
-    const std::vector<StateD> traj(cache.states().begin(), cache.states().end());
-    const auto adj = P.adjoint(nodes, traj, order(1));
-    const auto disc = discrete_gradient(ddim_affine, nodes, mu, s, P.x_T, P.w);
-    // The affine recursion reproduces the engine's DDIM sample (validates the closed form).
-    const Affine a = ddim_affine(nodes, Cplx(s, 0));
-    CHECK(((a.A.real() * P.x_T).rowwise() + a.B.real() * mu.transpose() - x).norm() <
-          1e-13 * x.norm());
-    // ... and its complex-step gradient equals the generic exact discrete adjoint's.
-    GradientOptions go;
-    go.wrt_cond = true;
-    go.wrt_params = true;
-    const auto generic = gradient(Ddim(), backend, P.schedule, nodes, P.model, P.x_T, P.w, go);
-    CHECK((generic.grad_x - disc.x_T).norm() < 1e-12 * disc.x_T.norm());
-    CHECK((generic.grad_cond - disc.mu).norm() < 1e-12 * disc.mu.norm());
-    CHECK(generic.grad_params(0) == Approx(disc.s).epsilon(1e-10));
-    const auto e_ad = errors(adj, disc), e_ac = errors(adj, exact), e_dc = errors(disc, exact);
-    std::printf("%-4d %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e\n", n,
-                e_ad.x_T, e_ad.mu, e_ad.s, e_ac.x_T, e_ac.mu, e_ac.s, e_dc.x_T, e_dc.mu, e_dc.s);
-    gap1.push_back(e_ad.x_T + e_ad.mu + e_ad.s);
-  }
-  std::printf("%-4s %-34s %-34s %-34s\n", "N", "AdjointDEIS-2M vs DPM++2M discrete",
-              "AdjointDEIS-2M vs continuous", "DPM++2M discrete vs continuous");
-  for (int n : {10, 20, 50, 200}) {
-    const auto nodes = P.nodes(n);
-    const auto exact = P.exact(nodes);
-    const auto traj = affine_trajectory(dpmpp2m_affine, nodes, mu, s, P.x_T);
-    const auto adj = P.adjoint(nodes, traj, order(2));
-    const auto disc = discrete_gradient(dpmpp2m_affine, nodes, mu, s, P.x_T, P.w);
-#ifdef DIFFGRAD_TEST_HAVE_DPM_MULTISTEP
-    {
-      // Cross-check the recursion against the library's DPM-Solver++(2M) (no lower-order final
-      // step) and the generic exact discrete adjoint through it.
-      DpmSolverMultistep::Options o;
-      o.order = 2;
-      o.prediction = SolverPrediction::data;
-      o.lower_order_final = false;
-      const DpmSolverMultistep dpm(o);
+    GaussianSetup P;
+    P.grid = grid;
+    const EigenBackend<double> backend;
+    const auto& mu = P.model.mu();
+    const double s = P.model.s();
+    std::printf("\nAdjointDEIS on Gaussian data (VP linear, %s grid t = 1 -> 1e-3, d = 3, B = 4, "
+                "s = 0.2), relative errors of dL/dx_T | dL/dmu | dL/ds\n",
+                grid == GridKind::uniform_t ? "uniform t" : "uniform lambda");
+    std::printf("%-4s %-34s %-34s %-34s\n", "N", "AdjointDEIS-1 vs DDIM discrete",
+                "AdjointDEIS-1 vs continuous", "DDIM discrete vs continuous");
+    std::vector<double> gap1, gap2;
+    for (int n : {10, 20, 50, 200}) {
+      const auto nodes = P.nodes(n);
+      const auto exact = P.exact(nodes);
+      // Forward DDIM with the engine, states recorded; the adjoint runs along them.
+      TrajectoryCache<EigenBackend<double>> cache(backend, n, 4, 3);
+      cache.reset(P.x_T);
       StateD x = P.x_T;
-      sample(dpm, backend, P.schedule, nodes, P.model, x);
-      CHECK((x - traj.back()).norm() < 1e-12 * x.norm());
+      sample(Ddim(), backend, P.schedule, nodes, P.model, x, {}, cache);
+      const std::vector<StateD> traj(cache.states().begin(), cache.states().end());
+      const auto adj = P.adjoint(nodes, traj, order(1));
+      const auto disc = discrete_gradient(ddim_affine, nodes, mu, s, P.x_T, P.w);
+      // The affine recursion reproduces the engine's DDIM sample (validates the closed form).
+      const Affine a = ddim_affine(nodes, Cplx(s, 0));
+      CHECK(((a.A.real() * P.x_T).rowwise() + a.B.real() * mu.transpose() - x).norm() <
+            1e-13 * x.norm());
+      // ... and its complex-step gradient equals the generic exact discrete adjoint's.
       GradientOptions go;
       go.wrt_cond = true;
       go.wrt_params = true;
-      const auto generic = gradient(dpm, backend, P.schedule, nodes, P.model, P.x_T, P.w, go);
+      const auto generic = gradient(Ddim(), backend, P.schedule, nodes, P.model, P.x_T, P.w, go);
       CHECK((generic.grad_x - disc.x_T).norm() < 1e-12 * disc.x_T.norm());
       CHECK((generic.grad_cond - disc.mu).norm() < 1e-12 * disc.mu.norm());
       CHECK(generic.grad_params(0) == Approx(disc.s).epsilon(1e-10));
+      const auto e_ad = errors(adj, disc), e_ac = errors(adj, exact), e_dc = errors(disc, exact);
+      std::printf("%-4d %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e\n", n,
+                  e_ad.x_T, e_ad.mu, e_ad.s, e_ac.x_T, e_ac.mu, e_ac.s, e_dc.x_T, e_dc.mu, e_dc.s);
+      gap1.push_back(e_ad.x_T + e_ad.mu + e_ad.s);
     }
+    std::printf("%-4s %-34s %-34s %-34s\n", "N", "AdjointDEIS-2M vs DPM++2M discrete",
+                "AdjointDEIS-2M vs continuous", "DPM++2M discrete vs continuous");
+    for (int n : {10, 20, 50, 200}) {
+      const auto nodes = P.nodes(n);
+      const auto exact = P.exact(nodes);
+      const auto traj = affine_trajectory(dpmpp2m_affine, nodes, mu, s, P.x_T);
+      const auto adj = P.adjoint(nodes, traj, order(2));
+      const auto disc = discrete_gradient(dpmpp2m_affine, nodes, mu, s, P.x_T, P.w);
+#ifdef DIFFGRAD_TEST_HAVE_DPM_MULTISTEP
+      {
+        // Cross-check the recursion against the library's DPM-Solver++(2M) (no lower-order final
+        // step) and the generic exact discrete adjoint through it.
+        DpmSolverMultistep::Options o;
+        o.order = 2;
+        o.prediction = SolverPrediction::data;
+        o.lower_order_final = false;
+        const DpmSolverMultistep dpm(o);
+        StateD x = P.x_T;
+        sample(dpm, backend, P.schedule, nodes, P.model, x);
+        CHECK((x - traj.back()).norm() < 1e-12 * x.norm());
+        GradientOptions go;
+        go.wrt_cond = true;
+        go.wrt_params = true;
+        const auto generic = gradient(dpm, backend, P.schedule, nodes, P.model, P.x_T, P.w, go);
+        CHECK((generic.grad_x - disc.x_T).norm() < 1e-12 * disc.x_T.norm());
+        CHECK((generic.grad_cond - disc.mu).norm() < 1e-12 * disc.mu.norm());
+        CHECK(generic.grad_params(0) == Approx(disc.s).epsilon(1e-10));
+      }
 #endif
-    const auto e_ad = errors(adj, disc), e_ac = errors(adj, exact), e_dc = errors(disc, exact);
-    std::printf("%-4d %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e\n", n,
-                e_ad.x_T, e_ad.mu, e_ad.s, e_ac.x_T, e_ac.mu, e_ac.s, e_dc.x_T, e_dc.mu, e_dc.s);
-    gap2.push_back(e_ad.x_T + e_ad.mu + e_ad.s);
-  }
-  // The gap to the discrete gradient shrinks with N (both converge to the continuous one).
-  CHECK(gap1[2] < gap1[0]);
-  CHECK(gap2[2] < gap2[0]);
+      const auto e_ad = errors(adj, disc), e_ac = errors(adj, exact), e_dc = errors(disc, exact);
+      std::printf("%-4d %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e      %9.2e %9.2e %9.2e\n", n,
+                  e_ad.x_T, e_ad.mu, e_ad.s, e_ac.x_T, e_ac.mu, e_ac.s, e_dc.x_T, e_dc.mu, e_dc.s);
+      gap2.push_back(e_ad.x_T + e_ad.mu + e_ad.s);
+    }
+    // The gap to the discrete gradient shrinks with N (both converge to the continuous one).
+    CHECK(gap1[2] < gap1[0]);
+    CHECK(gap2[2] < gap2[0]);
   }
 }
 // ---------------------------------------------------------------------------------------------
@@ -633,8 +640,8 @@ TEST_CASE("AdjointDEIS in float32 agrees with float64", "[adjoint_deis][float]")
   VecF gm = VecF::Zero(3), gs = VecF::Zero(1);
   const EigenBackend<float> backend;
   AdjointDeisOptions opt = order(2);
-  adjoint_deis(backend, model, nodes, std::span<const StateF>(traj32), StateF(P.w.cast<float>()),
-               g, &gm, &gs, opt);
+  adjoint_deis(backend, model, nodes, std::span<const StateF>(traj32), StateF(P.w.cast<float>()), g,
+               &gm, &gs, opt);
   // Documented tolerance: float32 rounding accumulated over 40 steps, ~1e-5 relative.
   CHECK((g.cast<double>() - g64.x_T).norm() / g64.x_T.norm() < 1e-5);
   CHECK((gm.cast<double>() - g64.mu).norm() / g64.mu.norm() < 1e-5);
@@ -673,7 +680,8 @@ TEST_CASE("AdjointDEIS calls model-time models the same way", "[adjoint_deis]") 
   CHECK(cost.model_evals == 20);
   // Without z/theta the adjoint is unscaled and must agree too.
   StateD g3;
-  adjoint_deis(backend, m, nodes, std::span<const StateD>(traj), P.w, g3, nullptr, nullptr, order(2));
+  adjoint_deis(backend, m, nodes, std::span<const StateD>(traj), P.w, g3, nullptr, nullptr,
+               order(2));
   CHECK((g3 - ref.x_T).norm() < 1e-13 * ref.x_T.norm());
 }
 
@@ -690,8 +698,8 @@ TEST_CASE("AdjointDEIS does one fused lincomb per adjoint step and allocates bef
       AdjointDeisOptions opt = order(k);
       opt.check_finite = false;
       backend.reset();
-      auto cost = adjoint_deis(backend, P.model, nodes, std::span<const StateD>(traj), P.w, g,
-                               &gm, &gs, opt);
+      auto cost = adjoint_deis(backend, P.model, nodes, std::span<const StateD>(traj), P.w, g, &gm,
+                               &gs, opt);
       // One lincomb per step plus the initial scaling b_N = kappa_N dL/dx_0; three work states.
       CHECK(backend.counts().lincomb_passes == n + 1);
       CHECK(backend.counts().make_state == 3);
@@ -721,7 +729,8 @@ TEST_CASE("AdjointDEIS rejects bad input with clear messages", "[adjoint_deis][e
   CHECK_THROWS_WITH(adjoint_deis(backend, P.model, nodes, tr, P.w, g, nullptr, nullptr, bad),
                     Catch::Contains("argument 'options.order'") && Catch::Contains("got 3"));
   CHECK_THROWS_WITH(adjoint_deis(backend, P.model, nodes, tr.first(4), P.w, g),
-                    Catch::Contains("argument 'trajectory'") && Catch::Contains("one state per node"));
+                    Catch::Contains("argument 'trajectory'") &&
+                        Catch::Contains("one state per node"));
   CHECK_THROWS_AS(adjoint_deis(backend, P.model, nodes, std::span<const StateD>{}, P.w, g),
                   diffgrad::invalid_argument);
   CHECK_THROWS_WITH(adjoint_deis(backend, P.model, nodes, tr, StateD::Ones(2, 3), g),
@@ -742,9 +751,190 @@ TEST_CASE("AdjointDEIS rejects bad input with clear messages", "[adjoint_deis][e
   auto nan_traj = traj;
   nan_traj[3](0, 0) = std::numeric_limits<double>::quiet_NaN();
   TanhPerturbedGaussian tanh_model(P.model.mu(), 0.2, 1.0);
-  CHECK_THROWS_AS(adjoint_deis(backend, tanh_model, nodes, std::span<const StateD>(nan_traj), P.w, g),
-                  diffgrad::numerical_error);
+  CHECK_THROWS_AS(
+      adjoint_deis(backend, tanh_model, nodes, std::span<const StateD>(nan_traj), P.w, g),
+      diffgrad::numerical_error);
   TrajectoryCache<EigenBackend<double>> cache(backend, 3, 4, 3);
   CHECK_THROWS_WITH(cache(1, 5, nodes[1], P.x_T), Catch::Contains("argument 'num_steps'"));
-  CHECK_THROWS_AS(TrajectoryCache<EigenBackend<double>>(backend, 0, 4, 3), diffgrad::invalid_argument);
+  CHECK_THROWS_AS(TrajectoryCache<EigenBackend<double>>(backend, 0, 4, 3),
+                  diffgrad::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step-size stability: the report, the callback and the refusal
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+/// The collapsed posterior of the stability analysis: data = one point y, so
+/// eps = (x - alpha y)/sigma and (d eps/dx)^T a = a/sigma. Counts its VJPs.
+struct CollapsedPosterior {
+  double y = 0.3;
+  int vjp_calls = 0;
+  void eps(const StateD& x, const Node& n, StateD& out) const {
+    out = ((x.array() - n.alpha * y) / n.sigma).matrix();
+  }
+  void vjp(const StateD&, const Node& n, const StateD& a, StateD& dx, VecD*, VecD*) {
+    ++vjp_calls;
+    dx = a / n.sigma;
+  }
+  std::int64_t cond_size() const { return 0; }
+  std::int64_t param_size() const { return 0; }
+};
+
+/// Nodes of the VP-linear schedule at the given lambdas (increasing).
+std::vector<Node> nodes_at_lambdas(const std::vector<double>& lambdas) {
+  const VPLinearSchedule schedule;
+  std::vector<double> times;
+  for (double l : lambdas) times.push_back(schedule.t_of_lambda(l));
+  return make_nodes(schedule, times);
+}
+} // namespace
+
+TEST_CASE("AdjointDEIS stability bounds and the test-problem factor match the library's steps",
+          "[adjoint_deis][stability]") {
+  CHECK(adjoint_stability_bound(1, 1.0) == Approx(std::log(3.0)).epsilon(1e-14));
+  CHECK(adjoint_stability_bound(1, 2.0) == Approx(std::log(2.0)).epsilon(1e-14));
+  CHECK(adjoint_stability_bound(2, 1.0) == Approx(0.58251).margin(1e-4));
+  CHECK(adjoint_stability_bound(2, 2.0) == Approx(0.36213).margin(1e-4));
+  // At the bound the first-order factor is exactly -1; for -2M the root modulus is 1.
+  CHECK(adjoint_test_factor(1, 1.0, std::log(3.0)) == Approx(-1.0).epsilon(1e-12));
+  CHECK(adjoint_test_factor(2, 1.0, adjoint_stability_bound(2, 1.0)) == Approx(1.0).epsilon(1e-9));
+  // The factor is what one AdjointDEIS-1 step of the library does on the collapsed posterior:
+  // grad_xT / grad_x0 = (alpha_t/alpha_s) (2 - e^{|h|}), against the exact (alpha_t/alpha_s)
+  // e^{-|h|}; beyond ln 2 it has the wrong sign, beyond ln 3 it also grows.
+  const EigenBackend<double> backend;
+  for (const double k : {0.3, 1.0, 1.5, 2.6}) {
+    const auto nodes = nodes_at_lambdas({-1.0, -1.0 + k});
+    CollapsedPosterior model;
+    const std::vector<StateD> traj{StateD::Constant(2, 3, 0.1), StateD::Constant(2, 3, 0.2)};
+    const StateD a0 = StateD::Ones(2, 3);
+    StateD g;
+    const auto cost = adjoint_deis(backend, model, nodes, std::span<const StateD>(traj), a0, g);
+    const double ratio = nodes[1].alpha / nodes[0].alpha;
+    CHECK(g(0, 0) / ratio == Approx(adjoint_test_factor(1, 1.0, k)).epsilon(1e-12));
+    CHECK(g(0, 0) / ratio == Approx(2.0 - std::exp(k)).epsilon(1e-12));
+    CHECK(cost.stability.exceeded() == (k > std::log(3.0)));
+  }
+  // -2M on a uniform grid: the adjoint of u = alpha a decays below the bound and grows above it.
+  for (const double k : {0.45, 0.7}) {
+    std::vector<double> lambdas;
+    for (int i = 0; i <= 12; ++i) lambdas.push_back(-4.5 + k * i);
+    const auto nodes = nodes_at_lambdas(lambdas);
+    CollapsedPosterior model;
+    const std::vector<StateD> traj(nodes.size(), StateD::Constant(1, 2, 0.1));
+    StateD g;
+    AdjointDeisOptions opt;
+    opt.order = 2;
+    opt.stability.policy = AmplificationPolicy::ignore;
+    const auto cost = adjoint_deis(backend, model, nodes, std::span<const StateD>(traj),
+                                   StateD::Ones(1, 2), g, nullptr, nullptr, opt);
+    const double u_growth = std::abs(nodes.front().alpha * g(0, 0) / nodes.back().alpha);
+    INFO("|h| = " << k << ": alpha a grows by " << u_growth << " over 12 steps");
+    if (k < 0.5) {
+      CHECK(u_growth < 1.0);
+      CHECK_FALSE(cost.stability.exceeded());
+    } else {
+      CHECK(u_growth > 10.0);
+      CHECK(cost.stability.steps_beyond == 11); // every step but the first-order one
+      CHECK(cost.stability.first_beyond == 0);
+    }
+  }
+}
+
+TEST_CASE("AdjointDEIS reports, calls back on or refuses a step beyond its stability bound",
+          "[adjoint_deis][stability][errors]") {
+  const EigenBackend<double> backend;
+  const VPLinearSchedule schedule;
+  // The flagship example's failing grid: uniform t over VP-linear from 1 to 1e-3, N = 25: the
+  // last step has |h| = 2.6 > ln 3. The uniform-lambda grid of the same N is clean.
+  const auto bad = make_nodes(schedule, uniform_t_grid(schedule, 25, 1.0, 1e-3));
+  const auto good = make_nodes(schedule, uniform_lambda_grid(schedule, 25, 1.0, 1e-3));
+  const std::vector<StateD> traj(bad.size(), StateD::Constant(2, 3, 0.1));
+  const std::span<const StateD> tr(traj);
+  const StateD a0 = StateD::Ones(2, 3);
+  StateD g;
+
+  SECTION("report (default policy: warn) and callback") {
+    CollapsedPosterior model;
+    int calls = 0;
+    AdjointStabilityReport seen;
+    AdjointDeisOptions opt;
+    opt.stability.on_warning = [&](const AdjointStabilityReport& r) {
+      ++calls;
+      seen = r;
+    };
+    const auto cost = adjoint_deis(backend, model, bad, tr, a0, g, nullptr, nullptr, opt);
+    const auto& r = cost.stability;
+    CHECK(std::string(r.method) == "AdjointDEIS-1");
+    CHECK(r.exceeded());
+    CHECK(r.warned);
+    CHECK(calls == 1);
+    CHECK(seen.steps_beyond == r.steps_beyond);
+    CHECK(r.max_step == 24);
+    CHECK(r.max_abs_h == Approx(bad[25].lambda - bad[24].lambda));
+    CHECK(r.max_abs_h > 2.5);
+    CHECK(r.factor_at_max < -1.0);
+    CHECK(r.bound == Approx(std::log(3.0)));
+    REQUIRE(r.steps_beyond >= 1);
+    CHECK(r.beyond.back() == 24);
+    CHECK(r.first_beyond == r.beyond.front());
+    CHECK(model.vjp_calls == 25); // warn does not stop the solve
+    // The same report without running anything.
+    const auto pre = adjoint_deis_stability(bad);
+    CHECK(pre.steps_beyond == r.steps_beyond);
+    CHECK(pre.first_beyond == r.first_beyond);
+  }
+  SECTION("a grid below the bound is clean") {
+    CollapsedPosterior model;
+    int calls = 0;
+    AdjointDeisOptions opt;
+    opt.stability.policy = AmplificationPolicy::refuse;
+    opt.stability.on_warning = [&](const AdjointStabilityReport&) { ++calls; };
+    const auto cost = adjoint_deis(backend, model, good, tr, a0, g, nullptr, nullptr, opt);
+    CHECK_FALSE(cost.stability.exceeded());
+    CHECK_FALSE(cost.stability.warned);
+    CHECK(cost.stability.steps_beyond == 0);
+    CHECK(cost.stability.first_beyond == -1);
+    CHECK(cost.stability.beyond.empty());
+    CHECK(cost.stability.max_abs_h < std::log(3.0));
+    CHECK(calls == 0);
+    CHECK(model.vjp_calls == 25);
+  }
+  SECTION("refuse throws before any model call, naming the bound and the step") {
+    CollapsedPosterior model;
+    AdjointDeisOptions opt;
+    opt.stability.policy = AmplificationPolicy::refuse;
+    CHECK_THROWS_AS(adjoint_deis(backend, model, bad, tr, a0, g, nullptr, nullptr, opt),
+                    diffgrad::numerical_error);
+    CHECK_THROWS_WITH(adjoint_deis(backend, model, bad, tr, a0, g, nullptr, nullptr, opt),
+                      Catch::Contains("AdjointDEIS-1") && Catch::Contains("stability bound") &&
+                          Catch::Contains("step 24") && Catch::Contains("uniform_lambda_grid"));
+    StateD x = traj.back();
+    CHECK_THROWS_AS(adjoint_deis_resolve(backend, model, bad, x, a0, g, nullptr, nullptr, opt),
+                    diffgrad::numerical_error);
+    CHECK(model.vjp_calls == 0);
+  }
+  SECTION("ignore reports without warning") {
+    CollapsedPosterior model;
+    int calls = 0;
+    AdjointDeisOptions opt;
+    opt.stability.policy = AmplificationPolicy::ignore;
+    opt.stability.on_warning = [&](const AdjointStabilityReport&) { ++calls; };
+    const auto cost = adjoint_deis(backend, model, bad, tr, a0, g, nullptr, nullptr, opt);
+    CHECK(cost.stability.exceeded());
+    CHECK_FALSE(cost.stability.warned);
+    CHECK(calls == 0);
+  }
+  SECTION("-2M has the smaller bound") {
+    AdjointDeisOptions opt;
+    opt.order = 2;
+    const auto r = adjoint_deis_stability(good, opt); // |h| = 0.39 < 0.58: clean
+    CHECK(std::string(r.method) == "AdjointDEIS-2M");
+    CHECK_FALSE(r.exceeded());
+    const auto coarse = make_nodes(schedule, uniform_lambda_grid(schedule, 12, 1.0, 1e-3));
+    CHECK_FALSE(adjoint_deis_stability(coarse).exceeded()); // |h| = 0.81 < ln 3
+    const auto r2 = adjoint_deis_stability(coarse, opt);    // but > 0.58 for -2M
+    CHECK(r2.exceeded());
+    CHECK(r2.steps_beyond == 11); // all but the first-order first adjoint step
+  }
 }

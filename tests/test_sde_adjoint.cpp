@@ -69,8 +69,8 @@ struct Setup {
     VecD p = VecD::Zero(1);
     AdjointDeisOptions opt;
     opt.order = order;
-    g.cost = sde_adjoint_deis(backend, model, nodes, std::span<const StateD>(traj), w, g.x_T,
-                              &g.mu, &p, opt);
+    g.cost = sde_adjoint_deis(backend, model, nodes, std::span<const StateD>(traj), w, g.x_T, &g.mu,
+                              &p, opt);
     g.s = p(0);
     return g;
   }
@@ -103,14 +103,15 @@ TEST_CASE("The closed-form pathwise SDE Jacobian matches a fine SDE simulation",
     S.model.mu()(2) = m0 - 0.5;
     const StateD mb = S.sample_path(nodes, 9, one).back();
     S.model.mu()(2) = m0;
-    CHECK(std::abs(ma(0, 0) - mb(0, 0)) < 1e-12);  // other components do not see mu_2
+    CHECK(std::abs(ma(0, 0) - mb(0, 0)) < 1e-12); // other components do not see mu_2
     // Perturbing every component of x_T by +-1 moves x_0 by +-J_x (diagonal Jacobian).
     return Pathwise{((xa - xb) / 2.0).mean(), ma(0, 2) - mb(0, 2)};
   };
   const Pathwise coarse = discrete_jacobians(4000), fine = discrete_jacobians(8000);
   const auto nodes = S.nodes(8000);
   const Pathwise J = pathwise_jacobian(nodes.front(), nodes.back(), S.model.s());
-  INFO("J_x: closed form " << J.x_T << ", discrete N=4000 " << coarse.x_T << ", N=8000 " << fine.x_T);
+  INFO("J_x: closed form " << J.x_T << ", discrete N=4000 " << coarse.x_T << ", N=8000 "
+                           << fine.x_T);
   CHECK(2.0 * fine.x_T - coarse.x_T == Approx(J.x_T).epsilon(2e-3));
   CHECK(2.0 * fine.mu - coarse.mu == Approx(J.mu).epsilon(1e-6));
 }
@@ -162,8 +163,8 @@ TEST_CASE("SDE-AdjointDEIS vs the exact discrete gradient of the SDE sampler giv
     go.wrt_cond = true;
     go.wrt_params = true;
     go.seed = 3;
-    const auto disc = gradient(CycleSdeFirstOrder(), S.backend, S.schedule, nodes, S.model, S.x_T,
-                               S.w, go);
+    const auto disc =
+        gradient(CycleSdeFirstOrder(), S.backend, S.schedule, nodes, S.model, S.x_T, S.w, go);
     CHECK((disc.x0 - traj.back()).norm() < 1e-13 * traj.back().norm());
     // Cross-check: the discrete Jacobian is the product of the per-step factors
     // k_i = alpha_{i+1}/alpha_i - 2 sigma_{i+1} (e^h - 1) sigma_i / v_i.
@@ -223,7 +224,8 @@ TEST_CASE("SDE-AdjointDEIS doubles the VJP terms of AdjointDEIS", "[sde_adjoint]
       m.eps(x, n, out);
       out *= 2.0;
     }
-    void vjp(const StateD& x, const Node& n, const StateD& a, StateD& dx, VecD* dc, VecD* dp) const {
+    void vjp(const StateD& x, const Node& n, const StateD& a, StateD& dx, VecD* dc,
+             VecD* dp) const {
       const StateD a2 = 2.0 * a;
       m.vjp(x, n, a2, dx, dc, dp);
     }
@@ -246,14 +248,67 @@ TEST_CASE("SDE-AdjointDEIS rejects bad input", "[sde_adjoint][errors]") {
   const auto traj = S.sample_path(nodes, 1, S.x_T);
   StateD g;
   CHECK_THROWS_WITH(sde_adjoint_deis(S.backend, S.model, nodes, std::span<const StateD>{}, S.w, g),
-                    Catch::Contains("sde_adjoint_deis") && Catch::Contains("argument 'trajectory'"));
+                    Catch::Contains("sde_adjoint_deis") &&
+                        Catch::Contains("argument 'trajectory'"));
   AdjointDeisOptions bad;
   bad.order = 0;
   CHECK_THROWS_WITH(sde_adjoint_deis(S.backend, S.model, nodes, std::span<const StateD>(traj), S.w,
                                      g, nullptr, nullptr, bad),
                     Catch::Contains("argument 'options.order'"));
   const std::vector<StateD> short_traj(traj.begin(), traj.begin() + 3);
-  CHECK_THROWS_WITH(sde_adjoint_deis(S.backend, S.model, nodes, std::span<const StateD>(short_traj),
-                                     S.w, g),
-                    Catch::Contains("one state per node (6)") && Catch::Contains("got 3"));
+  CHECK_THROWS_WITH(
+      sde_adjoint_deis(S.backend, S.model, nodes, std::span<const StateD>(short_traj), S.w, g),
+      Catch::Contains("one state per node (6)") && Catch::Contains("got 3"));
+}
+
+TEST_CASE("SDE-AdjointDEIS has the halved stability bound ln 2 and reports or refuses past it",
+          "[sde_adjoint][stability][errors]") {
+  const BackendD backend;
+  const VPLinearSchedule schedule;
+  // Uniform lambda, N = 12 over VP-linear from 1 to 1e-3: |h| = 0.81, stable for the PF-ODE
+  // adjoint (< ln 3) but not for the SDE's doubled VJP weight (> ln 2).
+  const auto nodes = make_nodes(schedule, uniform_lambda_grid(schedule, 12, 1.0, 1e-3));
+  const double h = nodes[1].lambda - nodes[0].lambda;
+  REQUIRE(h > std::log(2.0));
+  REQUIRE(h < std::log(3.0));
+  CHECK_FALSE(adjoint_deis_stability(nodes).exceeded());
+  const auto r = sde_adjoint_deis_stability(nodes);
+  CHECK(std::string(r.method) == "SDE-AdjointDEIS-1");
+  CHECK(r.bound == Approx(std::log(2.0)).epsilon(1e-14));
+  CHECK(r.steps_beyond == 12);
+  CHECK(r.first_beyond == 0);
+  // On the collapsed posterior the SDE step's factor is 1 + 2 (1 - e^{|h|}) (exact e^{-2|h|}).
+  CHECK(r.factor_at_max == Approx(1.0 + 2.0 * (1.0 - std::exp(r.max_abs_h))).epsilon(1e-12));
+  CHECK(r.factor_at_max < -1.0);
+
+  models::GaussianData<double> model(VecD::Constant(3, 0.2), 0.2);
+  const std::vector<StateD> traj(nodes.size(), StateD::Constant(2, 3, 0.1));
+  const StateD a0 = StateD::Ones(2, 3);
+  StateD g;
+  int calls = 0;
+  AdjointDeisOptions opt;
+  opt.stability.on_warning = [&](const AdjointStabilityReport& rep) {
+    ++calls;
+    CHECK(rep.steps_beyond == 12);
+  };
+  const auto cost = sde_adjoint_deis(backend, model, nodes, std::span<const StateD>(traj), a0, g,
+                                     nullptr, nullptr, opt);
+  CHECK(cost.stability.warned);
+  CHECK(calls == 1);
+  CHECK(cost.vjps == 12);
+  opt.stability.policy = AmplificationPolicy::refuse;
+  CHECK_THROWS_WITH(sde_adjoint_deis(backend, model, nodes, std::span<const StateD>(traj), a0, g,
+                                     nullptr, nullptr, opt),
+                    Catch::Contains("SDE-AdjointDEIS-1") && Catch::Contains("stability bound"));
+  // Twice the steps halve |h| to 0.40 < ln 2: clean, and refuse lets it run.
+  const auto fine = make_nodes(schedule, uniform_lambda_grid(schedule, 24, 1.0, 1e-3));
+  const std::vector<StateD> traj24(fine.size(), StateD::Constant(2, 3, 0.1));
+  const auto ok = sde_adjoint_deis(backend, model, fine, std::span<const StateD>(traj24), a0, g,
+                                   nullptr, nullptr, opt);
+  CHECK_FALSE(ok.stability.exceeded());
+  CHECK(ok.vjps == 24);
+  // -2M's bound is smaller still.
+  opt.order = 2;
+  CHECK(sde_adjoint_deis_stability(fine, opt).bound == Approx(0.36213).margin(1e-4));
+  CHECK(sde_adjoint_deis_stability(fine, opt).exceeded());
 }
