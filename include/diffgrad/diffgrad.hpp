@@ -1,13 +1,19 @@
 #pragma once
-// Umbrella header: everything diffgrad offers on the CPU. Include the individual headers
-// instead to keep compile times down; each compiles on its own (checked by the build).
-// The CUDA backend (backend/cuda/*.cuh, models/cuda/*.cuh) is included separately from .cu files.
+// Umbrella header: everything diffgrad offers on the CPU, the diffusers / official DPM-Solver
+// compatibility layer (compat/diffusers.hpp) and the CountingBackend included. Include the
+// individual headers instead to keep compile times down; each compiles on its own (checked by
+// the build). Nothing heavy is instantiated by merely including it: Eigen decompositions are
+// only used inside templates, so a file pays for them only when it calls them.
+// Not included: detail/* (internals) and the CUDA backend (backend/cuda/*.cuh,
+// models/cuda/*.cuh), which needs nvcc and is included separately from .cu files.
+#include "diffgrad/backend/counting_backend.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/coeffs/adjoint_deis.hpp"
 #include "diffgrad/coeffs/deis.hpp"
 #include "diffgrad/coeffs/dpm_solver.hpp"
 #include "diffgrad/coeffs/exponential.hpp"
+#include "diffgrad/compat/diffusers.hpp"
 #include "diffgrad/concepts/backend.hpp"
 #include "diffgrad/concepts/model.hpp"
 #include "diffgrad/concepts/observer.hpp"
