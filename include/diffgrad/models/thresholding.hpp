@@ -5,7 +5,9 @@
 //   dynamic thresholding (Imagen; diffusers `thresholding=True`, DDPMScheduler._threshold_sample):
 //     s = quantile(|x0|, dynamic_thresholding_ratio)  (torch.quantile, linear interpolation)
 //     s = clamp(s, 1, sample_max_value);   x0' = clamp(x0, -s, s) / s
-//   clipping (DDIMScheduler `clip_sample=True`): x0' = clamp(x0, -clip_sample_range, clip_sample_range)
+//     (torch.clamp: the upper bound wins, so sample_max_value < 1 gives the constant s = max)
+//   clipping (DDIMScheduler `clip_sample=True`): x0' = clamp(x0, -clip_sample_range,
+//   clip_sample_range)
 // As in diffusers, thresholding takes precedence over clip_sample when both are on.
 //
 // Which diffusers paths this reproduces: DPM-Solver(++) multistep/singlestep with
@@ -39,11 +41,11 @@ namespace diffgrad::models {
 
 /// diffusers' scheduler options, same names. Default: both off (the identity).
 struct ThresholdingOptions {
-  bool thresholding = false;                ///< dynamic thresholding (takes precedence)
-  double dynamic_thresholding_ratio = 0.995;///< the quantile of |x0|
-  double sample_max_value = 1.0;            ///< upper clamp of the threshold s
-  bool clip_sample = false;                 ///< clamp x0 to [-clip_sample_range, clip_sample_range]
-  double clip_sample_range = 1.0;           ///< (DDIMScheduler's default is clip_sample=True)
+  bool thresholding = false;                 ///< dynamic thresholding (takes precedence)
+  double dynamic_thresholding_ratio = 0.995; ///< the quantile of |x0|
+  double sample_max_value = 1.0;             ///< upper clamp of the threshold s
+  bool clip_sample = false;       ///< clamp x0 to [-clip_sample_range, clip_sample_range]
+  double clip_sample_range = 1.0; ///< (DDIMScheduler's default is clip_sample=True)
 };
 
 namespace impl {
@@ -52,8 +54,8 @@ namespace impl {
 /// Returns the value and the two order-statistic indices with their weights.
 struct QuantilePick {
   double value = 0.0;
-  Eigen::Index below = 0, above = 0;  ///< indices into the row
-  double weight_above = 0.0;          ///< w: value = (1 - w) v_below + w v_above
+  Eigen::Index below = 0, above = 0; ///< indices into the row
+  double weight_above = 0.0;         ///< w: value = (1 - w) v_below + w v_above
 };
 
 template <class Scalar, class Row>
@@ -94,15 +96,16 @@ public:
                                     options.dynamic_thresholding_ratio <= 1.0,
                                 where, "dynamic_thresholding_ratio", "a quantile in [0, 1]",
                                 options.dynamic_thresholding_ratio);
-      diffgrad::detail::require(options.sample_max_value >= 1.0 &&
-                                    !std::isnan(options.sample_max_value),
-                                where, "sample_max_value", ">= 1 (s is clamped to [1, max])",
-                                options.sample_max_value);
+      // diffusers accepts any positive value: torch.clamp(q, min=1, max=v) with v < 1 returns v,
+      // so the threshold is then the constant v (see apply()).
+      diffgrad::detail::require(
+          options.sample_max_value > 0.0 && !std::isnan(options.sample_max_value), where,
+          "sample_max_value", "a positive number (s = clamp(q, 1, max); max < 1 pins s at max)",
+          options.sample_max_value);
     } else if (options.clip_sample) {
-      diffgrad::detail::require(options.clip_sample_range > 0.0 &&
-                                    !std::isnan(options.clip_sample_range),
-                                where, "clip_sample_range", "a positive range",
-                                options.clip_sample_range);
+      diffgrad::detail::require(
+          options.clip_sample_range > 0.0 && !std::isnan(options.clip_sample_range), where,
+          "clip_sample_range", "a positive range", options.clip_sample_range);
     }
   }
   const ThresholdingOptions& options() const { return options_; }
@@ -128,14 +131,18 @@ public:
           continue;
         }
         abs_row_ = row.cwiseAbs();
-        const auto pick = impl::torch_quantile<Scalar>(abs_row_, options_.dynamic_thresholding_ratio,
-                                                       order_);
-        // s = clamp(q, 1, max), in the state's precision as torch does.
+        const auto pick =
+            impl::torch_quantile<Scalar>(abs_row_, options_.dynamic_thresholding_ratio, order_);
+        // s = clamp(q, 1, max) = min(max(q, 1), max), in the state's precision as torch does:
+        // torch applies the upper bound last, so max < 1 gives s = max for every q
+        // (std::clamp would be undefined there).
         const Scalar q = static_cast<Scalar>(pick.value);
-        const Scalar s = std::clamp(q, Scalar(1), static_cast<Scalar>(options_.sample_max_value));
+        const Scalar s =
+            std::min(std::max(q, Scalar(1)), static_cast<Scalar>(options_.sample_max_value));
         picks_[static_cast<std::size_t>(b)] = pick;
         scale_[static_cast<std::size_t>(b)] = static_cast<double>(s);
-        // ds/dq = 1 only strictly inside (1, max): torch's clamp passes no gradient at a bound.
+        // ds/dq = 1 only strictly inside (1, max): torch's clamp passes no gradient at a bound,
+        // and none at all when max < 1 (s is the constant max, the quantile drops out).
         varies_[static_cast<std::size_t>(b)] =
             q > Scalar(1) && q < static_cast<Scalar>(options_.sample_max_value);
         row = (row.array().min(s).max(-s) / s).matrix();
@@ -162,9 +169,7 @@ public:
         g = g * inside / s;
         if (ds != Scalar(0)) {
           const auto& p = picks_[i];
-          const auto sign = [&](Eigen::Index j) {
-            return Scalar((y(j) > 0) - (y(j) < 0));
-          };
+          const auto sign = [&](Eigen::Index j) { return Scalar((y(j) > 0) - (y(j) < 0)); };
           g(p.below) += ds * Scalar(1.0 - p.weight_above) * sign(p.below);
           g(p.above) += ds * Scalar(p.weight_above) * sign(p.above);
         }
@@ -200,16 +205,10 @@ public:
   const ThresholdingOptions& options() const { return threshold_.options(); }
   model_type& model() { return model_; }
   const model_type& model() const { return model_; }
-  std::int64_t cond_size() const
-    requires requires(const model_type& m) { m.cond_size(); }
-  {
-    return model_.cond_size();
-  }
-  std::int64_t param_size() const
-    requires requires(const model_type& m) { m.param_size(); }
-  {
-    return model_.param_size();
-  }
+  std::int64_t cond_size() const requires requires(const model_type& m) { m.cond_size(); }
+  { return model_.cond_size(); }
+  std::int64_t param_size() const requires requires(const model_type& m) { m.param_size(); }
+  { return model_.param_size(); }
 
   void eps(const state_type& x, const Node& n, state_type& out) {
     impl::call_eps(model_, x, n, out);
@@ -222,10 +221,9 @@ public:
 
   /// dx = (d eps'/dx)^T a, and the inner model's cond/param VJPs with the chained cotangent.
   void vjp(const state_type& x, const Node& n, const state_type& a, state_type& dx,
-           vector_type* dcond, vector_type* dparams)
-    requires(impl::NodeAwareVjp<model_type, state_type, vector_type> ||
-             impl::TimedVjp<model_type, state_type, vector_type>)
-  {
+           vector_type* dcond,
+           vector_type* dparams) requires(impl::NodeAwareVjp<model_type, state_type, vector_type> ||
+                                          impl::TimedVjp<model_type, state_type, vector_type>) {
     if (!threshold_.active()) {
       impl::call_vjp(model_, x, n, a, dx, dcond, dparams);
       return;
@@ -238,7 +236,7 @@ public:
     threshold_.apply(x0_thr_);
     // eps' = (x - alpha x0')/sigma: x0' gets -(alpha/sigma) a, x gets a/sigma directly.
     c_x0_ = Scalar(-n.alpha / n.sigma) * a;
-    direct_ = a / Scalar(n.sigma);  // read a before dx is written (they may alias)
+    direct_ = a / Scalar(n.sigma); // read a before dx is written (they may alias)
     threshold_.backward(x0_, c_x0_);
     // x0 = (x - sigma eps)/alpha: x gets c/alpha, eps gets -(sigma/alpha) c.
     direct_ += c_x0_ / Scalar(n.alpha);
@@ -249,7 +247,8 @@ public:
 
 private:
   static void check_node(const Node& n, const char* where) {
-    impl::require_positive(n.sigma, where, "node.sigma", "sigma > 0 (eps' = (x - alpha x0')/sigma)");
+    impl::require_positive(n.sigma, where, "node.sigma",
+                           "sigma > 0 (eps' = (x - alpha x0')/sigma)");
     impl::require_positive(n.alpha, where, "node.alpha", "alpha > 0 (x0 = (x - sigma eps)/alpha)");
   }
 
@@ -258,7 +257,8 @@ private:
   state_type x0_, x0_thr_, eps_, c_x0_, c_eps_, direct_;
 };
 
-template <class Model> ThresholdedEps<Model> thresholded(Model&& model, const ThresholdingOptions& options) {
+template <class Model>
+ThresholdedEps<Model> thresholded(Model&& model, const ThresholdingOptions& options) {
   return ThresholdedEps<Model>(std::forward<Model>(model), options);
 }
 /// diffusers `thresholding=True`.
