@@ -1,6 +1,13 @@
-// DDIM: order 1 on the Gaussian problem, exactness for one data point, eta > 0 statistics.
+// DDIM: order 1 on the Gaussian problem, exactness for one data point, eta > 0 statistics,
+// eta coefficients at vanishing steps against long double, and the exact gradient with
+// 0 < eta < 1 against a closed form and central finite differences.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "diffgrad/gradients/gradient.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
 #include "diffgrad/solvers/sampler.hpp"
@@ -36,7 +43,7 @@ TEST_CASE("DDIM is exact for a single data point on any grid", "[ddim]") {
   y << 0.7, -1.2;
   models::GaussianData<double> model(y, 1e-300);
   const auto x_T = diffgrad::testing::test_batch<double>(3, 2);
-  const std::vector<double> grid{1.0, 0.9, 0.31, 0.3, 0.05, 0.002};  // deliberately irregular
+  const std::vector<double> grid{1.0, 0.9, 0.31, 0.3, 0.05, 0.002}; // deliberately irregular
   const auto nodes = make_nodes(schedule, grid);
   auto x = x_T;
   sample(Ddim(), backend, schedule, nodes, model, x);
@@ -78,4 +85,184 @@ TEST_CASE("DDIM eta = 1 to a sigma = 0 final node is finite and lands on x0", "[
 TEST_CASE("Ddim rejects eta outside [0, 1]", "[ddim][errors]") {
   CHECK_THROWS_WITH(Ddim(-0.1), Catch::Contains("eta") && Catch::Contains("0 <= eta <= 1"));
   CHECK_THROWS_AS(Ddim(1.5), diffgrad::invalid_argument);
+}
+
+namespace {
+
+using ld = long double;
+
+/// sum_{n >= 1} h^n / n! = e^h - 1 in long double (series where it converges fast).
+ld expm1_ref(ld h) {
+  if (std::fabs(h) >= 0.5L) return std::expm1(h);
+  ld term = 1, sum = 0;
+  for (int n = 1; n <= 60; ++n) sum += (term *= h / n);
+  return sum;
+}
+
+/// sqrt(1 - u) - 1 in long double: its binomial series for small u, where the difference
+/// would cancel.
+ld sqrt1m_minus1_ref(ld u) {
+  if (u >= 1e-3L) return std::sqrt(1 - u) - 1;
+  ld coeff = 1, power = 1, sum = 0; // binom(1/2, n) (-u)^n
+  for (int n = 1; n <= 12; ++n) {
+    coeff *= (0.5L - (n - 1)) / n;
+    power *= -u;
+    sum += coeff * power;
+  }
+  return sum;
+}
+
+/// A VP node with half log-SNR exactly lambda.
+Node vp_node(double lambda) {
+  Node n;
+  n.lambda = lambda;
+  n.alpha = std::sqrt(1.0 / (1.0 + std::exp(-2.0 * lambda)));
+  n.sigma = std::sqrt(1.0 / (1.0 + std::exp(2.0 * lambda)));
+  n.t = n.model_t = 0.5;
+  return n;
+}
+
+double rel_err(double got, ld want) {
+  return static_cast<double>(std::fabs((static_cast<ld>(got) - want) / want));
+}
+
+} // namespace
+
+TEST_CASE("DDIM eta coefficients are accurate at vanishing steps", "[ddim][coeffs][cancellation]") {
+  // x_t = (alpha_t/alpha_s) x_s + eps_coef eps_s + noise_coef xi with q = 1 - e^{-2h},
+  //   eps_coef = sigma_t sqrt(1 - eta^2 q) - alpha_t sigma_s/alpha_s
+  //            = sigma_t [(sqrt(1 - eta^2 q) - 1) - (e^h - 1)],   noise_coef = eta sigma_t sqrt(q).
+  // Both vanish like h: formed as differences of O(1) numbers (1 - exp(-2h), sqrt(...) - e^h)
+  // they would lose about log10(1/h) digits, 10 of 16 at h = 1e-10. Reference: the same
+  // formulas in long double with series for e^h - 1 and sqrt(1 - u) - 1.
+  double worst = 0;
+  for (double lambda_s : {-2.5, 0.3, 3.0})
+    for (double h_target : {1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-4, 1e-2, 0.5, 3.0})
+      for (double eta : {0.1, 0.5, 0.9, 1.0}) {
+        const Node s = vp_node(lambda_s), t = vp_node(lambda_s + h_target);
+        const ld h = static_cast<ld>(t.lambda) - static_cast<ld>(s.lambda); // exact
+        const ld q = -expm1_ref(-2 * h);
+        const ld eta2 = static_cast<ld>(eta) * eta;
+        const ld eps_ref = t.sigma * (sqrt1m_minus1_ref(eta2 * q) - expm1_ref(h));
+        const ld noise_ref = eta * static_cast<ld>(t.sigma) * std::sqrt(q);
+        const auto c = coeffs::ddim(s, t, eta);
+        const double e_x = rel_err(c.x, static_cast<ld>(t.alpha) / s.alpha);
+        const double e_eps = rel_err(c.eps, eps_ref), e_noise = rel_err(c.noise, noise_ref);
+        INFO("lambda_s " << lambda_s << ", h " << static_cast<double>(h) << ", eta " << eta
+                         << ": relative errors x " << e_x << ", eps " << e_eps << ", noise "
+                         << e_noise);
+        CHECK(e_x <= 4e-16);
+        CHECK(e_eps <= 2e-15);
+        CHECK(e_noise <= 2e-15);
+        worst = std::max({worst, e_eps, e_noise});
+      }
+  INFO("worst relative error " << worst);
+  CHECK(worst <= 2e-15);
+}
+
+namespace {
+
+using StateD = diffgrad::testing::State<double>;
+
+/// L(x0) = <w, x0> + |x0 - r|^2 / 2, dL/dx0 = w + x0 - r.
+struct QuadraticLoss {
+  StateD w, r;
+  double value(const StateD& x0) const {
+    return w.cwiseProduct(x0).sum() + 0.5 * (x0 - r).squaredNorm();
+  }
+  double operator()(const EigenBackend<double>&, const StateD& x0, StateD& grad) const {
+    grad = w + x0 - r;
+    return value(x0);
+  }
+};
+
+} // namespace
+
+TEST_CASE("DDIM with 0 < eta < 1: exact gradient = closed form = central finite differences",
+          "[ddim][gradient]") {
+  // On Gaussian data eps(x) = sigma (x - alpha mu) / v (v = alpha^2 s^2 + sigma^2) is affine in
+  // x, so with the noise fixed (Philox, seed 7) each DDIM step is
+  //   x_{i+1} = m_i x_i - b_i (sigma_i alpha_i / v_i) mu + n_i xi_i,  m_i = a_i + b_i sigma_i / v_i
+  // with a_i, b_i, n_i the DDIM coefficients (written out below from their definition, not
+  // taken from the library). Tangents of x_N along x_T, mu and s follow by forward recursion;
+  // the library's reverse-mode gradient must match them, and central differences of the
+  // sampler itself.
+  const VPLinearSchedule schedule;
+  const EigenBackend<double> backend;
+  const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 12, 1.0, 1e-3));
+  const std::uint64_t seed = 7;
+  const auto x_T = diffgrad::testing::test_batch<double>(3, 2);
+  QuadraticLoss loss{diffgrad::testing::test_batch<double>(3, 2) * 0.7,
+                     diffgrad::testing::test_batch<double>(3, 2).reverse() * 0.4};
+  for (double eta : {0.3, 0.8}) {
+    INFO("eta " << eta);
+    auto model = diffgrad::testing::gaussian_problem<double>(2);
+    GradientOptions opt;
+    opt.seed = seed;
+    opt.wrt_cond = opt.wrt_params = true;
+    const auto g = gradient(Ddim(eta), backend, schedule, nodes, model, x_T, loss, opt);
+
+    // Closed form by forward-mode recursion.
+    const double s_data = model.s();
+    const Eigen::RowVectorXd mu = model.mu().transpose();
+    StateD x = x_T, dx_ds = StateD::Zero(3, 2), xi(3, 2);
+    double dx_dxT = 1.0, dx_dmu = 0.0; // both act as scalars on every element
+    for (std::size_t i = 0; i + 1 < nodes.size(); ++i) {
+      const Node &s = nodes[i], &t = nodes[i + 1];
+      const double h = t.lambda - s.lambda;
+      const double q = -std::expm1(-2.0 * h);
+      const double a = t.alpha / s.alpha;
+      const double b = t.sigma * std::sqrt(1.0 - eta * eta * q) - t.alpha * s.sigma / s.alpha;
+      const double n = eta * t.sigma * std::sqrt(q);
+      const double v = s.alpha * s.alpha * s_data * s_data + s.sigma * s.sigma;
+      const double m = a + b * s.sigma / v;
+      const double dv_ds = 2.0 * s.alpha * s.alpha * s_data;
+      backend.gaussian(xi, seed, i);
+      const StateD centred = x.rowwise() - s.alpha * mu;
+      dx_ds = (m * dx_ds - (b * s.sigma * dv_ds / (v * v)) * centred).eval();
+      dx_dmu = m * dx_dmu - b * s.sigma * s.alpha / v;
+      dx_dxT *= m;
+      x = (m * x).rowwise() - (b * s.sigma * s.alpha / v) * mu;
+      x += n * xi;
+    }
+    const StateD g0 = loss.w + x - loss.r; // dL/dx_0
+    CHECK(diffgrad::testing::relative_error<double>(g.x0, x) <= 1e-13);
+    CHECK(diffgrad::testing::relative_error<double>(g.grad_x, StateD(dx_dxT * g0)) <= 1e-12);
+    const Eigen::VectorXd grad_mu = dx_dmu * g0.colwise().sum().transpose();
+    CHECK((g.grad_cond - grad_mu).norm() <= 1e-12 * grad_mu.norm());
+    const double grad_s = g0.cwiseProduct(dx_ds).sum();
+    CHECK(g.grad_params(0) == Approx(grad_s).epsilon(1e-12));
+
+    // Central finite differences of the sampler (Philox noise, same seed), step 1e-5.
+    const double fd_h = 1e-5;
+    auto L = [&](const StateD& x_start, models::GaussianData<double>& m) {
+      StateD y = x_start;
+      sample(Ddim(eta), backend, schedule, nodes, m, y, SampleOptions{seed});
+      return loss.value(y);
+    };
+    StateD dir = x_T;
+    for (Eigen::Index k = 0; k < dir.size(); ++k)
+      dir.data()[k] = std::cos(1.7 * static_cast<double>(k) + 0.2);
+    const double fd_x = (L(x_T + fd_h * dir, model) - L(x_T - fd_h * dir, model)) / (2 * fd_h);
+    const double ours_x = g.grad_x.cwiseProduct(dir).sum();
+    INFO("directional: ours " << ours_x << ", FD " << fd_x << ", relative difference "
+                              << std::abs(ours_x - fd_x) / std::abs(fd_x));
+    CHECK(std::abs(ours_x - fd_x) <= 1e-7 * std::abs(fd_x));
+    for (Eigen::Index j = 0; j < 2; ++j) {
+      auto up = model, down = model;
+      up.mu()(j) += fd_h;
+      down.mu()(j) -= fd_h;
+      const double fd = (L(x_T, up) - L(x_T, down)) / (2 * fd_h);
+      INFO("d/dmu_" << j << ": ours " << g.grad_cond(j) << ", FD " << fd << ", relative difference "
+                    << std::abs(g.grad_cond(j) - fd) / std::abs(fd));
+      CHECK(std::abs(g.grad_cond(j) - fd) <= 1e-7 * std::abs(fd));
+    }
+    auto up = model, down = model;
+    up.set_s(s_data + fd_h);
+    down.set_s(s_data - fd_h);
+    const double fd_s = (L(x_T, up) - L(x_T, down)) / (2 * fd_h);
+    INFO("d/ds: ours " << g.grad_params(0) << ", FD " << fd_s << ", relative difference "
+                       << std::abs(g.grad_params(0) - fd_s) / std::abs(fd_s));
+    CHECK(std::abs(g.grad_params(0) - fd_s) <= 1e-7 * std::abs(fd_s));
+  }
 }
