@@ -14,6 +14,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
 #include "diffgrad/flow/euler.hpp"
 #include "diffgrad/flow/heun.hpp"
 #include "diffgrad/flow/sample_flow.hpp"
@@ -53,21 +57,19 @@ struct LinearTestModel {
   explicit LinearTestModel(Eigen::Index d) : m(d, d), z(Vector::Zero(d)) {
     for (Eigen::Index r = 0; r < d; ++r)
       for (Eigen::Index c = 0; c < d; ++c)
-        m(r, c) = 0.6 * std::sin(1.7 * static_cast<double>(r) +
-                                 0.9 * static_cast<double>(c * c) + 0.3);
+        m(r, c) =
+            0.6 * std::sin(1.7 * static_cast<double>(r) + 0.9 * static_cast<double>(c * c) + 0.3);
   }
   std::int64_t cond_size() const { return z.size(); }
   std::int64_t param_size() const { return 1; }
   void eps(const State& x, const Node& n, State& out) const { velocity(x, 1.0, out, n.sigma); }
-  void vjp(const State&, const Node& n, const State& a, State& dx, Vector* dcond,
-           Vector*) const {
+  void vjp(const State&, const Node& n, const State& a, State& dx, Vector* dcond, Vector*) const {
     linear_vjp(a, dx, dcond, n.sigma);
   }
   void velocity(const State& x, double, State& out, double scale = 1.0) const {
     out = (scale * theta) * ((x * m.transpose()).rowwise() + z.transpose());
   }
-  void velocity_vjp(const State&, double, const State& a, State& dx, Vector* dcond,
-                    Vector*) const {
+  void velocity_vjp(const State&, double, const State& a, State& dx, Vector* dcond, Vector*) const {
     linear_vjp(a, dx, dcond, 1.0);
   }
   void linear_vjp(const State& a, State& dx, Vector* dcond, double scale) const {
@@ -82,27 +84,21 @@ template <class M> struct CountingModel {
   int evals = 0, vjps = 0;
   std::int64_t cond_size() const { return inner.cond_size(); }
   std::int64_t param_size() const { return inner.param_size(); }
-  void eps(const State& x, const Node& n, State& out)
-    requires NodeAwareNoiseModel<M, State>
-  {
+  void eps(const State& x, const Node& n, State& out) requires NodeAwareNoiseModel<M, State> {
     ++evals;
     inner.eps(x, n, out);
   }
-  void vjp(const State& x, const Node& n, const State& a, State& dx, Vector* dc, Vector* dp)
-    requires NodeAwareNoiseModel<M, State>
-  {
+  void vjp(const State& x, const Node& n, const State& a, State& dx, Vector* dc,
+           Vector* dp) requires NodeAwareNoiseModel<M, State> {
     ++vjps;
     inner.vjp(x, n, a, dx, dc, dp);
   }
-  void velocity(const State& x, double t, State& out)
-    requires VelocityModel<M, State>
-  {
+  void velocity(const State& x, double t, State& out) requires VelocityModel<M, State> {
     ++evals;
     inner.velocity(x, t, out);
   }
-  void velocity_vjp(const State& x, double t, const State& a, State& dx, Vector* dc, Vector* dp)
-    requires VelocityModel<M, State>
-  {
+  void velocity_vjp(const State& x, double t, const State& a, State& dx, Vector* dc,
+                    Vector* dp) requires VelocityModel<M, State> {
     ++vjps;
     inner.velocity_vjp(x, t, a, dx, dc, dp);
   }
@@ -165,15 +161,15 @@ FlowGrid flow_grid(int steps, double t_end = 0.95) {
 
 /// The sampler's output from the forward engine (run_scheme / sample_flow).
 template <class Scheme, class Model>
-State sample_output(const Scheme& scheme, const DiffusionGrid& grid, Model& model,
-                    const State& x_T, std::span<const State> noise, std::uint64_t seed) {
+State sample_output(const Scheme& scheme, const DiffusionGrid& grid, Model& model, const State& x_T,
+                    std::span<const State> noise, std::uint64_t seed) {
   const Backend64 backend;
   SamplerWorkspace<Backend64> ws(backend, scheme.history(), scheme.stages(), x_T.rows(),
                                  x_T.cols());
   ws.given_noise = noise;
   State x = x_T;
-  run_scheme(scheme, backend, grid.nodes, NodeAtLambda(vp_schedule()), EpsField<Model>{model},
-             x, ws, SampleOptions{.seed = seed});
+  run_scheme(scheme, backend, grid.nodes, NodeAtLambda(vp_schedule()), EpsField<Model>{model}, x,
+             ws, SampleOptions{.seed = seed});
   return x;
 }
 template <class Scheme, class Model>
@@ -185,17 +181,15 @@ State sample_output(const Scheme& scheme, const FlowGrid& grid, Model& model, co
 }
 
 template <class Scheme, class Model, class Loss>
-const GradientResult<Backend64>& compute_gradient(const Scheme& scheme, const DiffusionGrid& grid,
-                                                  Model& model, const State& x_T, Loss&& loss,
-                                                  const GradientOptions& options,
-                                                  GradientWorkspace<Backend64>& ws) {
+const GradientResult<Backend64>&
+compute_gradient(const Scheme& scheme, const DiffusionGrid& grid, Model& model, const State& x_T,
+                 Loss&& loss, const GradientOptions& options, GradientWorkspace<Backend64>& ws) {
   return gradient(scheme, Backend64{}, vp_schedule(), grid.nodes, model, x_T, loss, options, ws);
 }
 template <class Scheme, class Model, class Loss>
-const GradientResult<Backend64>& compute_gradient(const Scheme& scheme, const FlowGrid& grid,
-                                                  Model& model, const State& x_T, Loss&& loss,
-                                                  const GradientOptions& options,
-                                                  GradientWorkspace<Backend64>& ws) {
+const GradientResult<Backend64>&
+compute_gradient(const Scheme& scheme, const FlowGrid& grid, Model& model, const State& x_T,
+                 Loss&& loss, const GradientOptions& options, GradientWorkspace<Backend64>& ws) {
   return gradient_flow(scheme, Backend64{}, grid.times, model, x_T, loss, options, ws);
 }
 
@@ -249,7 +243,7 @@ struct FdSteps {
 
 struct SchemeCase {
   std::string name;
-  bool given_noise;  ///< stochastic schemes: the test gives the noise (else Philox)
+  bool given_noise; ///< stochastic schemes: the test gives the noise (else Philox)
 };
 
 std::vector<State> noise_states(int steps, Eigen::Index batch, Eigen::Index dim) {
@@ -272,13 +266,13 @@ void check_against_finite_differences(const SchemeCase& sc, const std::string& m
                                       FdSteps h = {}, double tol = 1e-7) {
   const Backend64 backend;
   const std::uint64_t seed = 7;
-  const auto noise = sc.given_noise ? noise_states(grid.steps(), x_T.rows(), x_T.cols())
-                                    : std::vector<State>{};
+  const auto noise =
+      sc.given_noise ? noise_states(grid.steps(), x_T.rows(), x_T.cols()) : std::vector<State>{};
   State target = diffgrad::testing::test_batch<double>(x_T.rows(), x_T.cols()) * 0.3;
   target.array() += 0.1;
   const SquaredDistanceLoss<Backend64> loss(target);
-  const GradientOptions options{.wrt_cond = true, .wrt_params = true,
-                                .wrt_noise = !noise.empty(), .seed = seed};
+  const GradientOptions options{
+      .wrt_cond = true, .wrt_params = true, .wrt_noise = !noise.empty(), .seed = seed};
   auto ws = make_gradient_workspace(scheme, backend, grid.nodes, model, x_T, options);
   ws.given_noise = noise;
   const auto& r = compute_gradient(scheme, grid, model, x_T, loss, options, ws);
@@ -318,8 +312,7 @@ void check_against_finite_differences(const SchemeCase& sc, const std::string& m
   const double err_x = rel_err(r.grad_x, fd_x);
   const double err_c = rel_err(r.grad_cond, fd_flat(cond, h.cond));
   const double err_p = rel_err(r.grad_params, fd_flat(params, h.params));
-  INFO("relative errors: dL/dx_T " << err_x << ", dL/dcond " << err_c << ", dL/dtheta "
-                                   << err_p);
+  INFO("relative errors: dL/dx_T " << err_x << ", dL/dcond " << err_c << ", dL/dtheta " << err_p);
   CHECK(err_x <= tol);
   CHECK(err_c <= tol);
   CHECK(err_p <= tol);
@@ -353,7 +346,7 @@ void check_against_finite_differences(const SchemeCase& sc, const std::string& m
 /// `steps`: the grid's step count (per-step order lists must match it).
 template <class F> void for_each_diffusion_scheme(int steps, F&& f) {
   using P = SolverPrediction;
-  std::vector<int> mixed_orders;  // 3, 2, 1, 3, 2, 1, ...: stage counts vary per step
+  std::vector<int> mixed_orders; // 3, 2, 1, 3, 2, 1, ...: stage counts vary per step
   for (int i = 0; i < steps; ++i) mixed_orders.push_back(3 - i % 3);
   f(SchemeCase{"DDIM", false}, Ddim());
   f(SchemeCase{"DDIM eta=0.5 (given noise)", true}, Ddim(0.5));
@@ -384,8 +377,7 @@ template <class F> void for_each_diffusion_scheme(int steps, F&& f) {
     f(SchemeCase{"DeisRhoAb-" + std::to_string(r), false}, DeisRhoAb(r));
   }
   f(SchemeCase{"DeisLogRho-3", false}, DeisLogRho(3));
-  for (int k = 2; k <= 4; ++k)
-    f(SchemeCase{"IPndm-" + std::to_string(k), false}, IPndm(k));
+  for (int k = 2; k <= 4; ++k) f(SchemeCase{"IPndm-" + std::to_string(k), false}, IPndm(k));
   f(SchemeCase{"DeisRhoRk heun2", false}, DeisRhoRk(DeisRkMethod::heun2));
   f(SchemeCase{"DeisRhoRk kutta3", false}, DeisRhoRk(DeisRkMethod::kutta3));
   f(SchemeCase{"DeisRhoRk rk4", false}, DeisRhoRk(DeisRkMethod::rk4));
@@ -433,9 +425,8 @@ TEST_CASE("discrete adjoint = central finite differences, Dirac mixture, every s
   using Model = models::DiracMixture<double>;
   for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
     auto model = dirac_problem();
-    check_against_finite_differences(sc, "Dirac mixture", scheme, grid, model,
-                                     cond_access<Model>(), params_access<Model>(), x_T,
-                                     FdSteps{1e-3, 1e-3, 1e-3, 1e-3});
+    check_against_finite_differences(sc, "Dirac mixture", scheme, grid, model, cond_access<Model>(),
+                                     params_access<Model>(), x_T, FdSteps{1e-3, 1e-3, 1e-3, 1e-3});
   });
 }
 
@@ -446,8 +437,7 @@ TEST_CASE("discrete adjoint = central finite differences, MLP, every scheme", "[
   for_each_diffusion_scheme(grid.steps(), [&](const SchemeCase& sc, const auto& scheme) {
     auto model = mlp_problem();
     check_against_finite_differences(sc, "MLP", scheme, grid, model, cond_access<Model>(),
-                                     params_access<Model>(), x_T,
-                                     FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
+                                     params_access<Model>(), x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
   });
 }
 
@@ -467,12 +457,13 @@ TEST_CASE("discrete adjoint through prediction-type adapters (x0, v, score MLPs)
     const FlatAccess<Model> params{[&net](const Model&) { return Vector(net.params()); },
                                    [&net](Model&, const Vector& v) { net.set_params(v); }};
     const std::string name = models::prediction_type_name(type);
-    check_against_finite_differences(SchemeCase{"DPM-Solver++ 2M", false},
-                                     name + "-prediction MLP", DpmSolverMultistep(2, SolverPrediction::data),
-                                     grid, model, cond, params, x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
+    check_against_finite_differences(SchemeCase{"DPM-Solver++ 2M", false}, name + "-prediction MLP",
+                                     DpmSolverMultistep(2, SolverPrediction::data), grid, model,
+                                     cond, params, x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
     check_against_finite_differences(SchemeCase{"DPM-Solver-3 singlestep", false},
-                                     name + "-prediction MLP", DpmSolverSinglestep(3, SolverPrediction::noise),
-                                     grid, model, cond, params, x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
+                                     name + "-prediction MLP",
+                                     DpmSolverSinglestep(3, SolverPrediction::noise), grid, model,
+                                     cond, params, x_T, FdSteps{1e-3, 1e-3, 1e-4, 1e-3});
   }
 }
 
@@ -524,7 +515,7 @@ void dot_product_test(const SchemeCase& sc, const Scheme& scheme, const Grid& gr
 
   model.z = v_z;
   const State jv = sample_output(scheme, grid, model, v_x, v_xi, 0);
-  model.z.setZero();  // J is the same at every point: the model is linear
+  model.z.setZero(); // J is the same at every point: the model is linear
 
   const GradientOptions options{.wrt_cond = true, .wrt_noise = noisy};
   auto ws = make_gradient_workspace(scheme, Backend64{}, grid.nodes, model, v_x, options);
@@ -604,7 +595,7 @@ TEST_CASE("DDIM gradient on Gaussian data equals the closed-form product of step
     }
     double prod = 1.0;
     Vector expected_mu = Vector::Zero(2);
-    std::vector<double> tail(steps);  // prod_{j>i} k_j
+    std::vector<double> tail(steps); // prod_{j>i} k_j
     for (int i = steps - 1; i >= 0; --i) {
       tail[i] = prod;
       expected_mu += (prod * m[i]) * w.colwise().sum().transpose();
@@ -627,6 +618,89 @@ TEST_CASE("DDIM gradient on Gaussian data equals the closed-form product of step
   }
 }
 
+namespace {
+/// dL/dx_T of deterministic DDIM on Gaussian data for the cotangent w: prod_i k_i w with
+/// k_i = a_i + b_i sigma_i / v_i (the closed form of the test above, eta = 0).
+State ddim_gaussian_grad_x(std::span<const Node> nodes, double s, const State& w) {
+  double prod = 1.0;
+  for (std::size_t i = 0; i + 1 < nodes.size(); ++i) {
+    const Node& p = nodes[i];
+    const Node& q = nodes[i + 1];
+    const double v = p.alpha * p.alpha * s * s + p.sigma * p.sigma;
+    prod *= q.alpha / p.alpha + (q.sigma - q.alpha * p.sigma / p.alpha) * p.sigma / v;
+  }
+  return prod * w;
+}
+
+struct LongRunJob {
+  int steps = 0;
+  MemoryMode memory = MemoryMode::store_all();
+  double error = -1.0; ///< relative error of dL/dx_T against the closed form
+  std::int64_t forward_steps = 0;
+  std::string failure{};
+};
+
+/// gradient() through `steps` DDIM steps on d = 2 Gaussian data, checked against the
+/// closed form; everything is recorded in the job (it may run on another thread, where
+/// Catch assertions are not allowed).
+void run_long_gradient(LongRunJob& job) {
+  try {
+    const auto grid = diffusion_grid(job.steps);
+    auto model = diffgrad::testing::gaussian_problem<double>(2);
+    const State x_T = diffgrad::testing::test_batch<double>(1, 2);
+    const State w = State::Constant(1, 2, 0.5);
+    const auto r = gradient(Ddim(), Backend64{}, vp_schedule(), grid.nodes, model, x_T, w,
+                            GradientOptions{.memory = job.memory});
+    job.error = rel_err(r.grad_x, ddim_gaussian_grad_x(grid.nodes, model.s(), w));
+    job.forward_steps = r.cost.forward_steps;
+  } catch (const std::exception& e) {
+    job.failure = e.what();
+  }
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+void* run_long_gradient_thread(void* job) {
+  run_long_gradient(*static_cast<LongRunJob*>(job));
+  return nullptr;
+}
+#endif
+} // namespace
+
+TEST_CASE("gradient at N = 1e5 steps: store_all and checkpoint match the closed form",
+          "[adjoint][checkpoint][large]") {
+  // Building the store_all schedule recursed once per step (a stack overflow near
+  // N = 50,000) and took O(N^2) time.
+  const int n = 100000;
+  for (const auto& [memory, t] : {std::pair{MemoryMode::store_all(), revolve_advances(n, n)},
+                                  std::pair{MemoryMode::checkpoint(12), revolve_advances(n, 12)}}) {
+    LongRunJob job{n, memory};
+    run_long_gradient(job);
+    INFO(job.failure);
+    REQUIRE(job.failure.empty());
+    CHECK(job.error <= 1e-9);
+    CHECK(job.forward_steps == t + 1);
+  }
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+TEST_CASE("gradient with store_all runs N = 3000 steps on a thread with a 512 KiB stack",
+          "[adjoint][checkpoint]") {
+  // std::thread cannot choose its stack size; POSIX threads can.
+  pthread_attr_t attr;
+  REQUIRE(pthread_attr_init(&attr) == 0);
+  REQUIRE(pthread_attr_setstacksize(&attr, 512 * 1024) == 0);
+  LongRunJob job{3000, MemoryMode::store_all()};
+  pthread_t thread;
+  REQUIRE(pthread_create(&thread, &attr, run_long_gradient_thread, &job) == 0);
+  REQUIRE(pthread_join(thread, nullptr) == 0);
+  pthread_attr_destroy(&attr);
+  INFO(job.failure);
+  REQUIRE(job.failure.empty());
+  CHECK(job.error <= 1e-11);
+  CHECK(job.forward_steps == 3000);
+}
+#endif
+
 // ---------------------------------------------------------------------------------------
 // (d) Memory modes and costs.
 
@@ -635,17 +709,14 @@ struct MemoryCase {
   int steps;
   MemoryMode memory;
   int s;
-  std::int64_t t;  ///< t(N, s) from docs/math.md / the brute-force DP, not from the code
+  std::int64_t t; ///< t(N, s) from docs/math.md / the brute-force DP, not from the code
 };
 const std::vector<MemoryCase>& memory_cases() {
-  static const std::vector<MemoryCase> cases{{1, MemoryMode::checkpoint(1), 1, 0},
-                                             {2, MemoryMode::recompute(), 1, 1},
-                                             {10, MemoryMode::checkpoint(2), 2, 20},
-                                             {10, MemoryMode::recompute(), 1, 45},
-                                             {10, MemoryMode::checkpoint(9), 9, 9},
-                                             {10, MemoryMode::checkpoint(50), 10, 9},
-                                             {50, MemoryMode::checkpoint(5), 5, 122},
-                                             {100, MemoryMode::checkpoint(8), 8, 245}};
+  static const std::vector<MemoryCase> cases{
+      {1, MemoryMode::checkpoint(1), 1, 0},    {2, MemoryMode::recompute(), 1, 1},
+      {10, MemoryMode::checkpoint(2), 2, 20},  {10, MemoryMode::recompute(), 1, 45},
+      {10, MemoryMode::checkpoint(9), 9, 9},   {10, MemoryMode::checkpoint(50), 10, 9},
+      {50, MemoryMode::checkpoint(5), 5, 122}, {100, MemoryMode::checkpoint(8), 8, 245}};
   return cases;
 }
 
@@ -653,8 +724,8 @@ const std::vector<MemoryCase>& memory_cases() {
 /// sum_i S_i A_i + sum_i (S_i - 1) and sum_i S_i (A_i: how often step i is advanced), i.e.
 /// S (t + 1) + (S - 1) N and S N for a fixed stage count S.
 template <class Scheme, class Grid, class Model>
-void check_memory_modes(const SchemeCase& sc, const Scheme& scheme, const Grid& grid,
-                        Model& inner, NodeAtLambda node_at_lambda, const MemoryCase& cs) {
+void check_memory_modes(const SchemeCase& sc, const Scheme& scheme, const Grid& grid, Model& inner,
+                        NodeAtLambda node_at_lambda, const MemoryCase& cs) {
   CountingModel<Model> model{inner};
   const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
   const State w = x_T.reverse();
@@ -677,7 +748,7 @@ void check_memory_modes(const SchemeCase& sc, const Scheme& scheme, const Grid& 
 
   GradientOptions all{.wrt_cond = true, .wrt_params = true, .wrt_noise = true};
   const auto ref = run(all);
-  CHECK(model.evals == sum_s + (sum_s - n));  // store all: one pass + stage recomputation
+  CHECK(model.evals == sum_s + (sum_s - n)); // store all: one pass + stage recomputation
   CHECK(model.vjps == sum_s);
   CHECK(ref.cost.model_evals == model.evals);
   CHECK(ref.cost.forward_steps == n);
@@ -702,8 +773,7 @@ void check_memory_modes(const SchemeCase& sc, const Scheme& scheme, const Grid& 
   CHECK(rel_err(r.grad_params, ref.grad_params) <= 1e-14);
   CHECK(rel_err(r.x0, ref.x0) <= 1e-14);
   for (int i = 0; i < cs.steps; ++i)
-    if (ref.grad_noise[i].norm() > 0)
-      CHECK(rel_err(r.grad_noise[i], ref.grad_noise[i]) <= 1e-14);
+    if (ref.grad_noise[i].norm() > 0) CHECK(rel_err(r.grad_noise[i], ref.grad_noise[i]) <= 1e-14);
 }
 } // namespace
 
@@ -723,17 +793,18 @@ TEST_CASE("gradients are identical across memory modes; costs match the binomial
   }
 }
 
-TEST_CASE("multistep checkpoints carry their history; the count is exact", "[adjoint][checkpoint]") {
+TEST_CASE("multistep checkpoints carry their history; the count is exact",
+          "[adjoint][checkpoint]") {
   // DPM-Solver++ 3M reads x_{i-1}, x_{i-2}, e_{i-1}, e_{i-2} (data predictions of two earlier
   // steps): a snapshot of step i >= 2 holds 5 vectors. store_all keeps steps 0 .. N - 2.
   const int n = 10;
   const auto grid = diffusion_grid(n);
   auto model = diffgrad::testing::gaussian_problem<double>(3);
   const auto x_T = diffgrad::testing::test_batch<double>(2, 3);
-  const auto r = gradient(DpmSolverMultistep(3, SolverPrediction::data), Backend64{},
-                          vp_schedule(), grid.nodes, model, x_T, x_T);
+  const auto r = gradient(DpmSolverMultistep(3, SolverPrediction::data), Backend64{}, vp_schedule(),
+                          grid.nodes, model, x_T, x_T);
   CHECK(r.cost.peak_checkpoints == n - 1);
-  CHECK(r.cost.peak_stored_states == 1 + 3 + 5 * (n - 3));  // steps 0, 1, 2..N-2
+  CHECK(r.cost.peak_stored_states == 1 + 3 + 5 * (n - 3)); // steps 0, 1, 2..N-2
   // Noise-prediction multistep reads only e_{i-1-j}: 1 + 2 vectors per snapshot.
   const auto q = gradient(DpmSolverMultistep(3, SolverPrediction::noise), Backend64{},
                           vp_schedule(), grid.nodes, model, x_T, x_T);
@@ -749,30 +820,28 @@ TEST_CASE("cost table: evaluations, VJPs and stored states per memory mode", "[a
   const Backend64 backend;
   auto model = diffgrad::testing::gaussian_problem<double>(1);
   const State x_T = State::Constant(1, 1, 0.7);
-  std::printf("%6s %5s %8s | %-22s | %-22s | %-24s\n", "N", "s", "t(N,s)",
-              "DDIM evals/VJPs/stored", "DPM++3M evals/VJPs/stored", "rhoRK-3 evals/VJPs/stored");
+  std::printf("%6s %5s %8s | %-22s | %-22s | %-24s\n", "N", "s", "t(N,s)", "DDIM evals/VJPs/stored",
+              "DPM++3M evals/VJPs/stored", "rhoRK-3 evals/VJPs/stored");
   for (int n : {10, 50, 100, 1000}) {
     const auto grid = diffusion_grid(n);
     std::vector<int> budgets{1, 2, 3, 5, 8, 10, 20};
     std::erase_if(budgets, [n](int s) { return s >= n; });
-    budgets.push_back(n);  // store all
+    budgets.push_back(n); // store all
     for (int s : budgets) {
       const GradientOptions o{.memory = MemoryMode::checkpoint(s)};
       const auto a = gradient(Ddim(), backend, vp_schedule(), grid.nodes, model, x_T, x_T, o);
-      const auto b = gradient(DpmSolverMultistep(3, SolverPrediction::data), backend,
-                              vp_schedule(), grid.nodes, model, x_T, x_T, o);
-      const auto c = gradient(DeisRhoRk(DeisRkMethod::kutta3), backend, vp_schedule(),
+      const auto b = gradient(DpmSolverMultistep(3, SolverPrediction::data), backend, vp_schedule(),
                               grid.nodes, model, x_T, x_T, o);
+      const auto c = gradient(DeisRhoRk(DeisRkMethod::kutta3), backend, vp_schedule(), grid.nodes,
+                              model, x_T, x_T, o);
       const std::int64_t t = revolve_advances(n, s);
-      std::printf("%6d %5d %8lld | %8lld %6lld %6lld | %8lld %6lld %6lld | %9lld %6lld %6lld\n",
-                  n, s, static_cast<long long>(t), static_cast<long long>(a.cost.model_evals),
+      std::printf("%6d %5d %8lld | %8lld %6lld %6lld | %8lld %6lld %6lld | %9lld %6lld %6lld\n", n,
+                  s, static_cast<long long>(t), static_cast<long long>(a.cost.model_evals),
                   static_cast<long long>(a.cost.vjps),
                   static_cast<long long>(a.cost.peak_stored_states),
-                  static_cast<long long>(b.cost.model_evals),
-                  static_cast<long long>(b.cost.vjps),
+                  static_cast<long long>(b.cost.model_evals), static_cast<long long>(b.cost.vjps),
                   static_cast<long long>(b.cost.peak_stored_states),
-                  static_cast<long long>(c.cost.model_evals),
-                  static_cast<long long>(c.cost.vjps),
+                  static_cast<long long>(c.cost.model_evals), static_cast<long long>(c.cost.vjps),
                   static_cast<long long>(c.cost.peak_stored_states));
       CHECK(a.cost.model_evals == t + 1);
       CHECK(a.cost.vjps == n);
@@ -799,8 +868,8 @@ TEST_CASE("float32 gradients agree with float64 to 2e-5", "[adjoint][float]") {
   const B32::state_type w32 = w64.cast<float>();
   auto m64 = diffgrad::testing::gaussian_problem<double>(3);
   auto m32 = diffgrad::testing::gaussian_problem<float>(3);
-  const GradientOptions opt{.memory = MemoryMode::checkpoint(4), .wrt_cond = true,
-                            .wrt_params = true, .seed = 3};
+  const GradientOptions opt{
+      .memory = MemoryMode::checkpoint(4), .wrt_cond = true, .wrt_params = true, .seed = 3};
   const auto check = [&](const std::string& name, const auto& scheme) {
     const auto r64 = gradient(scheme, Backend64{}, vp_schedule(), grid.nodes, m64, x64, w64, opt);
     const auto r32 = gradient(scheme, B32{}, vp_schedule(), grid.nodes, m32, x32, w32, opt);
@@ -970,8 +1039,7 @@ struct NonAllocatingGaussian {
       for (Eigen::Index c = 0; c < x.cols(); ++c)
         out(r, c) = n.sigma * (x(r, c) - n.alpha * mu(c)) / v;
   }
-  void vjp(const State&, const Node& n, const State& a, State& dx, Vector* dcond,
-           Vector*) const {
+  void vjp(const State&, const Node& n, const State& a, State& dx, Vector* dcond, Vector*) const {
     const double v = n.alpha * n.alpha * s * s + n.sigma * n.sigma;
     for (Eigen::Index r = 0; r < a.rows(); ++r)
       for (Eigen::Index c = 0; c < a.cols(); ++c) {
@@ -999,7 +1067,7 @@ template <class Scheme> long allocations_in_gradient(const Scheme& scheme, Memor
 } // namespace
 
 TEST_CASE("gradient() with a prebuilt workspace does not allocate", "[adjoint][alloc]") {
-  {  // the probe itself sees Eigen allocations and operator new
+  { // the probe itself sees Eigen allocations and operator new
     const long before = alloc_probe::total_allocations();
     Eigen::internal::set_is_malloc_allowed(false);
     alloc_probe::counting = true;
@@ -1011,7 +1079,8 @@ TEST_CASE("gradient() with a prebuilt workspace does not allocate", "[adjoint][a
     CHECK(tmp.size() == 16);
     CHECK(alloc_probe::total_allocations() - before == 2);
   }
-  for (MemoryMode m : {MemoryMode::store_all(), MemoryMode::checkpoint(3), MemoryMode::recompute()}) {
+  for (MemoryMode m :
+       {MemoryMode::store_all(), MemoryMode::checkpoint(3), MemoryMode::recompute()}) {
     CHECK(allocations_in_gradient(Ddim(), m) == 0);
     CHECK(allocations_in_gradient(Ddim(0.7), m) == 0);
     CHECK(allocations_in_gradient(DpmSolverMultistep(3, SolverPrediction::data), m) == 0);

@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <functional>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "diffgrad/gradients/gradient.hpp" // the generic store-all discrete adjoint
@@ -558,4 +560,101 @@ TEST_CASE("Reversible gradients: amplification policy and bad input", "[reversib
   CHECK(r.grad_cond.size() == 0);
   CHECK(r.grad_params.size() == 0);
   CHECK(r.grad_x.rows() == 4);
+}
+
+namespace {
+/// The test model with a VJP that writes NaN (into dx, or into dparams) at one node.
+struct PoisonedVjpModel {
+  Model inner = Model::standard();
+  double poison_t = 0.0;
+  bool into_params = false;
+  std::int64_t cond_size() const { return inner.cond_size(); }
+  std::int64_t param_size() const { return inner.param_size(); }
+  void eps(const St& x, const Node& n, St& out) const { inner.eps(x, n, out); }
+  void vjp(const St& x, const Node& n, const St& a, St& dx, Vec* dcond, Vec* dparams) const {
+    inner.vjp(x, n, a, dx, dcond, dparams);
+    if (n.t != poison_t) return;
+    if (!into_params)
+      dx(0, 1) = std::numeric_limits<double>::quiet_NaN();
+    else if (dparams)
+      (*dparams)(0) = std::numeric_limits<double>::quiet_NaN();
+  }
+};
+
+template <class F> std::string numerical_message(F&& f) {
+  try {
+    f();
+  } catch (const diffgrad::numerical_error& e) {
+    return e.what();
+  }
+  return "no diffgrad::numerical_error";
+}
+} // namespace
+
+TEST_CASE("Reversible gradients refuse a NaN cotangent or VJP with gradient()'s messages",
+          "[reversible][errors]") {
+  // They returned NaN gradients silently; gradient() refuses both, and the messages must be
+  // the same (one shared check), so each case runs through gradient() as well.
+  const VPLinearSchedule s;
+  const auto nodes = grid(s, 12);
+  const EigenBackend<double> backend;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto nan_cot = [nan](const St& x0, St& g) {
+    g = x0;
+    g(1, 2) = nan;
+  };
+  auto clean = Model::standard();
+  const BdiaDdim bdia;
+  const Edict edict;
+  const ReversibleCoupling coupling(Ddim(), 0.999);
+
+  // A NaN cotangent (dL/dx0).
+  St nan_w = noise();
+  nan_w(1, 2) = nan;
+  const std::string from_gradient =
+      numerical_message([&] { gradient(Ddim(), backend, s, nodes, clean, noise(), nan_w); });
+  CHECK(from_gradient == "gradient: the loss gradient dL/dx0 is not finite");
+  const auto check_cotangent = [&](const auto& method) {
+    CHECK(numerical_message([&] {
+            reversible_gradient(method, backend, s, nodes, clean, noise(), nan_cot);
+          }) == "reversible_gradient: the loss gradient dL/dx0 is not finite");
+    const LatentPair<St> latent{noise(), noise()};
+    CHECK(numerical_message([&] {
+            reversible_gradient_latent(method, backend, s, nodes, clean, latent, nan_cot);
+          }) == "reversible_gradient_latent: the loss gradient dL/dx0 is not finite");
+  };
+  check_cotangent(bdia);
+  check_cotangent(edict);
+  check_cotangent(coupling);
+  // check_finite = false lets it through, as in gradient().
+  ReversibleGradientOptions unchecked;
+  unchecked.check_finite = false;
+  CHECK_NOTHROW(reversible_gradient(bdia, backend, s, nodes, clean, noise(), nan_cot, unchecked));
+
+  // A VJP writing NaN into dx, then into dparams, at the node of step 7 (the VJP at nodes[k]
+  // belongs to step k for DDIM, BDIA, EDICT and the coupled DDIM alike).
+  for (bool into_params : {false, true}) {
+    PoisonedVjpModel model;
+    model.poison_t = nodes[7].t;
+    model.into_params = into_params;
+    const std::string expected = numerical_message([&] {
+      gradient(Ddim(), backend, s, nodes, model, noise(), noise(),
+               GradientOptions{.wrt_params = true});
+    });
+    INFO("into dparams: " << into_params << ", gradient(): " << expected);
+    CHECK(expected.find("model vjp: expected finite values") == 0);
+    CHECK(expected.find(into_params ? "in dparams" : "values, got") != std::string::npos);
+    CHECK(expected.find("at step 7 (t = ") != std::string::npos);
+    const auto cot = [](const St&, St& g) { g = noise(); };
+    const auto same_as_gradient = [&](const std::string& message) {
+      CHECK(message == expected);
+      CHECK(message.find("at step 7 (t = ") != std::string::npos);
+    };
+    same_as_gradient(numerical_message(
+        [&] { reversible_gradient(bdia, backend, s, nodes, model, noise(), cot); }));
+    same_as_gradient(numerical_message(
+        [&] { reversible_gradient(edict, backend, s, nodes, model, noise(), cot); }));
+    same_as_gradient(numerical_message(
+        [&] { reversible_gradient(coupling, backend, s, nodes, model, noise(), cot); }));
+  }
 }

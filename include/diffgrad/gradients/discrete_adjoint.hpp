@@ -35,6 +35,7 @@
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/gradients/checkpointing.hpp"
 #include "diffgrad/gradients/loss.hpp"
+#include "diffgrad/gradients/vjp_call.hpp"
 #include "diffgrad/solvers/model_call.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 #include "diffgrad/solvers/step_plan.hpp"
@@ -45,9 +46,9 @@ namespace diffgrad {
 class MemoryMode {
 public:
   enum class Kind {
-    store_all,   ///< keep every state: N model evaluations, N stored (extended) states
-    checkpoint,  ///< optimal binomial checkpointing with s stored states (initial included)
-    recompute,   ///< keep only x_T, re-run from it for every step: N (N - 1)/2 + 1 evaluations
+    store_all,  ///< keep every state: N model evaluations, N stored (extended) states
+    checkpoint, ///< optimal binomial checkpointing with s stored states (initial included)
+    recompute,  ///< keep only x_T, re-run from it for every step: N (N - 1)/2 + 1 evaluations
   };
   static MemoryMode store_all() { return MemoryMode(Kind::store_all, 0); }
   static MemoryMode checkpoint(int snapshots) {
@@ -76,31 +77,32 @@ private:
 
 struct GradientOptions {
   MemoryMode memory = MemoryMode::store_all();
-  bool wrt_cond = false;    ///< accumulate dL/dcond (length model.cond_size())
-  bool wrt_params = false;  ///< accumulate dL/dtheta (length model.param_size())
-  bool wrt_noise = false;   ///< keep dL/dxi_i for every step (zero for deterministic steps)
-  std::uint64_t seed = 0;   ///< Philox seed of stochastic schemes, as in SampleOptions
-  bool check_finite = true; ///< check model outputs and VJPs for NaN/Inf
+  bool wrt_cond = false;   ///< accumulate dL/dcond (length model.cond_size())
+  bool wrt_params = false; ///< accumulate dL/dtheta (length model.param_size())
+  bool wrt_noise = false;  ///< keep dL/dxi_i for every step (zero for deterministic steps)
+  std::uint64_t seed = 0;  ///< Philox seed of stochastic schemes, as in SampleOptions
+  /// Check model outputs, VJPs (dx and, on host vectors, dcond/dparams) and dL/dx0 for NaN/Inf.
+  bool check_finite = true;
 };
 
 /// What a gradient cost, counted by the executor as it runs.
 struct GradientCost {
-  std::int64_t model_evals = 0;    ///< forward model calls, stage recomputations included
-  std::int64_t vjps = 0;           ///< model VJP calls
-  std::int64_t forward_steps = 0;  ///< one-step advances, the output step included: t(N, s) + 1
-  int peak_checkpoints = 0;        ///< snapshots held at once (<= s)
-  std::int64_t peak_stored_states = 0;  ///< state vectors in those snapshots, history included
+  std::int64_t model_evals = 0;        ///< forward model calls, stage recomputations included
+  std::int64_t vjps = 0;               ///< model VJP calls
+  std::int64_t forward_steps = 0;      ///< one-step advances, the output step included: t(N, s) + 1
+  int peak_checkpoints = 0;            ///< snapshots held at once (<= s)
+  std::int64_t peak_stored_states = 0; ///< state vectors in those snapshots, history included
 };
 
 template <Backend B> struct GradientResult {
   using state_type = typename B::state_type;
   using vector_type = typename B::vector_type;
-  state_type x0;                        ///< the sample (the sampler's output x_N)
-  double loss = 0.0;                    ///< L(x0); <cotangent, x0> when a cotangent was given
-  state_type grad_x;                    ///< dL/dx_T
-  vector_type grad_cond;                ///< dL/dcond (empty unless wrt_cond)
-  vector_type grad_params;              ///< dL/dtheta (empty unless wrt_params)
-  std::vector<state_type> grad_noise;   ///< dL/dxi_i per step (empty unless wrt_noise)
+  state_type x0;                      ///< the sample (the sampler's output x_N)
+  double loss = 0.0;                  ///< L(x0); <cotangent, x0> when a cotangent was given
+  state_type grad_x;                  ///< dL/dx_T
+  vector_type grad_cond;              ///< dL/dcond (empty unless wrt_cond)
+  vector_type grad_params;            ///< dL/dtheta (empty unless wrt_params)
+  std::vector<state_type> grad_noise; ///< dL/dxi_i per step (empty unless wrt_noise)
   GradientCost cost;
 };
 
@@ -111,19 +113,18 @@ public:
   using state_type = typename B::state_type;
   using vector_type = typename B::vector_type;
 
-  GradientWorkspace(const B& backend, int history, int stages, int num_steps,
-                    std::int64_t batch, std::int64_t dim, std::int64_t cond_size,
-                    std::int64_t param_size, const GradientOptions& options)
+  GradientWorkspace(const B& backend, int history, int stages, int num_steps, std::int64_t batch,
+                    std::int64_t dim, std::int64_t cond_size, std::int64_t param_size,
+                    const GradientOptions& options)
       : history_(history), stages_(stages), num_steps_(num_steps), batch_(batch), dim_(dim),
-        wrt_cond_(options.wrt_cond), wrt_params_(options.wrt_params),
-        wrt_noise_(options.wrt_noise),
+        wrt_cond_(options.wrt_cond), wrt_params_(options.wrt_params), wrt_noise_(options.wrt_noise),
         schedule(make_schedule(num_steps, options)) {
     detail::require(history >= 0 && history <= kMaxHistory, "GradientWorkspace", "history",
                     detail::concat("0..", kMaxHistory), history);
     detail::require(stages >= 1 && stages <= kMaxStages, "GradientWorkspace", "stages",
                     detail::concat("1..", kMaxStages), stages);
-    detail::require(batch >= 1 && dim >= 1, "GradientWorkspace", "batch/dim",
-                    "a non-empty state", static_cast<double>(batch * dim));
+    detail::require(batch >= 1 && dim >= 1, "GradientWorkspace", "batch/dim", "a non-empty state",
+                    static_cast<double>(batch * dim));
     const auto make = [&] { return backend.make_state(batch, dim); };
     const auto fill = [&](std::vector<state_type>& v, int n) {
       v.reserve(static_cast<std::size_t>(n));
@@ -151,8 +152,7 @@ public:
   }
 
   static CheckpointSchedule make_schedule(int num_steps, const GradientOptions& options) {
-    detail::require(num_steps >= 1, "GradientWorkspace", "num_steps", "at least 1 step",
-                    num_steps);
+    detail::require(num_steps >= 1, "GradientWorkspace", "num_steps", "at least 1 step", num_steps);
     return CheckpointSchedule::revolve(num_steps, options.memory.snapshots_for(num_steps));
   }
 
@@ -161,8 +161,8 @@ public:
   static GradientWorkspace for_scheme(const B& backend, const Scheme& scheme, int num_steps,
                                       const state_type& x, std::int64_t cond_size,
                                       std::int64_t param_size, const GradientOptions& options) {
-    return GradientWorkspace(backend, scheme.history(), scheme.stages(), num_steps,
-                             B::batch(x), B::dim(x), cond_size, param_size, options);
+    return GradientWorkspace(backend, scheme.history(), scheme.stages(), num_steps, B::batch(x),
+                             B::dim(x), cond_size, param_size, options);
   }
 
   /// Noise of stochastic steps, as SamplerWorkspace::given_noise: empty means Philox noise
@@ -186,11 +186,11 @@ private:
 public:
   // Internal buffers of the executor (detail::AdjointPass); not part of the API.
   CheckpointSchedule schedule;
-  std::vector<state_type> x, e, u, ue;      ///< working extended state: rings by step % (H + 1)
-  std::vector<state_type> x_bar, e_bar;     ///< cotangent rings: step % (H + 2), step % (H + 1)
-  std::vector<state_type> u_bar, ue_bar;    ///< stage cotangents (stage s at index s - 1)
-  state_type vjp_out;                       ///< one VJP result before it is accumulated
-  std::vector<state_type> snap_x, snap_e;   ///< slot k: x at [k (H + 1) ...], e at [k H ...]
+  std::vector<state_type> x, e, u, ue;    ///< working extended state: rings by step % (H + 1)
+  std::vector<state_type> x_bar, e_bar;   ///< cotangent rings: step % (H + 2), step % (H + 1)
+  std::vector<state_type> u_bar, ue_bar;  ///< stage cotangents (stage s at index s - 1)
+  state_type vjp_out;                     ///< one VJP result before it is accumulated
+  std::vector<state_type> snap_x, snap_e; ///< slot k: x at [k (H + 1) ...], e at [k H ...]
   std::vector<int> snap_step, snap_vectors;
   GradientResult<B> result;
 };
@@ -204,8 +204,8 @@ public:
   using Vector = typename B::vector_type;
 
   AdjointPass(const Scheme& scheme, const B& backend, std::span<const Node> nodes,
-              NodeAtLambda node_at_lambda, Field& field, VjpField& vjp,
-              GradientWorkspace<B>& ws, const GradientOptions& options)
+              NodeAtLambda node_at_lambda, Field& field, VjpField& vjp, GradientWorkspace<B>& ws,
+              const GradientOptions& options)
       : scheme_(scheme), backend_(backend), nodes_(nodes), nal_(node_at_lambda), field_(field),
         vjp_(vjp), ws_(ws), opt_(options), hist_(ws.history()), ring_(hist_ + 1),
         bar_ring_(hist_ + 2), cost_(ws.result.cost) {}
@@ -244,9 +244,8 @@ public:
         advance(current, ws_.result.x0);
         State& seed = ws_.x_bar[bar_slot(n)];
         ws_.result.loss = static_cast<double>(loss(backend_, ws_.result.x0, seed));
-        require_same_shape<B>(seed, ws_.result.x0, "gradient", "loss gradient (dL/dx0)");
-        if (opt_.check_finite && !backend_.all_finite(seed))
-          throw numerical_error("gradient: the loss gradient dL/dx0 is not finite");
+        check_loss_gradient(backend_, seed, ws_.result.x0, opt_.check_finite, "gradient",
+                            "loss gradient (dL/dx0)");
         break;
       }
       case CheckpointOp::reverse:
@@ -308,7 +307,8 @@ private:
     const auto base_e = static_cast<std::size_t>(k * hist_);
     backend_.copy(ws_.x[slot(step)], ws_.snap_x[base_x]);
     for (int j = 0; j < hist_x_used_ && step - 1 - j >= 0; ++j)
-      backend_.copy(ws_.x[slot(step - 1 - j)], ws_.snap_x[base_x + 1 + static_cast<std::size_t>(j)]);
+      backend_.copy(ws_.x[slot(step - 1 - j)],
+                    ws_.snap_x[base_x + 1 + static_cast<std::size_t>(j)]);
     for (int j = 0; j < hist_e_used_ && step - 1 - j >= 0; ++j)
       backend_.copy(ws_.e[slot(step - 1 - j)], ws_.snap_e[base_e + static_cast<std::size_t>(j)]);
     return step;
@@ -393,20 +393,15 @@ private:
     Vector* dp = ws_.wrt_params() ? &ws_.result.grad_params : nullptr;
     vjp_(at, n, cotangent, ws_.vjp_out, dc, dp);
     ++cost_.vjps;
-    if (B::batch(ws_.vjp_out) != B::batch(at) || B::dim(ws_.vjp_out) != B::dim(at))
-      throw invalid_argument(concat("model vjp: expected dx of shape ", B::batch(at), " x ",
-                                    B::dim(at), ", got ", B::batch(ws_.vjp_out), " x ",
-                                    B::dim(ws_.vjp_out), " at step ", i));
-    if (opt_.check_finite && !backend_.all_finite(ws_.vjp_out))
-      throw numerical_error(concat("model vjp: expected finite values, got NaN or Inf at step ",
-                                   i, " (t = ", n.t, ")"));
+    check_vjp_output(backend_, at, ws_.vjp_out, opt_.check_finite, i, n,
+                     static_cast<const Vector*>(dc), static_cast<const Vector*>(dp));
   }
 
   // Adjoint of step i: cotangent of x_{i+1} -> cotangents of x_i, e_i and the history.
   void reverse(int i) {
     const StepPlan plan = checked_plan(i);
     const int stages = plan.num_stages;
-    if (stages > 1) run_stages(plan, i, stages - 1);  // u_1 .. u_{S-1} at the states seen
+    if (stages > 1) run_stages(plan, i, stages - 1); // u_1 .. u_{S-1} at the states seen
     for (int s = 1; s < stages; ++s) {
       backend_.fill(ws_.u_bar[static_cast<std::size_t>(s - 1)], 0.0);
       backend_.fill(ws_.ue_bar[static_cast<std::size_t>(s - 1)], 0.0);
@@ -430,8 +425,8 @@ private:
     State& e_bar = ws_.e_bar[slot(i)];
     call_vjp(ws_.x[slot(i)], plan.stage_node[0], e_bar, i);
     axpy(ws_.x_bar[bar_slot(i)], 1.0, ws_.vjp_out);
-    backend_.fill(e_bar, 0.0);  // its ring slot is reused for step i - H - 1
-    backend_.fill(g, 0.0);      // likewise for x_{i-H-1}
+    backend_.fill(e_bar, 0.0); // its ring slot is reused for step i - H - 1
+    backend_.fill(g, 0.0);     // likewise for x_{i-H-1}
   }
 
   const Scheme& scheme_;
@@ -467,12 +462,11 @@ template <Backend B> struct CotangentLoss {
 /// `loss` is a LossFunction or a state (the cotangent dL/dx_0). Writes ws's result and
 /// returns it; allocates nothing when ws was built for this problem.
 template <class Scheme, Backend B, class Field, class VjpField, class LossOrCotangent>
-const GradientResult<B>& discrete_adjoint(const Scheme& scheme, const B& backend,
-                                          std::span<const Node> nodes,
-                                          NodeAtLambda node_at_lambda, Field&& field,
-                                          VjpField&& vjp, const typename B::state_type& x_T,
-                                          LossOrCotangent&& loss, const GradientOptions& options,
-                                          GradientWorkspace<B>& ws) {
+const GradientResult<B>&
+discrete_adjoint(const Scheme& scheme, const B& backend, std::span<const Node> nodes,
+                 NodeAtLambda node_at_lambda, Field&& field, VjpField&& vjp,
+                 const typename B::state_type& x_T, LossOrCotangent&& loss,
+                 const GradientOptions& options, GradientWorkspace<B>& ws) {
   using State = typename B::state_type;
   scheme.validate(nodes);
   const int num_steps = static_cast<int>(nodes.size()) - 1;
@@ -489,10 +483,10 @@ const GradientResult<B>& discrete_adjoint(const Scheme& scheme, const B& backend
     detail::throw_argument("gradient", "ws", "a workspace built with the same GradientOptions",
                            "one built with different wrt_* flags or memory mode");
   if (B::batch(x_T) != ws.batch() || B::dim(x_T) != ws.dim())
-    detail::throw_argument("gradient", "x_T",
-                           detail::concat("shape ", ws.batch(), " x ", ws.dim(),
-                                          " (batch x dim, as the workspace)"),
-                           detail::concat(B::batch(x_T), " x ", B::dim(x_T)));
+    detail::throw_argument(
+        "gradient", "x_T",
+        detail::concat("shape ", ws.batch(), " x ", ws.dim(), " (batch x dim, as the workspace)"),
+        detail::concat(B::batch(x_T), " x ", B::dim(x_T)));
   if (!ws.given_noise.empty()) {
     if (static_cast<int>(ws.given_noise.size()) < num_steps)
       detail::throw_argument("gradient", "ws.given_noise",
@@ -501,8 +495,7 @@ const GradientResult<B>& discrete_adjoint(const Scheme& scheme, const B& backend
     for (const State& xi : ws.given_noise)
       detail::require_same_shape<B>(xi, x_T, "gradient", "ws.given_noise[i]");
   }
-  detail::AdjointPass<Scheme, B, std::remove_reference_t<Field>,
-                      std::remove_reference_t<VjpField>>
+  detail::AdjointPass<Scheme, B, std::remove_reference_t<Field>, std::remove_reference_t<VjpField>>
       pass(scheme, backend, nodes, node_at_lambda, field, vjp, ws, options);
   if constexpr (std::is_same_v<std::remove_cvref_t<LossOrCotangent>, State>) {
     detail::CotangentLoss<B> as_loss{loss};

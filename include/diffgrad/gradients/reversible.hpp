@@ -20,14 +20,16 @@
 #include <utility>
 
 #include "diffgrad/concepts/model.hpp"
+#include "diffgrad/gradients/vjp_call.hpp"
 #include "diffgrad/inversion/engine.hpp"
+#include "diffgrad/solvers/model_call.hpp"
 
 namespace diffgrad {
 
 struct ReversibleGradientOptions {
   bool want_cond = true;                ///< accumulate dL/dcond (model.cond_size() entries)
   bool want_params = true;              ///< accumulate dL/dtheta (model.param_size() entries)
-  bool check_finite = true;             ///< check every model output for NaN/Inf
+  bool check_finite = true;             ///< check model outputs, VJPs and the cotangent for NaN/Inf
   AmplificationOptions amplification{}; ///< the backward pass inverts: same diagnostic
 };
 
@@ -57,6 +59,28 @@ template <Backend B> struct ReversibleGradientResult {
 
 namespace detail {
 
+/// The model as the steppers see it inside a reversible gradient: eps passes through; every
+/// VJP is checked as gradient() checks its VJPs (check_vjp_output), at the step being
+/// reversed, so a NaN VJP is refused where it happened instead of returning NaN gradients.
+template <class Model, Backend B> struct CheckedVjpModel {
+  using State = typename B::state_type;
+  using Vector = typename B::vector_type;
+  Model& model;
+  const B& backend;
+  bool check_finite;
+  int step = 0; ///< the step whose adjoint is being taken, for messages
+
+  std::int64_t cond_size() const { return static_cast<std::int64_t>(model.cond_size()); }
+  std::int64_t param_size() const { return static_cast<std::int64_t>(model.param_size()); }
+  void eps(const State& x, const Node& n, State& out) { EpsField<Model>{model}(x, n, out); }
+  void vjp(const State& x, const Node& n, const State& a, State& dx, Vector* dcond,
+           Vector* dparams) {
+    EpsVjp<Model>{model}(x, n, a, dx, dcond, dparams);
+    check_vjp_output(backend, x, dx, check_finite, step, n, static_cast<const Vector*>(dcond),
+                     static_cast<const Vector*>(dparams));
+  }
+};
+
 template <ReversibleMethod M, Backend B, class S, class Model, class Cotangent>
 ReversibleGradientResult<B> reversible_gradient_impl(
     const M& method, const B& backend, const S& schedule, std::span<const Node> nodes, Model& model,
@@ -79,7 +103,8 @@ ReversibleGradientResult<B> reversible_gradient_impl(
   const State& shape_ref = x_T ? *x_T : latent->first;
   if (latent) require_same_pair_shape<B>(latent->second, latent->first, where, "latent.second");
   const auto batch = B::batch(shape_ref), dim = B::dim(shape_ref);
-  auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
+  CheckedVjpModel<Model, B> checked{model, backend, options.check_finite};
+  auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, checked, batch, dim,
                                 options.check_finite);
   // Every buffer is allocated here, before either sweep.
   State a = backend.make_state(batch, dim), b = backend.make_state(batch, dim);
@@ -111,17 +136,17 @@ ReversibleGradientResult<B> reversible_gradient_impl(
   backend.fill(bbar, 0.0);
   State& out_bar = st.output_index() == 0 ? abar : bbar;
   cotangent(static_cast<const State&>(r.sample), out_bar);
-  if (B::batch(out_bar) != batch || B::dim(out_bar) != dim)
-    throw invalid_argument(concat(where, ": argument 'cotangent' expected to write a ", batch,
-                                  " x ", dim, " state, wrote ", B::batch(out_bar), " x ",
-                                  B::dim(out_bar)));
+  check_loss_gradient(backend, out_bar, r.sample, options.check_finite, where, "cotangent");
 
   // Backward: reconstruct each step's input and pull the adjoint pair through it.
-  for (int k = num_steps - 1; k >= st.first_step(); --k)
+  for (int k = num_steps - 1; k >= st.first_step(); --k) {
+    checked.step = k;
     st.inverse_with_adjoint(k, a, b, abar, bbar, dcond, dparams);
+  }
   r.grad_latent.first = abar;
   r.grad_latent.second = bbar;
   buffers += 2;
+  checked.step = 0;
   if (x_T) st.pair_from_noise_vjp(a, b, abar, bbar, r.grad_x, dcond, dparams);
   r.cost.backward_model_evals = st.model_evals() - r.cost.forward_model_evals;
   r.cost.vjps = st.vjps();
