@@ -50,13 +50,29 @@ struct TrajectoryObserver {
 };
 
 /// Largest per-step relative difference between a run and the reference states
-/// (`steps_to_reference[i]`: the reference state index a diffgrad step i ends on).
+/// (`steps_to_reference[i]`: the reference state index a diffgrad step i ends on). Two case
+/// params shorten the reference: `first_state_step` (only the states from that step on are
+/// stored) and `diffusers_finite_steps` (diffusers' later states are NaN: a zero-length last
+/// step that diffusers divides by h = 0). diffgrad's steps past the finite ones must be the
+/// identity step, exactly.
 double max_step_difference(const std::vector<Matrix>& got, const ReferenceCase& c,
                            const std::vector<int>& steps_to_reference) {
   REQUIRE(got.size() == steps_to_reference.size());
+  const int first = c.has_param("first_state_step") ? c.param_int("first_state_step") : 0;
+  const int finite = c.has_param("diffusers_finite_steps") ? c.param_int("diffusers_finite_steps")
+                                                           : static_cast<int>(got.size());
   double worst = 0.0;
   for (std::size_t i = 0; i < got.size(); ++i) {
-    const auto& want = c.states.at(static_cast<std::size_t>(steps_to_reference[i]));
+    const int ref = steps_to_reference[i];
+    if (ref >= finite) {
+      INFO(c.name << ": step " << i << " (NaN in diffusers) is the identity");
+      REQUIRE(i > 0);
+      CHECK(got[i] == got[i - 1]);
+      CHECK(got[i].allFinite());
+      continue;
+    }
+    if (ref < first) continue;
+    const auto& want = c.states.at(static_cast<std::size_t>(ref - first));
     const double d = relative_difference(got[i], want);
     if (!(d <= kTolerance)) UNSCOPED_INFO(c.name << ": step " << i << " relative difference " << d);
     worst = std::max(worst, d);
@@ -187,6 +203,11 @@ std::string ddim_family(const ReferenceCase& c) {
     f += c.param_bool("use_clipped_model_output") ? " x0-corrected, clipped eps"
                                                   : " x0-corrected, raw eps";
   if (c.param("prediction_type") != "epsilon") f += " " + c.param("prediction_type");
+  if (c.param_bool("thresholding") && c.param_double("sample_max_value") < 1.0)
+    f += " sample_max_value<1";
+  if (!c.param_bool("set_alpha_to_one") &&
+      (c.param_bool("thresholding") || c.param_bool("clip_sample")))
+    f += " (x0 corrected at the final timestep-0 step)";
   return f;
 }
 
@@ -301,7 +322,8 @@ double run_and_compare(const Scheme& scheme, std::span<const Node> nodes, const 
   std::vector<Matrix> states;
   run_scheme(scheme, backend, nodes, NodeAtLambda(schedule), EpsField<decltype(model)>{model}, x,
              ws, {}, TrajectoryObserver{&states});
-  CHECK(network.calls == c.param_int("num_inference_steps"));
+  // One call per diffusers timestep (n + 1 of them for a trailing run that wraps to -1).
+  CHECK(network.calls == static_cast<int>(c.vector("timesteps").size()));
   return max_step_difference(states, c, steps_to_reference);
 }
 
@@ -326,8 +348,13 @@ std::string dpm_family(const std::string& scheduler, const ReferenceCase& c) {
   std::string f = scheduler + " " + c.param("algorithm_type") + " o" + c.param("solver_order");
   if (c.param("prediction_type") != "epsilon") f += " " + c.param("prediction_type");
   if (c.param_bool("thresholding")) f += " thresholding";
+  if (c.param_double("sample_max_value") < 1.0) f += " sample_max_value<1";
   if (c.has_param("use_karras_sigmas") && c.param_bool("use_karras_sigmas")) f += " karras";
   if (c.has_param("use_lu_lambdas") && c.param_bool("use_lu_lambdas")) f += " lu_lambdas";
+  if ((c.has_param("use_karras_sigmas") && c.param_bool("use_karras_sigmas")) ||
+      (c.has_param("use_lu_lambdas") && c.param_bool("use_lu_lambdas")))
+    f += " " + c.param("final_sigmas_type");
+  if (c.has_param("diffusers_finite_steps")) f += " (diffusers NaN at the last step)";
   return f;
 }
 
@@ -371,6 +398,7 @@ TEST_CASE("compat: DPMSolverSinglestepScheduler, every order and flag, to 1e-6 p
     cfg.algorithm_type = algorithm_of(c.param("algorithm_type"));
     cfg.solver_type = solver_type_of(c.param("solver_type"));
     cfg.lower_order_final = c.param_bool("lower_order_final");
+    cfg.use_karras_sigmas = c.param_bool("use_karras_sigmas");
     cfg.final_sigmas_type = final_of(c.param("final_sigmas_type"));
     cfg.lambda_min_clipped = c.param_double("lambda_min_clipped");
     const int n = c.param_int("num_inference_steps");
@@ -406,6 +434,7 @@ TEST_CASE("compat: DEISMultistepScheduler, every order and spacing, to 1e-6 per 
                                      identity_steps(setup.timesteps.size()));
     CHECK(d <= kTolerance);
     std::string f = "DEISMultistep o" + c.param("solver_order");
+    if (c.param_double("sample_max_value") < 1.0) f += " sample_max_value<1";
     if (c.param("prediction_type") != "epsilon") f += " " + c.param("prediction_type");
     if (c.param_bool("thresholding")) f += " thresholding";
     record(f, d);
@@ -480,4 +509,274 @@ TEST_CASE("compat: leaving out a diffusers detail is caught (differences >> 1e-6
     const Matrix other = final_state(DeisRhoAb(3), setup.nodes, schedule, network, x_T);
     CHECK(relative_difference(other, c.states.back()) > 1e-5);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Zero-length terminal steps (karras / lu with final_sigmas_type="sigma_min")
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("compat: a zero-length LAST step is the identity for every multistep order; "
+          "anywhere else it is refused") {
+  const auto schedule = DiscreteSchedule::from_beta_schedule(BetaSchedule::linear);
+  compat::DpmSolverMultistepSchedulerConfig cfg;
+  cfg.use_karras_sigmas = true;
+  cfg.final_sigmas_type = compat::FinalSigmas::sigma_min;
+  cfg.lower_order_final = false; // full order up to the last step
+  const auto [timesteps, nodes] = compat::dpm_solver_multistep_nodes(schedule, cfg, 20);
+  REQUIRE(nodes.size() == 21);
+  // diffusers appends sigma_last = sqrt((1 - a_0)/a_0), the last karras sigma up to rounding
+  // (on this double-built table pow(pow(r, 1/7), 7) misses r by an ulp: snapped to zero length).
+  CHECK(nodes[20].lambda == nodes[19].lambda);
+  const EigenBackend<double> backend;
+  const Matrix x_T = Matrix::Constant(3, 5, 0.3) + 0.1 * Matrix::Identity(3, 5);
+  for (const auto& [order, type] :
+       {std::pair{1, DpmSolverType::midpoint}, std::pair{2, DpmSolverType::midpoint},
+        std::pair{2, DpmSolverType::heun}, std::pair{3, DpmSolverType::midpoint}}) {
+    for (auto prediction : {SolverPrediction::data, SolverPrediction::noise}) {
+      INFO("order " << order << " heun " << (type == DpmSolverType::heun));
+      DpmSolverMultistep::Options o;
+      o.order = order;
+      o.prediction = prediction;
+      o.solver_type = type;
+      o.lower_order_final = false;
+      o.quirks.multistep_half_d2 = true;
+      const DpmSolverMultistep scheme(o);
+      CHECK(scheme.step_order(nodes, 19) == 1);
+      CompatTestModel network;
+      std::vector<Matrix> states;
+      Matrix x = x_T;
+      SamplerWorkspace<EigenBackend<double>> ws(backend, scheme.history(), 1, 3, 5);
+      run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
+                 EpsField<CompatTestModel>{network}, x, ws, {}, TrajectoryObserver{&states});
+      REQUIRE(states.size() == 20);
+      CHECK(states[19] == states[18]);
+      CHECK(x.allFinite());
+    }
+  }
+  // The coefficient functions themselves: h = 0 gives the first-order (identity) weights.
+  const Node& s0 = nodes[19];
+  const auto u =
+      coeffs::dpm::multistep_update(coeffs::dpm::Integrand::ode_data, 3, DpmSolverType::midpoint,
+                                    s0, nodes[18], nodes[17], nodes[20], {true, false, false});
+  CHECK(u.x == 1.0);
+  CHECK(u.m[0] == 0.0);
+  CHECK(u.m[1] == 0.0);
+  CHECK(u.m[2] == 0.0);
+  // Equal lambda before the last step: refused, naming the node.
+  std::vector<Node> bad = nodes;
+  bad[10] = bad[9];
+  CHECK_THROWS_WITH(DpmSolverMultistep().validate(bad), Catch::Contains("node 10"));
+  // Schemes without the exception (plain DDIM) refuse even a zero-length last step.
+  CHECK_THROWS_WITH(Ddim(0.0).validate(nodes), Catch::Contains("node 20"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// trailing spacing, n = 1..1000 (the numpy arange -1)
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+struct Checksum {
+  long long length = 0, sum = 0, wsum = 0, last = 0;
+  bool operator==(const Checksum&) const = default;
+};
+Checksum checksum_of(const std::vector<int>& ts) {
+  Checksum c;
+  c.length = static_cast<long long>(ts.size());
+  for (std::size_t i = 0; i < ts.size(); ++i) {
+    c.sum += ts[i];
+    c.wsum += static_cast<long long>(i + 1) * ts[i];
+  }
+  c.last = ts.empty() ? 0 : ts.back();
+  return c;
+}
+} // namespace
+
+TEST_CASE("compat: trailing timesteps for every n = 1..1000; the -1 dropped by default, kept "
+          "(diffusers' wrap) with ReferenceQuirks::trailing_wrap") {
+  const auto ref = read_reference("diffusers_trailing.txt");
+  int checked = 0;
+  for (const auto& c : ref.cases) {
+    if (c.name.rfind("trailing_checksums/", 0) != 0) continue;
+    INFO(c.name);
+    const std::string scheduler = c.param("scheduler");
+    const auto& ns = c.vector("n");
+    std::vector<int> wrapping;
+    for (std::size_t j = 0; j < ns.size(); ++j) {
+      const int n = static_cast<int>(ns[j]);
+      INFO("n = " << n);
+      const Checksum peer{
+          static_cast<long long>(c.vector("length")[j]), static_cast<long long>(c.vector("sum")[j]),
+          static_cast<long long>(c.vector("wsum")[j]), static_cast<long long>(c.vector("last")[j])};
+      const auto timesteps = [&](bool wrap) {
+        return scheduler == "ddim"
+                   ? compat::ddim_timesteps(n, compat::TimestepSpacing::trailing, 0, 1000, wrap)
+                   : compat::multistep_timesteps(n, compat::TimestepSpacing::trailing, 0, 1000, -1,
+                                                 wrap);
+      };
+      // With the quirk: diffusers' list exactly, -1 included.
+      CHECK(checksum_of(timesteps(true)) == peer);
+      // Default: n valid timesteps, diffusers' list less its trailing -1.
+      const auto mine = timesteps(false);
+      CHECK(mine.size() == static_cast<std::size_t>(n));
+      Checksum expected = peer;
+      if (peer.length == n + 1) {
+        wrapping.push_back(n);
+        REQUIRE(peer.last == -1);
+        expected = {n, peer.sum + 1, peer.wsum + (n + 1), mine.empty() ? 0 : mine.back()};
+      } else {
+        REQUIRE(peer.length == n);
+      }
+      CHECK(checksum_of(mine) == expected);
+      ++checked;
+    }
+    CHECK(wrapping.size() == 62);
+    REQUIRE(wrapping.size() >= 5);
+    CHECK(std::vector<int>(wrapping.begin(), wrapping.begin() + 5) ==
+          std::vector<int>{61, 103, 121, 122, 201});
+  }
+  CHECK(checked == 3000);
+}
+
+TEST_CASE("compat: runs through diffusers' trailing -1 timestep are reproduced with "
+          "trailing_wrap, to 1e-6 per step") {
+  const auto ref = read_reference("diffusers_trailing.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x_T = ref.matrices.at("x_T");
+  const EigenBackend<double> backend;
+  int runs = 0;
+  for (const auto& c : ref.cases) {
+    if (c.name.rfind("trailing_checksums/", 0) == 0) continue;
+    INFO(c.name);
+    const std::string scheduler = c.param("scheduler");
+    const int n = c.param_int("num_inference_steps");
+    const auto want_ts = int_vector(c.vector("timesteps"));
+    REQUIRE(want_ts.back() == -1);
+    double d = 0.0;
+    if (scheduler == "ddim") {
+      auto cfg = ddim_config_of(c);
+      cfg.quirks.trailing_wrap = true;
+      const auto setup = compat::ddim_setup(schedule, cfg, n);
+      CHECK(setup.timesteps == want_ts);
+      CompatTestModel network;
+      compat::DdimModel<CompatTestModel> model(network, schedule, cfg, n);
+      SamplerWorkspace<EigenBackend<double>> ws(backend, 0, 1, x_T.rows(), x_T.cols());
+      Matrix x = x_T;
+      std::vector<Matrix> states;
+      run_scheme(setup.scheme, backend, setup.nodes, NodeAtLambda(schedule),
+                 EpsField<decltype(model)>{model}, x, ws, {}, TrajectoryObserver{&states});
+      d = max_step_difference(states, c, identity_steps(states.size()));
+      // Default: the n valid steps only.
+      cfg.quirks.trailing_wrap = false;
+      CHECK(compat::ddim_setup(schedule, cfg, n).timesteps.size() == static_cast<std::size_t>(n));
+    } else if (scheduler == "dpmsolver_multistep") {
+      auto cfg = multistep_config_of(c);
+      cfg.quirks.trailing_wrap = true;
+      const auto setup = compat::dpm_solver_multistep_setup(schedule, cfg, n);
+      CHECK(setup.timesteps == want_ts);
+      d = run_and_compare(setup.scheme, setup.nodes, c, x_T, schedule,
+                          identity_steps(setup.timesteps.size()));
+    } else {
+      compat::DeisMultistepSchedulerConfig cfg;
+      cfg.solver_order = c.param_int("solver_order");
+      cfg.lower_order_final = c.param_bool("lower_order_final");
+      cfg.timestep_spacing = spacing_of(c.param("timestep_spacing"));
+      cfg.quirks.trailing_wrap = true;
+      const auto setup = compat::deis_multistep_setup(schedule, cfg, n);
+      CHECK(setup.timesteps == want_ts);
+      d = run_and_compare(setup.scheme, setup.nodes, c, x_T, schedule,
+                          identity_steps(setup.timesteps.size()));
+    }
+    CHECK(d <= kTolerance);
+    record("trailing -1 wrap (" + scheduler + ")", d);
+    ++runs;
+  }
+  CHECK(runs == 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partial starts (img2img): add_noise at timesteps[t_start], then start_at(setup, t_start)
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("compat: starting partway (add_noise + start_at) reproduces diffusers' "
+          "set_begin_index runs, to 1e-6 per step") {
+  const auto ref = read_reference("diffusers_partial.txt");
+  const auto schedule = schedule_of(ref);
+  const Matrix& x0 = ref.matrices.at("x0");
+  const Matrix& noise = ref.matrices.at("noise");
+  const EigenBackend<double> backend;
+  for (const auto& c : ref.cases) {
+    INFO(c.name);
+    const std::string scheduler = c.param("scheduler");
+    const int n = c.param_int("num_inference_steps");
+    const int t_start = c.param_int("t_start");
+    const auto want_ts = int_vector(c.vector("timesteps"));
+    // The reference's states are the steps from t_start on; map diffgrad's step i to state i.
+    const auto compare = [&](const auto& scheme, const std::vector<Node>& nodes) {
+      const Matrix x_start = compat::add_noise(x0, noise, nodes.front());
+      CompatTestModel network;
+      auto model = compat::scheduler_eps_model(
+          network, models::parse_prediction_type(c.param("prediction_type")), thresholding_of(c));
+      SamplerWorkspace<EigenBackend<double>> ws(backend, scheme.history(), scheme.stages(),
+                                                x_start.rows(), x_start.cols());
+      Matrix x = x_start;
+      std::vector<Matrix> states;
+      run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
+                 EpsField<decltype(model)>{model}, x, ws, {}, TrajectoryObserver{&states});
+      CHECK(network.calls == n - t_start);
+      return max_step_difference(states, c, identity_steps(states.size()));
+    };
+    double d = 0.0;
+    if (scheduler == "ddim") {
+      const auto cfg = ddim_config_of(c);
+      const auto part = compat::start_at(compat::ddim_setup(schedule, cfg, n), t_start);
+      CHECK(part.timesteps == std::vector<int>(want_ts.begin() + t_start, want_ts.end()));
+      const Matrix x_start = compat::add_noise(x0, noise, part.nodes.front());
+      CompatTestModel network;
+      compat::DdimModel<CompatTestModel> model(network, schedule, cfg, n);
+      SamplerWorkspace<EigenBackend<double>> ws(backend, 0, 1, x0.rows(), x0.cols());
+      Matrix x = x_start;
+      std::vector<Matrix> states;
+      run_scheme(part.scheme, backend, part.nodes, NodeAtLambda(schedule),
+                 EpsField<decltype(model)>{model}, x, ws, {}, TrajectoryObserver{&states});
+      d = max_step_difference(states, c, identity_steps(states.size()));
+    } else if (scheduler == "dpmsolver_multistep") {
+      const auto part = compat::start_at(
+          compat::dpm_solver_multistep_setup(schedule, multistep_config_of(c), n), t_start);
+      CHECK(part.timesteps == std::vector<int>(want_ts.begin() + t_start, want_ts.end()));
+      d = compare(part.scheme, part.nodes);
+    } else if (scheduler == "dpmsolver_singlestep") {
+      compat::DpmSolverSinglestepSchedulerConfig cfg;
+      cfg.solver_order = c.param_int("solver_order");
+      cfg.algorithm_type = algorithm_of(c.param("algorithm_type"));
+      cfg.solver_type = solver_type_of(c.param("solver_type"));
+      cfg.lower_order_final = c.param_bool("lower_order_final");
+      cfg.final_sigmas_type = final_of(c.param("final_sigmas_type"));
+      const auto full = compat::dpm_solver_singlestep_setup(schedule, cfg, n);
+      const auto part = compat::start_at(full, t_start);
+      // The full run's order list from t_start, capped by the model values available.
+      const auto orders = c.param_int_list("order_list");
+      for (int i = 0; i + t_start < n; ++i)
+        CHECK(part.scheme.step_order(part.nodes, i) ==
+              std::min(orders[static_cast<std::size_t>(i + t_start)], i + 1));
+      d = compare(part.scheme, part.nodes);
+      // Slicing the nodes alone (a fresh order list for n - t_start steps) is not diffusers.
+      const auto sliced = compat::dpm_solver_singlestep_setup(schedule, cfg, n - t_start);
+      bool differs = false;
+      for (int i = 0; i + t_start < n; ++i)
+        differs = differs ||
+                  sliced.scheme.step_order(part.nodes, i) != part.scheme.step_order(part.nodes, i);
+      CHECK(differs);
+    } else {
+      compat::DeisMultistepSchedulerConfig cfg;
+      cfg.solver_order = c.param_int("solver_order");
+      cfg.lower_order_final = c.param_bool("lower_order_final");
+      cfg.timestep_spacing = spacing_of(c.param("timestep_spacing"));
+      const auto part = compat::start_at(compat::deis_multistep_setup(schedule, cfg, n), t_start);
+      d = compare(part.scheme, part.nodes);
+    }
+    CHECK(d <= kTolerance);
+    record("partial start (" + scheduler + ")", d);
+  }
+  CHECK_THROWS_WITH(compat::start_at(compat::ddim_setup(schedule, {}, 10), 10),
+                    Catch::Contains("t_start"));
 }

@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -121,4 +122,48 @@ TEST_CASE("The lambda grid has equal log-SNR steps between its endpoints", "[gri
   const double h = (s.lambda(0.01) - s.lambda(0.9)) / 25;
   for (std::size_t i = 1; i < t.size(); ++i)
     CHECK(s.lambda(t[i]) - s.lambda(t[i - 1]) == Approx(h).epsilon(1e-10));
+}
+
+TEST_CASE("validate_nodes refuses NaN alpha / sigma and negative sigma, naming node and field",
+          "[grid][errors]") {
+  const VPLinearSchedule s;
+  const auto times = uniform_t_grid(s, 4, s.t_max(), s.t_min());
+  const auto good = make_nodes(s, times);
+  CHECK_NOTHROW(validate_nodes(good, "test"));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto bad = good;
+  bad[2].alpha = nan;
+  CHECK_THROWS_WITH(validate_nodes(bad, "test"),
+                    Catch::Contains("node 2") && Catch::Contains("alpha"));
+  bad = good;
+  bad[3].sigma = nan;
+  CHECK_THROWS_WITH(validate_nodes(bad, "test"),
+                    Catch::Contains("node 3") && Catch::Contains("sigma"));
+  bad = good;
+  bad[1].sigma = -0.5;
+  CHECK_THROWS_WITH(validate_nodes(bad, "test"),
+                    Catch::Contains("node 1") && Catch::Contains("sigma >= 0"));
+  // sigma = 0 (the data end) stays valid.
+  auto terminal = good;
+  terminal.back() = terminal_data_node(0.0, 0.0);
+  CHECK_NOTHROW(validate_nodes(terminal, "test"));
+  // A zero-length step: refused by default; as the last step only with the identity exception.
+  auto zero = good;
+  zero.back() = zero[zero.size() - 2];
+  CHECK_THROWS_WITH(validate_nodes(zero, "test"), Catch::Contains("node 4"));
+  CHECK_NOTHROW(validate_nodes(zero, "test", ZeroLengthLastStep::identity));
+  CHECK(is_zero_length_step(zero, 3));
+  auto middle = good;
+  middle[2] = middle[1];
+  CHECK_THROWS_WITH(validate_nodes(middle, "test", ZeroLengthLastStep::identity),
+                    Catch::Contains("node 2"));
+}
+
+TEST_CASE("Grid errors name the argument that is NaN", "[grid][errors]") {
+  const VPLinearSchedule s;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (auto kind : kAllKinds) {
+    CHECK_THROWS_WITH(make_grid(s, kind, 10, s.t_max(), nan), Catch::Contains("t_end"));
+    CHECK_THROWS_WITH(make_grid(s, kind, 10, nan, s.t_min()), Catch::Contains("t_start"));
+  }
 }

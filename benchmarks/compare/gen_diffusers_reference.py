@@ -87,6 +87,8 @@ def fmt(v):
 
 
 class RefWriter:
+    keep_last = None  # write only the last keep_last states of a case (param first_state_step)
+
     def __init__(self, path, header_lines):
         self.f = open(path, "w")
         for line in header_lines:
@@ -103,6 +105,9 @@ class RefWriter:
     def case(self, name, params, timesteps, states, noises=None):
         w = self.f.write
         w(f"case {name}\n")
+        if self.keep_last is not None and len(states) > self.keep_last:
+            params = dict(params, first_state_step=len(states) - self.keep_last)
+            states = states[-self.keep_last:]
         for k, v in params.items():
             if isinstance(v, bool):
                 v = "true" if v else "false"
@@ -215,17 +220,22 @@ def params_of(s, keys, extra):
     return p
 
 
-def run_loop(s, x, step_kwargs=None, noises=None):
+def run_loop(s, x, step_kwargs=None, noises=None, start=0):
+    """The sample after every scheduler.step from timesteps[start] on. States from the first
+    non-finite one on (diffusers' NaN cells, docs/compat_diffusers.md) are not returned: the
+    caller records how many steps were finite (the C++ reader takes finite numbers only)."""
     # diffusers' thresholding reshapes to (batch, channels, ...): run on (B, 1, d) "images".
     x = x.reshape(BATCH, 1, DIM)
     states = []
-    for i, t in enumerate(s.timesteps):
+    for i, t in enumerate(s.timesteps[start:]):
         eps = test_model(x.reshape(BATCH, DIM), float(t)).reshape(BATCH, 1, DIM)
         kw = dict(step_kwargs or {})
         if noises is not None:
             kw["variance_noise"] = noises[i].reshape(BATCH, 1, DIM)
         x = s.step(eps, t, x, **kw).prev_sample
         assert x.dtype == torch.float64
+        if not torch.isfinite(x).all():
+            break
         states.append(x.reshape(BATCH, DIM).clone())
     return states
 
@@ -255,6 +265,8 @@ def run_multistep(w, x_T, name, steps, noise_seed=None, **config):
     states = run_loop(s, x_T.clone(), None, noises)
     params = params_of(s, DPM_KEYS, dict(scheduler="dpmsolver_multistep",
                                          num_inference_steps=steps))
+    if len(states) < len(s.timesteps):
+        params["diffusers_finite_steps"] = len(states)  # diffusers' later steps are NaN
     w.case(name, params, s.timesteps, states, noises)
     return s
 
@@ -268,6 +280,8 @@ def run_singlestep(w, x_T, name, steps, **config):
     params = params_of(s, SINGLE_KEYS, dict(scheduler="dpmsolver_singlestep",
                                             num_inference_steps=steps))
     params["order_list"] = ",".join(str(o) for o in s.order_list)
+    if len(states) < len(s.timesteps):
+        params["diffusers_finite_steps"] = len(states)
     w.case(name, params, s.timesteps, states)
 
 
@@ -333,6 +347,21 @@ def gen_ddim(path):
     run_ddim(w, x_T, "ddim/trailing/n10/v_prediction/thresholding/raw_output", 10,
              timestep_spacing="trailing", prediction_type="v_prediction", thresholding=True,
              dynamic_thresholding_ratio=0.9, sample_max_value=1.6)
+    # issue 11 item 13: set_alpha_to_one=False with linspace / leading spacing ends with a step
+    # from timestep 0 to timestep 0 that still clips / thresholds x0 (a changed x when it bites).
+    for spacing, steps in (("linspace", 7), ("leading", 10)):
+        for clipped in (True, False):
+            tag = "clipped_output" if clipped else "raw_output"
+            run_ddim(w, x_T, f"ddim/{spacing}/n{steps}/alpha_final_ac0/clip_sample/{tag}", steps,
+                     timestep_spacing=spacing, set_alpha_to_one=False, clip_sample=True,
+                     clip_sample_range=0.5, use_clipped_model_output=clipped)
+        run_ddim(w, x_T, f"ddim/{spacing}/n{steps}/alpha_final_ac0/thresholding/raw_output", steps,
+                 timestep_spacing=spacing, set_alpha_to_one=False, thresholding=True,
+                 dynamic_thresholding_ratio=0.9, sample_max_value=0.5)
+    # issue 11 item 12: sample_max_value < 1 (the clamp pins the threshold at sample_max_value).
+    run_ddim(w, x_T, "ddim/trailing/n10/thresholding_max0.5/raw_output", 10,
+             timestep_spacing="trailing", thresholding=True, dynamic_thresholding_ratio=0.995,
+             sample_max_value=0.5)
     for eta in (0.5, 1.0):
         run_ddim(w, x_T, f"ddim/trailing/n10/eta{eta}", 10, timestep_spacing="trailing", eta=eta,
                  noise_seed=7)
@@ -384,6 +413,28 @@ def gen_multistep(path):
                   algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)
     run_multistep(w, x_T, "multistep/dpmsolver++/o3/linspace/n10/lu_lambdas", 10,
                   algorithm_type="dpmsolver++", solver_order=3, use_lu_lambdas=True)
+    # issue 11 item 10: karras / lu with final_sigmas_type="sigma_min" ends with a zero-length
+    # step (equal sigmas). diffusers gives NaN there for 2M-heun and 3M once lower_order_final
+    # no longer applies (n >= 15); the reference keeps its finite steps only.
+    for spacing in ("karras", "lu"):
+        flag = dict(use_karras_sigmas=True) if spacing == "karras" else dict(use_lu_lambdas=True)
+        for alg in ("dpmsolver++", "dpmsolver"):
+            for order, stype in ((1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint")):
+                for steps in (10, 20):
+                    run_multistep(w, x_T, f"multistep/{alg}/o{order}/{spacing}/n{steps}/sigma_min"
+                                  + ("/heun" if stype == "heun" else ""), steps,
+                                  algorithm_type=alg, solver_order=order, solver_type=stype,
+                                  final_sigmas_type="sigma_min", **flag)
+        run_multistep(w, x_T, f"multistep/dpmsolver++/o3/{spacing}/n10/sigma_min/"
+                      "no_lower_order_final", 10, algorithm_type="dpmsolver++", solver_order=3,
+                      lower_order_final=False, final_sigmas_type="sigma_min", **flag)
+    run_multistep(w, x_T, "multistep/sde-dpmsolver++/o2/karras/n20/sigma_min", 20,
+                  algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=True,
+                  final_sigmas_type="sigma_min", noise_seed=15)
+    # issue 11 item 12: sample_max_value < 1.
+    run_multistep(w, x_T, "multistep/dpmsolver++/o2/linspace/n10/thresholding_max0.5", 10,
+                  algorithm_type="dpmsolver++", solver_order=2, thresholding=True,
+                  dynamic_thresholding_ratio=0.995, sample_max_value=0.5)
     # Stochastic variants, given noise (variance_noise).
     for order in (1, 2, 3):
         run_multistep(w, x_T, f"multistep/sde-dpmsolver++/o{order}/linspace/n10", 10,
@@ -425,12 +476,26 @@ def gen_singlestep(path):
                        solver_order=3, final_sigmas_type="sigma_min")
         run_singlestep(w, x_T, f"singlestep/{alg}/o2/n10/v_prediction", 10, algorithm_type=alg,
                        solver_order=2, prediction_type="v_prediction", final_sigmas_type=final)
+        # issue 11 items 10, 11: use_karras_sigmas, both final sigmas types.
+        for order in (1, 2, 3):
+            for steps in (10, 12):
+                for fin in (("zero", "sigma_min") if alg == "dpmsolver++" else ("sigma_min",)):
+                    run_singlestep(w, x_T, f"singlestep/{alg}/o{order}/karras/n{steps}/{fin}",
+                                   steps, algorithm_type=alg, solver_order=order,
+                                   use_karras_sigmas=True, final_sigmas_type=fin)
+        run_singlestep(w, x_T, f"singlestep/{alg}/o3/karras/n12/sigma_min/heun", 12,
+                       algorithm_type=alg, solver_order=3, solver_type="heun",
+                       use_karras_sigmas=True, final_sigmas_type="sigma_min")
         # diffusers 0.42.1 bug: singlestep "dpmsolver" + thresholding indexes alpha_t[timestep]
         # with timestep = None (the deprecated argument) and fails with a shape error.
         if alg == "dpmsolver++":
             run_singlestep(w, x_T, f"singlestep/{alg}/o3/n12/thresholding", 12,
                            algorithm_type=alg, solver_order=3, thresholding=True,
                            dynamic_thresholding_ratio=0.9, sample_max_value=1.6,
+                           final_sigmas_type=final)
+            run_singlestep(w, x_T, f"singlestep/{alg}/o2/n10/thresholding_max0.5", 10,
+                           algorithm_type=alg, solver_order=2, thresholding=True,
+                           dynamic_thresholding_ratio=0.995, sample_max_value=0.5,
                            final_sigmas_type=final)
     w.close()
 
@@ -453,6 +518,8 @@ def gen_deis(path):
              timestep_spacing="trailing", prediction_type="v_prediction")
     run_deis(w, x_T, "deis/o3/linspace/n10/thresholding", 10, solver_order=3, thresholding=True,
              dynamic_thresholding_ratio=0.9, sample_max_value=1.6)
+    run_deis(w, x_T, "deis/o2/linspace/n10/thresholding_max0.5", 10, solver_order=2,
+             thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=0.5)
     w.close()
 
 
@@ -481,6 +548,110 @@ def gen_timesteps(path):
     w.close()
 
 
+def gen_trailing(path):
+    """issue 11 item 14: trailing spacing for every n = 1..N. For 62 values of n numpy's
+    arange(N, 0, -N/n) has n + 1 entries, the last ~1e-13, so diffusers' timesteps end in -1
+    (which DDIM reads as alphas_cumprod[-1] = timestep N - 1, and DPM-Solver / DEIS clamp to
+    the sigma of timestep 0 by np.interp). Only checksums of every list are stored (length,
+    sum, sum of (i + 1) t_i, last), plus full runs of two wrapping step counts."""
+    w = RefWriter(path, header("trailing timesteps for n = 1..1000; runs that end in timestep -1"))
+    write_common(w)
+    x_T = initial_noise()
+    counts = list(range(1, 1001))
+    for name, cls in (("ddim", DDIMScheduler), ("dpmsolver_multistep", DPMSolverMultistepScheduler),
+                      ("deis_multistep", DEISMultistepScheduler)):
+        lengths, sums, wsums, lasts = [], [], [], []
+        for n in counts:
+            sch = cls(timestep_spacing="trailing")
+            sch.set_timesteps(n)
+            ts = [int(t) for t in sch.timesteps]
+            lengths.append(len(ts))
+            sums.append(sum(ts))
+            wsums.append(sum((i + 1) * t for i, t in enumerate(ts)))
+            lasts.append(ts[-1])
+        w.f.write(f"case trailing_checksums/{name}\n")
+        w.f.write(f"param scheduler {name}\n")
+        for key, vals in (("n", counts), ("length", lengths), ("sum", sums), ("wsum", wsums),
+                          ("last", lasts)):
+            w.f.write(f"{key} {len(vals)} " + " ".join(str(v) for v in vals) + "\n")
+        w.f.write("end\n")
+    # Full runs where diffusers steps through timestep -1 (reproduced by diffgrad only with
+    # ReferenceQuirks::trailing_wrap).
+    # The files keep the last KEEP states of these long runs (param first_state_step).
+    keep = RefWriter.keep_last
+    RefWriter.keep_last = 4
+    run_ddim(w, x_T, "ddim/trailing/n61/wrap", 61, timestep_spacing="trailing")
+    run_ddim(w, x_T, "ddim/trailing/n61/wrap/alpha_final_ac0", 61, timestep_spacing="trailing",
+             set_alpha_to_one=False)
+    for fin in ("zero", "sigma_min"):
+        run_multistep(w, x_T, f"multistep/dpmsolver++/o2/trailing/n61/wrap/{fin}", 61,
+                      algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+                      final_sigmas_type=fin)
+    run_deis(w, x_T, "deis/o2/trailing/n61/wrap", 61, solver_order=2, timestep_spacing="trailing")
+    RefWriter.keep_last = keep
+    w.close()
+
+
+def gen_partial(path):
+    """issue 11 item 15: img2img-style partial starts, as diffusers' own tests run them:
+    set_timesteps(n), set_begin_index(t_start) (DPM-Solver / DEIS), x = add_noise(x0, noise,
+    timesteps[t_start]), then step through timesteps[t_start:]."""
+    w = RefWriter(path, header("partial starts: add_noise at timesteps[t_start], then step"))
+    write_common(w)
+    g = torch.Generator().manual_seed(31)
+    x0 = torch.rand(BATCH, DIM, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(BATCH, DIM, generator=g, dtype=torch.float64)
+    w.state("x0", x0)
+    w.state("noise", noise)
+
+    def start(s, t_start):
+        if hasattr(s, "set_begin_index"):
+            s.set_begin_index(t_start)
+        t = s.timesteps[t_start:t_start + 1]
+        return s.add_noise(x0.reshape(BATCH, 1, DIM), noise.reshape(BATCH, 1, DIM), t).reshape(
+            BATCH, DIM)
+
+    def finish(s, name, keys, scheduler, steps, t_start, extra=None):
+        x = start(s, t_start)
+        states = run_loop(s, x, None, None, t_start)
+        assert len(states) == len(s.timesteps) - t_start
+        params = params_of(s, keys, dict(scheduler=scheduler, num_inference_steps=steps,
+                                         t_start=t_start))
+        if extra:
+            params.update(extra)
+        w.case(name, params, s.timesteps, states)
+
+    for spacing, steps, t_start in (("leading", 10, 3), ("linspace", 7, 2), ("trailing", 20, 9)):
+        s = DDIM64(timestep_spacing=spacing, clip_sample=False)
+        upcast_tables(s)
+        s.set_timesteps(steps)
+        finish(s, f"partial/ddim/{spacing}/n{steps}/start{t_start}", DDIM_KEYS, "ddim", steps,
+               t_start, dict(eta=0.0, use_clipped_model_output=False))
+    for order, steps, t_start, extra in ((2, 20, 8, {}), (3, 20, 8, {}), (3, 12, 4, {}),
+                                         (2, 20, 6, dict(use_karras_sigmas=True,
+                                                         final_sigmas_type="sigma_min"))):
+        s = MULTI64(solver_order=order, **extra)
+        upcast_tables(s)
+        s.set_timesteps(steps)
+        tag = "/karras/sigma_min" if extra else ""
+        finish(s, f"partial/multistep/o{order}/n{steps}/start{t_start}{tag}", DPM_KEYS,
+               "dpmsolver_multistep", steps, t_start)
+    for order, steps, t_start in ((2, 10, 3), (3, 12, 4), (3, 12, 5), (3, 11, 2)):
+        s = SINGLE64(solver_order=order)
+        upcast_tables(s)
+        s.set_timesteps(steps)
+        finish(s, f"partial/singlestep/o{order}/n{steps}/start{t_start}", SINGLE_KEYS,
+               "dpmsolver_singlestep", steps, t_start,
+               dict(order_list=",".join(str(o) for o in s.order_list)))
+    for order, steps, t_start in ((3, 20, 8), (3, 12, 4)):
+        s = DEIS64(solver_order=order)
+        upcast_tables(s)
+        s.set_timesteps(steps)
+        finish(s, f"partial/deis/o{order}/n{steps}/start{t_start}", DEIS_KEYS, "deis_multistep",
+               steps, t_start)
+    w.close()
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     default_out = os.path.normpath(os.path.join(here, "..", "..", "tests", "data", "compat"))
@@ -493,6 +664,8 @@ def main():
     gen_singlestep(os.path.join(args.out, "diffusers_dpmsolver_singlestep.txt"))
     gen_deis(os.path.join(args.out, "diffusers_deis.txt"))
     gen_timesteps(os.path.join(args.out, "diffusers_timesteps.txt"))
+    gen_trailing(os.path.join(args.out, "diffusers_trailing.txt"))
+    gen_partial(os.path.join(args.out, "diffusers_partial.txt"))
     print("wrote", args.out)
 
 

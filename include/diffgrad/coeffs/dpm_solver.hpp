@@ -123,6 +123,14 @@ struct ReferenceQuirks {
   /// alpha_t ((1 - e^{-2h} - 2h)/(2h)^2 - 0.5) = W_2 - alpha_t, an O(1) weight on an O(h^2)
   /// term instead of O(h).
   bool sde_d2_minus_alpha = false;
+  /// diffusers, timestep_spacing="trailing" (DDIM, DPM-Solver multistep, DEIS): for 62 step
+  /// counts n in 1..1000 (61, 103, 121, 122, 201, ...) numpy's arange(N, 0, -N/n) has n + 1
+  /// entries, the last ~1e-13, so diffusers' timesteps end in -1 and it runs n + 1 steps: DDIM
+  /// reads alphas_cumprod[-1] (timestep N - 1, pure noise) there, DPM-Solver / DEIS take the
+  /// sigma of timestep 0 (np.interp clamps). By default compat:: drops the invalid -1 and runs
+  /// the n valid steps; with this flag it reproduces diffusers, wrap included. Read by
+  /// compat::ddim_timesteps / multistep_timesteps and the compat setups, not by any update.
+  bool trailing_wrap = false;
 };
 
 /// x_t = x * x_start + sum_j m[j] * m_j + noise * xi, m_j the model values the update uses.
@@ -162,7 +170,9 @@ inline UpdateWeights singlestep_update(Integrand f, int order, DpmSolverType typ
                                        const Node& t, double r1, double r2 = 0.0,
                                        const ReferenceQuirks& q = {}) {
   detail::check_order(order, "coeffs::dpm::singlestep_update");
-  if (order == 1) return first_order_update(f, s, t);
+  // A zero-length step (h = 0, only ever the last one) is the exact flow x_t = X x_s: every
+  // Taylor weight vanishes, and r1 = r_j h / h would be 0/0.
+  if (order == 1 || step_h(s, t) == 0.0) return first_order_update(f, s, t);
   const auto tw = taylor_weights(f, s, t);
   UpdateWeights u;
   u.x = tw.x;
@@ -220,7 +230,10 @@ inline UpdateWeights multistep_update(Integrand f, int order, DpmSolverType type
                                       const Node& s1, const Node& s2, const Node& t,
                                       const ReferenceQuirks& q = {}) {
   detail::check_order(order, "coeffs::dpm::multistep_update");
-  if (order == 1) return first_order_update(f, s0, t);
+  // A zero-length step (h = 0, only ever the last one): the exact flow x_t = X x_s. The
+  // ratios r0 = h_0/h, r1 = h_1/h are infinite there; diffusers divides by h anyway and gets
+  // NaN for 2M-heun and 3M (docs/compat_diffusers.md).
+  if (order == 1 || step_h(s0, t) == 0.0) return first_order_update(f, s0, t);
   const auto tw = taylor_weights(f, s0, t);
   const double h = step_h(s0, t);
   const double r0 = (s0.lambda - s1.lambda) / h;

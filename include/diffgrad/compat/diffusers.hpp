@@ -21,6 +21,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -99,6 +100,17 @@ inline void check_inference_steps(int num_inference_steps, int num_train_timeste
                             num_inference_steps);
 }
 
+/// round(arange(last, 0, -N/n)) - 1 (diffusers' trailing spacing). Entries below 0 (the -1
+/// that numpy's arange yields for some n) are kept only with `wrap`.
+inline std::vector<int> trailing_timesteps(int last, int N, int n, bool wrap) {
+  std::vector<int> out;
+  for (double v : np_arange(last, 0.0, -static_cast<double>(N) / n)) {
+    const int k = static_cast<int>(np_round(v)) - 1;
+    if (k >= 0 || wrap) out.push_back(k);
+  }
+  return out;
+}
+
 inline std::vector<int> reversed_rounded(const std::vector<double>& v, std::size_t count,
                                          int offset) {
   std::vector<int> out;
@@ -118,8 +130,13 @@ inline std::vector<int> reversed_rounded(const std::vector<double>& v, std::size
 ///   linspace: round(linspace(0, N - 1, n)) reversed;
 ///   leading:  k * (N // n) + steps_offset, k = n - 1 .. 0;
 ///   trailing: round(arange(N, 0, -N/n)) - 1.
+///
+/// trailing: numpy's arange yields n + 1 entries for 62 values of n (n = 61, 103, ...; see
+/// coeffs::dpm::ReferenceQuirks::trailing_wrap), the last one -1. By default that invalid -1 is
+/// dropped (n timesteps); `trailing_wrap` = true keeps it, as diffusers does.
 inline std::vector<int> ddim_timesteps(int num_inference_steps, TimestepSpacing spacing,
-                                       int steps_offset = 0, int num_train_timesteps = 1000) {
+                                       int steps_offset = 0, int num_train_timesteps = 1000,
+                                       bool trailing_wrap = false) {
   const int n = num_inference_steps, N = num_train_timesteps;
   detail::check_inference_steps(n, N, "compat::ddim_timesteps");
   switch (spacing) {
@@ -132,12 +149,7 @@ inline std::vector<int> ddim_timesteps(int num_inference_steps, TimestepSpacing 
     for (int k = n - 1; k >= 0; --k) out.push_back(k * ratio + steps_offset);
     return out;
   }
-  case TimestepSpacing::trailing: {
-    std::vector<int> out;
-    for (double v : detail::np_arange(N, 0.0, -static_cast<double>(N) / n))
-      out.push_back(static_cast<int>(detail::np_round(v)) - 1);
-    return out;
-  }
+  case TimestepSpacing::trailing: return detail::trailing_timesteps(N, N, n, trailing_wrap);
   }
   diffgrad::detail::throw_argument("compat::ddim_timesteps", "spacing",
                                    "linspace, leading or trailing", static_cast<int>(spacing));
@@ -161,9 +173,10 @@ inline int clipped_timestep_count(const DiscreteSchedule& schedule, double lambd
 ///   linspace: round(linspace(0, last - 1, n + 1)) reversed, minus its last;
 ///   leading:  k * (last // (n + 1)) + steps_offset, k = n .. 1;
 ///   trailing: round(arange(last, 0, -N/n)) - 1.
+///   (trailing_wrap: see ddim_timesteps.)
 inline std::vector<int> multistep_timesteps(int num_inference_steps, TimestepSpacing spacing,
                                             int steps_offset = 0, int num_train_timesteps = 1000,
-                                            int last_timestep = -1) {
+                                            int last_timestep = -1, bool trailing_wrap = false) {
   const int n = num_inference_steps, N = num_train_timesteps;
   detail::check_inference_steps(n, N, "compat::multistep_timesteps");
   const int last = last_timestep < 0 ? N : last_timestep;
@@ -179,12 +192,7 @@ inline std::vector<int> multistep_timesteps(int num_inference_steps, TimestepSpa
     for (int k = n; k >= 1; --k) out.push_back(k * ratio + steps_offset);
     return out;
   }
-  case TimestepSpacing::trailing: {
-    std::vector<int> out;
-    for (double v : detail::np_arange(last, 0.0, -static_cast<double>(N) / n))
-      out.push_back(static_cast<int>(detail::np_round(v)) - 1);
-    return out;
-  }
+  case TimestepSpacing::trailing: return detail::trailing_timesteps(last, N, n, trailing_wrap);
   }
   diffgrad::detail::throw_argument("compat::multistep_timesteps", "spacing",
                                    "linspace, leading or trailing", static_cast<int>(spacing));
@@ -253,6 +261,7 @@ struct DdimSchedulerConfig {
   bool thresholding = false; ///< dynamic thresholding of x0 (takes precedence over clipping)
   double dynamic_thresholding_ratio = 0.995;
   double sample_max_value = 1.0;
+  coeffs::dpm::ReferenceQuirks quirks{}; ///< trailing_wrap: diffusers' trailing -1 timestep
 };
 
 /// diffusers' DDIM steps from timestep k to k - N // n (the spacing's *nominal* stride), not
@@ -261,9 +270,18 @@ struct DdimSchedulerConfig {
 /// target of step i differs from the start of step i + 1, and the state is carried over
 /// unchanged. DiffusersDdim is DDIM with an explicit target per step that reproduces this;
 /// when every target equals the next start it is exactly diffgrad::Ddim.
+///
+/// A target equal to its start (set_alpha_to_one = false and a last timestep of 0: diffusers'
+/// step from timestep 0 to alphas_cumprod[0]) is a zero-length step. Without an x0 correction
+/// it is the identity. With one (clip_sample / thresholding, `x0_correction_at_zero_step`),
+/// diffusers still returns sqrt(abar_0) x0_c + sqrt(1 - abar_0) eps, which is x + alpha_0 (x0_c -
+/// x0) with its default raw eps: that step's plan is x + e, and DdimModel returns that
+/// displacement alpha_0 (x0_c - x0) as its output there (0 with use_clipped_model_output).
 class DiffusersDdim {
 public:
-  DiffusersDdim(std::vector<Node> targets, double eta) : targets_(std::move(targets)), eta_(eta) {
+  DiffusersDdim(std::vector<Node> targets, double eta, bool x0_correction_at_zero_step = false)
+      : targets_(std::move(targets)), eta_(eta),
+        x0_correction_at_zero_step_(x0_correction_at_zero_step) {
     diffgrad::detail::require(eta >= 0.0 && eta <= 1.0, "DiffusersDdim", "eta", "0 <= eta <= 1",
                               eta);
     diffgrad::detail::require(!targets_.empty(), "DiffusersDdim", "targets",
@@ -294,12 +312,16 @@ public:
   }
   StepPlan plan(std::span<const Node> nodes, int i, NodeAtLambda) const {
     const auto k = static_cast<std::size_t>(i);
-    return Ddim::step_plan(nodes[k], targets_[k], eta_);
+    StepPlan p = Ddim::step_plan(nodes[k], targets_[k], eta_);
+    if (x0_correction_at_zero_step_ && targets_[k].lambda == nodes[k].lambda) p.output.e[0] = 1.0;
+    return p;
   }
+  bool x0_correction_at_zero_step() const { return x0_correction_at_zero_step_; }
 
 private:
   std::vector<Node> targets_;
   double eta_;
+  bool x0_correction_at_zero_step_;
 };
 
 /// Everything needed to run a DDIMScheduler config with diffgrad.
@@ -331,19 +353,25 @@ inline DdimSetup ddim_setup(const DiscreteSchedule& schedule, const DdimSchedule
       diffgrad::detail::concat("the schedule's table length ", schedule.num_train_timesteps()),
       config.num_train_timesteps);
   auto timesteps = ddim_timesteps(num_inference_steps, config.timestep_spacing, config.steps_offset,
-                                  config.num_train_timesteps);
+                                  config.num_train_timesteps, config.quirks.trailing_wrap);
   const int ratio = config.num_train_timesteps / num_inference_steps;
+  const int N = schedule.num_train_timesteps();
   std::vector<Node> targets;
   targets.reserve(timesteps.size());
   for (int k : timesteps) {
-    diffgrad::detail::require(k >= 0 && k < schedule.num_train_timesteps(), "compat::ddim_setup",
-                              "config.steps_offset",
+    // -1 only from trailing_wrap (ddim_timesteps drops it otherwise).
+    diffgrad::detail::require(k >= -1 && k < N, "compat::ddim_setup", "config.steps_offset",
                               "an offset that keeps every timestep inside the table", k);
     targets.push_back(ddim_target(schedule, k, ratio, config.set_alpha_to_one));
   }
   std::vector<Node> nodes;
   nodes.reserve(timesteps.size() + 1);
-  for (int k : timesteps) nodes.push_back(timestep_node(schedule, k));
+  for (int k : timesteps) {
+    // diffusers' alphas_cumprod[-1]: the LAST table entry (timestep N - 1), the model fed -1.
+    Node node = timestep_node(schedule, k >= 0 ? k : N - 1);
+    node.model_t = k;
+    nodes.push_back(node);
+  }
   nodes.push_back(targets.back());
   bool aligned = true;
   for (std::size_t i = 0; i < targets.size(); ++i)
@@ -351,12 +379,13 @@ inline DdimSetup ddim_setup(const DiscreteSchedule& schedule, const DdimSchedule
         aligned && targets[i].lambda == nodes[i + 1].lambda && targets[i].lambda > nodes[i].lambda;
   const Node final_target =
       config.set_alpha_to_one ? zero_sigma_node() : timestep_node(schedule, 0);
-  return DdimSetup{std::move(timesteps),
-                   std::move(nodes),
-                   DiffusersDdim(std::move(targets), eta),
-                   aligned,
-                   ratio,
-                   final_target};
+  return DdimSetup{
+      std::move(timesteps),
+      std::move(nodes),
+      DiffusersDdim(std::move(targets), eta, config.clip_sample || config.thresholding),
+      aligned,
+      ratio,
+      final_target};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,6 +476,7 @@ struct DpmSolverMultistepSchedulerConfig {
   double lambda_min_clipped = -std::numeric_limits<double>::infinity();
   TimestepSpacing timestep_spacing = TimestepSpacing::linspace;
   int steps_offset = 0;
+  coeffs::dpm::ReferenceQuirks quirks{}; ///< trailing_wrap (the solver's quirks: ::diffusers)
 };
 
 /// The DPMSolverSinglestepScheduler config (no spacing option: always linspace).
@@ -456,6 +486,7 @@ struct DpmSolverSinglestepSchedulerConfig {
   DpmAlgorithm algorithm_type = DpmAlgorithm::dpmsolver_pp;
   DpmSolverType solver_type = DpmSolverType::midpoint;
   bool lower_order_final = false; ///< diffusers forces it on for uneven counts / final zero
+  bool use_karras_sigmas = false; ///< Karras noise levels (timesteps always rounded)
   FinalSigmas final_sigmas_type = FinalSigmas::zero;
   double lambda_min_clipped = -std::numeric_limits<double>::infinity();
 };
@@ -467,6 +498,7 @@ struct DeisMultistepSchedulerConfig {
   bool lower_order_final = true;
   TimestepSpacing timestep_spacing = TimestepSpacing::linspace;
   int steps_offset = 0;
+  coeffs::dpm::ReferenceQuirks quirks{}; ///< trailing_wrap
 };
 
 /// Integer timesteps, the node sequence and the scheme of one scheduler config.
@@ -483,6 +515,50 @@ inline void check_table(const DiscreteSchedule& schedule, int num_train_timestep
       num_train_timesteps == schedule.num_train_timesteps(), where, "config.num_train_timesteps",
       diffgrad::detail::concat("the schedule's table length ", schedule.num_train_timesteps()),
       num_train_timesteps);
+}
+/// Timesteps and nodes of the karras / lu noise levels (multistep and singlestep alike). The
+/// sigma_min final node is diffusers' sigma_last = sqrt((1 - a_0)/a_0) as a noise level
+/// (rho_node), so that it has exactly the lambda of the last karras node when diffusers' two
+/// sigmas are equal: the last step then has zero length (an identity step, validate_nodes).
+inline std::pair<std::vector<int>, std::vector<Node>>
+sigma_spaced_nodes(const DiscreteSchedule& schedule, SigmaSpacing spacing, int num_inference_steps,
+                   FinalSigmas final_sigmas) {
+  const int N = schedule.num_train_timesteps();
+  check_inference_steps(num_inference_steps, N, "compat::sigma_spaced_nodes");
+  std::vector<int> timesteps;
+  std::vector<Node> nodes;
+  for (const auto& [rho, k] : sigma_spaced_steps(schedule, spacing, num_inference_steps)) {
+    timesteps.push_back(static_cast<int>(k));
+    nodes.push_back(rho_node(rho, k, N));
+  }
+  if (final_sigmas == FinalSigmas::zero) {
+    nodes.push_back(zero_sigma_node());
+  } else {
+    const double a0 = schedule.alphas_cumprod().front();
+    Node last = rho_node(std::sqrt((1.0 - a0) / a0), 0.0, N);
+    // The ramp ends at the table's smallest noise level by construction, but pow(pow(r, 1/7), 7)
+    // and exp(log r) may miss r by an ulp either way: a zero-length step then becomes a
+    // +-1e-16 one, backwards for one sign. Snap it to exactly zero length (diffusers' step over
+    // such an h changes x by ~1e-14 relative, the identity to the tests' precision).
+    const double lam = nodes.back().lambda;
+    if (std::abs(last.lambda - lam) <= 1e-12 * std::max(1.0, std::abs(lam))) {
+      last = nodes.back();
+      last.model_t = 0.0;
+    }
+    nodes.push_back(last);
+  }
+  return {std::move(timesteps), std::move(nodes)};
+}
+/// timestep_nodes, except that a timestep -1 (trailing_wrap) gets diffusers' np.interp value:
+/// the node of timestep 0 (interp clamps below the table), the model fed -1.
+inline std::vector<Node> interp_timestep_nodes(const DiscreteSchedule& schedule,
+                                               std::span<const int> timesteps, const Node& last) {
+  std::vector<int> clamped(timesteps.begin(), timesteps.end());
+  for (int& k : clamped) k = std::max(k, 0);
+  auto nodes = timestep_nodes(schedule, clamped, last);
+  for (std::size_t i = 0; i < timesteps.size(); ++i)
+    nodes[i].model_t = static_cast<double>(timesteps[i]);
+  return nodes;
 }
 inline const char* algorithm_name(DpmAlgorithm a) {
   switch (a) {
@@ -514,24 +590,15 @@ dpm_solver_multistep_nodes(const DiscreteSchedule& schedule,
                             "config.use_lu_lambdas",
                             "at most one of use_karras_sigmas and use_lu_lambdas", 1.0);
   const Node last = final_node(schedule, config.final_sigmas_type);
-  if (config.use_karras_sigmas || config.use_lu_lambdas) {
-    const auto steps = sigma_spaced_steps(
+  if (config.use_karras_sigmas || config.use_lu_lambdas)
+    return detail::sigma_spaced_nodes(
         schedule, config.use_karras_sigmas ? SigmaSpacing::karras : SigmaSpacing::lu,
-        num_inference_steps);
-    std::vector<int> timesteps;
-    std::vector<Node> nodes;
-    for (const auto& [rho, k] : steps) {
-      timesteps.push_back(static_cast<int>(k));
-      nodes.push_back(rho_node(rho, k, config.num_train_timesteps));
-    }
-    nodes.push_back(last);
-    return {std::move(timesteps), std::move(nodes)};
-  }
+        num_inference_steps, config.final_sigmas_type);
   const int clipped = clipped_timestep_count(schedule, config.lambda_min_clipped);
-  auto timesteps =
-      multistep_timesteps(num_inference_steps, config.timestep_spacing, config.steps_offset,
-                          config.num_train_timesteps, config.num_train_timesteps - clipped);
-  auto nodes = timestep_nodes(schedule, timesteps, last);
+  auto timesteps = multistep_timesteps(
+      num_inference_steps, config.timestep_spacing, config.steps_offset, config.num_train_timesteps,
+      config.num_train_timesteps - clipped, config.quirks.trailing_wrap);
+  auto nodes = detail::interp_timestep_nodes(schedule, timesteps, last);
   return {std::move(timesteps), std::move(nodes)};
 }
 
@@ -580,9 +647,16 @@ dpm_solver_singlestep_setup(const DiscreteSchedule& schedule,
                                      "sigma_min for algorithm_type dpmsolver (diffusers rejects "
                                      "zero there)",
                                      "zero");
-  const int clipped = clipped_timestep_count(schedule, config.lambda_min_clipped);
-  auto timesteps = singlestep_timesteps(num_inference_steps, config.num_train_timesteps, clipped);
-  auto nodes = timestep_nodes(schedule, timesteps, final_node(schedule, config.final_sigmas_type));
+  std::vector<int> timesteps;
+  std::vector<Node> nodes;
+  if (config.use_karras_sigmas) {
+    std::tie(timesteps, nodes) = detail::sigma_spaced_nodes(
+        schedule, SigmaSpacing::karras, num_inference_steps, config.final_sigmas_type);
+  } else {
+    const int clipped = clipped_timestep_count(schedule, config.lambda_min_clipped);
+    timesteps = singlestep_timesteps(num_inference_steps, config.num_train_timesteps, clipped);
+    nodes = timestep_nodes(schedule, timesteps, final_node(schedule, config.final_sigmas_type));
+  }
   DpmSolverSinglestep::DiffusersOptions o;
   o.solver_order = config.solver_order;
   o.algorithm_type = config.algorithm_type;
@@ -596,11 +670,68 @@ inline SchedulerSetup<DeisLogRho> deis_multistep_setup(const DiscreteSchedule& s
                                                        const DeisMultistepSchedulerConfig& config,
                                                        int num_inference_steps) {
   detail::check_table(schedule, config.num_train_timesteps, "compat::deis_multistep_setup");
-  auto timesteps = multistep_timesteps(num_inference_steps, config.timestep_spacing,
-                                       config.steps_offset, config.num_train_timesteps);
-  auto nodes = timestep_nodes(schedule, timesteps, timestep_node(schedule, 0));
+  auto timesteps =
+      multistep_timesteps(num_inference_steps, config.timestep_spacing, config.steps_offset,
+                          config.num_train_timesteps, -1, config.quirks.trailing_wrap);
+  auto nodes = detail::interp_timestep_nodes(schedule, timesteps, timestep_node(schedule, 0));
   return {std::move(timesteps), std::move(nodes),
           DeisLogRho(config.solver_order, config.lower_order_final)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Starting partway (img2img, SDEdit): add_noise at timesteps[t_start], then steps t_start..
+// ---------------------------------------------------------------------------------------------
+
+/// diffusers' scheduler.add_noise(x0, noise, timesteps[t_start]) for every scheduler here:
+/// alpha x0 + sigma noise at the run's node t_start (DDIM: alphas_cumprod[k]; DPM-Solver /
+/// DEIS: the node's noise level, karras / lu included). Works for any Eigen matrices.
+template <class Derived1, class Derived2>
+auto add_noise(const Eigen::MatrixBase<Derived1>& x0, const Eigen::MatrixBase<Derived2>& noise,
+               const Node& node) {
+  diffgrad::detail::require(x0.rows() == noise.rows() && x0.cols() == noise.cols(),
+                            "compat::add_noise", "noise", "the shape of x0",
+                            static_cast<double>(noise.rows()));
+  using Scalar = typename Derived1::Scalar;
+  return (Scalar(node.alpha) * x0 + Scalar(node.sigma) * noise).eval();
+}
+
+namespace detail {
+inline std::size_t check_start(std::size_t num_steps, int t_start, const char* where) {
+  diffgrad::detail::require(
+      t_start >= 0 && static_cast<std::size_t>(t_start) < num_steps, where, "t_start",
+      diffgrad::detail::concat("0 <= t_start < the number of steps ", num_steps), t_start);
+  return static_cast<std::size_t>(t_start);
+}
+} // namespace detail
+
+/// The run of a setup from step t_start on, exactly as diffusers runs it after
+/// set_timesteps(n), set_begin_index(t_start) (img2img): timesteps[t_start:], nodes[t_start:]
+/// and the scheme told how many steps came before (Scheme::start_at): multistep warm-up
+/// restarts, lower_order_final still counts the full run, singlestep keeps the FULL run's order
+/// list from t_start (capped by the model values available). Start from
+/// add_noise(x0, noise, result.nodes.front()).
+template <class Scheme>
+SchedulerSetup<Scheme> start_at(const SchedulerSetup<Scheme>& setup, int t_start) {
+  const auto k = detail::check_start(setup.timesteps.size(), t_start, "compat::start_at");
+  return {
+      std::vector<int>(setup.timesteps.begin() + static_cast<std::ptrdiff_t>(k),
+                       setup.timesteps.end()),
+      std::vector<Node>(setup.nodes.begin() + static_cast<std::ptrdiff_t>(k), setup.nodes.end()),
+      setup.scheme.start_at(t_start)};
+}
+
+/// DDIM from step t_start on: DDIM has no history and no order list, so this is the slice.
+inline DdimSetup start_at(const DdimSetup& setup, int t_start) {
+  const auto k = detail::check_start(setup.timesteps.size(), t_start, "compat::start_at");
+  const auto off = static_cast<std::ptrdiff_t>(k);
+  std::vector<Node> targets(setup.scheme.targets().begin() + off, setup.scheme.targets().end());
+  return DdimSetup{std::vector<int>(setup.timesteps.begin() + off, setup.timesteps.end()),
+                   std::vector<Node>(setup.nodes.begin() + off, setup.nodes.end()),
+                   DiffusersDdim(std::move(targets), setup.scheme.eta(),
+                                 setup.scheme.x0_correction_at_zero_step()),
+                   setup.targets_are_next_nodes,
+                   setup.step_ratio,
+                   setup.final_target};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -689,14 +820,22 @@ public:
     if (!threshold_.active()) return;
     corrected_ = x0_;
     threshold_.apply(corrected_);
+    const Node target =
+        ddim_target(schedule_, static_cast<int>(std::lround(n.model_t)), ratio_, set_alpha_to_one_);
+    if (target.lambda == n.lambda) {
+      // The zero-length step from timestep 0 (DiffusersDdim: plan x + e): diffusers' x_prev =
+      // alpha x0_c + sigma eps_raw = x + alpha (x0_c - x0). With the clipped eps it is x.
+      if (use_clipped_model_output_)
+        out.setZero();
+      else
+        out = Scalar(target.alpha) * (corrected_ - x0_);
+      return;
+    }
     if (use_clipped_model_output_) {
       out = (x - Scalar(n.alpha) * corrected_) / Scalar(n.sigma);
       return;
     }
-    const Node target =
-        ddim_target(schedule_, static_cast<int>(std::lround(n.model_t)), ratio_, set_alpha_to_one_);
     const double c_eps = coeffs::ddim(n, target, eta_).eps;
-    if (c_eps == 0.0) return; // an identity step: x0 does not enter
     out += Scalar(target.alpha / c_eps) * (corrected_ - x0_);
   }
 

@@ -18,10 +18,11 @@ inline void check_steps(int num_steps, const char* where) {
   require(num_steps >= 1, where, "num_steps", "at least 1 step", num_steps);
 }
 template <class S> void check_span(const S& s, double t_start, double t_end, const char* where) {
-  require(t_start <= s.t_max() * (1 + 1e-12) && t_start > t_end, where, "t_start",
-          concat("t_end < t_start <= t_max = ", s.t_max()), t_start);
+  // t_end first: a NaN t_end also fails "t_start > t_end", which must not blame t_start.
   require(t_end >= s.t_min() * (1 - 1e-12), where, "t_end", concat("t_end >= t_min = ", s.t_min()),
           t_end);
+  require(t_start <= s.t_max() * (1 + 1e-12) && t_start > t_end, where, "t_start",
+          concat("t_end < t_start <= t_max = ", s.t_max()), t_start);
 }
 } // namespace detail
 
@@ -123,15 +124,49 @@ template <Schedule S> std::vector<Node> make_nodes(const S& s, std::span<const d
   return nodes;
 }
 
-/// Checks a node sequence built by hand: lambda strictly increasing (sampling direction).
-inline void validate_nodes(std::span<const Node> nodes, const char* where) {
+/// Whether validate_nodes accepts a last step of zero length (equal lambda).
+enum class ZeroLengthLastStep { refuse, identity };
+
+/// Checks a node sequence built by hand: every node's alpha and sigma are numbers (not NaN) and
+/// sigma >= 0, and lambda strictly increases (the sampling direction).
+///
+/// The one exception, taken only by schemes that pass ZeroLengthLastStep::identity: the LAST
+/// step may have zero length (nodes[n].lambda == nodes[n - 1].lambda). Such a step is defined as
+/// the exact flow over a zero lambda interval, x_t = (alpha_t/alpha_s) x_s (the identity on a VP
+/// schedule), whatever the order: diffusers builds this node pair for use_karras_sigmas /
+/// use_lu_lambdas with final_sigmas_type="sigma_min" (docs/compat_diffusers.md). A zero-length
+/// step anywhere else would make the next step's finite differences divide by zero.
+inline void validate_nodes(std::span<const Node> nodes, const char* where,
+                           ZeroLengthLastStep zero_last = ZeroLengthLastStep::refuse) {
   detail::require(nodes.size() >= 2, where, "nodes", "at least 2 nodes",
                   static_cast<double>(nodes.size()));
-  for (std::size_t i = 1; i < nodes.size(); ++i)
-    if (!(nodes[i].lambda > nodes[i - 1].lambda))
+  for (std::size_t i = 0; i < nodes.size(); ++i) {
+    if (std::isnan(nodes[i].alpha))
       detail::throw_argument(
-          where, "nodes", detail::concat("strictly increasing lambda (noise -> data) at node ", i),
-          nodes[i].lambda);
+          where, "nodes", detail::concat("node ", i, ": alpha a number (not NaN)"), nodes[i].alpha);
+    if (!(nodes[i].sigma >= 0.0))
+      detail::throw_argument(where, "nodes",
+                             detail::concat("node ", i, ": sigma >= 0 (not NaN, not negative)"),
+                             nodes[i].sigma);
+  }
+  for (std::size_t i = 1; i < nodes.size(); ++i) {
+    if (nodes[i].lambda > nodes[i - 1].lambda) continue;
+    if (zero_last == ZeroLengthLastStep::identity && i + 1 == nodes.size() &&
+        nodes[i].lambda == nodes[i - 1].lambda)
+      continue;
+    detail::throw_argument(where, "nodes",
+                           detail::concat("strictly increasing lambda (noise -> data) at node ", i,
+                                          zero_last == ZeroLengthLastStep::identity
+                                              ? " (equal lambda only for the last step)"
+                                              : ""),
+                           nodes[i].lambda);
+  }
+}
+
+/// True when step i (nodes[i] -> nodes[i + 1]) has zero length (see validate_nodes).
+inline bool is_zero_length_step(std::span<const Node> nodes, int i) {
+  const auto k = static_cast<std::size_t>(i);
+  return nodes[k + 1].lambda == nodes[k].lambda;
 }
 
 } // namespace diffgrad

@@ -35,14 +35,13 @@ inline StepPlan multistep_plan(const Node& start, const coeffs::MultistepCoeffs&
   p.stage_node[0] = start;
   p.output.x = c.x;
   p.output.e[0] = c.eps[0];
-  for (int k = 1; k < c.points; ++k)
-    p.output.hist_e[k - 1] = c.eps[static_cast<std::size_t>(k)];
+  for (int k = 1; k < c.points; ++k) p.output.hist_e[k - 1] = c.eps[static_cast<std::size_t>(k)];
   return p;
 }
 
 inline void require_order(int order, int lo, int hi, const char* where) {
-  require(order >= lo && order <= hi, where, "order",
-          concat("an integer in [", lo, ", ", hi, "]"), order);
+  require(order >= lo && order <= hi, where, "order", concat("an integer in [", lo, ", ", hi, "]"),
+          order);
 }
 
 inline const Node& node_ref(std::span<const Node> nodes, int k) {
@@ -55,9 +54,7 @@ inline const Node& node_ref(std::span<const Node> nodes, int k) {
 /// Needs sigma > 0 at every node (the t-integral must stay inside the schedule's domain).
 class DeisTab {
 public:
-  explicit DeisTab(int order = 3) : order_(order) {
-    detail::require_order(order, 0, 3, "DeisTab");
-  }
+  explicit DeisTab(int order = 3) : order_(order) { detail::require_order(order, 0, 3, "DeisTab"); }
   int order() const { return order_; }
   int history() const { return order_; }
   int stages() const { return 1; }
@@ -76,8 +73,8 @@ public:
   }
   StepPlan plan(std::span<const Node> nodes, int i, NodeAtLambda node_at_lambda) const {
     const int points = std::min(order_, i) + 1;
-    const auto c = coeffs::deis_tab(nodes, i, points,
-                                    [&](double lambda) { return node_at_lambda(lambda).t; });
+    const auto c =
+        coeffs::deis_tab(nodes, i, points, [&](double lambda) { return node_at_lambda(lambda).t; });
     return detail::multistep_plan(detail::node_ref(nodes, i), c);
   }
 
@@ -111,7 +108,7 @@ private:
 /// before, but, as in diffusers, only when the run has fewer than 15 steps.
 class DeisLogRho {
 public:
-  static constexpr int kLowerOrderFinalBelowSteps = 15;  ///< diffusers' threshold
+  static constexpr int kLowerOrderFinalBelowSteps = 15; ///< diffusers' threshold
 
   explicit DeisLogRho(int order = 2, bool lower_order_final = true)
       : order_(order), lower_order_final_(lower_order_final) {
@@ -122,26 +119,45 @@ public:
   int history() const { return order_ - 1; }
   int stages() const { return 1; }
   bool stochastic() const { return false; }
-  void validate(std::span<const Node> nodes) const { validate_nodes(nodes, "DeisLogRho"); }
+  /// A zero-length last step (validate_nodes) is the identity x_t = (alpha_t/alpha_s) x_s.
+  void validate(std::span<const Node> nodes) const {
+    validate_nodes(nodes, "DeisLogRho", ZeroLengthLastStep::identity);
+  }
 
-  /// The number of points step i of an n-step run uses.
+  /// The same scheme for a run that starts at step `start_index` of a longer run (diffusers'
+  /// set_begin_index): the warm-up restarts (no history yet), while lower_order_final still
+  /// counts the full run's steps, as diffusers compares len(timesteps) with 15.
+  DeisLogRho start_at(int start_index) const {
+    detail::require(start_index >= 0, "DeisLogRho::start_at", "start_index", ">= 0", start_index);
+    DeisLogRho s = *this;
+    s.steps_before_ = start_index;
+    return s;
+  }
+  int steps_before() const { return steps_before_; }
+
+  /// The number of points step i of an n-step run uses (n and i counted from the start).
   int points_at(int i, int num_steps) const {
     int k = std::min(order_, i + 1);
-    if (lower_order_final_ && num_steps < kLowerOrderFinalBelowSteps) {
-      if (i == num_steps - 1) k = 1;
-      else if (i == num_steps - 2) k = std::min(k, 2);
+    const int n = num_steps + steps_before_, j = i + steps_before_;
+    if (lower_order_final_ && n < kLowerOrderFinalBelowSteps) {
+      if (j == n - 1)
+        k = 1;
+      else if (j == n - 2)
+        k = std::min(k, 2);
     }
     return k;
   }
   StepPlan plan(std::span<const Node> nodes, int i, NodeAtLambda) const {
     const int num_steps = static_cast<int>(nodes.size()) - 1;
-    const auto c = coeffs::deis_log_rho(nodes, i, points_at(i, num_steps));
+    const int points = is_zero_length_step(nodes, i) ? 1 : points_at(i, num_steps);
+    const auto c = coeffs::deis_log_rho(nodes, i, points);
     return detail::multistep_plan(detail::node_ref(nodes, i), c);
   }
 
 private:
   int order_;
   bool lower_order_final_;
+  int steps_before_ = 0;
 };
 
 /// iPNDM (the DEIS authors' improved PNDM), order k in 1..4 with warm-up: step i uses the
@@ -217,7 +233,7 @@ public:
       for (int l = 0; l < st; ++l)
         in.e[l] = n.alpha * drho * tableau_.a[ss][static_cast<std::size_t>(l)];
     }
-    const double step = coeffs::alpha_rho_step(s, t);  // alpha_{i+1} drho, finite at sigma = 0
+    const double step = coeffs::alpha_rho_step(s, t); // alpha_{i+1} drho, finite at sigma = 0
     p.output.x = t.alpha / s.alpha;
     for (int st = 0; st < tableau_.stages; ++st)
       p.output.e[st] = step * tableau_.b[static_cast<std::size_t>(st)];

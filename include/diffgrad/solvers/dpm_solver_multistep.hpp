@@ -38,6 +38,9 @@ struct DpmMultistepConfig {
   int lower_order_final_max_steps = 15;
   bool euler_at_final = false;
   coeffs::dpm::ReferenceQuirks quirks{};
+  /// Steps of the full run before nodes[0] (a run started partway, diffusers' set_begin_index):
+  /// the warm-up restarts, but lower_order_final counts the full run's steps.
+  int steps_before = 0;
 };
 
 inline void check_dpm_multistep_config(const DpmMultistepConfig& c, const char* where,
@@ -53,12 +56,14 @@ inline void check_dpm_multistep_config(const DpmMultistepConfig& c, const char* 
 }
 
 inline int dpm_multistep_order(const DpmMultistepConfig& c, std::span<const Node> nodes, int i) {
-  const int n = static_cast<int>(nodes.size()) - 1;
   if (coeffs::dpm::is_terminal(nodes[static_cast<std::size_t>(i) + 1])) return 1;
+  if (is_zero_length_step(nodes, i)) return 1; // the exact flow: no derivative to estimate
+  // n, j: the full run's step count and this step's index in it.
+  const int n = static_cast<int>(nodes.size()) - 1 + c.steps_before, j = i + c.steps_before;
   const bool few_steps = c.lower_order_final && n < c.lower_order_final_max_steps;
-  if (i == n - 1 && (c.euler_at_final || few_steps)) return 1;
+  if (j == n - 1 && (c.euler_at_final || few_steps)) return 1;
   int k = std::min(c.order, i + 1);
-  if (i == n - 2 && few_steps) k = std::min(k, 2);
+  if (j == n - 2 && few_steps) k = std::min(k, 2);
   return k;
 }
 
@@ -154,10 +159,21 @@ public:
   }
 
   const detail::DpmMultistepConfig& config() const { return config_; }
+  /// The same scheme for a run that starts at step `start_index` of a longer one (see
+  /// DpmMultistepConfig::steps_before).
+  DpmSolverMultistep start_at(int start_index) const {
+    detail::require(start_index >= 0, "DpmSolverMultistep::start_at", "start_index", ">= 0",
+                    start_index);
+    DpmSolverMultistep s = *this;
+    s.config_.steps_before = start_index;
+    return s;
+  }
   int history() const { return config_.order - 1; }
   int stages() const { return 1; }
   bool stochastic() const { return false; }
-  void validate(std::span<const Node> nodes) const { validate_nodes(nodes, "DpmSolverMultistep"); }
+  void validate(std::span<const Node> nodes) const {
+    validate_nodes(nodes, "DpmSolverMultistep", ZeroLengthLastStep::identity);
+  }
   /// The order step i actually uses.
   int step_order(std::span<const Node> nodes, int i) const {
     return detail::dpm_multistep_order(config_, nodes, i);

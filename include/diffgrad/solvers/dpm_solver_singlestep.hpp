@@ -143,13 +143,30 @@ public:
   bool stochastic() const { return coeffs::dpm::is_sde(integrand_); }
 
   void validate(std::span<const Node> nodes) const {
-    validate_nodes(nodes, "DpmSolverSinglestep");
+    validate_nodes(nodes, "DpmSolverSinglestep", ZeroLengthLastStep::identity);
     const auto num_steps = nodes.size() - 1;
     if (!diffusers_ && !options_.orders.empty() && options_.orders.size() != num_steps)
       detail::throw_argument("DpmSolverSinglestep", "nodes",
                              detail::concat("one grid interval per entry of options.orders (",
                                             options_.orders.size(), ")"),
                              num_steps);
+  }
+
+  /// The same scheme (diffusers structure) for a run that starts at step `start_index` of a
+  /// longer run (diffusers' set_begin_index): step i uses the FULL run's order list entry
+  /// start_index + i, capped at i + 1 because no model value precedes the start (diffusers
+  /// lowers the order while model_outputs[-order] is None; a group then starts at the start).
+  DpmSolverSinglestep start_at(int start_index) const {
+    detail::require(start_index >= 0, "DpmSolverSinglestep::start_at", "start_index", ">= 0",
+                    start_index);
+    if (!diffusers_ && start_index > 0)
+      detail::throw_argument("DpmSolverSinglestep::start_at", "start_index",
+                             "0 for the official structure (slice options.orders and the grid "
+                             "instead)",
+                             start_index);
+    DpmSolverSinglestep s = *this;
+    s.steps_before_ = start_index;
+    return s;
   }
 
   /// The order step i actually uses (lower-order rules and the sigma = 0 final node applied).
@@ -159,7 +176,9 @@ public:
     if (!diffusers_)
       return options_.orders.empty() ? options_.order
                                      : options_.orders[static_cast<std::size_t>(i)];
-    return diffusers_order(num_steps, i, coeffs::dpm::is_terminal(nodes.back()));
+    return std::min(diffusers_order(num_steps + steps_before_, i + steps_before_,
+                                    coeffs::dpm::is_terminal(nodes.back())),
+                    i + 1);
   }
 
   StepPlan plan(std::span<const Node> nodes, int i, NodeAtLambda node_at_lambda) const {
@@ -296,6 +315,7 @@ private:
   coeffs::dpm::ReferenceQuirks quirks_{};
   bool diffusers_ = false;
   bool diffusers_lower_order_final_ = false;
+  int steps_before_ = 0;
   int stages_ = 1;
   double r1_order2_ = 0.5, r1_order3_ = 1.0 / 3.0, r2_order3_ = 2.0 / 3.0;
 };

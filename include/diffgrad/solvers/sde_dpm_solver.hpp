@@ -69,10 +69,19 @@ public:
   }
 
   const detail::DpmMultistepConfig& config() const { return config_; }
+  /// The same scheme for a run that starts at step `start_index` of a longer one.
+  SdeDpmSolver start_at(int start_index) const {
+    detail::require(start_index >= 0, "SdeDpmSolver::start_at", "start_index", ">= 0", start_index);
+    SdeDpmSolver s = *this;
+    s.config_.steps_before = start_index;
+    return s;
+  }
   int history() const { return config_.order - 1; }
   int stages() const { return 1; }
   bool stochastic() const { return true; }
-  void validate(std::span<const Node> nodes) const { validate_nodes(nodes, "SdeDpmSolver"); }
+  void validate(std::span<const Node> nodes) const {
+    validate_nodes(nodes, "SdeDpmSolver", ZeroLengthLastStep::identity);
+  }
   int step_order(std::span<const Node> nodes, int i) const {
     return detail::dpm_multistep_order(config_, nodes, i);
   }
