@@ -166,7 +166,7 @@ TEST_CASE("Bad schedule parameters are rejected, each by name", "[errors]") {
   CHECK_THAT(thrown([] { VESchedule(-1.0, 50.0); }), names("VESchedule", "sigma_min"));
   CHECK_THAT(thrown([] { VESchedule(0.01, 0.001); }), names("VESchedule", "sigma_max"));
   CHECK_THAT(thrown([] { VESchedule(0.01, 50.0, 1.0, 1.0); }), names("VESchedule", "t_min"));
-  CHECK_THAT(thrown([] { SubVPSchedule(-0.1); }), names("VPLinearSchedule", "beta_min"));
+  CHECK_THAT(thrown([] { SubVPSchedule(-0.1); }), names("SubVPSchedule", "beta_min"));
   CHECK_THAT(thrown([] { EDMSchedule(0.0, 80.0); }), names("EDMSchedule", "sigma_min"));
   CHECK_THAT(thrown([] { EDMSchedule(1.0, 0.5); }), names("EDMSchedule", "sigma_max"));
   CHECK_THAT(thrown([] { make_betas(BetaSchedule::linear, 1); }),

@@ -2,6 +2,8 @@
 // Error reporting: every rejected input names the argument, what was expected and what
 // was given. All checks run on the host, before or between fused passes.
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -50,6 +52,19 @@ inline void require(bool ok, const char* where, const char* arg, const char* exp
 
 inline void require_finite(double value, const char* where, const char* arg) {
   if (!std::isfinite(value)) throw_argument(where, arg, "a finite number", value);
+}
+
+/// Checked size arithmetic for non-negative std::int64_t operands (layer widths, parameter
+/// counts): false on overflow, where the plain expression would be undefined behaviour.
+inline bool checked_add(std::int64_t a, std::int64_t b, std::int64_t& out) {
+  if (a < 0 || b < 0 || a > std::numeric_limits<std::int64_t>::max() - b) return false;
+  out = a + b;
+  return true;
+}
+inline bool checked_mul(std::int64_t a, std::int64_t b, std::int64_t& out) {
+  if (a < 0 || b < 0 || (b != 0 && a > std::numeric_limits<std::int64_t>::max() / b)) return false;
+  out = a * b;
+  return true;
 }
 
 } // namespace detail

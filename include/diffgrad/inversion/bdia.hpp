@@ -140,7 +140,7 @@ public:
     const auto c = coeffs::bdia(node(k - 1), node(k), node(k + 1), gamma_);
     eps_fn_(backend_, a, node(k), eps_, k);
     backend_.lincomb(cot_, term(c.eps, bbar));
-    EpsVjp<Model>{eps_fn_.model}(a, node(k), cot_, dx_, dcond, dparams);
+    eps_fn_.vjp(backend_, a, node(k), cot_, dx_, dcond, dparams, k);
     ++vjps_;
     backend_.lincomb(abar, term(1.0, abar), term(c.x, bbar), term(1.0, dx_));
     backend_.lincomb(bbar, term(c.prev, bbar));
@@ -154,7 +154,7 @@ public:
                            State& xbar, Vector* dcond, Vector* dparams) {
     const auto c = coeffs::ddim(node(0), node(1), 0.0);
     backend_.lincomb(cot_, term(c.eps, bbar));
-    EpsVjp<Model>{eps_fn_.model}(a, node(0), cot_, dx_, dcond, dparams);
+    eps_fn_.vjp(backend_, a, node(0), cot_, dx_, dcond, dparams, 0);
     ++vjps_;
     backend_.lincomb(xbar, term(1.0, abar), term(c.x, bbar), term(1.0, dx_));
   }

@@ -67,10 +67,11 @@ public:
   }
 
   /// xbar = (dPhi/dx)^T w at the x of the last evaluate(); *dcond/*dparams accumulate the
-  /// model's conditioning/parameter VJPs. dx is scratch. One model VJP per stage.
+  /// model's conditioning/parameter VJPs (checked by eps_fn.vjp). dx is scratch. One model
+  /// VJP per stage.
   template <class Model>
-  int vjp(const B& backend, Model& model, const State& x, const State& w, State& xbar, State& dx,
-          Vector* dcond, Vector* dparams) {
+  int vjp(const B& backend, CountedEps<Model>& eps_fn, const State& x, const State& w, State& xbar,
+          State& dx, Vector* dcond, Vector* dparams, int step) {
     const StepPlan& p = plan_;
     const int S = p.num_stages;
     backend.lincomb(xbar, term(p.output.x, w));
@@ -79,7 +80,8 @@ public:
       if (s > 0) backend.lincomb(ubar_[idx(s - 1)], term(p.output.u[s], w));
     }
     for (int s = S - 1; s >= 0; --s) {
-      EpsVjp<Model>{model}(stage_input(s, x), p.stage_node[s], ebar_[idx(s)], dx, dcond, dparams);
+      eps_fn.vjp(backend, stage_input(s, x), p.stage_node[s], ebar_[idx(s)], dx, dcond, dparams,
+                 step);
       if (s == 0) {
         backend.lincomb(xbar, term(1.0, xbar), term(1.0, dx));
         break;
@@ -246,11 +248,11 @@ public:
     backward_map_.evaluate(backend_, plan(k, true), eps_fn_, y, phi_, k);
     backend_.lincomb(z, term(1.0, z), term(-1.0, y), term(1.0, phi_));
     backend_.lincomb(w_, term(-1.0, zbar));
-    vjps_ += backward_map_.vjp(backend_, eps_fn_.model, y, w_, g_, dx_, dcond, dparams);
+    vjps_ += backward_map_.vjp(backend_, eps_fn_, y, w_, g_, dx_, dcond, dparams, k);
     backend_.lincomb(ybar, term(1.0, ybar), term(1.0, zbar), term(1.0, g_));
     forward_map_.evaluate(backend_, plan(k, false), eps_fn_, z, phi_, k);
     backend_.lincomb(y, term(1.0 / c_, y), term(-1.0 / c_, phi_), term(1.0, z));
-    vjps_ += forward_map_.vjp(backend_, eps_fn_.model, z, ybar, g_, dx_, dcond, dparams);
+    vjps_ += forward_map_.vjp(backend_, eps_fn_, z, ybar, g_, dx_, dcond, dparams, k);
     backend_.lincomb(zbar, term(1.0, zbar), term(-c_, ybar), term(1.0, g_));
     backend_.lincomb(ybar, term(c_, ybar));
   }

@@ -126,12 +126,12 @@ public:
     State& second_bar = swapped(k) ? xbar : ybar;
     // second_int = a second + b eps(first_int): the VJP at first_int, before it moves.
     eps_fn_(backend_, first, node(k), eps_, k);
-    vjp_into(first, node(k), c.eps, second_bar, first_bar, dcond, dparams);
+    vjp_into(first, node(k), c.eps, second_bar, first_bar, dcond, dparams, k);
     backend_.lincomb(second_bar, term(c.x, second_bar));
     backend_.lincomb(second, term(1.0 / c.x, second), term(-c.eps / c.x, eps_));
     // first_int = a first + b eps(second): the VJP at the reconstructed second.
     eps_fn_(backend_, second, node(k), eps_, k);
-    vjp_into(second, node(k), c.eps, first_bar, second_bar, dcond, dparams);
+    vjp_into(second, node(k), c.eps, first_bar, second_bar, dcond, dparams, k);
     backend_.lincomb(first_bar, term(c.x, first_bar));
     backend_.lincomb(first, term(1.0 / c.x, first), term(-c.eps / c.x, eps_));
   }
@@ -147,9 +147,9 @@ private:
   }
   /// acc += J_eps(at)^T (b * cot).
   void vjp_into(const State& at, const Node& n, double b, const State& cot, State& acc,
-                Vector* dcond, Vector* dparams) {
+                Vector* dcond, Vector* dparams, int step) {
     backend_.lincomb(cot_, term(b, cot));
-    EpsVjp<Model>{eps_fn_.model}(at, n, cot_, dx_, dcond, dparams);
+    eps_fn_.vjp(backend_, at, n, cot_, dx_, dcond, dparams, step);
     ++vjps_;
     backend_.lincomb(acc, term(1.0, acc), term(1.0, dx_));
   }

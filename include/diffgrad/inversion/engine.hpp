@@ -84,7 +84,31 @@ template <class Model> struct CountedEps {
     ++evals;
     check_model_output(backend, x, out, check_finite, step, n);
   }
+  /// dx = J_eps(x)^T cot (plus the dcond / dparams accumulation). dx must have x's shape,
+  /// checked here for every stepper (O(1), gradient()'s message): each then adds dx into a
+  /// state of that shape, which would read out of bounds in Release builds otherwise.
+  /// Finiteness of VJPs is checked by reversible_gradient, which wraps the model.
+  template <Backend B, class Vector>
+  void vjp(const B&, const typename B::state_type& x, const Node& n,
+           const typename B::state_type& cot, typename B::state_type& dx, Vector* dcond,
+           Vector* dparams, int step) {
+    EpsVjp<Model>{model}(x, n, cot, dx, dcond, dparams);
+    if (B::batch(dx) != B::batch(x) || B::dim(dx) != B::dim(x))
+      throw invalid_argument(concat("model vjp: expected dx of shape ", B::batch(x), " x ",
+                                    B::dim(x), ", got ", B::batch(dx), " x ", B::dim(dx),
+                                    " at step ", step));
+  }
 };
+
+/// With check_finite: one read pass over an input state before any step, so a non-finite
+/// input is named (instead of being blamed on the model's first output, or passing unseen
+/// when the model ignores it).
+template <Backend B>
+void require_finite_state(const B& backend, const typename B::state_type& s, bool check_finite,
+                          const char* where, const char* arg) {
+  if (check_finite && !backend.all_finite(s))
+    throw_argument(where, arg, "finite values", "NaN or Inf");
+}
 
 /// Calls an observer; true when it asked to stop.
 template <class Obs, class State>
@@ -129,6 +153,7 @@ InversionReport invert(const M& method, const B& backend, const S& schedule,
   report.amplification = method.amplification(num_steps, options.amplification.threshold);
   enforce_amplification(report.amplification, options.amplification);
 
+  detail::require_finite_state(backend, x0, options.check_finite, "invert", "x0");
   const auto batch = B::batch(x0), dim = B::dim(x0);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);
@@ -163,6 +188,10 @@ GenerateReport generate(const M& method, const B& backend, const S& schedule,
   using State = typename B::state_type;
   method.validate(nodes);
   detail::require_same_pair_shape<B>(latent.second, latent.first, "generate", "latent.second");
+  detail::require_finite_state(backend, latent.first, options.check_finite, "generate",
+                               "latent.first");
+  detail::require_finite_state(backend, latent.second, options.check_finite, "generate",
+                               "latent.second");
   const auto batch = B::batch(latent.first), dim = B::dim(latent.first);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);
@@ -196,6 +225,7 @@ GenerateReport sample_from_noise(const M& method, const B& backend, const S& sch
                                  Obs&& observer = {}) {
   using State = typename B::state_type;
   method.validate(nodes);
+  detail::require_finite_state(backend, x, options.check_finite, "sample_from_noise", "x");
   const auto batch = B::batch(x), dim = B::dim(x);
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, model, batch, dim,
                                 options.check_finite);

@@ -15,6 +15,7 @@
 // Save/load: a text format (see save()) that round-trips doubles exactly.
 #include <Eigen/Core>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <fstream>
 #include <istream>
@@ -26,7 +27,7 @@
 
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/detail/philox.hpp"
-#include "diffgrad/models/dirac_mixture.hpp"  // shape checks shared by the reference models
+#include "diffgrad/models/dirac_mixture.hpp" // shape checks shared by the reference models
 #include "diffgrad/schedule/node.hpp"
 
 namespace diffgrad::models {
@@ -36,11 +37,11 @@ enum class Activation { tanh, silu };
 inline const char* activation_name(Activation a) { return a == Activation::tanh ? "tanh" : "silu"; }
 
 struct MlpConfig {
-  int dim = 2;                       ///< d: state dimension (input x and output)
-  int cond_dim = 0;                  ///< c: length of the conditioning vector z
-  int time_frequencies = 4;          ///< F: sin/cos features at omega_j = pi 2^j, j < F
-  double time_scale = 1.0;           ///< tau = time_scale * t (use 1e-3 for t in [0, 1000])
-  std::vector<int> hidden{64, 64};   ///< widths of the hidden layers (may be empty: linear)
+  int dim = 2;                     ///< d: state dimension (input x and output)
+  int cond_dim = 0;                ///< c: length of the conditioning vector z
+  int time_frequencies = 4;        ///< F: sin/cos features at omega_j = pi 2^j, j < F
+  double time_scale = 1.0;         ///< tau = time_scale * t (use 1e-3 for t in [0, 1000])
+  std::vector<int> hidden{64, 64}; ///< widths of the hidden layers (may be empty: linear)
   Activation activation = Activation::silu;
 };
 
@@ -96,11 +97,12 @@ public:
       const Eigen::Index end = bias_offset(l) + widths_[l + 1];
       for (Eigen::Index i = offsets_[l]; i < end; ++i) {
         const auto r = diffgrad::detail::philox4x32_10(
-            diffgrad::detail::Philox4x32{{static_cast<std::uint32_t>(i),
-                                          static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
-                                          0x6d6c70u /* "mlp" */, 0u}},
+            diffgrad::detail::Philox4x32{
+                {static_cast<std::uint32_t>(i),
+                 static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
+                 0x6d6c70u /* "mlp" */, 0u}},
             seed);
-        const double u = diffgrad::detail::uniform_open0(r.v[0], r.v[1]);  // (0, 1]
+        const double u = diffgrad::detail::uniform_open0(r.v[0], r.v[1]); // (0, 1]
         params_(i) = Scalar(bound * (2.0 * u - 1.0));
       }
     }
@@ -120,9 +122,7 @@ public:
   }
 
   /// The network output at model time t: eps for a noise model.
-  void eps(const state_type& x, double t, state_type& out) const {
-    forward(x, t, out, "Mlp::eps");
-  }
+  void eps(const state_type& x, double t, state_type& out) const { forward(x, t, out, "Mlp::eps"); }
   /// The same network read as a velocity field (t = flow time).
   void velocity(const state_type& x, double t, state_type& out) const {
     forward(x, t, out, "Mlp::velocity");
@@ -200,16 +200,23 @@ public:
       if (!(is >> w)) fail("a hidden-layer width", "unreadable text");
     std::int64_t count = 0;
     read_key("params", count);
-    Mlp mlp(config, std::uint64_t{0});
-    if (count != mlp.param_size())
-      fail(diffgrad::detail::concat(mlp.param_size(), " parameters for this architecture"),
+    // The layout first (checked arithmetic, nothing allocated), then the values, read before
+    // anything of the declared size is allocated: a corrupt header fails by name and a
+    // truncated file at its first missing value.
+    std::vector<Eigen::Index> widths, offsets;
+    const Eigen::Index expected = compute_layout(config, widths, offsets);
+    if (count != expected)
+      fail(diffgrad::detail::concat(expected, " parameters for this architecture"),
            std::to_string(count));
-    for (Eigen::Index i = 0; i < count; ++i) {
+    std::vector<double> values;
+    for (std::int64_t i = 0; i < count; ++i) {
       double v = 0;
       if (!(is >> v)) fail(diffgrad::detail::concat(count, " parameter values"), std::to_string(i));
-      mlp.params_(i) = Scalar(v);
+      values.push_back(v);
     }
-    return mlp;
+    return Mlp(
+        config,
+        Eigen::Map<const Eigen::VectorXd>(values.data(), count).template cast<Scalar>().eval());
   }
   static Mlp load(const std::string& path) {
     std::ifstream is(path);
@@ -221,33 +228,64 @@ private:
   using weight_map = Eigen::Map<const matrix_type>;
 
   void build_layout() {
-    const char* where = "Mlp";
-    diffgrad::detail::require(config_.dim >= 1, where, "config.dim", ">= 1", config_.dim);
-    diffgrad::detail::require(config_.cond_dim >= 0, where, "config.cond_dim", ">= 0",
-                              config_.cond_dim);
-    diffgrad::detail::require(config_.time_frequencies >= 0 && config_.time_frequencies <= 60,
-                              where, "config.time_frequencies", "0..60",
-                              config_.time_frequencies);
-    diffgrad::detail::require(std::isfinite(config_.time_scale), where, "config.time_scale",
-                              "a finite number", config_.time_scale);
-    widths_.clear();
-    widths_.push_back(config_.dim + 2 * config_.time_frequencies + config_.cond_dim);
-    for (int w : config_.hidden) {
-      diffgrad::detail::require(w >= 1, where, "config.hidden", "widths >= 1", w);
-      widths_.push_back(w);
-    }
-    widths_.push_back(config_.dim);
-    offsets_.clear();
-    param_size_ = 0;
-    for (std::size_t l = 0; l + 1 < widths_.size(); ++l) {
-      offsets_.push_back(param_size_);
-      param_size_ += widths_[l + 1] * (widths_[l] + 1);
-    }
+    param_size_ = compute_layout(config_, widths_, offsets_);
     cond_ = vector_type::Zero(config_.cond_dim);
     const std::size_t layers = widths_.size() - 1;
     pre_.resize(layers);
     act_.resize(layers);
     grad_.resize(layers);
+  }
+
+  /// Validates `config` and computes the layer widths, the parameter offsets and the
+  /// parameter count without allocating anything of those sizes. Sizes come from user
+  /// configs and from files, so every sum and product is checked: an overflow would be
+  /// undefined behaviour, and a wrapped count would be allocated and indexed out of bounds.
+  static Eigen::Index compute_layout(const MlpConfig& config, std::vector<Eigen::Index>& widths,
+                                     std::vector<Eigen::Index>& offsets) {
+    namespace d = diffgrad::detail;
+    const char* where = "Mlp";
+    d::require(config.dim >= 1, where, "config.dim", ">= 1", config.dim);
+    d::require(config.cond_dim >= 0, where, "config.cond_dim", ">= 0", config.cond_dim);
+    d::require(config.time_frequencies >= 0 && config.time_frequencies <= 60, where,
+               "config.time_frequencies", "0..60", config.time_frequencies);
+    d::require(std::isfinite(config.time_scale), where, "config.time_scale", "a finite number",
+               config.time_scale);
+    // The input width is an int like every other width (the CUDA Mlp hands widths to cuBLAS
+    // as int); all three terms are non-negative ints, so the int64 sum cannot overflow.
+    const std::int64_t input = std::int64_t{config.dim} +
+                               2 * std::int64_t{config.time_frequencies} +
+                               std::int64_t{config.cond_dim};
+    if (input > std::numeric_limits<int>::max())
+      d::throw_argument(where, "config",
+                        d::concat("an input width dim + 2 time_frequencies + cond_dim <= ",
+                                  std::numeric_limits<int>::max()),
+                        d::concat(config.dim, " + 2 * ", config.time_frequencies, " + ",
+                                  config.cond_dim, " = ", input));
+    widths.assign(1, input);
+    for (int w : config.hidden) {
+      d::require(w >= 1, where, "config.hidden", "widths >= 1", w);
+      widths.push_back(w);
+    }
+    widths.push_back(config.dim);
+    offsets.clear();
+    // The flat parameter vector must be addressable: its byte size fits std::ptrdiff_t.
+    constexpr std::int64_t max_params =
+        std::numeric_limits<std::ptrdiff_t>::max() / static_cast<std::int64_t>(sizeof(Scalar));
+    std::int64_t total = 0;
+    for (std::size_t l = 0; l + 1 < widths.size(); ++l) {
+      offsets.push_back(total);
+      std::int64_t layer = 0;
+      if (!d::checked_mul(widths[l + 1], widths[l] + 1, layer) ||
+          !d::checked_add(total, layer, total) || total > max_params)
+        d::throw_argument(where, config.hidden.empty() ? "config.dim" : "config.hidden",
+                          d::concat("layer widths whose parameter count sum_l n_{l+1} (n_l + 1) "
+                                    "is at most ",
+                                    max_params, " (the largest addressable array of ",
+                                    sizeof(Scalar), "-byte scalars)"),
+                          d::concat("a count beyond that at layer ", l, " (", widths[l], " -> ",
+                                    widths[l + 1], ")"));
+    }
+    return total;
   }
 
   std::size_t num_layers() const { return widths_.size() - 1; }
@@ -269,7 +307,7 @@ private:
     const auto batch = x.rows();
     const std::size_t layers = num_layers();
     for (std::size_t l = 0; l < layers; ++l) {
-      act_[l].resize(batch, widths_[l]);  // no-op when the batch size is unchanged
+      act_[l].resize(batch, widths_[l]); // no-op when the batch size is unchanged
       pre_[l].resize(batch, widths_[l + 1]);
     }
     const Eigen::Index d = config_.dim, f = 2 * config_.time_frequencies, c = config_.cond_dim;
@@ -308,7 +346,7 @@ private:
     run_forward(x, t);
     const std::size_t layers = num_layers();
     for (std::size_t l = 0; l < layers; ++l) grad_[l].resize(x.rows(), widths_[l + 1]);
-    grad_[layers - 1] = a;  // cotangent of the (linear) output layer's pre-activation
+    grad_[layers - 1] = a; // cotangent of the (linear) output layer's pre-activation
     for (std::size_t l = layers; l-- > 0;) {
       const auto& g = grad_[l];
       if (dparams) {
@@ -330,8 +368,7 @@ private:
     }
     const Eigen::Index d = config_.dim, c = config_.cond_dim;
     const auto w0 = weight(0);
-    if (dcond && c > 0)
-      *dcond += (grad_[0].colwise().sum() * w0.rightCols(c)).transpose();
+    if (dcond && c > 0) *dcond += (grad_[0].colwise().sum() * w0.rightCols(c)).transpose();
     dx.resize(x.rows(), d);
     dx.noalias() = grad_[0] * w0.leftCols(d);
   }

@@ -12,8 +12,9 @@ public:
   explicit EDMSchedule(double sigma_min = 0.002, double sigma_max = 80.0)
       : smin_(sigma_min), smax_(sigma_max) {
     detail::require(sigma_min > 0, "EDMSchedule", "sigma_min", "sigma_min > 0", sigma_min);
-    detail::require(sigma_max > sigma_min, "EDMSchedule", "sigma_max", "sigma_max > sigma_min",
-                    sigma_max);
+    // Both ends finite and positive: lambda = -log sigma is then finite on the whole domain.
+    detail::require(sigma_max > sigma_min && std::isfinite(sigma_max), "EDMSchedule", "sigma_max",
+                    "a finite sigma_max > sigma_min", sigma_max);
   }
   double t_min() const { return smin_; }
   double t_max() const { return smax_; }

@@ -1,5 +1,7 @@
 #pragma once
-// sub-VP SDE (Song et al.): alpha as the linear VP schedule, sigma = 1 - alpha^2.
+// sub-VP SDE (Song et al.): alpha as the linear VP schedule, sigma = 1 - alpha^2. The
+// parameters are checked as VPLinearSchedule's (the same alpha; sigma > 0 exactly when the VP
+// sigma is), under this class's name.
 #include <cmath>
 
 #include "diffgrad/schedule/vp_linear.hpp"
@@ -10,7 +12,7 @@ class SubVPSchedule {
 public:
   explicit SubVPSchedule(double beta_min = 0.1, double beta_max = 20.0, double t_min = 1e-3,
                          double t_max = 1.0)
-      : vp_(beta_min, beta_max, t_min, t_max) {}
+      : vp_("SubVPSchedule", beta_min, beta_max, t_min, t_max) {}
   double t_min() const { return vp_.t_min(); }
   double t_max() const { return vp_.t_max(); }
   double alpha(double t) const { return vp_.alpha(t); }
@@ -19,8 +21,9 @@ public:
   double t_of_lambda(double lambda) const {
     // alpha / (1 - alpha^2) = e^lambda  =>  alpha = 2 e^lambda / (1 + sqrt(1 + 4 e^{2 lambda})).
     const double log_alpha =
-        lambda > 0 ? std::log(2.0) - std::log(std::exp(-lambda) + std::sqrt(std::exp(-2 * lambda) + 4.0))
-                   : std::log(2.0) + lambda - std::log1p(std::sqrt(1.0 + 4.0 * std::exp(2 * lambda)));
+        lambda > 0
+            ? std::log(2.0) - std::log(std::exp(-lambda) + std::sqrt(std::exp(-2 * lambda) + 4.0))
+            : std::log(2.0) + lambda - std::log1p(std::sqrt(1.0 + 4.0 * std::exp(2 * lambda)));
     return vp_.t_of_lambda(detail::vp_lambda(log_alpha));
   }
   double f(double t) const { return vp_.f(t); }

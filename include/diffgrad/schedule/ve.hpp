@@ -13,10 +13,20 @@ public:
       : smin_(sigma_min), smax_(sigma_max), t_min_(t_min), t_max_(t_max),
         log_ratio_(std::log(sigma_max / sigma_min)) {
     detail::require(sigma_min > 0, "VESchedule", "sigma_min", "sigma_min > 0", sigma_min);
-    detail::require(sigma_max > sigma_min, "VESchedule", "sigma_max", "sigma_max > sigma_min",
-                    sigma_max);
+    detail::require(sigma_max > sigma_min && std::isfinite(sigma_max), "VESchedule", "sigma_max",
+                    "a finite sigma_max > sigma_min", sigma_max);
+    detail::require(std::isfinite(t_max), "VESchedule", "t_max", "a finite number", t_max);
     detail::require(t_min >= 0 && t_min < t_max, "VESchedule", "t_min", "0 <= t_min < t_max",
                     t_min);
+    // sigma grows as (sigma_max/sigma_min)^t: for t_max > 1 it can overflow, and g2 = 2 log r
+    // sigma^2 with it. Refuse at construction what would be an Inf node or SDE coefficient.
+    const double log_sigma_max = std::log(sigma_min) + t_max * log_ratio_;
+    if (!(std::isfinite(g2(t_max)) && std::isfinite(sigma(t_max))))
+      throw invalid_argument(detail::concat(
+          "VESchedule: arguments 'sigma_min', 'sigma_max', 't_max' expected sigma(t_max) = ",
+          "sigma_min (sigma_max/sigma_min)^t_max with a finite square (log sigma(t_max) < 354), ",
+          "got log sigma(t_max) = ", log_sigma_max, " (sigma_min = ", sigma_min,
+          ", sigma_max = ", sigma_max, ", t_max = ", t_max, ")"));
   }
   double t_min() const { return t_min_; }
   double t_max() const { return t_max_; }

@@ -17,9 +17,16 @@ public:
       : s_(s), t_min_(t_min), t_max_(t_max),
         log_alpha0_(std::log(std::cos(s / (1.0 + s) * std::numbers::pi / 2.0))) {
     detail::require(s > 0 && s < 1, "VPCosineSchedule", "s", "0 < s < 1", s);
+    detail::require(t_min > 0 && t_min < 1.0, "VPCosineSchedule", "t_min", "0 < t_min < 1", t_min);
     detail::require(t_max < 1.0 && t_max > t_min, "VPCosineSchedule", "t_max",
                     "t_min < t_max < 1 (alpha vanishes at t = 1)", t_max);
-    detail::require(t_min > 0, "VPCosineSchedule", "t_min", "t_min > 0", t_min);
+    // alpha(t_max) > 0 for every t_max < 1 in double, but a t_min so small that 1 - alpha^2
+    // rounds to 0 (t_min < ~1e-321) gives lambda(t_min) = +inf.
+    detail::check_vp_extremes("VPCosineSchedule", log_alpha(t_min), "'s', 't_min'",
+                              "log(cos((t_min + s)/(1 + s) pi/2) / cos(s/(1 + s) pi/2))",
+                              log_alpha(t_max), "'s', 't_max'",
+                              "log(cos((t_max + s)/(1 + s) pi/2) / cos(s/(1 + s) pi/2))",
+                              detail::concat("s = ", s, ", t_min = ", t_min, ", t_max = ", t_max));
   }
   double t_min() const { return t_min_; }
   double t_max() const { return t_max_; }
@@ -42,7 +49,7 @@ public:
     return -std::numbers::pi / (2.0 * (1.0 + s_)) *
            std::tan((t + s_) / (1.0 + s_) * std::numbers::pi / 2.0);
   }
-  double g2(double t) const { return -2.0 * f(t); }  // VP: g^2 = beta = -2 f
+  double g2(double t) const { return -2.0 * f(t); } // VP: g^2 = beta = -2 f
   double model_time(double t) const { return t; }
   Node node(double t) const {
     detail::check_time(t, t_min_, t_max_, "VPCosineSchedule::node");

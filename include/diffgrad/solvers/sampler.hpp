@@ -15,8 +15,10 @@
 namespace diffgrad {
 
 struct SampleOptions {
-  std::uint64_t seed = 0;   ///< Philox seed for stochastic schemes (step i uses counter i)
-  bool check_finite = true; ///< check every model output for NaN/Inf (one extra read pass)
+  std::uint64_t seed = 0; ///< Philox seed for stochastic schemes (step i uses counter i)
+  /// Check x_T, the given noise and every model output for NaN/Inf (one extra read pass
+  /// each; x_T and the noise once, before the first step).
+  bool check_finite = true;
 };
 
 struct SampleResult {
@@ -29,8 +31,7 @@ struct SampleResult {
 template <Backend B> class SamplerWorkspace {
 public:
   using state_type = typename B::state_type;
-  SamplerWorkspace(const B& backend, int history, int stages, std::int64_t batch,
-                   std::int64_t dim)
+  SamplerWorkspace(const B& backend, int history, int stages, std::int64_t batch, std::int64_t dim)
       : ring_(history + 1) {
     for (int k = 0; k < ring_; ++k) {
       x.push_back(backend.make_state(batch, dim));
@@ -46,7 +47,9 @@ public:
   std::vector<state_type> u, ue; ///< stage inputs / outputs for s >= 1 (index s - 1)
   /// Noise of stochastic steps. Empty: Philox noise keyed by (options.seed, step, index).
   /// Otherwise step i uses given_noise[i] (Cycle-SDE replays, gradients given the noise);
-  /// it must hold one state per step. Not owned.
+  /// it must hold one state per step, each of the workspace's shape and (with
+  /// SampleOptions::check_finite) finite: run_scheme checks both before the first step.
+  /// Not owned.
   std::span<const state_type> given_noise{};
 
 private:
@@ -86,25 +89,65 @@ int gather_terms(const Combo& c, int i, int ring, std::vector<State>& xs, std::v
   return n;
 }
 
-} // namespace detail
+/// The checks of run_scheme / sample, all before the step loop: O(1) shape compares per
+/// buffer and noise state, plus (with options.check_finite) one read pass over x_T and over
+/// each given noise state, so a non-finite input is named instead of being blamed on the
+/// model's output at step 0 (or passing unseen when the model ignores its input).
+template <class Scheme, Backend B>
+void validate_run_inputs(const char* where, const Scheme& scheme, const B& backend, int num_steps,
+                         const typename B::state_type& x, const SamplerWorkspace<B>& ws,
+                         const SampleOptions& options) {
+  using State = typename B::state_type;
+  if (ws.ring() != scheme.history() + 1 || static_cast<int>(ws.u.size()) + 1 < scheme.stages())
+    throw invalid_argument(concat(where, ": argument 'ws' expected a workspace built for this "
+                                         "scheme's history and stage count"));
+  // Every buffer of the workspace must have one shape: its members are public, and a
+  // replaced buffer of another shape would be read out of bounds by a fused lincomb.
+  const auto batch = B::batch(ws.x[0]), dim = B::dim(ws.x[0]);
+  const auto same = [&](const State& s) { return B::batch(s) == batch && B::dim(s) == dim; };
+  const auto check_buffers = [&](const std::vector<State>& v, const char* name) {
+    for (std::size_t k = 0; k < v.size(); ++k)
+      if (!same(v[k]))
+        throw invalid_argument(concat(where, ": argument 'ws' expected buffers of one shape (",
+                                      batch, " x ", dim, "), got ", name, "[", k, "] of shape ",
+                                      B::batch(v[k]), " x ", B::dim(v[k])));
+  };
+  check_buffers(ws.x, "ws.x");
+  check_buffers(ws.e, "ws.e");
+  check_buffers(ws.u, "ws.u");
+  check_buffers(ws.ue, "ws.ue");
+  if (!same(x))
+    throw_argument(where, "x",
+                   concat("shape ", batch, " x ", dim, " (batch x dim, as the workspace)"),
+                   concat(B::batch(x), " x ", B::dim(x)));
+  if (!ws.given_noise.empty()) {
+    if (static_cast<int>(ws.given_noise.size()) < num_steps)
+      throw_argument(where, "ws.given_noise", concat("one noise state per step (", num_steps, ")"),
+                     ws.given_noise.size());
+    for (int i = 0; i < num_steps; ++i) {
+      const State& xi = ws.given_noise[static_cast<std::size_t>(i)];
+      if (!same(xi))
+        throw invalid_argument(concat(where, ": argument 'ws.given_noise[", i, "]' expected shape ",
+                                      batch, " x ", dim, " (batch x dim, as x), got ", B::batch(xi),
+                                      " x ", B::dim(xi)));
+      if (options.check_finite && !backend.all_finite(xi))
+        throw invalid_argument(concat(where, ": argument 'ws.given_noise[", i,
+                                      "]' expected finite values, got NaN or Inf"));
+    }
+  }
+  if (options.check_finite && !backend.all_finite(x))
+    throw_argument(where, "x", "finite values (x_T at nodes[0])", "NaN or Inf");
+}
 
-/// Runs `scheme` from nodes[0] to nodes.back() on the batch `x` (in: x at nodes[0], out: the
-/// sample). `field(u, node, out)` is the model call (see EpsField / VelocityField).
-template <class Scheme, Backend B, class Field, class Obs = NullObserver>
-SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const Node> nodes,
-                        NodeAtLambda node_at_lambda, Field&& field, typename B::state_type& x,
-                        SamplerWorkspace<B>& ws, const SampleOptions& options = {},
-                        Obs&& observer = {}) {
+template <class Scheme, Backend B, class Field, class Obs>
+SampleResult run_scheme_impl(const char* where, const Scheme& scheme, const B& backend,
+                             std::span<const Node> nodes, NodeAtLambda node_at_lambda, Field& field,
+                             typename B::state_type& x, SamplerWorkspace<B>& ws,
+                             const SampleOptions& options, Obs& observer) {
   using State = typename B::state_type;
   scheme.validate(nodes);
   const int num_steps = static_cast<int>(nodes.size()) - 1;
-  if (ws.ring() != scheme.history() + 1 || static_cast<int>(ws.u.size()) + 1 < scheme.stages())
-    throw invalid_argument("run_scheme: argument 'ws' expected a workspace built for this "
-                           "scheme's history and stage count");
-  if (!ws.given_noise.empty() && static_cast<int>(ws.given_noise.size()) < num_steps)
-    detail::throw_argument("run_scheme", "ws.given_noise",
-                           detail::concat("one noise state per step (", num_steps, ")"),
-                           ws.given_noise.size());
+  validate_run_inputs(where, scheme, backend, num_steps, x, ws, options);
   const int ring = ws.ring();
   const auto slot = [ring](int step) { return static_cast<std::size_t>(step % ring); };
   SampleResult result;
@@ -116,16 +159,14 @@ SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const 
       State& in = s == 0 ? ws.x[slot(i)] : ws.u[static_cast<std::size_t>(s - 1)];
       State& out = s == 0 ? ws.e[slot(i)] : ws.ue[static_cast<std::size_t>(s - 1)];
       if (s > 0) {
-        const int n = detail::gather_terms(plan.stage_input[s], i, ring, ws.x, ws.e, ws.u, ws.ue,
-                                           terms);
+        const int n = gather_terms(plan.stage_input[s], i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
         backend.lincomb(in, std::span<const LinTerm<State>>(terms.data(), n));
       }
       field(static_cast<const State&>(in), plan.stage_node[s], out);
       ++result.model_evals;
-      detail::check_model_output(backend, in, out, options.check_finite, i,
-                                 plan.stage_node[s]);
+      check_model_output(backend, in, out, options.check_finite, i, plan.stage_node[s]);
     }
-    int n = detail::gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
+    int n = gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
     NoiseTerm noise{plan.noise, options.seed, static_cast<std::uint64_t>(i)};
     if (plan.noise != 0.0 && !ws.given_noise.empty()) {
       if (n == kMaxLincombTerms)
@@ -151,6 +192,21 @@ SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const 
   return result;
 }
 
+} // namespace detail
+
+/// Runs `scheme` from nodes[0] to nodes.back() on the batch `x` (in: x at nodes[0], out: the
+/// sample). `field(u, node, out)` is the model call (see EpsField / VelocityField). `x` must
+/// have the workspace's shape; with options.check_finite it must be finite (as must the
+/// given noise), checked once before the first step.
+template <class Scheme, Backend B, class Field, class Obs = NullObserver>
+SampleResult run_scheme(const Scheme& scheme, const B& backend, std::span<const Node> nodes,
+                        NodeAtLambda node_at_lambda, Field&& field, typename B::state_type& x,
+                        SamplerWorkspace<B>& ws, const SampleOptions& options = {},
+                        Obs&& observer = {}) {
+  return detail::run_scheme_impl("run_scheme", scheme, backend, nodes, node_at_lambda, field, x, ws,
+                                 options, observer);
+}
+
 /// Sample with a noise model: x holds x_T at nodes[0] on entry and the sample on exit.
 template <class Scheme, Backend B, class Model, class S, class Obs = NullObserver>
 SampleResult sample(const Scheme& scheme, const B& backend, const S& schedule,
@@ -162,8 +218,9 @@ SampleResult sample(const Scheme& scheme, const B& backend, const S& schedule,
                 "eps(const State& x, double t, State& out) or eps(const State& x, const Node& n, "
                 "State& out), with State = Backend::state_type");
   SamplerWorkspace<B> ws(backend, scheme.history(), scheme.stages(), B::batch(x), B::dim(x));
-  return run_scheme(scheme, backend, nodes, NodeAtLambda(schedule), EpsField<Model>{model}, x,
-                    ws, options, std::forward<Obs>(observer));
+  EpsField<Model> field{model};
+  return detail::run_scheme_impl("sample", scheme, backend, nodes, NodeAtLambda(schedule), field, x,
+                                 ws, options, observer);
 }
 
 } // namespace diffgrad

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <span>
+#include <tuple>
 #include <utility>
 
 #include "diffgrad/backend/lincomb_term.hpp"
@@ -35,9 +36,15 @@ public:
   static index_type batch(const state_type& x) { return x.rows(); }
   static index_type dim(const state_type& x) { return x.cols(); }
 
-  /// out = sum_k c_k x_k (+ noise), one fused pass. `out` may alias any input.
+  /// out = sum_k c_k x_k (+ noise), one fused pass. `out` may alias any input. The terms
+  /// must share one shape (checked: with NDEBUG Eigen would read past the smaller ones);
+  /// `out` takes that shape (it is resized if it has another, as an Eigen assignment does).
   template <class... States> void lincomb(state_type& out, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
+    if constexpr (sizeof...(States) > 1) {
+      const state_type& first = *std::get<0>(std::tie(terms...)).vec;
+      check_term_shapes(first.rows(), first.cols(), "the first term's", terms...);
+    }
     out.noalias() = (... + (Scalar(terms.coeff) * *terms.vec));
   }
 
@@ -49,12 +56,7 @@ public:
   void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
     const index_type n = out.size();
-    const bool shapes_match =
-        ((terms.vec->rows() == out.rows() && terms.vec->cols() == out.cols()) && ...);
-    if (!shapes_match)
-      detail::throw_argument("EigenBackend::lincomb", "terms",
-                             detail::concat("states of shape ", out.rows(), " x ", out.cols()),
-                             "a state of another shape");
+    check_term_shapes(out.rows(), out.cols(), "the output's", terms...);
     using Chunk = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     using ConstChunk = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     alignas(64) Scalar xi[kNoiseChunk];
@@ -73,11 +75,14 @@ public:
   }
 
   /// Runtime arity (1..kMaxLincombTerms terms): dispatches to the fused fixed-arity form.
+  /// Every term must have out's shape (the engine's buffers are sized before the loop).
   void lincomb(state_type& out, std::span<const LinTerm<state_type>> terms,
                NoiseTerm noise = {}) const {
     if (terms.empty() || terms.size() > static_cast<std::size_t>(kMaxLincombTerms))
       detail::throw_argument("EigenBackend::lincomb", "terms",
                              detail::concat("1..", kMaxLincombTerms, " terms"), terms.size());
+    for (std::size_t k = 0; k < terms.size(); ++k)
+      check_term_shape(out.rows(), out.cols(), "the output's", *terms[k].vec, k);
     dispatch(out, terms, noise, std::make_index_sequence<kMaxLincombTerms>{});
   }
 
@@ -100,6 +105,23 @@ public:
   }
 
 private:
+  /// O(1) per term, so it runs on every call: a mismatch would otherwise be read or written
+  /// out of bounds in Release builds, where Eigen's own size asserts are compiled out.
+  static void check_term_shape(index_type rows, index_type cols, const char* whose,
+                               const state_type& v, std::size_t k) {
+    if (v.rows() != rows || v.cols() != cols) [[unlikely]]
+      throw invalid_argument(detail::concat("EigenBackend::lincomb: argument 'terms[", k,
+                                            "]' expected shape ", rows, " x ", cols, " (", whose,
+                                            "), got ", v.rows(), " x ", v.cols()));
+  }
+  template <class... States>
+  static void check_term_shapes([[maybe_unused]] index_type rows, [[maybe_unused]] index_type cols,
+                                [[maybe_unused]] const char* whose,
+                                const LinTerm<States>&... terms) {
+    [[maybe_unused]] std::size_t k = 0;
+    (check_term_shape(rows, cols, whose, *terms.vec, k++), ...);
+  }
+
   /// Elements per noise chunk: even (chunks start on a Box-Muller pair), 2 KiB of doubles,
   /// small enough to stay in L1 next to the chunk's inputs.
   static constexpr index_type kNoiseChunk = 256;

@@ -20,7 +20,9 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <numbers>
 #include <span>
@@ -190,7 +192,20 @@ private:
                               where, "config.time_frequencies", "0..60", config_.time_frequencies);
     diffgrad::detail::require(std::isfinite(config_.time_scale), where, "config.time_scale",
                               "a finite number", config_.time_scale);
-    widths_.assign(1, config_.dim + 2 * config_.time_frequencies + config_.cond_dim);
+    // Checked as models::Mlp does (the same limits and messages): an int input width, since
+    // cuBLAS takes int sizes, and a parameter count whose byte size fits std::ptrdiff_t;
+    // every sum and product is checked, as an overflow would be undefined behaviour.
+    const std::int64_t input = std::int64_t{config_.dim} +
+                               2 * std::int64_t{config_.time_frequencies} +
+                               std::int64_t{config_.cond_dim};
+    if (input > std::numeric_limits<int>::max())
+      diffgrad::detail::throw_argument(
+          where, "config",
+          diffgrad::detail::concat("an input width dim + 2 time_frequencies + cond_dim <= ",
+                                   std::numeric_limits<int>::max()),
+          diffgrad::detail::concat(config_.dim, " + 2 * ", config_.time_frequencies, " + ",
+                                   config_.cond_dim, " = ", input));
+    widths_.assign(1, input);
     for (int w : config_.hidden) {
       diffgrad::detail::require(w >= 1, where, "config.hidden", "widths >= 1", w);
       widths_.push_back(w);
@@ -198,9 +213,22 @@ private:
     widths_.push_back(config_.dim);
     offsets_.clear();
     param_size_ = 0;
+    constexpr std::int64_t max_params =
+        std::numeric_limits<std::ptrdiff_t>::max() / static_cast<std::int64_t>(sizeof(Scalar));
     for (std::size_t l = 0; l + 1 < widths_.size(); ++l) {
       offsets_.push_back(param_size_);
-      param_size_ += widths_[l + 1] * (widths_[l] + 1);
+      std::int64_t layer = 0;
+      if (!diffgrad::detail::checked_mul(widths_[l + 1], widths_[l] + 1, layer) ||
+          !diffgrad::detail::checked_add(param_size_, layer, param_size_) ||
+          param_size_ > max_params)
+        diffgrad::detail::throw_argument(
+            where, config_.hidden.empty() ? "config.dim" : "config.hidden",
+            diffgrad::detail::concat("layer widths whose parameter count sum_l n_{l+1} (n_l + 1) "
+                                     "is at most ",
+                                     max_params, " (the largest addressable array of ",
+                                     sizeof(Scalar), "-byte scalars)"),
+            diffgrad::detail::concat("a count beyond that at layer ", l, " (", widths_[l], " -> ",
+                                     widths_[l + 1], ")"));
     }
     cond_ = vector_type(config_.cond_dim, stream_);
     const std::size_t layers = widths_.size() - 1;
