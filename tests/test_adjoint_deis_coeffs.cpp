@@ -10,6 +10,7 @@
 // proportion to 1/|h| and fails by orders of magnitude.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -81,7 +82,7 @@ const std::vector<double> kSteps{1e-10, 3e-9,   1e-8,   1e-7, 1e-6, 1e-5, 1e-4, 
 // every |h| <= 1 (they switched from a short Taylor polynomial to the cancelling recurrences at
 // |h| = 1e-3 and 2e-2) the worst were phi_2 2.9e-13 (h = 1.1e-3), phi_3 1.1e-12 (h = 2.1e-2)
 // and an AdjointDEIS-2M slope weight 2.7e-13 (h = -1.1e-3).
-constexpr double kPhiTol = 1e-15; // ~4.5 ulps
+constexpr double kPhiTol = 1e-15;  // ~4.5 ulps
 constexpr double kCoefTol = 2e-15; // a coefficient is a product of up to ~6 rounded factors
 
 } // namespace
@@ -101,7 +102,7 @@ TEST_CASE("phi_1, phi_2, phi_3 are accurate to a few ulps for every step size",
     }
   INFO("worst relative errors: phi1 " << worst[0] << ", phi2 " << worst[1] << ", phi3 "
                                       << worst[2]);
-  CHECK(worst[0] <= kPhiTol);
+  CHECK(std::max({worst[0], worst[1], worst[2]}) <= kPhiTol);
   // The limits the callers rely on: phi_k(0) = 1/k!, phi_k(-inf) = 0.
   CHECK(coeffs::phi1(0.0) == 1.0);
   CHECK(coeffs::phi2(0.0) == 0.5);
