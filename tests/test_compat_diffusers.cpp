@@ -740,10 +740,23 @@ TEST_CASE("compat: starting partway (add_noise + start_at) reproduces diffusers'
                  EpsField<decltype(model)>{model}, x, ws, {}, TrajectoryObserver{&states});
       d = max_step_difference(states, c, identity_steps(states.size()));
     } else if (scheduler == "dpmsolver_multistep") {
-      const auto part = compat::start_at(
-          compat::dpm_solver_multistep_setup(schedule, multistep_config_of(c), n), t_start);
+      const auto full = compat::dpm_solver_multistep_setup(schedule, multistep_config_of(c), n);
+      const auto part = compat::start_at(full, t_start);
       CHECK(part.timesteps == std::vector<int>(want_ts.begin() + t_start, want_ts.end()));
       d = compare(part.scheme, part.nodes);
+      // Negative control: the sliced nodes with the unstarted scheme count n - t_start steps,
+      // below diffusers' 15-step lower_order_final threshold when n >= 15 is not (3M: the
+      // second-to-last step drops to 2M; at order 2 the final step into sigma = 0 is first
+      // order either way).
+      if (n >= 15 && n - t_start < 15 && c.param_int("solver_order") == 3) {
+        CompatTestModel network;
+        Matrix x = compat::add_noise(x0, noise, part.nodes.front());
+        SamplerWorkspace<EigenBackend<double>> ws(backend, full.scheme.history(), 1, x.rows(),
+                                                  x.cols());
+        run_scheme(full.scheme, backend, std::span<const Node>(part.nodes), NodeAtLambda(schedule),
+                   EpsField<CompatTestModel>{network}, x, ws);
+        CHECK(relative_difference(x, c.states.back()) > 1e-6);
+      }
     } else if (scheduler == "dpmsolver_singlestep") {
       compat::DpmSolverSinglestepSchedulerConfig cfg;
       cfg.solver_order = c.param_int("solver_order");

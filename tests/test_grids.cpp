@@ -153,6 +153,10 @@ TEST_CASE("validate_nodes refuses NaN alpha / sigma and negative sigma, naming n
   CHECK_THROWS_WITH(validate_nodes(zero, "test"), Catch::Contains("node 4"));
   CHECK_NOTHROW(validate_nodes(zero, "test", ZeroLengthLastStep::identity));
   CHECK(is_zero_length_step(zero, 3));
+  auto two_terminal = terminal;
+  two_terminal[two_terminal.size() - 2] = terminal_data_node(0.0, 0.0);
+  CHECK_THROWS_WITH(validate_nodes(two_terminal, "test", ZeroLengthLastStep::identity),
+                    Catch::Contains("node 4"));
   auto middle = good;
   middle[2] = middle[1];
   CHECK_THROWS_WITH(validate_nodes(middle, "test", ZeroLengthLastStep::identity),

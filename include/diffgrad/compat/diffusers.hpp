@@ -17,6 +17,7 @@
 // benchmarks/compare). docs/compat_diffusers.md maps every supported config to these calls.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <span>

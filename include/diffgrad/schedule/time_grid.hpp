@@ -151,8 +151,9 @@ inline void validate_nodes(std::span<const Node> nodes, const char* where,
   }
   for (std::size_t i = 1; i < nodes.size(); ++i) {
     if (nodes[i].lambda > nodes[i - 1].lambda) continue;
+    // (Two sigma = 0 nodes, lambda = +inf twice, are not a zero-length step: refused.)
     if (zero_last == ZeroLengthLastStep::identity && i + 1 == nodes.size() &&
-        nodes[i].lambda == nodes[i - 1].lambda)
+        nodes[i].lambda == nodes[i - 1].lambda && std::isfinite(nodes[i].lambda))
       continue;
     detail::throw_argument(where, "nodes",
                            detail::concat("strictly increasing lambda (noise -> data) at node ", i,
