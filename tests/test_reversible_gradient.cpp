@@ -563,21 +563,22 @@ TEST_CASE("Reversible gradients: amplification policy and bad input", "[reversib
 }
 
 namespace {
-/// The test model with a VJP that writes NaN (into dx, or into dparams) at one node.
+/// The test model with a VJP that writes NaN (into dx, dcond or dparams) at one node.
 struct PoisonedVjpModel {
+  enum class Target { dx, dcond, dparams };
   Model inner = Model::standard();
   double poison_t = 0.0;
-  bool into_params = false;
+  Target target = Target::dx;
   std::int64_t cond_size() const { return inner.cond_size(); }
   std::int64_t param_size() const { return inner.param_size(); }
   void eps(const St& x, const Node& n, St& out) const { inner.eps(x, n, out); }
   void vjp(const St& x, const Node& n, const St& a, St& dx, Vec* dcond, Vec* dparams) const {
     inner.vjp(x, n, a, dx, dcond, dparams);
     if (n.t != poison_t) return;
-    if (!into_params)
-      dx(0, 1) = std::numeric_limits<double>::quiet_NaN();
-    else if (dparams)
-      (*dparams)(0) = std::numeric_limits<double>::quiet_NaN();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    if (target == Target::dx) dx(0, 1) = nan;
+    if (target == Target::dcond && dcond) (*dcond)(0) = nan;
+    if (target == Target::dparams && dparams) (*dparams)(0) = nan;
   }
 };
 
@@ -631,19 +632,22 @@ TEST_CASE("Reversible gradients refuse a NaN cotangent or VJP with gradient()'s 
   unchecked.check_finite = false;
   CHECK_NOTHROW(reversible_gradient(bdia, backend, s, nodes, clean, noise(), nan_cot, unchecked));
 
-  // A VJP writing NaN into dx, then into dparams, at the node of step 7 (the VJP at nodes[k]
+  // A VJP writing NaN into dx, dcond or dparams at the node of step 7 (the VJP at nodes[k]
   // belongs to step k for DDIM, BDIA, EDICT and the coupled DDIM alike).
-  for (bool into_params : {false, true}) {
+  using Target = PoisonedVjpModel::Target;
+  for (const auto& [target, names] :
+       {std::pair{Target::dx, "values, got"}, std::pair{Target::dcond, "values in dcond, got"},
+        std::pair{Target::dparams, "values in dparams, got"}}) {
     PoisonedVjpModel model;
     model.poison_t = nodes[7].t;
-    model.into_params = into_params;
+    model.target = target;
     const std::string expected = numerical_message([&] {
       gradient(Ddim(), backend, s, nodes, model, noise(), noise(),
-               GradientOptions{.wrt_params = true});
+               GradientOptions{.wrt_cond = true, .wrt_params = true});
     });
-    INFO("into dparams: " << into_params << ", gradient(): " << expected);
+    INFO("gradient(): " << expected);
     CHECK(expected.find("model vjp: expected finite values") == 0);
-    CHECK(expected.find(into_params ? "in dparams" : "values, got") != std::string::npos);
+    CHECK(expected.find(names) != std::string::npos);
     CHECK(expected.find("at step 7 (t = ") != std::string::npos);
     const auto cot = [](const St&, St& g) { g = noise(); };
     const auto same_as_gradient = [&](const std::string& message) {
