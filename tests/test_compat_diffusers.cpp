@@ -553,6 +553,21 @@ TEST_CASE("compat: a zero-length LAST step is the identity for every multistep o
       CHECK(x.allFinite());
     }
   }
+  // Singlestep (official structure, intermediate points by lambda): first order, identity.
+  {
+    const DpmSolverSinglestep scheme(3, SolverPrediction::data);
+    CHECK(scheme.step_order(nodes, 19) == 1);
+    CHECK(scheme.step_order(nodes, 18) == 3);
+    CompatTestModel network;
+    std::vector<Matrix> states;
+    Matrix x = x_T;
+    SamplerWorkspace<EigenBackend<double>> ws(backend, 0, 3, 3, 5);
+    run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
+               EpsField<CompatTestModel>{network}, x, ws, {}, TrajectoryObserver{&states});
+    REQUIRE(states.size() == 20);
+    CHECK(states[19] == states[18]);
+    CHECK(network.calls == 19 * 3 + 1);
+  }
   // The coefficient functions themselves: h = 0 gives the first-order (identity) weights.
   const Node& s0 = nodes[19];
   const auto u =

@@ -173,9 +173,13 @@ public:
   int step_order(std::span<const Node> nodes, int i) const {
     const int num_steps = static_cast<int>(nodes.size()) - 1;
     if (coeffs::dpm::is_terminal(nodes[static_cast<std::size_t>(i) + 1])) return 1;
-    if (!diffusers_)
+    if (!diffusers_) {
+      // A zero-length last step: the exact flow, no intermediate points to evaluate. (In the
+      // diffusers structure a group's last step starts at the group's first node instead.)
+      if (is_zero_length_step(nodes, i)) return 1;
       return options_.orders.empty() ? options_.order
                                      : options_.orders[static_cast<std::size_t>(i)];
+    }
     return std::min(diffusers_order(num_steps + steps_before_, i + steps_before_,
                                     coeffs::dpm::is_terminal(nodes.back())),
                     i + 1);
