@@ -9,6 +9,7 @@
 // x_{t_guide} (x <- x - lr sigma g/|g| per sample, the paper's normalisation) through N DDIM
 // steps to t = 1e-3, then report the loss and how many samples reach the data point nearest the
 // target. Exits non-zero if DF-EA guidance does not lower the mean loss (ctest runs it).
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/main_guard.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/fisher/df_ea.hpp"
 #include "diffgrad/gradients/gradient.hpp"
@@ -43,16 +45,17 @@ struct Args {
   std::uint64_t seed = 0;
 };
 
-/// Reads "X,Y" into x and y; false when the text is not two numbers separated by a comma.
+/// Reads "X,Y" into x and y; false unless the text is two finite numbers separated by a comma
+/// (read as strictly as examples::Cli reads numbers: no spaces, no inf or nan).
 bool parse_point(const std::string& text, double& x, double& y) {
   const auto comma = text.find(',');
   if (comma == std::string::npos) return false;
-  char* end = nullptr;
-  const std::string first = text.substr(0, comma), second = text.substr(comma + 1);
-  x = std::strtod(first.c_str(), &end);
-  if (end == first.c_str() || *end != '\0') return false;
-  y = std::strtod(second.c_str(), &end);
-  return end != second.c_str() && *end == '\0';
+  const auto read = [](const char* first, const char* last, double& v) {
+    const auto [end, ec] = std::from_chars(first, last, v);
+    return ec == std::errc() && end == last && first != last && std::isfinite(v);
+  };
+  return read(text.data(), text.data() + comma, x) &&
+         read(text.data() + comma + 1, text.data() + text.size(), y);
 }
 
 State grid_points() {
@@ -84,6 +87,8 @@ struct Outcome {
   long vjps = 0;        // model VJPs requested by the adjoint
 };
 
+int run(const Args& args, double target_x, double target_y);
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -92,22 +97,30 @@ int main(int argc, char** argv) {
                     "Guide DDIM samples of a 3 x 3 grid of points toward a target with the "
                     "gradient through\nthe sampler: exact VJP vs DF-EA (no model derivative) "
                     "vs the I/sigma^2 baseline.");
-  cli.option("--t-guide", args.t_guide, "guidance time (VP-linear t in (1e-3, 1])");
-  cli.option("--steps", args.steps, "DDIM steps from t_guide to 1e-3");
-  cli.option("--iterations", args.iterations, "normalised gradient steps on x_t_guide");
-  cli.option("--lr", args.lr, "step length, in units of sigma(t_guide)");
-  cli.option("--batch", args.batch, "samples");
+  cli.option("--t-guide", args.t_guide, "guidance time (VP-linear t in (1e-3, 1))", 1e-3, 1.0);
+  cli.option("--steps", args.steps, "DDIM steps from t_guide to 1e-3", 1);
+  cli.option("--iterations", args.iterations, "normalised gradient steps on x_t_guide", 0);
+  cli.option("--lr", args.lr, "step length, in units of sigma(t_guide)", 0.0);
+  cli.option("--batch", args.batch, "samples", 1);
   cli.option("--target", args.target, "the target point X,Y");
   cli.option("--seed", args.seed, "Philox seed of the initial noise");
   if (!cli.parse(argc, argv)) return 2;
   double target_x = 0, target_y = 0;
   if (!parse_point(args.target, target_x, target_y) || !(args.t_guide > 1e-3) ||
-      args.t_guide > 1.0 || args.steps < 1 || args.iterations < 0 || !(args.lr > 0) ||
-      args.batch < 1) {
-    std::fprintf(stderr, "dfea_guidance: need --target X,Y, 1e-3 < --t-guide <= 1, --steps >= 1, "
-                         "--iterations >= 0, --lr > 0, --batch >= 1\n");
+      !(args.t_guide < 1.0) || !(args.lr > 0)) {
+    std::fprintf(stderr,
+                 "dfea_guidance: need --target X,Y (two finite numbers), 1e-3 < --t-guide < 1 "
+                 "(the first grid runs from t = 1 to t_guide), --lr > 0; got --target '%s', "
+                 "--t-guide %g, --lr %g\n",
+                 args.target.c_str(), args.t_guide, args.lr);
     return 2;
   }
+  return examples::run_main("dfea_guidance", [&] { return run(args, target_x, target_y); });
+}
+
+namespace {
+
+int run(const Args& args, double target_x, double target_y) {
   const Backend backend;
   const diffgrad::VPLinearSchedule schedule;
   const State data = grid_points();
@@ -198,3 +211,5 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+} // namespace

@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/font5x7.hpp"
+#include "common/main_guard.hpp"
 #include "common/png_writer.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/flow/euler.hpp"
@@ -54,26 +56,59 @@ struct Args {
   double target_x = 1.6;
   double target_y = 1.6;
   double t_end = 0.99;
-  std::string out_dir = ".";
+  std::string out_dir = examples::default_output_dir();
   bool no_images = false;
   bool table = false;
 };
 
 // ---- scatter plots -------------------------------------------------------------------------
 
+/// A scatter plot of [-kExtent, kExtent]^2 with a frame, ticks and numbers on both axes, a title
+/// and a legend (text in the 5x7 font of common/font5x7.hpp), so the PNG reads on its own.
 class Scatter {
 public:
-  static constexpr int kSize = 480;
+  static constexpr int kPlot = 480; // the plot area, pixels
+  static constexpr int kLeft = 48, kTop = 34, kRight = 12, kBottom = 44;
+  static constexpr int kWidth = kLeft + kPlot + kRight, kHeight = kTop + kPlot + kBottom;
   static constexpr double kExtent = 2.6; // the plot shows [-kExtent, kExtent]^2
 
-  Scatter() : px_(static_cast<std::size_t>(kSize * kSize * 3), 255) {
+  explicit Scatter(const std::string& title)
+      : px_(static_cast<std::size_t>(kWidth * kHeight * 3), 255) {
     for (int i = 0; i <= 10; ++i) { // light grid every 0.52
-      const int c = static_cast<int>(std::lround((kSize - 1) * i / 10.0));
-      for (int k = 0; k < kSize; ++k) {
+      const int c = static_cast<int>(std::lround((kPlot - 1) * i / 10.0));
+      for (int k = 0; k < kPlot; ++k) {
         set(c, k, 230, 230, 230);
         set(k, c, 230, 230, 230);
       }
     }
+    for (int k = -1; k <= kPlot; ++k) { // frame
+      set(k, -1, 0, 0, 0);
+      set(k, kPlot, 0, 0, 0);
+      set(-1, k, 0, 0, 0);
+      set(kPlot, k, 0, 0, 0);
+    }
+    for (int v = -2; v <= 2; ++v) { // ticks and numbers at the integers
+      const int c = to_px(v), r = to_px(-v);
+      for (int d = 1; d <= 5; ++d) {
+        set(c, kPlot + d, 0, 0, 0);
+        set(-1 - d, r, 0, 0, 0);
+      }
+      const std::string label = std::to_string(v);
+      text(c - examples::text_width(label, 2) / 2, kPlot + 8, label, 2);
+      text(-8 - examples::text_width(label, 2), r - 7, label, 2);
+    }
+    text(kPlot / 2 - 6, kPlot + 26, "x", 2);
+    text(-kLeft + 4, -18, "y", 2);
+    // The title at twice the font size where it fits, else at its own size.
+    const int scale = examples::text_width(title, 2) <= kPlot + kRight ? 2 : 1;
+    text(0, -kTop + (scale == 2 ? 6 : 12), title, scale);
+  }
+  /// One legend line (a swatch and its text) in the top-left corner of the plot area.
+  void legend(const std::string& what, std::uint8_t r, std::uint8_t g, std::uint8_t b) {
+    const int y = 8 + 14 * legend_lines_++;
+    for (int dy = 0; dy < 8; ++dy)
+      for (int dx = 0; dx < 8; ++dx) set(8 + dx, y + dy, r, g, b);
+    text(22, y, what, 1);
   }
   void point(double x, double y, int radius, std::uint8_t r, std::uint8_t g, std::uint8_t b) {
     const int cx = to_px(x), cy = to_px(-y);
@@ -94,25 +129,32 @@ public:
         set(cx + d, cy - d + w, 0, 160, 0);
       }
   }
-  void write(const std::string& path) const { examples::write_png(path, kSize, kSize, 3, px_); }
+  void write(const std::string& path) const { examples::write_png(path, kWidth, kHeight, 3, px_); }
 
 private:
   static int to_px(double v) {
-    return static_cast<int>(std::lround((v + kExtent) / (2.0 * kExtent) * (kSize - 1)));
+    return static_cast<int>(std::lround((v + kExtent) / (2.0 * kExtent) * (kPlot - 1)));
   }
+  /// Plot-area coordinates (0, 0 = the plot's top-left); the margins are at negative / > kPlot.
   void set(int x, int y, std::uint8_t r, std::uint8_t g, std::uint8_t b) {
-    if (x < 0 || y < 0 || x >= kSize || y >= kSize) return;
-    const auto i = static_cast<std::size_t>((y * kSize + x) * 3);
+    x += kLeft;
+    y += kTop;
+    if (x < 0 || y < 0 || x >= kWidth || y >= kHeight) return;
+    const auto i = static_cast<std::size_t>((y * kWidth + x) * 3);
     px_[i] = r;
     px_[i + 1] = g;
     px_[i + 2] = b;
   }
+  void text(int x, int y, const std::string& t, int scale) {
+    examples::draw_text(px_, kWidth, kHeight, 3, x + kLeft, y + kTop, t, scale);
+  }
   std::vector<std::uint8_t> px_;
+  int legend_lines_ = 0;
 };
 
 void save_scatter(const std::string& path, const State& centers, const State& samples,
-                  const State& target, bool after) {
-  Scatter s;
+                  const State& target, bool after, const std::string& title) {
+  Scatter s(title);
   for (Eigen::Index k = 0; k < centers.rows(); ++k) s.square(centers(k, 0), centers(k, 1), 5, 150);
   for (Eigen::Index b = 0; b < samples.rows(); ++b) {
     if (after)
@@ -121,6 +163,12 @@ void save_scatter(const std::string& path, const State& centers, const State& sa
       s.point(samples(b, 0), samples(b, 1), 4, 40, 90, 215);
   }
   s.cross(target(0, 0), target(0, 1), 9);
+  if (after)
+    s.legend("samples after steering", 215, 40, 40);
+  else
+    s.legend("samples before steering", 40, 90, 215);
+  s.legend("mixture centres", 150, 150, 150);
+  s.legend("target", 0, 160, 0);
   s.write(path);
   std::printf("wrote %s\n", path.c_str());
 }
@@ -236,8 +284,13 @@ int steer(const Args& a) {
               static_cast<long long>(r.cost.model_evals), static_cast<long long>(r.cost.vjps),
               static_cast<long long>(a.iterations) * a.steps);
   if (!a.no_images) {
-    save_scatter(a.out_dir + "/flowgrad_before.png", centers, before, target, false);
-    save_scatter(a.out_dir + "/flowgrad_after.png", centers, r.best_x_end, target, true);
+    const std::string what = "FlowGrad, " + a.model + ", " + std::to_string(a.steps) + " steps";
+    save_scatter(a.out_dir + "/flowgrad_before.png", centers, before, target, false,
+                 what + ": before");
+    char after[160];
+    std::snprintf(after, sizeof after, "%s: after (objective %.3g -> %.3g)", what.c_str(),
+                  r.objective_history.front(), r.best_objective);
+    save_scatter(a.out_dir + "/flowgrad_after.png", centers, r.best_x_end, target, true, after);
   }
   if (!(r.best_objective < r.objective_history.front())) {
     std::fprintf(stderr, "flowgrad_steer: the objective did not decrease\n");
@@ -335,8 +388,8 @@ int main(int argc, char** argv) {
                     "plots (blue: before, red: after, gray: mixture centres, green: target).");
   cli.option("--model", a.model,
              "ddim (Gaussian mixture, DDIM) | flow (rectified flow, FlowEuler)");
-  cli.option("--steps", a.steps, "sampler steps N");
-  cli.option("--iterations", a.iterations, "optimiser updates M");
+  cli.option("--steps", a.steps, "sampler steps N", 1, 1000000);
+  cli.option("--iterations", a.iterations, "optimiser updates M", 1, 1000000);
   cli.option("--optimizer", a.optimizer, "adam | sgd");
   cli.option("--lr", a.lr, "learning rate (kick controls with sgd want ~1e-3)");
   cli.option("--control", a.control, "velocity (paper) | kick (authors' code)");
@@ -345,8 +398,8 @@ int main(int argc, char** argv) {
   cli.option("--reassign", a.reassign, "frozen_jacobian | frozen_velocity | segment");
   cli.option("--batch-straightness", a.batch_straightness,
              "max (merge where every sample is straight) | pooled (authors' code)");
-  cli.option("--batch", a.batch, "samples");
-  cli.option("--seed", a.seed, "noise seed");
+  cli.option("--batch", a.batch, "samples", 1, 1000000);
+  cli.option("--seed", a.seed, "noise seed", 0);
   cli.option("--target-x", a.target_x, "target point, x");
   cli.option("--target-y", a.target_y, "target point, y");
   cli.option("--t-end", a.t_end, "flow: last time of the grid (< 1; the field is singular at 1)");
@@ -354,11 +407,8 @@ int main(int argc, char** argv) {
   cli.flag("--no-images", a.no_images, "skip the PNGs");
   cli.flag("--table", a.table, "print the docs/flowgrad.md tables and exit");
   if (!cli.parse(argc, argv)) return 2;
-  try {
+  return examples::run_main("flowgrad_steer", [&] {
     if (a.table) return print_tables();
     return steer(a);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "flowgrad_steer: %s\n", e.what());
-    return 2;
-  }
+  });
 }

@@ -34,6 +34,7 @@
 #include "common/digits.hpp"
 #include "common/image_grid.hpp"
 #include "common/linear_classifier.hpp"
+#include "common/main_guard.hpp"
 #include "common/memory.hpp"
 #include "common/progress.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
@@ -67,8 +68,9 @@ struct Args {
   bool no_z = false;
   int snapshots = 4;
   int seed = 1;
+  std::string grid = "uniform-lambda";
   std::string modes = "exact,checkpoint,bdia,adjoint,dfea";
-  std::string out = "guide.png";
+  std::string out = examples::default_output_path("guide.png");
   std::string data = examples::default_digits_path();
 };
 
@@ -81,12 +83,15 @@ struct Setup {
   examples::LinearClassifier classifier{64, 10};
   Model model;
   State x_T;
-  Eigen::MatrixXd class_of_point;  // K x 10 one-hot: z = class_of_point * class_logits
-  State exact_start_grad;          // dL/dx_T at the start (z = 0), exact, for comparison
+  Eigen::MatrixXd class_of_point; // K x 10 one-hot: z = class_of_point * class_logits
+  State exact_start_grad;         // dL/dx_T at the start (z = 0), exact, for comparison
 
   explicit Setup(const Args& a)
       : args(a), digits(examples::load_digits(a.data)), model(digits.images) {
-    nodes = diffgrad::make_nodes(schedule, diffgrad::uniform_t_grid(schedule, a.steps, 1.0, 1e-3));
+    nodes = diffgrad::make_nodes(schedule,
+                                 a.grid == "uniform-t"
+                                     ? diffgrad::uniform_t_grid(schedule, a.steps, 1.0, 1e-3)
+                                     : diffgrad::uniform_lambda_grid(schedule, a.steps, 1.0, 1e-3));
     x_T = backend.make_state(a.batch, digits.dim());
     backend.gaussian(x_T, static_cast<std::uint64_t>(a.seed), 0);
     class_of_point = Eigen::MatrixXd::Zero(digits.size(), 10);
@@ -117,7 +122,7 @@ struct Gradient {
 struct ModeOutcome {
   double seconds = 0, first_loss = 0, final_loss = 0, hit_rate = 0;
   double states_held = 0, model_evals = 0, vjps = 0, recon_error = -1;
-  double start_grad_error = 0;  ///< |dL/dx_T - exact| / |exact| at the common start
+  double start_grad_error = 0; ///< |dL/dx_T - exact| / |exact| at the common start
   State final_samples;
 };
 
@@ -147,7 +152,7 @@ public:
       }
       adam_x.step(x_T, g.grad_x);
       if (with_z) {
-        Eigen::VectorXd gc = s_.class_of_point.transpose() * g.grad_z;  // chain rule z = P c
+        Eigen::VectorXd gc = s_.class_of_point.transpose() * g.grad_z; // chain rule z = P c
         adam_z.step(logits, gc);
       }
       std::ostringstream note;
@@ -201,8 +206,9 @@ private:
     };
     if (name_ == "exact" || name_ == "checkpoint") {
       const auto opt = exact_options(with_z);
-      if (!ws_) ws_.emplace(diffgrad::make_gradient_workspace(diffgrad::Ddim(), s_.backend, s_.nodes,
-                                                             s_.model, x_T, opt));
+      if (!ws_)
+        ws_.emplace(diffgrad::make_gradient_workspace(diffgrad::Ddim(), s_.backend, s_.nodes,
+                                                      s_.model, x_T, opt));
       const auto& r = diffgrad::gradient(diffgrad::Ddim(), s_.backend, s_.schedule, s_.nodes,
                                          s_.model, x_T, loss, opt, *ws_);
       g_.loss = r.loss;
@@ -214,15 +220,16 @@ private:
     } else if (name_ == "dfea") {
       diffgrad::fisher::DfEaModel<Model> dfea(s_.model);
       diffgrad::fisher::DfEaEndpointLoss endpoint(dfea, loss, s_.nodes.back());
-      diffgrad::GradientOptions opt;  // DF-EA approximates d eps/dx only: x_T, no z
-      if (!ws_) ws_.emplace(diffgrad::make_gradient_workspace(diffgrad::Ddim(), s_.backend, s_.nodes,
-                                                             dfea, x_T, opt));
+      diffgrad::GradientOptions opt; // DF-EA approximates d eps/dx only: x_T, no z
+      if (!ws_)
+        ws_.emplace(diffgrad::make_gradient_workspace(diffgrad::Ddim(), s_.backend, s_.nodes, dfea,
+                                                      x_T, opt));
       const auto& r = diffgrad::gradient(diffgrad::Ddim(), s_.backend, s_.schedule, s_.nodes, dfea,
                                          x_T, endpoint, opt, *ws_);
       g_.loss = r.loss;
       g_.grad_x = r.grad_x;
       states_held_ = static_cast<double>(r.cost.peak_stored_states);
-      evals_ += dfea.model_evals();  // forward calls + one eps per DF-EA vjp (for x0_hat)
+      evals_ += dfea.model_evals(); // forward calls + one eps per DF-EA vjp (for x0_hat)
       vjps_ += dfea.vjps();
     } else if (name_ == "bdia") {
       diffgrad::ReversibleGradientOptions opt;
@@ -245,8 +252,23 @@ private:
                                         s_.model, x, {}, cache);
       g_.loss = s_.loss(x, &grad_x0_);
       g_.grad_z.setZero();
-      const auto cost = diffgrad::adjoint_deis(s_.backend, s_.model, s_.nodes, cache.states(),
-                                               grad_x0_, g_.grad_x, with_z ? &g_.grad_z : nullptr);
+      // The library checks the grid against AdjointDEIS-1's step-size stability bound
+      // (|h| <= ln 3 in log-SNR); under the default policy it reports and calls back.
+      diffgrad::AdjointDeisOptions opt;
+      opt.stability.on_warning = [this](const diffgrad::AdjointStabilityReport& r) {
+        if (stability_warned_) return;
+        stability_warned_ = true;
+        std::fprintf(stderr,
+                     "\nguide: warning: %s: %d of %zu steps exceed the stability bound |h| <= "
+                     "%.3f (largest |h| = %.2f, at step %d: the adjoint is multiplied by %.1f "
+                     "there instead of shrinking); expect a wrong gradient. Use --grid "
+                     "uniform-lambda or more --steps (docs/gradients_continuous.md).\n",
+                     r.method, r.steps_beyond, s_.nodes.size() - 1, r.bound, r.max_abs_h,
+                     r.max_step, r.factor_at_max);
+      };
+      const auto cost =
+          diffgrad::adjoint_deis(s_.backend, s_.model, s_.nodes, cache.states(), grad_x0_,
+                                 g_.grad_x, with_z ? &g_.grad_z : nullptr, nullptr, opt);
       states_held_ = static_cast<double>(cache.states().size());
       evals_ += fwd.model_evals + cost.model_evals;
       vjps_ += cost.vjps;
@@ -263,6 +285,7 @@ private:
   std::optional<diffgrad::GradientWorkspace<Backend>> ws_;
   std::optional<diffgrad::TrajectoryCache<Backend>> cache_;
   double states_held_ = 0, recon_error_ = -1;
+  bool stability_warned_ = false;
   long long evals_ = 0, vjps_ = 0;
 };
 
@@ -276,9 +299,9 @@ std::vector<std::string> split(const std::string& text) {
 
 /// Packs / unpacks a ModeOutcome through run_isolated's payload of doubles.
 std::vector<double> pack(const ModeOutcome& m) {
-  std::vector<double> v{m.seconds,     m.first_loss,  m.final_loss, m.hit_rate,
-                        m.states_held, m.model_evals, m.vjps,       m.recon_error,
-                        m.start_grad_error};
+  std::vector<double> v{m.seconds,  m.first_loss,  m.final_loss,
+                        m.hit_rate, m.states_held, m.model_evals,
+                        m.vjps,     m.recon_error, m.start_grad_error};
   v.insert(v.end(), m.final_samples.data(), m.final_samples.data() + m.final_samples.size());
   return v;
 }
@@ -291,6 +314,8 @@ ModeOutcome unpack(const std::vector<double>& v, Eigen::Index batch, Eigen::Inde
   return m;
 }
 
+int run(const Args& a);
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -300,33 +325,48 @@ int main(int argc, char** argv) {
                     "through a DDIM sampler\nso that the exact digits model produces a chosen "
                     "digit; compares gradient modes in time, memory\nand final loss. Writes a PNG "
                     "of the samples before and after (one row per mode).");
-  cli.option("--target", a.target, "digit to steer toward, 0..9");
-  cli.option("--batch", a.batch, "samples optimised together");
-  cli.option("--steps", a.steps, "DDIM steps N (VP-linear schedule, uniform t from 1 to 1e-3)");
-  cli.option("--iterations", a.iterations, "Adam iterations per mode");
-  cli.option("--lr", a.lr, "Adam learning rate for x_T");
-  cli.option("--lr-z", a.lr_z, "Adam learning rate for the class logits z");
+  cli.option("--target", a.target, "digit to steer toward", 0, 9);
+  cli.option("--batch", a.batch, "samples optimised together", 1, 4096);
+  cli.option("--steps", a.steps, "DDIM steps N (VP-linear schedule, t from 1 to 1e-3)", 2, 100000);
+  cli.option("--grid", a.grid,
+             "uniform-lambda | uniform-t (uniform-t breaks the adjoint mode at small N)");
+  cli.option("--iterations", a.iterations, "Adam iterations per mode", 1, 1000000);
+  cli.option("--lr", a.lr, "Adam learning rate for x_T", 0.0);
+  cli.option("--lr-z", a.lr_z, "Adam learning rate for the class logits z", 0.0);
   cli.flag("--no-z", a.no_z, "optimise x_T only (z stays 0)");
-  cli.option("--snapshots", a.snapshots, "stored states of the checkpoint mode (x_T included)");
-  cli.option("--seed", a.seed, "Philox seed of the initial noise x_T");
+  cli.option("--snapshots", a.snapshots, "stored states of the checkpoint mode (x_T included)", 1);
+  cli.option("--seed", a.seed, "Philox seed of the initial noise x_T", 0);
   cli.option("--modes", a.modes, "comma-separated subset of exact,checkpoint,bdia,adjoint,dfea");
   cli.option("--out", a.out, "PNG file: initial samples, then one row per mode");
   cli.option("--data", a.data, "digits data file");
   if (!cli.parse(argc, argv)) return 2;
-  if (a.target < 0 || a.target > 9 || a.batch < 1 || a.steps < 2 || a.iterations < 1 ||
-      a.snapshots < 1) {
-    std::fprintf(stderr, "guide: need 0 <= --target <= 9, --batch >= 1, --steps >= 2, "
-                         "--iterations >= 1, --snapshots >= 1\n");
+  if (a.grid != "uniform-lambda" && a.grid != "uniform-t") {
+    std::fprintf(stderr, "guide: option '--grid': expected uniform-lambda or uniform-t, got '%s'\n",
+                 a.grid.c_str());
     return 2;
   }
-  try {
+  for (const auto& name : split(a.modes))
+    if (name != "exact" && name != "checkpoint" && name != "bdia" && name != "adjoint" &&
+        name != "dfea") {
+      std::fprintf(stderr,
+                   "guide: option '--modes': expected a comma-separated subset of "
+                   "exact,checkpoint,bdia,adjoint,dfea, got '%s'\n",
+                   a.modes.c_str());
+      return 2;
+    }
+  return examples::run_main("guide", [&] { return run(a); });
+}
+
+namespace {
+
+int run(const Args& a) {
+  {
     Setup s(a);
     const double acc = s.classifier.fit(s.digits.images, s.digits.labels);
     s.exact_start_grad =
-        diffgrad::gradient(diffgrad::Ddim(), s.backend, s.schedule, s.nodes, s.model, s.x_T,
-                           [&s](const Backend&, const State& x0, State& g) {
-                             return s.loss(x0, &g);
-                           })
+        diffgrad::gradient(
+            diffgrad::Ddim(), s.backend, s.schedule, s.nodes, s.model, s.x_T,
+            [&s](const Backend&, const State& x0, State& g) { return s.loss(x0, &g); })
             .grad_x;
     const auto batch = s.x_T.rows(), dim = s.x_T.cols();
 
@@ -338,40 +378,48 @@ int main(int argc, char** argv) {
     const auto pred = s.classifier.predict(before);
     std::printf("exact digits model: %lld images of 8x8; linear classifier train accuracy %.3f\n",
                 static_cast<long long>(s.digits.size()), acc);
-    std::printf("steer %d samples toward digit %d: DDIM, %d steps; %d Adam iterations; "
-                "optimising x_T%s\n",
-                a.batch, a.target, a.steps, a.iterations, a.no_z ? "" : " and z");
+    std::printf("steer %d samples toward digit %d: DDIM, %d steps (%s grid); %d Adam "
+                "iterations; optimising x_T%s\n",
+                a.batch, a.target, a.steps, a.grid.c_str(), a.iterations, a.no_z ? "" : " and z");
     std::printf("before: loss %.4f, classified as", s.loss(before, nullptr));
     for (int p : pred) std::printf(" %d", p);
     std::printf("  (one DDIM sampling run: %.2f ms)\n\n", 1e3 * forward_seconds);
 
     examples::ImageGrid grid(s.digits.rows, s.digits.cols, a.batch);
-    grid.add_row(before);
+    grid.set_title("target " + std::to_string(a.target) + ", DDIM " + std::to_string(a.steps) +
+                   " steps, " + a.grid + "; hit = share classified as " + std::to_string(a.target));
+    {
+      const double hit = s.hit_rate(before);
+      char label[64];
+      std::snprintf(label, sizeof label, "unguided %3.0f%%", 100 * hit);
+      grid.add_row(before, label);
+    }
     const double state_kib = static_cast<double>(batch * dim) * sizeof(double) / 1024.0;
-    std::printf("%-11s %9s %9s %6s %6s %7s %10s %8s %9s %9s %6s\n", "mode", "ms/iter",
-                "grad/fwd", "evals", "VJPs", "states", "state KiB", "RSS MiB", "vs exact", "loss",
-                "hit");
+    std::printf("%-11s %9s %9s %6s %6s %7s %10s %8s %9s %9s %6s\n", "mode", "ms/iter", "grad/fwd",
+                "evals", "VJPs", "states", "state KiB", "RSS MiB", "vs exact", "loss", "hit");
     bool ok = true;
     for (const auto& name : split(a.modes)) {
       Mode mode(name, s);
       const auto iso = examples::run_isolated([&] { return pack(mode.run()); });
       const ModeOutcome m = unpack(iso.payload, batch, dim);
       const double per_iter = m.seconds / a.iterations;
-      std::printf("%-11s %9.2f %9.1f %6.0f %6.0f %7.0f %10.1f %8.2f %9.1e %9.4f %5.0f%%",
-                  name.c_str(), 1e3 * per_iter, per_iter / forward_seconds, m.model_evals, m.vjps,
-                  m.states_held, m.states_held * state_kib,
-                  iso.peak_growth_bytes < 0
-                      ? -1.0
-                      : static_cast<double>(iso.peak_growth_bytes) / 1048576.0,
-                  m.start_grad_error, m.final_loss, 100 * m.hit_rate);
+      std::printf(
+          "%-11s %9.2f %9.1f %6.0f %6.0f %7.0f %10.1f %8.2f %9.1e %9.4f %5.0f%%", name.c_str(),
+          1e3 * per_iter, per_iter / forward_seconds, m.model_evals, m.vjps, m.states_held,
+          m.states_held * state_kib,
+          iso.peak_growth_bytes < 0 ? -1.0 : static_cast<double>(iso.peak_growth_bytes) / 1048576.0,
+          m.start_grad_error, m.final_loss, 100 * m.hit_rate);
       if (m.recon_error >= 0) std::printf("  (reconstruction error %.1e)", m.recon_error);
       std::printf("\n");
-      grid.add_row(m.final_samples);
+      char label[64];
+      std::snprintf(label, sizeof label, "%s %3.0f%%", name.c_str(), 100 * m.hit_rate);
+      grid.add_row(m.final_samples, label);
       if (name == "exact" && !(m.final_loss < m.first_loss)) ok = false;
     }
     grid.write(a.out);
-    std::printf("\nwrote %s: first row unguided, then one row per mode (%s)\n", a.out.c_str(),
-                a.modes.c_str());
+    std::printf("\nwrote %s: first row unguided, then one row per mode (%s), each labelled with "
+                "its mode and hit rate\n",
+                a.out.c_str(), a.modes.c_str());
     std::printf("columns: ms/iter = one gradient + Adam step; grad/fwd = that over one DDIM "
                 "run; evals, VJPs = model calls per gradient;\nstates = trajectory states held "
                 "at once; RSS = peak resident growth while the mode ran;\nvs exact = "
@@ -383,8 +431,7 @@ int main(int argc, char** argv) {
       return 1;
     }
     return 0;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "guide: %s\n", e.what());
-    return 1;
   }
 }
+
+} // namespace

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/main_guard.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/inversion/bdia.hpp"
 #include "diffgrad/inversion/coupling.hpp"
@@ -71,12 +72,12 @@ int main(int argc, char** argv) {
   examples::Cli cli("invert_edit", "Invert samples of Gaussian data under mean mu (the "
                                    "conditioning), shift mu, regenerate.");
   cli.option("--method", args.method, "bdia | edict | coupling | all");
-  cli.option("--steps", args.steps, "number of sampler steps");
+  cli.option("--steps", args.steps, "number of sampler steps", 1, 1000000);
   cli.option("--gamma", args.gamma, "BDIA mixing, 0 < G <= 1");
   cli.option("--p", args.p, "EDICT mixing, 0 < P <= 1");
   cli.option("--c", args.c, "coupling parameter, 0 < C <= 1");
-  cli.option("--batch", args.batch, "samples");
-  cli.option("--dim", args.dim, "dimension");
+  cli.option("--batch", args.batch, "samples", 1, 1000000);
+  cli.option("--dim", args.dim, "dimension", 1, 1000000);
   if (!cli.parse(argc, argv)) return 2;
   if (args.method != "all" && args.method != "bdia" && args.method != "edict" &&
       args.method != "coupling") {
@@ -84,7 +85,7 @@ int main(int argc, char** argv) {
                  args.method.c_str());
     return 2;
   }
-  try {
+  return examples::run_main("invert_edit", [&] {
     const diffgrad::VPLinearSchedule schedule;
     const auto nodes =
         diffgrad::make_nodes(schedule, diffgrad::uniform_t_grid(schedule, args.steps, 1.0, 1e-3));
@@ -146,8 +147,5 @@ int main(int argc, char** argv) {
       return 1;
     }
     return 0;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
+  });
 }

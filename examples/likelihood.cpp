@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "common/cli.hpp"
+#include "common/main_guard.hpp"
+#include "common/progress.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/fisher/df_tm.hpp"
 #include "diffgrad/fisher/likelihood.hpp"
@@ -126,6 +128,33 @@ void timing_table(const Args& args) {
   }
 }
 
+/// The VP-linear schedule, forwarding every call, that advances a progress bar: the training
+/// loop evaluates schedule.node(t) once per time group per Adam step (fisher/df_tm.hpp), so
+/// node calls / time_groups = Adam steps done. The library's loop takes no callback; wrapping
+/// the schedule (a template argument) gives the bar without changing the numbers.
+struct ProgressSchedule {
+  const diffgrad::VPLinearSchedule& s;
+  examples::ProgressBar* bar = nullptr;
+  long groups = 1;
+  mutable long calls = 0;
+
+  double t_min() const { return s.t_min(); }
+  double t_max() const { return s.t_max(); }
+  double alpha(double t) const { return s.alpha(t); }
+  double sigma(double t) const { return s.sigma(t); }
+  double lambda(double t) const { return s.lambda(t); }
+  double t_of_lambda(double l) const { return s.t_of_lambda(l); }
+  double f(double t) const { return s.f(t); }
+  double g2(double t) const { return s.g2(t); }
+  double model_time(double t) const { return s.model_time(t); }
+  diffgrad::Node node(double t) const {
+    if (bar != nullptr && ++calls % groups == 0) bar->update(calls / groups);
+    return s.node(t);
+  }
+};
+
+int run(const Args& args);
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -133,23 +162,25 @@ int main(int argc, char** argv) {
   examples::Cli cli("likelihood",
                     "Log-likelihood of checkerboard samples: exact Fisher trace vs DF-TM (trained "
                     "MLP) vs\nHutchinson, VP-linear schedule, PF-ODE by RK4 uniform in lambda.");
-  cli.option("--train-steps", args.train_steps, "Adam steps per trace network");
-  cli.option("--hidden", args.hidden, "width of the two hidden layers");
+  cli.option("--train-steps", args.train_steps, "Adam steps per trace network", 1);
+  cli.option("--hidden", args.hidden, "width of the two hidden layers", 1, 4096);
   cli.option("--points-per-square", args.points_per_square,
              "data: K x K points in each of the 8 black squares of a 4 x 4 board on [-2, 2]^2 "
-             "(K = 1: the centres)");
-  cli.option("--samples", args.samples, "samples per table row");
-  cli.option("--rk4-steps", args.rk4_steps, "RK4 steps of the likelihood ODE");
-  cli.option("--probes", args.probes, "Hutchinson probes per call (Rademacher)");
+             "(K = 1: the centres)",
+             1, 64);
+  cli.option("--samples", args.samples, "samples per table row", 1);
+  cli.option("--rk4-steps", args.rk4_steps, "RK4 steps of the likelihood ODE", 1);
+  cli.option("--probes", args.probes, "Hutchinson probes per call (Rademacher)", 1);
   cli.flag("--no-timing", args.no_timing, "skip the cost table");
-  cli.option("--timing-batch", args.timing_batch, "batch of the cost table");
+  cli.option("--timing-batch", args.timing_batch, "batch of the cost table", 1);
   cli.option("--seed", args.seed, "Philox seed (training, noise, probes)");
   if (!cli.parse(argc, argv)) return 2;
-  if (args.train_steps < 1 || args.hidden < 1 || args.points_per_square < 1 || args.samples < 1 ||
-      args.rk4_steps < 1 || args.probes < 1 || args.timing_batch < 1) {
-    std::fprintf(stderr, "likelihood: every count option must be >= 1\n");
-    return 2;
-  }
+  return examples::run_main("likelihood", [&] { return run(args); });
+}
+
+namespace {
+
+int run(const Args& args) {
   const Backend backend;
   const diffgrad::VPLinearSchedule schedule; // t in [1e-3, 1]
   const State data = checkerboard(args.points_per_square);
@@ -172,10 +203,19 @@ int main(int argc, char** argv) {
   std::printf("Data: %ld points (checkerboard, %d per square side), d = 2, VP-linear schedule.\n",
               static_cast<long>(data.rows()), args.points_per_square);
   auto t0 = std::chrono::steady_clock::now();
-  const auto r1 = fisher::train_trace_network(paper_net, schedule, data, opt);
+  fisher::TraceTrainingReport r1, r2;
+  {
+    examples::ProgressBar bar("train 1/2", opt.steps);
+    const ProgressSchedule progress{schedule, &bar, opt.time_groups};
+    r1 = fisher::train_trace_network(paper_net, progress, data, opt);
+  }
   const double s1 = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
-  const auto r2 = fisher::train_trace_network(variance_net, schedule, data, opt, denoiser);
+  {
+    examples::ProgressBar bar("train 2/2", opt.steps);
+    const ProgressSchedule progress{schedule, &bar, opt.time_groups};
+    r2 = fisher::train_trace_network(variance_net, progress, data, opt, denoiser);
+  }
   const double s2 = seconds_since(t0);
   std::printf("Trained 2 trace MLPs (2 x %d hidden, SiLU), %d Adam steps of %d samples, EMA "
               "weights:\n  second_moment (paper):      loss %.3f -> %.3f in %.1f s\n"
@@ -262,3 +302,5 @@ int main(int argc, char** argv) {
   }
   return 0;
 }
+
+} // namespace

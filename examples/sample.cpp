@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <fstream>
 #include <optional>
 #include <random>
 #include <string>
@@ -25,6 +26,7 @@
 #include "common/digits.hpp"
 #include "common/image_grid.hpp"
 #include "common/linear_classifier.hpp"
+#include "common/main_guard.hpp"
 #include "common/progress.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/gradients/optimizer.hpp"
@@ -53,7 +55,8 @@ using Mlp = diffgrad::models::Mlp<double>;
 using Clock = std::chrono::steady_clock;
 
 constexpr const char* kSamplers =
-    "ddim, ddpm (DDIM eta = 1),\n  dpm1, dpm2s, dpm3s, dpm2m, dpm3m (DPM-Solver, noise prediction),\n"
+    "ddim, ddpm (DDIM eta = 1),\n  dpm1, dpm2s, dpm3s, dpm2m, dpm3m (DPM-Solver, noise "
+    "prediction),\n"
     "  dpm++2s, dpm++3s, dpm++2m, dpm++3m, sde-dpm++1, sde-dpm++2m, sde-dpm++3m,\n"
     "  deis-tab1..3, deis-rhoab1..3, deis-heun, deis-kutta, deis-rk4, deis-logrho2..3, ipndm1..4";
 
@@ -68,7 +71,7 @@ struct Args {
   int train_iters = 300;
   int hidden = 128;
   std::string save_mlp;
-  std::string out = "sample.png";
+  std::string out = examples::default_output_path("sample.png");
   std::string data = examples::default_digits_path();
 };
 
@@ -159,9 +162,9 @@ SkipMlp fit_mlp(const S& schedule, const Mixture& mixture, const examples::Digit
   config.dim = digits.dim();
   config.hidden = {a.hidden, a.hidden};
   config.time_frequencies = 6;
-  config.time_scale = 1.0 / schedule.t_max();  // the network sees t / t_max in (0, 1]
-  SkipMlp model{Mlp(config, static_cast<std::uint64_t>(a.seed)), digits.images.colwise().mean(),
-                {}, {}};
+  config.time_scale = 1.0 / schedule.t_max(); // the network sees t / t_max in (0, 1]
+  SkipMlp model{
+      Mlp(config, static_cast<std::uint64_t>(a.seed)), digits.images.colwise().mean(), {}, {}};
   model.var = (digits.images.rowwise() - model.mean).colwise().squaredNorm() /
               static_cast<double>(digits.size());
   Mlp& mlp = model.net;
@@ -182,8 +185,9 @@ SkipMlp fit_mlp(const S& schedule, const Mixture& mixture, const examples::Digit
     grad.setZero();
     double loss = 0;
     for (int g = 0; g < groups; ++g) {
-      const double t = g % 2 == 0 ? schedule.t_min() + unit(rng) * (schedule.t_max() - schedule.t_min())
-                                  : schedule.t_of_lambda(l_min + unit(rng) * (l_max - l_min));
+      const double t = g % 2 == 0
+                           ? schedule.t_min() + unit(rng) * (schedule.t_max() - schedule.t_min())
+                           : schedule.t_of_lambda(l_min + unit(rng) * (l_max - l_min));
       const diffgrad::Node n = schedule.node(t);
       for (Eigen::Index b = 0; b < group; ++b) {
         x.row(b) = n.alpha * digits.images.row(pick(rng));
@@ -221,16 +225,23 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
   const auto nodes = diffgrad::make_nodes(schedule, times);
   State x = backend.make_state(a.batch, digits.dim());
   backend.gaussian(x, static_cast<std::uint64_t>(a.seed), 0);
-  x *= nodes.front().sigma;  // x_T ~ N(0, sigma_T^2 I): unit variance for VP, sigma_max for VE/EDM
+  x *= nodes.front().sigma; // x_T ~ N(0, sigma_T^2 I): unit variance for VP, sigma_max for VE/EDM
 
   std::optional<SkipMlp> mlp;
   if (a.model == "mlp") {
     if (!is_vp)
       throw std::runtime_error("--model mlp is fitted on variance-preserving schedules only "
-                               "(vp-linear, vp-cosine, subvp, discrete); got " + a.schedule);
+                               "(vp-linear, vp-cosine, subvp, discrete); got " +
+                               a.schedule);
     mlp.emplace(fit_mlp(schedule, mixture, digits, a));
     if (!a.save_mlp.empty()) {
-      mlp->net.save(a.save_mlp);
+      // Mlp::save(path) leaves the close to the stream's destructor, whose failure (a full
+      // disk) nobody sees: write through our own stream and check the close.
+      std::ofstream os(a.save_mlp);
+      if (!os) throw std::runtime_error("cannot open " + a.save_mlp + " for writing");
+      mlp->net.save(os);
+      os.close();
+      if (!os) throw std::runtime_error("writing " + a.save_mlp + " failed (disk full?)");
       std::printf("saved the MLP to %s (format: models/mlp.hpp, Mlp::save)\n", a.save_mlp.c_str());
     }
   } else if (a.model != "mixture") {
@@ -247,7 +258,8 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
     if (mlp)
       result = diffgrad::sample(scheme, backend, schedule, nodes, *mlp, x, options, bar.observer());
     else
-      result = diffgrad::sample(scheme, backend, schedule, nodes, mixture, x, options, bar.observer());
+      result =
+          diffgrad::sample(scheme, backend, schedule, nodes, mixture, x, options, bar.observer());
     seconds = std::chrono::duration<double>(Clock::now() - start).count();
   });
 
@@ -255,9 +267,9 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
   const State images = x / nodes.back().alpha;
   double mean_nearest = 0, worst_nearest = 0;
   for (Eigen::Index b = 0; b < images.rows(); ++b) {
-    const double d = std::sqrt(
-        (digits.images.rowwise() - images.row(b)).rowwise().squaredNorm().minCoeff() /
-        static_cast<double>(digits.dim()));
+    const double d =
+        std::sqrt((digits.images.rowwise() - images.row(b)).rowwise().squaredNorm().minCoeff() /
+                  static_cast<double>(digits.dim()));
     mean_nearest += d / static_cast<double>(images.rows());
     worst_nearest = std::max(worst_nearest, d);
   }
@@ -298,20 +310,21 @@ int main(int argc, char** argv) {
   cli.option("--sampler", a.sampler, "sampler name (list above)");
   cli.option("--schedule", a.schedule, "vp-linear, vp-cosine, subvp, discrete, ve or edm");
   cli.option("--grid", a.grid, "uniform-t, uniform-lambda, quadratic-t or karras");
-  cli.option("--steps", a.steps, "sampler steps N");
-  cli.option("--batch", a.batch, "number of samples");
-  cli.option("--seed", a.seed, "seed of x_T (and of the MLP fit)");
-  cli.option("--train-iters", a.train_iters, "MLP: Adam steps of the fit");
-  cli.option("--hidden", a.hidden, "MLP: width of its two hidden layers");
+  cli.option("--steps", a.steps, "sampler steps N", 1, 1000000);
+  cli.option("--batch", a.batch, "number of samples", 1, 1000000);
+  cli.option("--seed", a.seed, "seed of x_T (and of the MLP fit)", 0);
+  cli.option("--train-iters", a.train_iters, "MLP: Adam steps of the fit", 0);
+  cli.option("--hidden", a.hidden, "MLP: width of its two hidden layers", 1, 65536);
   cli.option("--save-mlp", a.save_mlp, "MLP: save the fitted network to this file");
   cli.option("--out", a.out, "PNG file of the samples");
   cli.option("--data", a.data, "digits data file");
   if (!cli.parse(argc, argv)) return 2;
   if (a.steps < 1 || a.batch < 1 || a.train_iters < 0 || a.hidden < 1) {
-    std::fprintf(stderr, "sample: need --steps >= 1, --batch >= 1, --train-iters >= 0, --hidden >= 1\n");
+    std::fprintf(stderr,
+                 "sample: need --steps >= 1, --batch >= 1, --train-iters >= 0, --hidden >= 1\n");
     return 2;
   }
-  try {
+  return examples::run_main("sample", [&] {
     const auto digits = examples::load_digits(a.data);
     examples::LinearClassifier classifier(digits.dim(), 10);
     classifier.fit(digits.images, digits.labels);
@@ -320,8 +333,5 @@ int main(int argc, char** argv) {
       code = run(a, schedule, is_vp, digits, classifier);
     });
     return code;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "sample: %s\n", e.what());
-    return 1;
-  }
+  });
 }
