@@ -733,6 +733,11 @@ TEST_CASE("compat: starting partway (add_noise + start_at) reproduces diffusers'
           network, models::parse_prediction_type(c.param("prediction_type")), thresholding_of(c));
       SamplerWorkspace<EigenBackend<double>> ws(backend, scheme.history(), scheme.stages(),
                                                 x_start.rows(), x_start.cols());
+      std::vector<Matrix> given(c.noise.begin(), c.noise.end());
+      if (scheme.stochastic()) {
+        REQUIRE(given.size() == nodes.size() - 1);
+        ws.given_noise = given;
+      }
       Matrix x = x_start;
       std::vector<Matrix> states;
       run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
@@ -754,6 +759,11 @@ TEST_CASE("compat: starting partway (add_noise + start_at) reproduces diffusers'
       run_scheme(part.scheme, backend, part.nodes, NodeAtLambda(schedule),
                  EpsField<decltype(model)>{model}, x, ws, {}, TrajectoryObserver{&states});
       d = max_step_difference(states, c, identity_steps(states.size()));
+    } else if (scheduler == "dpmsolver_multistep" &&
+               c.param("algorithm_type").rfind("sde-", 0) == 0) {
+      const auto part = compat::start_at(
+          compat::sde_dpm_solver_setup(schedule, multistep_config_of(c), n), t_start);
+      d = compare(part.scheme, part.nodes);
     } else if (scheduler == "dpmsolver_multistep") {
       const auto full = compat::dpm_solver_multistep_setup(schedule, multistep_config_of(c), n);
       const auto part = compat::start_at(full, t_start);

@@ -611,15 +611,17 @@ def gen_partial(path):
         return s.add_noise(x0.reshape(BATCH, 1, DIM), noise.reshape(BATCH, 1, DIM), t).reshape(
             BATCH, DIM)
 
-    def finish(s, name, keys, scheduler, steps, t_start, extra=None):
+    def finish(s, name, keys, scheduler, steps, t_start, extra=None, noise_seed=None):
         x = start(s, t_start)
-        states = run_loop(s, x, None, None, t_start)
+        noises = (step_noises(len(s.timesteps) - t_start, noise_seed)
+                  if noise_seed is not None else None)
+        states = run_loop(s, x, None, noises, t_start)
         assert len(states) == len(s.timesteps) - t_start
         params = params_of(s, keys, dict(scheduler=scheduler, num_inference_steps=steps,
                                          t_start=t_start))
         if extra:
             params.update(extra)
-        w.case(name, params, s.timesteps, states)
+        w.case(name, params, s.timesteps, states, noises)
 
     for spacing, steps, t_start in (("leading", 10, 3), ("linspace", 7, 2), ("trailing", 20, 9)):
         s = DDIM64(timestep_spacing=spacing, clip_sample=False)
@@ -636,6 +638,11 @@ def gen_partial(path):
         tag = "/karras/sigma_min" if extra else ""
         finish(s, f"partial/multistep/o{order}/n{steps}/start{t_start}{tag}", DPM_KEYS,
                "dpmsolver_multistep", steps, t_start)
+    s = MULTI64(algorithm_type="sde-dpmsolver++", solver_order=2)
+    upcast_tables(s)
+    s.set_timesteps(20)
+    finish(s, "partial/multistep/sde-dpmsolver++/o2/n20/start8", DPM_KEYS, "dpmsolver_multistep",
+           20, 8, noise_seed=16)
     for order, steps, t_start in ((2, 10, 3), (3, 12, 4), (3, 12, 5), (3, 11, 2)):
         s = SINGLE64(solver_order=order)
         upcast_tables(s)
