@@ -790,6 +790,9 @@ void split_prediction(PredictionType type, const Node& n, const State& x, const 
 ///      eps' = eps + alpha_t (x0_c - x0) / c_eps,   c_eps = DDIM's eps weight of this step,
 ///    so the adapter needs the step's target node. diffusers' target is a function of the
 ///    timestep (k - N // n, see DiffusersDdim), recomputed here from the node's model time.
+///  * the zero-length step from timestep 0 (set_alpha_to_one = false): the output is the
+///    displacement alpha_0 (x0_c - x0) (0 with use_clipped_model_output), which DiffusersDdim's
+///    plan for that step adds to x (see DiffusersDdim).
 template <class Model, class Scalar = double> class DdimModel {
 public:
   using State = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
