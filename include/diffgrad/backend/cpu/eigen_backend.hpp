@@ -36,15 +36,14 @@ public:
   static index_type batch(const state_type& x) { return x.rows(); }
   static index_type dim(const state_type& x) { return x.cols(); }
 
-  /// out = sum_k c_k x_k (+ noise), one fused pass. `out` may alias any input. The terms
-  /// must share one shape (checked: with NDEBUG Eigen would read past the smaller ones);
-  /// `out` takes that shape (it is resized if it has another, as an Eigen assignment does).
+  /// out = sum_k c_k x_k (+ noise), one fused pass. `out` may alias any input.
+  /// In every form the terms must share one shape (checked, O(1) per term: with NDEBUG Eigen
+  /// would read past the smaller ones) and `out` takes that shape, resized if it has another
+  /// (as an Eigen assignment resizes, and as CudaBackend does). The engines' buffers already
+  /// have it, so their step loops never resize.
   template <class... States> void lincomb(state_type& out, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
-    if constexpr (sizeof...(States) > 1) {
-      const state_type& first = *std::get<0>(std::tie(terms...)).vec;
-      check_term_shapes(first.rows(), first.cols(), "the first term's", terms...);
-    }
+    check_same_shapes(terms...);
     out.noalias() = (... + (Scalar(terms.coeff) * *terms.vec));
   }
 
@@ -55,8 +54,13 @@ public:
   template <class... States>
   void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
+    if constexpr (sizeof...(States) > 0) {
+      check_same_shapes(terms...);
+      const state_type& first = *std::get<0>(std::tie(terms...)).vec;
+      if (out.rows() != first.rows() || out.cols() != first.cols())
+        out.resize(first.rows(), first.cols());
+    }
     const index_type n = out.size();
-    check_term_shapes(out.rows(), out.cols(), "the output's", terms...);
     using Chunk = Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     using ConstChunk = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
     alignas(64) Scalar xi[kNoiseChunk];
@@ -75,14 +79,13 @@ public:
   }
 
   /// Runtime arity (1..kMaxLincombTerms terms): dispatches to the fused fixed-arity form.
-  /// Every term must have out's shape (the engine's buffers are sized before the loop).
   void lincomb(state_type& out, std::span<const LinTerm<state_type>> terms,
                NoiseTerm noise = {}) const {
     if (terms.empty() || terms.size() > static_cast<std::size_t>(kMaxLincombTerms))
       detail::throw_argument("EigenBackend::lincomb", "terms",
                              detail::concat("1..", kMaxLincombTerms, " terms"), terms.size());
-    for (std::size_t k = 0; k < terms.size(); ++k)
-      check_term_shape(out.rows(), out.cols(), "the output's", *terms[k].vec, k);
+    for (std::size_t k = 1; k < terms.size(); ++k)
+      check_term_shape(*terms[0].vec, *terms[k].vec, k);
     dispatch(out, terms, noise, std::make_index_sequence<kMaxLincombTerms>{});
   }
 
@@ -105,21 +108,20 @@ public:
   }
 
 private:
-  /// O(1) per term, so it runs on every call: a mismatch would otherwise be read or written
-  /// out of bounds in Release builds, where Eigen's own size asserts are compiled out.
-  static void check_term_shape(index_type rows, index_type cols, const char* whose,
-                               const state_type& v, std::size_t k) {
-    if (v.rows() != rows || v.cols() != cols) [[unlikely]]
-      throw invalid_argument(detail::concat("EigenBackend::lincomb: argument 'terms[", k,
-                                            "]' expected shape ", rows, " x ", cols, " (", whose,
-                                            "), got ", v.rows(), " x ", v.cols()));
+  /// O(1) per term, so it runs on every call: a mismatch would otherwise be read out of
+  /// bounds in Release builds, where Eigen's own size asserts are compiled out.
+  static void check_term_shape(const state_type& first, const state_type& v, std::size_t k) {
+    if (v.rows() != first.rows() || v.cols() != first.cols()) [[unlikely]]
+      throw invalid_argument(detail::concat(
+          "EigenBackend::lincomb: argument 'terms[", k, "]' expected shape ", first.rows(), " x ",
+          first.cols(), " (that of terms[0]), got ", v.rows(), " x ", v.cols()));
   }
-  template <class... States>
-  static void check_term_shapes([[maybe_unused]] index_type rows, [[maybe_unused]] index_type cols,
-                                [[maybe_unused]] const char* whose,
-                                const LinTerm<States>&... terms) {
-    [[maybe_unused]] std::size_t k = 0;
-    (check_term_shape(rows, cols, whose, *terms.vec, k++), ...);
+  template <class... States> static void check_same_shapes(const LinTerm<States>&... terms) {
+    if constexpr (sizeof...(States) > 1) {
+      const state_type& first = *std::get<0>(std::tie(terms...)).vec;
+      std::size_t k = 0;
+      (check_term_shape(first, *terms.vec, k++), ...);
+    }
   }
 
   /// Elements per noise chunk: even (chunks start on a Box-Muller pair), 2 KiB of doubles,
