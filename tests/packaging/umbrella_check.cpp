@@ -3,10 +3,10 @@
 // specialisation after an instantiation is an error, so this file stops compiling as soon as
 // any header uses one of these classes outside a template (each costs every including file
 // about 2 s of compile time with GCC). Templates that use them with dependent types are fine.
+#include <Eigen/Cholesky>
 #include <Eigen/Core>
 #include <Eigen/Eigenvalues>
 #include <Eigen/LU>
-#include <Eigen/Cholesky>
 
 #include "diffgrad/diffgrad.hpp"
 
