@@ -82,8 +82,19 @@ public:
     for (const auto& o : options_) {
       const std::string shown =
           std::holds_alternative<bool*>(o.target) ? o.name : o.name + " <value>";
-      std::fprintf(out, "  %-22s %s (default: %s)\n", shown.c_str(), o.help.c_str(),
-                   o.default_text.c_str());
+      // A range narrower than the type's own is part of the help.
+      std::string range;
+      if (std::holds_alternative<int*>(o.target)) {
+        Range r = o.range;
+        if (r.lo <= std::numeric_limits<int>::min()) r.lo = -std::numeric_limits<double>::max();
+        if (r.hi >= std::numeric_limits<int>::max()) r.hi = std::numeric_limits<double>::max();
+        range = range_text(r);
+      } else if (std::holds_alternative<double*>(o.target)) {
+        range = range_text(o.range);
+      }
+      if (!range.empty()) range = "," + range; // "(default: 25, >= 2)"
+      std::fprintf(out, "  %-22s %s (default: %s%s)\n", shown.c_str(), o.help.c_str(),
+                   o.default_text.c_str(), range.c_str());
     }
     std::fprintf(out, "  %-22s %s\n", "--help", "print this text and exit");
   }

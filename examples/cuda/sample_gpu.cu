@@ -13,6 +13,7 @@
 #include <span>
 #include <vector>
 
+#include "../common/main_guard.hpp"
 #include "diffgrad/backend/cuda/cuda_backend.cuh"
 #include "diffgrad/gradients/gradient.hpp"
 #include "diffgrad/models/cuda/dirac_mixture.cuh"
@@ -21,7 +22,9 @@
 #include "diffgrad/solvers/dpm_solver_multistep.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 
-int main() {
+namespace {
+
+int run() {
   namespace dg = diffgrad::gpu;
   if (dg::device_count() == 0) {
     std::printf("SKIPPED: no CUDA device visible\n");
@@ -92,3 +95,8 @@ int main() {
   std::printf("%s\n", failures == 0 ? "OK" : "FAILED");
   return failures == 0 ? 0 : 1;
 }
+
+} // namespace
+
+// A CUDA error (diffgrad::gpu::check throws) or a library error is printed, exit status 1.
+int main() { return examples::run_main("sample_gpu", run); }
