@@ -58,12 +58,12 @@ public:
     for (int s = 0; s < plan.num_stages; ++s) {
       if (s > 0) {
         const int n = gather(plan.stage_input[s], x, terms);
-        backend.lincomb(u_[idx(s - 1)], std::span<const LinTerm<State>>(terms.data(), n));
+        backend.lincomb(u_[idx(s - 1)], std::span<const LinTerm<State>>(terms.data(), idx(n)));
       }
       eps_fn(backend, stage_input(s, x), plan.stage_node[s], e_[idx(s)], step);
     }
     const int n = gather(plan.output, x, terms);
-    backend.lincomb(out, std::span<const LinTerm<State>>(terms.data(), n));
+    backend.lincomb(out, std::span<const LinTerm<State>>(terms.data(), idx(n)));
   }
 
   /// xbar = (dPhi/dx)^T w at the x of the last evaluate(); *dcond/*dparams accumulate the

@@ -160,7 +160,8 @@ SampleResult run_scheme_impl(const char* where, const Scheme& scheme, const B& b
       State& out = s == 0 ? ws.e[slot(i)] : ws.ue[static_cast<std::size_t>(s - 1)];
       if (s > 0) {
         const int n = gather_terms(plan.stage_input[s], i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
-        backend.lincomb(in, std::span<const LinTerm<State>>(terms.data(), n));
+        backend.lincomb(in,
+                        std::span<const LinTerm<State>>(terms.data(), static_cast<std::size_t>(n)));
       }
       field(static_cast<const State&>(in), plan.stage_node[s], out);
       ++result.model_evals;
@@ -175,17 +176,19 @@ SampleResult run_scheme_impl(const char* where, const Scheme& scheme, const B& b
           LinTerm<State>{plan.noise, &ws.given_noise[static_cast<std::size_t>(i)]};
       noise.coeff = 0.0;
     }
-    backend.lincomb(ws.x[slot(i + 1)], std::span<const LinTerm<State>>(terms.data(), n), noise);
+    backend.lincomb(ws.x[slot(i + 1)],
+                    std::span<const LinTerm<State>>(terms.data(), static_cast<std::size_t>(n)),
+                    noise);
     ++result.steps_taken;
-    if constexpr (std::is_same_v<decltype(observer(i + 1, num_steps, nodes[i + 1],
-                                                   ws.x[slot(i + 1)])),
+    const Node& reached = nodes[static_cast<std::size_t>(i) + 1];
+    if constexpr (std::is_same_v<decltype(observer(i + 1, num_steps, reached, ws.x[slot(i + 1)])),
                                  ObserverAction>) {
-      if (observer(i + 1, num_steps, nodes[i + 1], ws.x[slot(i + 1)]) == ObserverAction::stop) {
+      if (observer(i + 1, num_steps, reached, ws.x[slot(i + 1)]) == ObserverAction::stop) {
         result.cancelled = true;
         break;
       }
     } else {
-      observer(i + 1, num_steps, nodes[i + 1], ws.x[slot(i + 1)]);
+      observer(i + 1, num_steps, reached, ws.x[slot(i + 1)]);
     }
   }
   backend.copy(x, ws.x[slot(result.steps_taken)]);
