@@ -985,6 +985,30 @@ TEST_CASE("gradient rejects bad input with diffgrad::invalid_argument", "[adjoin
         gradient(Ddim(0.5), backend, schedule, nodes, model, x_T, x_T, {}, ws);
       },
       "ws.given_noise[i]");
+  // Non-finite inputs are named (they were blamed on the model's first output, or passed
+  // unseen by a model that ignores x); check_finite = false lets them through.
+  for (const double bad : {std::nan(""), HUGE_VAL}) {
+    State x_bad = x_T;
+    x_bad(1, 2) = bad;
+    throws_with(
+        [&] { gradient(Ddim(), backend, schedule, nodes, model, x_bad, x_T); },
+        "gradient: argument 'x_T' expected finite values (x_T at nodes[0]), got NaN or Inf");
+    throws_with(
+        [&] {
+          auto ws = make_gradient_workspace(Ddim(0.5), backend, nodes, model, x_T);
+          auto xi = noise_states(5, 2, 3);
+          xi[3](0, 1) = bad;
+          ws.given_noise = xi;
+          gradient(Ddim(0.5), backend, schedule, nodes, model, x_T, x_T, {}, ws);
+        },
+        "gradient: argument 'ws.given_noise[3]' expected finite values, got NaN or Inf");
+  }
+  {
+    State x_bad = x_T;
+    x_bad(0, 0) = std::nan("");
+    CHECK_NOTHROW(gradient(Ddim(), backend, schedule, nodes, model, x_bad, x_T,
+                           GradientOptions{.check_finite = false}));
+  }
   // A workspace for another grid, scheme or options.
   throws_with(
       [&] {

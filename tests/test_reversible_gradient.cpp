@@ -632,6 +632,20 @@ TEST_CASE("Reversible gradients refuse a NaN cotangent or VJP with gradient()'s 
   unchecked.check_finite = false;
   CHECK_NOTHROW(reversible_gradient(bdia, backend, s, nodes, clean, noise(), nan_cot, unchecked));
 
+  // A non-finite start state is named before any model call.
+  St x_bad = noise();
+  x_bad(2, 0) = nan;
+  const auto plain_cot = [](const St&, St& g) { g = noise(); };
+  CHECK_THROWS_WITH(
+      reversible_gradient(edict, backend, s, nodes, clean, x_bad, plain_cot),
+      "reversible_gradient: argument 'x_T' expected finite values (x_T at nodes[0]), got NaN or "
+      "Inf");
+  const LatentPair<St> bad_latent{noise(), x_bad};
+  CHECK_THROWS_WITH(
+      reversible_gradient_latent(bdia, backend, s, nodes, clean, bad_latent, plain_cot),
+      "reversible_gradient_latent: argument 'latent.second' expected finite values, got NaN or "
+      "Inf");
+
   // A VJP writing NaN into dx, dcond or dparams at the node of step 7 (the VJP at nodes[k]
   // belongs to step k for DDIM, BDIA, EDICT and the coupled DDIM alike).
   using Target = PoisonedVjpModel::Target;

@@ -492,9 +492,15 @@ discrete_adjoint(const Scheme& scheme, const B& backend, std::span<const Node> n
       detail::throw_argument("gradient", "ws.given_noise",
                              detail::concat("one noise state per step (", num_steps, ")"),
                              ws.given_noise.size());
-    for (const State& xi : ws.given_noise)
+    for (std::size_t i = 0; i < ws.given_noise.size(); ++i) {
+      const State& xi = ws.given_noise[i];
       detail::require_same_shape<B>(xi, x_T, "gradient", "ws.given_noise[i]");
+      detail::require_finite_input(backend, xi, options.check_finite, "gradient", "ws.given_noise",
+                                   "finite values", i);
+    }
   }
+  detail::require_finite_input(backend, x_T, options.check_finite, "gradient", "x_T",
+                               "finite values (x_T at nodes[0])");
   detail::AdjointPass<Scheme, B, std::remove_reference_t<Field>, std::remove_reference_t<VjpField>>
       pass(scheme, backend, nodes, node_at_lambda, field, vjp, ws, options);
   if constexpr (std::is_same_v<std::remove_cvref_t<LossOrCotangent>, State>) {

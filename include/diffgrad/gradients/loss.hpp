@@ -5,6 +5,7 @@
 // losses below use only backend operations, so they run on every backend; a lambda with
 // the same signature is a loss too.
 #include <concepts>
+#include <cstddef>
 #include <utility>
 
 #include "diffgrad/backend/lincomb_term.hpp"
@@ -14,9 +15,9 @@
 namespace diffgrad {
 
 template <class L, class B>
-concept LossFunction = Backend<B> && requires(L& loss, const B& backend,
-                                              const typename B::state_type& x0,
-                                              typename B::state_type& grad) {
+concept LossFunction = Backend<B> &&
+    requires(L& loss, const B& backend, const typename B::state_type& x0,
+             typename B::state_type& grad) {
   { loss(backend, x0, grad) } -> std::convertible_to<double>;
 };
 
@@ -28,6 +29,22 @@ void require_same_shape(const typename B::state_type& a, const typename B::state
     throw_argument(where, arg,
                    concat("shape ", B::batch(b), " x ", B::dim(b), " (batch x dim, like x_0)"),
                    concat(B::batch(a), " x ", B::dim(a)));
+}
+
+/// With check_finite: one read pass over an input state, so a NaN/Inf input is refused by
+/// name before any model call (instead of being blamed on the model's first output, or
+/// passing unseen when the model ignores its input). `index` >= 0 names element arg[index];
+/// the message is built only on failure, so a passing check never allocates.
+template <Backend B>
+void require_finite_input(const B& backend, const typename B::state_type& s, bool check_finite,
+                          const char* where, const char* arg, const char* expected,
+                          std::size_t index = static_cast<std::size_t>(-1)) {
+  if (!check_finite || backend.all_finite(s)) return;
+  if (index == static_cast<std::size_t>(-1))
+    throw invalid_argument(
+        concat(where, ": argument '", arg, "' expected ", expected, ", got NaN or Inf"));
+  throw invalid_argument(
+      concat(where, ": argument '", arg, "[", index, "]' expected ", expected, ", got NaN or Inf"));
 }
 } // namespace detail
 

@@ -27,9 +27,10 @@
 namespace diffgrad {
 
 struct ReversibleGradientOptions {
-  bool want_cond = true;                ///< accumulate dL/dcond (model.cond_size() entries)
-  bool want_params = true;              ///< accumulate dL/dtheta (model.param_size() entries)
-  bool check_finite = true;             ///< check model outputs, VJPs and the cotangent for NaN/Inf
+  bool want_cond = true;   ///< accumulate dL/dcond (model.cond_size() entries)
+  bool want_params = true; ///< accumulate dL/dtheta (model.param_size() entries)
+  /// Check the start state(s), model outputs, VJPs and the cotangent for NaN/Inf.
+  bool check_finite = true;
   AmplificationOptions amplification{}; ///< the backward pass inverts: same diagnostic
 };
 
@@ -102,6 +103,15 @@ ReversibleGradientResult<B> reversible_gradient_impl(
 
   const State& shape_ref = x_T ? *x_T : latent->first;
   if (latent) require_same_pair_shape<B>(latent->second, latent->first, where, "latent.second");
+  if (x_T) {
+    require_finite_input(backend, *x_T, options.check_finite, where, "x_T",
+                         "finite values (x_T at nodes[0])");
+  } else {
+    require_finite_input(backend, latent->first, options.check_finite, where, "latent.first",
+                         "finite values");
+    require_finite_input(backend, latent->second, options.check_finite, where, "latent.second",
+                         "finite values");
+  }
   const auto batch = B::batch(shape_ref), dim = B::dim(shape_ref);
   CheckedVjpModel<Model, B> checked{model, backend, options.check_finite};
   auto st = method.make_stepper(backend, NodeAtLambda(schedule), nodes, checked, batch, dim,
