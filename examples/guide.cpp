@@ -123,6 +123,7 @@ struct ModeOutcome {
   double seconds = 0, first_loss = 0, final_loss = 0, hit_rate = 0;
   double states_held = 0, model_evals = 0, vjps = 0, recon_error = -1;
   double start_grad_error = 0; ///< |dL/dx_T - exact| / |exact| at the common start
+  double start_grad_cos = 0;   ///< cosine between dL/dx_T and the exact one there (1 = aligned)
   State final_samples;
 };
 
@@ -149,6 +150,10 @@ public:
       if (it == 0) {
         out.first_loss = g.loss;
         out.start_grad_error = (g.grad_x - s_.exact_start_grad).norm() / s_.exact_start_grad.norm();
+        // Whether the gradient points the right way at all (a step past the continuous
+        // adjoint's stability bound makes it point away: cosine < 0).
+        out.start_grad_cos = g.grad_x.cwiseProduct(s_.exact_start_grad).sum() /
+                             (g.grad_x.norm() * s_.exact_start_grad.norm());
       }
       adam_x.step(x_T, g.grad_x);
       if (with_z) {
@@ -299,9 +304,9 @@ std::vector<std::string> split(const std::string& text) {
 
 /// Packs / unpacks a ModeOutcome through run_isolated's payload of doubles.
 std::vector<double> pack(const ModeOutcome& m) {
-  std::vector<double> v{m.seconds,  m.first_loss,  m.final_loss,
-                        m.hit_rate, m.states_held, m.model_evals,
-                        m.vjps,     m.recon_error, m.start_grad_error};
+  std::vector<double> v{m.seconds,          m.first_loss,    m.final_loss, m.hit_rate,
+                        m.states_held,      m.model_evals,   m.vjps,       m.recon_error,
+                        m.start_grad_error, m.start_grad_cos};
   v.insert(v.end(), m.final_samples.data(), m.final_samples.data() + m.final_samples.size());
   return v;
 }
@@ -309,8 +314,8 @@ ModeOutcome unpack(const std::vector<double>& v, Eigen::Index batch, Eigen::Inde
   ModeOutcome m;
   m.seconds = v[0], m.first_loss = v[1], m.final_loss = v[2], m.hit_rate = v[3];
   m.states_held = v[4], m.model_evals = v[5], m.vjps = v[6], m.recon_error = v[7];
-  m.start_grad_error = v[8];
-  m.final_samples = Eigen::Map<const State>(v.data() + 9, batch, dim);
+  m.start_grad_error = v[8], m.start_grad_cos = v[9];
+  m.final_samples = Eigen::Map<const State>(v.data() + 10, batch, dim);
   return m;
 }
 
@@ -395,8 +400,9 @@ int run(const Args& a) {
       grid.add_row(before, label);
     }
     const double state_kib = static_cast<double>(batch * dim) * sizeof(double) / 1024.0;
-    std::printf("%-11s %9s %9s %6s %6s %7s %10s %8s %9s %9s %6s\n", "mode", "ms/iter", "grad/fwd",
-                "evals", "VJPs", "states", "state KiB", "RSS MiB", "vs exact", "loss", "hit");
+    std::printf("%-11s %9s %9s %6s %6s %7s %10s %8s %9s %6s %9s %6s\n", "mode", "ms/iter",
+                "grad/fwd", "evals", "VJPs", "states", "state KiB", "RSS MiB", "vs exact", "cos",
+                "loss", "hit");
     bool ok = true;
     for (const auto& name : split(a.modes)) {
       Mode mode(name, s);
@@ -404,11 +410,11 @@ int run(const Args& a) {
       const ModeOutcome m = unpack(iso.payload, batch, dim);
       const double per_iter = m.seconds / a.iterations;
       std::printf(
-          "%-11s %9.2f %9.1f %6.0f %6.0f %7.0f %10.1f %8.2f %9.1e %9.4f %5.0f%%", name.c_str(),
-          1e3 * per_iter, per_iter / forward_seconds, m.model_evals, m.vjps, m.states_held,
-          m.states_held * state_kib,
+          "%-11s %9.2f %9.1f %6.0f %6.0f %7.0f %10.1f %8.2f %9.1e %6.2f %9.4f %5.0f%%",
+          name.c_str(), 1e3 * per_iter, per_iter / forward_seconds, m.model_evals, m.vjps,
+          m.states_held, m.states_held * state_kib,
           iso.peak_growth_bytes < 0 ? -1.0 : static_cast<double>(iso.peak_growth_bytes) / 1048576.0,
-          m.start_grad_error, m.final_loss, 100 * m.hit_rate);
+          m.start_grad_error, m.start_grad_cos, m.final_loss, 100 * m.hit_rate);
       if (m.recon_error >= 0) std::printf("  (reconstruction error %.1e)", m.recon_error);
       std::printf("\n");
       char label[64];
@@ -424,7 +430,8 @@ int run(const Args& a) {
                 "run; evals, VJPs = model calls per gradient;\nstates = trajectory states held "
                 "at once; RSS = peak resident growth while the mode ran;\nvs exact = "
                 "|dL/dx_T - exact DDIM gradient| / |exact| at the common start (bdia "
-                "differentiates its own sampler);\nloss, hit = loss and share of samples "
+                "differentiates its own sampler); cos = cosine between the two (< 0: "
+                "points away);\nloss, hit = loss and share of samples "
                 "classified as the target after the last step.\n");
     if (!ok) {
       std::fprintf(stderr, "guide: the exact mode did not lower the loss\n");
