@@ -1,0 +1,456 @@
+// CLD schedule for gDDIM (include/diffgrad/gddim/cld_schedule.hpp), every closed form against an
+// independent reference written here:
+//   - Psi vs a scaling-and-squaring Taylor matrix exponential (long double) of int F, with F
+//     written here from the parameters;
+//   - Sigma_t vs the Lyapunov ODE, R_t vs its own ODE dR/dt = F R + 1/2 G G^T R^{-T} from R_0,
+//     C(t, s) vs its ODE dC/dt = F C + 1/2 G G^T R^{-T}, and one gDDIM step vs the PF-ODE with
+//     the exact Gaussian-kernel score: all by an adaptive Dormand-Prince 5(4) in long double;
+//   - C(t, s) vs adaptive Simpson quadrature of its integral form;
+//   - R_t pinned against values derived independently (accurate solve of the R ODE, 8 digits).
+// Norms: relative Frobenius, ||A - B||_F / ||B||_F, unless stated.
+#include <catch2/catch.hpp>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+
+#include "diffgrad/gddim/cld_schedule.hpp"
+
+namespace {
+
+using diffgrad::gddim::CldParams;
+using diffgrad::gddim::CldSchedule;
+using diffgrad::gddim::Mat2;
+using ld = long double;
+using L2 = std::array<std::array<ld, 2>, 2>;
+
+double rel(const Mat2& a, const Mat2& b) { return (a - b).norm() / b.norm(); }
+
+Mat2 to_mat(const L2& a) {
+  Mat2 m;
+  m << static_cast<double>(a[0][0]), static_cast<double>(a[0][1]), static_cast<double>(a[1][0]),
+      static_cast<double>(a[1][1]);
+  return m;
+}
+L2 mul(const L2& a, const L2& b) {
+  L2 c{};
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) c[i][j] = a[i][0] * b[0][j] + a[i][1] * b[1][j];
+  return c;
+}
+L2 tr(const L2& a) { return {{{a[0][0], a[1][0]}, {a[0][1], a[1][1]}}}; }
+L2 inv(const L2& a) {
+  const ld d = a[0][0] * a[1][1] - a[0][1] * a[1][0];
+  return {{{a[1][1] / d, -a[0][1] / d}, {-a[1][0] / d, a[0][0] / d}}};
+}
+
+/// The CLD coefficients written from the parameters (not through the library).
+struct Ref {
+  CldParams p;
+  ld beta(ld t) const { return p.beta_0 + p.beta_1 * t; }
+  ld damping() const { return 2 * std::sqrt(static_cast<ld>(p.mass)); }
+  L2 F(ld t) const {
+    const ld b = beta(t);
+    return {{{0, b / p.mass}, {-b, -b * damping() / p.mass}}};
+  }
+  ld gg(ld t) const { return 2 * damping() * beta(t); } // (G G^T)_vv
+  L2 sigma0() const { return {{{p.eps, 0}, {0, static_cast<ld>(p.gamma) * p.mass + p.eps}}}; }
+  L2 r0() const {
+    const L2 s = sigma0();
+    const ld c = std::cos(static_cast<ld>(p.initial_angle)),
+             s_ = std::sin(static_cast<ld>(p.initial_angle));
+    const L2 l{{{std::sqrt(s[0][0]), 0}, {0, std::sqrt(s[1][1])}}};
+    return mul(l, L2{{{c, -s_}, {s_, c}}});
+  }
+};
+
+/// Adaptive Dormand-Prince 5(4) in long double; error per step in the max norm relative to
+/// max(|y|, |y_new|) + atol. Integrates from t0 to t1 (either direction), returns y(t1).
+template <std::size_t N>
+std::array<ld, N> dopri(const std::function<std::array<ld, N>(ld, const std::array<ld, N>&)>& f,
+                        ld t0, ld t1, std::array<ld, N> y, ld rtol = 1e-17L, ld atol = 1e-40L,
+                        ld h0 = 1e-9L) {
+  using V = std::array<ld, N>;
+  static constexpr ld c[7] = {0, 1.0L / 5, 3.0L / 10, 4.0L / 5, 8.0L / 9, 1, 1};
+  static constexpr ld a[7][6] = {
+      {0, 0, 0, 0, 0, 0},
+      {1.0L / 5, 0, 0, 0, 0, 0},
+      {3.0L / 40, 9.0L / 40, 0, 0, 0, 0},
+      {44.0L / 45, -56.0L / 15, 32.0L / 9, 0, 0, 0},
+      {19372.0L / 6561, -25360.0L / 2187, 64448.0L / 6561, -212.0L / 729, 0, 0},
+      {9017.0L / 3168, -355.0L / 33, 46732.0L / 5247, 49.0L / 176, -5103.0L / 18656, 0},
+      {35.0L / 384, 0, 500.0L / 1113, 125.0L / 192, -2187.0L / 6784, 11.0L / 84}};
+  static constexpr ld b4[7] = {
+      5179.0L / 57600, 0,        7571.0L / 16695, 393.0L / 640, -92097.0L / 339200,
+      187.0L / 2100,   1.0L / 40};
+  // Time is tracked as the elapsed span from t0 (exact: t0, t1 are doubles), so a short span
+  // is not eroded by rounding t0 + sum h at the magnitude of t0.
+  const ld dir = t1 >= t0 ? 1 : -1, span = t1 - t0;
+  ld e = 0, h = dir * std::min(h0, std::fabs(span));
+  while (dir * (span - e) > 0) {
+    if (dir * (e + h - span) > 0) h = span - e;
+    std::array<V, 7> k;
+    for (int s = 0; s < 7; ++s) {
+      V ys = y;
+      for (int j = 0; j < s; ++j)
+        for (std::size_t i = 0; i < N; ++i) ys[i] += h * a[s][j] * k[j][i];
+      k[s] = f(t0 + (e + c[s] * h), ys);
+    }
+    V y5 = y;
+    ld err = 0;
+    for (std::size_t i = 0; i < N; ++i) {
+      ld d = 0;
+      for (int s = 0; s < 7; ++s) {
+        const ld b5 = s < 6 ? a[6][s] : 0; // 5th-order weights = last stage row (FSAL)
+        y5[i] += h * b5 * k[s][i];
+        d += h * (b5 - b4[s]) * k[s][i];
+      }
+      err =
+          std::max(err, std::fabs(d) / (atol + rtol * std::max(std::fabs(y[i]), std::fabs(y5[i]))));
+    }
+    if (err <= 1) {
+      e += h;
+      y = y5;
+    }
+    const ld fac = err == 0 ? 5 : std::min<ld>(5, std::max<ld>(0.2L, 0.9L * std::pow(err, -0.2L)));
+    h *= fac;
+  }
+  return y;
+}
+
+using V3 = std::array<ld, 3>;
+using V4 = std::array<ld, 4>;
+
+/// Sigma_t from the Lyapunov ODE dSigma/dt = F Sigma + Sigma F^T + G G^T, Sigma(0) = Sigma_0.
+L2 lyapunov(const Ref& ref, ld t) {
+  const L2 s0 = ref.sigma0();
+  const V3 y = dopri<3>(
+      [&](ld tau, const V3& s) {
+        const L2 S{{{s[0], s[1]}, {s[1], s[2]}}}, FS = mul(ref.F(tau), S);
+        return V3{2 * FS[0][0], FS[0][1] + FS[1][0], 2 * FS[1][1] + ref.gg(tau)};
+      },
+      0, t, V3{s0[0][0], s0[0][1], s0[1][1]});
+  return {{{y[0], y[1]}, {y[1], y[2]}}};
+}
+
+V4 flat(const L2& a) { return {a[0][0], a[0][1], a[1][0], a[1][1]}; }
+L2 unflat(const V4& y) { return {{{y[0], y[1]}, {y[2], y[3]}}}; }
+
+/// dR/dt = F R + 1/2 G G^T R^{-T}.
+L2 r_rate(const Ref& ref, ld tau, const L2& R) {
+  L2 d = mul(ref.F(tau), R);
+  const L2 rit = tr(inv(R));
+  d[1][0] += 0.5L * ref.gg(tau) * rit[1][0];
+  d[1][1] += 0.5L * ref.gg(tau) * rit[1][1];
+  return d;
+}
+
+/// R_t from its ODE, started at R_0 (independent of the library's angle quadrature).
+L2 r_ode(const Ref& ref, ld t) {
+  return unflat(dopri<4>([&](ld tau, const V4& y) { return flat(r_rate(ref, tau, unflat(y))); }, 0,
+                         t, flat(ref.r0())));
+}
+
+/// Psi = exp(int_s^t F) by scaling and squaring a Taylor series, long double. F is affine in t,
+/// so int F = (t - s) (F(s) + F(t)) / 2 exactly; all F_t commute (multiples of one matrix).
+L2 expm_ref(const Ref& ref, ld t, ld s) {
+  L2 a = ref.F(s), b = ref.F(t);
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) a[i][j] = 0.5L * (t - s) * (a[i][j] + b[i][j]);
+  int sq = 0;
+  ld nrm = std::fabs(a[0][0]) + std::fabs(a[0][1]) + std::fabs(a[1][0]) + std::fabs(a[1][1]);
+  while (nrm > 0.125L) {
+    nrm /= 2;
+    ++sq;
+  }
+  const ld scale = std::ldexp(1.0L, -sq);
+  for (auto& row : a)
+    for (auto& v : row) v *= scale;
+  L2 e{{{1, 0}, {0, 1}}}, term = e;
+  for (int n = 1; n < 40; ++n) {
+    term = mul(term, a);
+    for (auto& row : term)
+      for (auto& v : row) v /= n;
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) e[i][j] += term[i][j];
+  }
+  for (int k = 0; k < sq; ++k) e = mul(e, e);
+  return e;
+}
+
+std::string message_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const diffgrad::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::vector<CldParams> parameter_sets() {
+  std::vector<CldParams> ps(4);
+  ps[1].mass = 1.0;
+  ps[1].beta_0 = 0.5;
+  ps[1].beta_1 = 3.0;
+  ps[1].eps = 1e-3;
+  ps[2].gamma = 0.0;
+  ps[2].eps = 1e-8;
+  ps[2].initial_angle = 0.7;
+  ps[3].mass = 0.09;
+  ps[3].beta_0 = 2.0;
+  ps[3].beta_1 = -1.0;
+  ps[3].gamma = 1.0;
+  ps[3].t_max = 1.5;
+  return ps;
+}
+
+} // namespace
+
+TEST_CASE("CLD: Psi(t, s) closed form equals the matrix exponential of int F", "[gddim][cld]") {
+  double worst = 0;
+  for (const auto& p : parameter_sets()) {
+    const CldSchedule cld(p);
+    const Ref ref{p};
+    for (double s : {0.0, 1e-3, 0.1, 0.5, 1.0})
+      for (double t : {0.0, 1e-6, 1e-3, 0.2, 0.77, 1.0}) {
+        const double e = rel(cld.transition(t, s), to_mat(expm_ref(ref, t, s)));
+        worst = std::max(worst, e);
+      }
+    // d/dt Psi(t, s) = F_t Psi(t, s) through the public drift: central difference.
+    const double h = 1e-5;
+    const Mat2 d = (cld.transition(0.4 + h, 0.1) - cld.transition(0.4 - h, 0.1)) / (2 * h);
+    CHECK(rel(d, cld.drift(0.4) * cld.transition(0.4, 0.1)) < 1e-8);
+  }
+  std::printf("CLD Psi vs expm: max rel Frobenius %.2e\n", worst);
+  CHECK(worst <= 1e-12);
+}
+
+TEST_CASE("CLD: Sigma_t closed form equals the Lyapunov ODE", "[gddim][cld]") {
+  double worst = 0;
+  for (const auto& p : parameter_sets()) {
+    const CldSchedule cld(p);
+    const Ref ref{p};
+    for (double t : {1e-6, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0}) {
+      const double e = rel(cld.covariance(t), to_mat(lyapunov(ref, t)));
+      worst = std::max(worst, e);
+    }
+    CHECK(rel(cld.covariance(0.0), cld.initial_covariance()) == 0.0);
+  }
+  std::printf("CLD Sigma vs Lyapunov ODE: max rel Frobenius %.2e\n", worst);
+  CHECK(worst <= 1e-12);
+  // Long times reach the stationary law diag(1, M).
+  CldParams p;
+  p.t_max = 20;
+  const CldSchedule cld(p);
+  CHECK(rel(cld.covariance(20), cld.prior_covariance()) < 1e-12);
+}
+
+TEST_CASE("CLD: R_t solves its ODE, R R^T = Sigma, and matches independent values",
+          "[gddim][cld]") {
+  double worst_rrt = 0, worst_ode = 0, worst_res = 0;
+  for (const auto& p : parameter_sets()) {
+    const CldSchedule cld(p);
+    const Ref ref{p};
+    CHECK(rel(cld.sqrt_covariance(0.0), to_mat(ref.r0())) < 1e-15);
+    for (double t : {1e-6, 3e-5, 2e-4, 1e-3, 3.3e-3, 1e-2, 0.05, 0.1, 0.31, 0.5, 0.9, 1.0}) {
+      if (t > cld.t_max()) continue;
+      const Mat2 r = cld.sqrt_covariance(t), s = cld.covariance(t);
+      worst_rrt = std::max(worst_rrt, rel(r * r.transpose(), s));
+      // Independent: the R ODE integrated from R_0 (this fixes the rotation).
+      worst_ode = std::max(worst_ode, rel(r, to_mat(r_ode(ref, t))));
+      // ODE residual of the public R(t): 4th-order central difference vs F R + 1/2 G G^T R^{-T}.
+      const double h = std::min(1e-4, 0.25 * t) * 0.05;
+      if (t + 2 * h > cld.t_max()) continue;
+      const Mat2 d = (8 * (cld.sqrt_covariance(t + h) - cld.sqrt_covariance(t - h)) -
+                      (cld.sqrt_covariance(t + 2 * h) - cld.sqrt_covariance(t - 2 * h))) /
+                     (12 * h);
+      worst_res = std::max(worst_res, rel(d, cld.sqrt_covariance_derivative(t)));
+    }
+  }
+  std::printf("CLD R: R R^T vs Sigma %.2e, R vs its ODE from R_0 %.2e, FD residual %.2e\n",
+              worst_rrt, worst_ode, worst_res);
+  CHECK(worst_rrt <= 1e-12);
+  CHECK(worst_ode <= 1e-12);
+  CHECK(worst_res <= 1e-7); // finite-difference truncation/rounding, not the library
+  // Default CLD (eps = 1e-6), values from an accurate solve of the R ODE, 8 significant digits
+  // (row-major R_xx, R_xv, R_vx, R_vv). R R^T = Sigma alone would not pin these: the rotation
+  // depends strongly on eps (see the next lines).
+  const CldSchedule cld;
+  const std::array<std::pair<double, std::array<double, 4>>, 5> pinned{{
+      {1e-3, {0.00084875, 0.00186379, -0.02673631, 0.12978354}},
+      {0.01, {-0.02603203, 0.01213516, -0.2728957, -0.03262133}},
+      {0.1, {0.11275192, -0.45727261, 0.4289476, -0.17821993}},
+      {0.5, {-0.58415205, 0.80326032, -0.40580997, -0.28853392}},
+      {1.0, {0.9966196, -0.08205698, 0.04103561, 0.4983101}},
+  }};
+  for (const auto& [t, v] : pinned) {
+    Mat2 want;
+    want << v[0], v[1], v[2], v[3];
+    CHECK(rel(cld.sqrt_covariance(t), want) < 1e-7); // entries rounded at 1e-8 absolute
+  }
+  for (const auto& [eps, v] : std::array<std::pair<double, std::array<double, 4>>, 2>{{
+           {1e-4, {0.390, -0.921, 0.460, 0.195}},
+           {1e-8, {0.831, 0.557, -0.278, 0.415}},
+       }}) {
+    CldParams p;
+    p.eps = eps;
+    Mat2 want;
+    want << v[0], v[1], v[2], v[3];
+    CHECK(rel(CldSchedule(p).sqrt_covariance(1.0), want) < 3e-3);
+  }
+}
+
+namespace {
+
+/// Adaptive Simpson on Mat2 (absolute tolerance on the Frobenius norm).
+Mat2 simpson(const std::function<Mat2(double)>& f, double a, double b, const Mat2& fa,
+             const Mat2& fm, const Mat2& fb, double tol, int depth) {
+  const double m = 0.5 * (a + b), lm = 0.5 * (a + m), rm = 0.5 * (m + b);
+  const Mat2 flm = f(lm), frm = f(rm);
+  const Mat2 whole = (b - a) / 6 * (fa + 4 * fm + fb);
+  const Mat2 left = (m - a) / 6 * (fa + 4 * flm + fm), right = (b - m) / 6 * (fm + 4 * frm + fb);
+  if (depth <= 0 || (left + right - whole).norm() <= 15 * tol)
+    return left + right + (left + right - whole) / 15;
+  return simpson(f, a, m, fa, flm, fm, 0.5 * tol, depth - 1) +
+         simpson(f, m, b, fm, frm, fb, 0.5 * tol, depth - 1);
+}
+
+} // namespace
+
+TEST_CASE("CLD: C(t, s) equals adaptive quadrature of its integral form", "[gddim][cld]") {
+  const CldSchedule cld;
+  double worst = 0;
+  for (const auto& [s, t] : std::array<std::pair<double, double>, 7>{{{1.0, 1e-3},
+                                                                      {1.0, 0.8},
+                                                                      {0.5, 0.1},
+                                                                      {0.1, 1e-3},
+                                                                      {0.01, 1e-3},
+                                                                      {0.3, 0.2999},
+                                                                      {0.2, 0.6}}}) {
+    const auto f = [&](double tau) { return cld.step_integrand(t, tau); };
+    const Mat2 c = cld.step_coefficient(t, s);
+    const double tol = 1e-13 * c.norm();
+    const Mat2 q = simpson(f, s, t, f(s), f(0.5 * (s + t)), f(t), tol, 50);
+    worst = std::max(worst, rel(c, q));
+  }
+  std::printf("CLD C(t,s) vs adaptive Simpson: max rel Frobenius %.2e\n", worst);
+  CHECK(worst <= 1e-10);
+}
+
+TEST_CASE("CLD: C(t, s) keeps full relative accuracy on short steps", "[gddim][cld]") {
+  // Reference in long double: R from its ODE up to s, then (R, C) jointly with
+  // dC/dt = F_t C + 1/2 G G^T R_t^{-T}, C(s, s) = 0 (the integral form differentiated in t).
+  const CldParams p;
+  const CldSchedule cld(p);
+  const Ref ref{p};
+  double worst = 0, worst_naive = 0;
+  for (double s : {0.5, 0.02, 2e-3}) {
+    const L2 rs = r_ode(ref, s);
+    for (double h : {1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8}) {
+      if (h >= s) continue;
+      const double t = s - h; // a sampling step
+      using V8 = std::array<ld, 8>;
+      V8 y{};
+      const V4 r = flat(rs);
+      for (int i = 0; i < 4; ++i) y[i] = r[i];
+      const V8 out = dopri<8>(
+          [&](ld tau, const V8& z) {
+            const L2 R = unflat(V4{z[0], z[1], z[2], z[3]}), C = unflat(V4{z[4], z[5], z[6], z[7]});
+            const V4 dr = flat(r_rate(ref, tau, R));
+            L2 dc = mul(ref.F(tau), C);
+            const L2 rit = tr(inv(R));
+            dc[1][0] += 0.5L * ref.gg(tau) * rit[1][0];
+            dc[1][1] += 0.5L * ref.gg(tau) * rit[1][1];
+            const V4 dcf = flat(dc);
+            return V8{dr[0], dr[1], dr[2], dr[3], dcf[0], dcf[1], dcf[2], dcf[3]};
+          },
+          s, t, y, 1e-18L, 1e-40L, h * 1e-3L);
+      const Mat2 want = to_mat(unflat(V4{out[4], out[5], out[6], out[7]}));
+      const double e = rel(cld.step_coefficient(t, s), want);
+      const double naive =
+          rel(cld.sqrt_covariance(t) - cld.transition(t, s) * cld.sqrt_covariance(s), want);
+      std::printf("CLD C short step s=%g h=%.0e: rel %.2e (naive R_t - Psi R_s: %.2e)\n", s, h, e,
+                  naive);
+      worst = std::max(worst, e);
+      worst_naive = std::max(worst_naive, naive);
+    }
+  }
+  CHECK(worst <= 1e-12);
+}
+
+TEST_CASE("CLD: one deterministic gDDIM step is exact for a single data point", "[gddim][cld]") {
+  // u_0 = (x_0, 0) (the velocity is in the kernel). Exact score -Sigma^{-1}(u - Psi(t,0) u_0);
+  // PF-ODE du/dt = F u + 1/2 G G^T Sigma^{-1} (u - m), m = Psi(t,0) u_0, integrated in long
+  // double from s to t. m comes from the matrix exponential written here, Sigma from the closed
+  // form checked against the Lyapunov ODE above (integrating the Lyapunov ODE itself backwards
+  // is unstable: its homogeneous part grows like e^{2 |k|}, e^{16} from t = 1 to 0). Nothing
+  // here uses R_t: the test cannot pass by consistency with the library's own R table.
+  double worst = 0;
+  for (const auto& p : parameter_sets()) {
+    const CldSchedule cld(p);
+    const Ref ref{p};
+    const double x0 = 0.7;
+    for (const auto& [s, t] : std::array<std::pair<double, double>, 7>{{{1.0, 1e-3},
+                                                                        {1.0, 0.5},
+                                                                        {0.5, 0.1},
+                                                                        {0.1, 1e-3},
+                                                                        {0.01, 1e-3},
+                                                                        {0.3, 0.2999},
+                                                                        {1e-3, 1e-5}}}) {
+      using V2 = std::array<ld, 2>;
+      const auto mean = [&](ld tau) {
+        const L2 e = expm_ref(ref, tau, 0);
+        return V2{e[0][0] * x0, e[1][0] * x0};
+      };
+      const auto rhs = [&](ld tau, const V2& u) {
+        const L2 F = ref.F(tau);
+        const Mat2 sd = cld.covariance(static_cast<double>(tau));
+        const L2 Si = inv(L2{{{sd(0, 0), sd(0, 1)}, {sd(1, 0), sd(1, 1)}}});
+        const V2 m = mean(tau);
+        const ld dx = u[0] - m[0], dv = u[1] - m[1];
+        const ld g = 0.5L * ref.gg(tau) * (Si[1][0] * dx + Si[1][1] * dv);
+        return V2{F[0][0] * u[0] + F[0][1] * u[1], F[1][0] * u[0] + F[1][1] * u[1] + g};
+      };
+      // Any u_s: a point of the kernel at s with a fixed "noise" (0.3, -1.1).
+      const Mat2 rs = cld.sqrt_covariance(s);
+      const V2 msl = mean(s);
+      const Eigen::Vector2d ms(static_cast<double>(msl[0]), static_cast<double>(msl[1]));
+      const Eigen::Vector2d us = ms + rs * Eigen::Vector2d(0.3, -1.1);
+      const V2 ut = dopri<2>(rhs, s, t, V2{us[0], us[1]}, 1e-17L, 1e-40L, 1e-9L);
+      const Eigen::Vector2d want(static_cast<double>(ut[0]), static_cast<double>(ut[1]));
+      // gDDIM: eps from the exact score in the R parameterisation, eps = R_s^{-1}(u_s - m_s).
+      const Eigen::Vector2d u0(x0, 0.0);
+      const Eigen::Vector2d eps = CldSchedule::inverse(rs) * (us - cld.transition(s, 0) * u0);
+      const Eigen::Vector2d got = cld.transition(t, s) * us + cld.step_coefficient(t, s) * eps;
+      const double e = (got - want).norm() / want.norm();
+      std::printf("  M=%g eps=%g s=%g t=%g: rel %.2e\n", p.mass, p.eps, s, t, e);
+      worst = std::max(worst, e);
+    }
+  }
+  std::printf("CLD single point, one gDDIM step vs PF-ODE: max rel 2-norm %.2e\n", worst);
+  CHECK(worst <= 1e-10);
+}
+
+TEST_CASE("CLD: bad parameters are refused by name", "[gddim][cld]") {
+  const auto bad = [](auto edit) {
+    CldParams p;
+    edit(p);
+    return message_of([&] { CldSchedule s(p); });
+  };
+  const double nan = std::nan("");
+  CHECK(bad([](CldParams& p) { p.mass = 0; }).find("'mass'") != std::string::npos);
+  CHECK(bad([&](CldParams& p) { p.mass = nan; }).find("'mass'") != std::string::npos);
+  CHECK(bad([](CldParams& p) { p.beta_0 = -1; }).find("'beta_0'") != std::string::npos);
+  CHECK(bad([](CldParams& p) { p.beta_1 = -5; }).find("'beta_1'") != std::string::npos);
+  CHECK(bad([](CldParams& p) { p.gamma = -0.1; }).find("'gamma'") != std::string::npos);
+  CHECK(bad([](CldParams& p) { p.eps = 0; }).find("'eps'") != std::string::npos);
+  CHECK(bad([](CldParams& p) { p.t_max = INFINITY; }).find("'t_max'") != std::string::npos);
+  CHECK(bad([&](CldParams& p) { p.initial_angle = nan; }).find("'initial_angle'") !=
+        std::string::npos);
+  const CldSchedule cld;
+  CHECK(message_of([&] { (void)cld.sqrt_covariance(1.5); }).find("'t'") != std::string::npos);
+  CHECK(message_of([&] { (void)cld.step_coefficient(0.5, -0.1); }).find("'t'") !=
+        std::string::npos);
+}
