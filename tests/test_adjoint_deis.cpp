@@ -932,7 +932,7 @@ TEST_CASE("AdjointDEIS reports, calls back on or refuses a step beyond its stabi
     CHECK(std::string(r.method) == "AdjointDEIS-2M");
     CHECK_FALSE(r.exceeded());
     const auto coarse = make_nodes(schedule, uniform_lambda_grid(schedule, 12, 1.0, 1e-3));
-    CHECK_FALSE(adjoint_deis_stability(coarse).exceeded()); // |h| = 0.81 < ln 3
+    CHECK_FALSE(adjoint_deis_stability(coarse).exceeded()); // |h| = 0.80 < ln 3
     const auto r2 = adjoint_deis_stability(coarse, opt);    // but > 0.58 for -2M
     CHECK(r2.exceeded());
     CHECK(r2.steps_beyond == 11); // all but the first-order first adjoint step

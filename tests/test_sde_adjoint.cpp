@@ -265,7 +265,7 @@ TEST_CASE("SDE-AdjointDEIS has the halved stability bound ln 2 and reports or re
           "[sde_adjoint][stability][errors]") {
   const BackendD backend;
   const VPLinearSchedule schedule;
-  // Uniform lambda, N = 12 over VP-linear from 1 to 1e-3: |h| = 0.81, stable for the PF-ODE
+  // Uniform lambda, N = 12 over VP-linear from 1 to 1e-3: |h| = 0.80, stable for the PF-ODE
   // adjoint (< ln 3) but not for the SDE's doubled VJP weight (> ln 2).
   const auto nodes = make_nodes(schedule, uniform_lambda_grid(schedule, 12, 1.0, 1e-3));
   const double h = nodes[1].lambda - nodes[0].lambda;
