@@ -365,6 +365,38 @@ TEST_CASE("gddim bdm: official 32x32 parameterisation, five-digit values", "[gdd
   }
 }
 
+TEST_CASE("gddim bdm: base cosine schedule: lambda, its inverse, step_h, start time",
+          "[gddim][bdm]") {
+  const BdmCosineSchedule vp;
+  double e_inv = 0, e_h = 0;
+  for (double t : {1e-5, 1e-3, 0.2, 0.5, 0.9, 0.999, 1.0}) {
+    e_inv = std::max(e_inv, std::abs(vp.t_of_lambda(vp.lambda(t)) - t) / t);
+    CHECK(vp.node(t).model_t == 999.0 * t);
+  }
+  // step_h(s, t) = lambda(t) - lambda(s) = int_s^t dlambda/dtau dtau with
+  // dlambda/dtau = -2 theta' / sin(2 theta), by adaptive Gauss-Legendre in long double (a
+  // difference of long double logs would itself lose ~8 digits on the 1e-8 step).
+  for (auto [s, t] : std::vector<std::pair<double, double>>{
+           {1.0, 1e-5}, {0.5, 0.4}, {0.3, 0.3 - 1e-8}, {0.1, 0.9}, {0.7, 0.7 + 1e-6}}) {
+    const auto rate = [](ld tau) {
+      const ld th = (tau + 0.004L) / 1.008L * kPi / 2.0L;
+      return -2.0L * (kPi / 2.0L / 1.008L) / std::sin(2.0L * th);
+    };
+    const ld ref = integrate(rate, s, t);
+    e_h = std::max(e_h, static_cast<double>(std::abs(vp.step_h(s, t) - ref) / std::abs(ref)));
+  }
+  const double t0 = vp.t_start(80.0);
+  const double ratio = vp.sigma(t0) / vp.alpha(t0), want = (80.0 + vp.sigma(0.0)) / vp.alpha(0.0);
+  INFO("t_of_lambda round trip " << e_inv << ", step_h rel error " << e_h
+                                 << ", t_start(80) = " << t0 << ", abar = " << vp.abar(t0));
+  CHECK(e_inv <= 1e-12); // t = theta (1 + 2s) 2/pi - s cancels at t = 1e-5 (2e-13 measured)
+  CHECK(e_h <= 1e-14);
+  CHECK(std::abs(ratio - want) / want <= 1e-14);
+  CHECK(t0 == Approx(0.995980).epsilon(2e-6));
+  CHECK(vp.abar(t0) == Approx(1.562e-4).epsilon(1e-3));
+  require_throws_naming([&] { (void)vp.t_start(0.0); }, "'rho'");
+}
+
 TEST_CASE("gddim bdm: transition and step coefficient against independent references",
           "[gddim][bdm]") {
   // C_k(t, s) = int_s^t Psi_k(t, tau) G_k(tau)^2 / (2 sigma_tau) dtau (the gDDIM step integral

@@ -91,6 +91,14 @@ public:
     // Far apart the other way round (t noisier than s): the reciprocal ratio is >= 1.
     return -std::log1p(std::sin(-dth) / (alpha(t) * sigma(s)));
   }
+  /// The official sampler's start time ("rho2t"): the t where sigma/alpha = (rho + sigma(0)) /
+  /// alpha(0), an EDM-like noise level rho measured from t = 0 of this unnormalised schedule
+  /// (rho = 80 gives t = 0.99598, abar = 1.562e-4; sampling does not start at t_max = 1).
+  double t_start(double rho = 80.0) const {
+    detail::require(rho > 0.0 && std::isfinite(rho), "BdmCosineSchedule::t_start", "rho",
+                    "a positive finite noise level", rho);
+    return t_of_lambda(-std::log((rho + sigma(0.0)) / alpha(0.0)));
+  }
   /// d log alpha / dt = -theta' tan(theta).
   double f(double t) const {
     return -(sigma(t) / alpha(t)) * (std::numbers::pi / 2.0) / (1.0 + 2.0 * s_);
