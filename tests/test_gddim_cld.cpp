@@ -454,3 +454,123 @@ TEST_CASE("CLD: bad parameters are refused by name", "[gddim][cld]") {
   CHECK(message_of([&] { (void)cld.step_coefficient(0.5, -0.1); }).find("'t'") !=
         std::string::npos);
 }
+
+namespace {
+
+/// Psi_hat(t, s) for stochasticity l by the ODE d/dtau Psi_hat = F_hat Psi_hat in long double,
+/// with Sigma from the closed form (checked against the Lyapunov ODE above).
+L2 psi_hat_ode(const CldSchedule& cld, const Ref& ref, double t, double s, double l) {
+  const ld c = 0.5L * (1 + static_cast<ld>(l) * l);
+  const auto fhat = [&](ld tau) {
+    const Mat2 sd = cld.covariance(static_cast<double>(tau));
+    const L2 si = inv(L2{{{sd(0, 0), sd(0, 1)}, {sd(1, 0), sd(1, 1)}}});
+    L2 f = ref.F(tau);
+    f[1][0] += c * ref.gg(tau) * si[1][0];
+    f[1][1] += c * ref.gg(tau) * si[1][1];
+    return f;
+  };
+  return unflat(dopri<4>([&](ld tau, const V4& y) { return flat(mul(fhat(tau), unflat(y))); }, s, t,
+                         V4{1, 0, 0, 1}, 1e-17L, 1e-40L, 1e-9L));
+}
+
+L2 to_l2(const Mat2& m) { return {{{m(0, 0), m(0, 1)}, {m(1, 0), m(1, 1)}}}; }
+
+} // namespace
+
+TEST_CASE("CLD: stochastic gDDIM step (eps coefficient and covariance P)", "[gddim][cld]") {
+  const CldParams p;
+  const CldSchedule cld(p);
+  const Ref ref{p};
+  double worst_closed = 0, worst_ode = 0, worst_marginal = 0, worst_factor = 0;
+  for (const auto& [s, t] : std::array<std::pair<double, double>, 5>{
+           {{1.0, 0.8}, {0.5, 0.1}, {0.1, 1e-3}, {0.01, 1e-3}, {1.0, 1e-3}}}) {
+    const L2 sig_t = to_l2(cld.covariance(t)), sig_s = to_l2(cld.covariance(s));
+    const L2 rs = to_l2(cld.sqrt_covariance(s));
+    const L2 psi = expm_ref(ref, t, s);
+    for (double l : {1.0, 0.7, 0.3}) {
+      const auto step = cld.stochastic_step(t, s, l);
+      // l = 1: Psi_hat = Sigma_t Psi(s,t)^T Sigma_s^{-1} in closed form; otherwise the ODE.
+      const L2 ph = l == 1.0 ? mul(mul(sig_t, tr(expm_ref(ref, s, t))), inv(sig_s))
+                             : psi_hat_ode(cld, ref, t, s, l);
+      const L2 pp = mul(mul(ph, sig_s), tr(ph));
+      L2 pref{}, eref{};
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) {
+          pref[i][j] = sig_t[i][j] - pp[i][j];
+          eref[i][j] = ph[i][j] - psi[i][j];
+        }
+      eref = mul(eref, rs);
+      const double e =
+          std::max(rel(step.covariance, to_mat(pref)), rel(step.eps_coefficient, to_mat(eref)));
+      (l == 1.0 ? worst_closed : worst_ode) = std::max(l == 1.0 ? worst_closed : worst_ode, e);
+      // Marginal preservation: Psi_hat Sigma_s Psi_hat^T + P = Sigma_t with Psi_hat =
+      // Psi + eps_coefficient R_s^{-1} (E and P are integrated as separate components).
+      // Rebuilding Psi_hat as Psi + E R_s^{-1} cancels by |Psi|/|Psi_hat| (5e4 on 1 -> 1e-3),
+      // so the check is measured relative to |Psi| |Sigma_s| |Psi|^T, the size of its terms.
+      const Mat2 phl =
+          step.transition + step.eps_coefficient * CldSchedule::inverse(cld.sqrt_covariance(s));
+      const double scale = std::max(1.0, step.transition.norm() * step.transition.norm() *
+                                             cld.covariance(s).norm() / cld.covariance(t).norm());
+      worst_marginal =
+          std::max(worst_marginal, rel(phl * cld.covariance(s) * phl.transpose() + step.covariance,
+                                       cld.covariance(t)) /
+                                       scale);
+      worst_factor = std::max(
+          worst_factor, rel(step.noise_factor * step.noise_factor.transpose(), step.covariance));
+      CHECK(step.noise_factor(0, 1) == 0.0);
+    }
+  }
+  std::printf("CLD stochastic step: l=1 vs closed form %.2e, l=0.3/0.7 vs Psi_hat ODE %.2e, "
+              "marginal %.2e, factor %.2e\n",
+              worst_closed, worst_ode, worst_marginal, worst_factor);
+  CHECK(worst_closed <= 1e-10);
+  CHECK(worst_ode <= 1e-10);
+  CHECK(worst_marginal <= 1e-10);
+  CHECK(worst_factor <= 1e-14);
+
+  // Short steps: P and the eps coefficient keep relative accuracy (references: the P ODE and
+  // the E ODE of the header's comment, here in long double, with Sigma in closed form).
+  double worst_short = 0;
+  for (double h : {1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8}) {
+    const double s = 0.3, t = s - h, l = 0.5;
+    const ld c = 0.5L * (1 + static_cast<ld>(l) * l);
+    using V7 = std::array<ld, 7>;
+    const V7 y = dopri<7>(
+        [&](ld tau, const V7& z) {
+          const Mat2 sd = cld.covariance(static_cast<double>(tau));
+          const L2 si = inv(to_l2(sd)), F = ref.F(tau);
+          L2 gs{}; // G G^T Sigma^{-1}
+          gs[1][0] = ref.gg(tau) * si[1][0];
+          gs[1][1] = ref.gg(tau) * si[1][1];
+          L2 fh = F;
+          for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j) fh[i][j] += c * gs[i][j];
+          const L2 P{{{z[0], z[1]}, {z[1], z[2]}}}, E{{{z[3], z[4]}, {z[5], z[6]}}};
+          const L2 fp = mul(fh, P), ge = mul(gs, expm_ref(ref, tau, s)), fe = mul(fh, E);
+          return V7{2 * fp[0][0],
+                    fp[0][1] + fp[1][0],
+                    2 * fp[1][1] - static_cast<ld>(l) * l * ref.gg(tau),
+                    fe[0][0] + c * ge[0][0],
+                    fe[0][1] + c * ge[0][1],
+                    fe[1][0] + c * ge[1][0],
+                    fe[1][1] + c * ge[1][1]};
+        },
+        s, t, V7{}, 1e-18L, 1e-40L, h * 1e-3L);
+    const auto step = cld.stochastic_step(t, s, l);
+    const Mat2 pref = to_mat(L2{{{y[0], y[1]}, {y[1], y[2]}}});
+    const Mat2 eref = to_mat(mul(L2{{{y[3], y[4]}, {y[5], y[6]}}}, to_l2(cld.sqrt_covariance(s))));
+    const double e = std::max(rel(step.covariance, pref), rel(step.eps_coefficient, eref));
+    std::printf("CLD stochastic short step h=%.0e: rel %.2e\n", h, e);
+    worst_short = std::max(worst_short, e);
+  }
+  CHECK(worst_short <= 1e-10);
+
+  // l = 0 is the deterministic step: eps coefficient C(t, s), no noise.
+  const auto det = cld.stochastic_step(0.1, 0.5, 0.0);
+  CHECK(rel(det.eps_coefficient, cld.step_coefficient(0.1, 0.5)) < 1e-10);
+  CHECK(det.covariance.norm() < 1e-14);
+  CHECK(message_of([&] { (void)cld.stochastic_step(0.1, 0.5, 1.5); }).find("'stochasticity'") !=
+        std::string::npos);
+  CHECK(message_of([&] { (void)cld.stochastic_step(0.5, 0.1, 0.5); }).find("'t'") !=
+        std::string::npos);
+}

@@ -74,6 +74,54 @@ inline double cld_e3(double k) {
   return 1.0 - std::exp(-k) * (1.0 + k + 0.5 * k * k);
 }
 
+/// Adaptive Dormand-Prince 5(4) for a small fixed-size state, from t0 to t1 (either direction).
+/// The error of each component is measured against rtol * max(|y|, |y_new|): components that
+/// start at zero (a covariance or coefficient grown from an empty step) keep relative accuracy.
+template <int N, class Fn>
+Eigen::Matrix<double, N, 1> dopri5(Fn&& f, double t0, double t1, Eigen::Matrix<double, N, 1> y,
+                                   double h0, double rtol = 1e-13) {
+  using V = Eigen::Matrix<double, N, 1>;
+  static constexpr double c[7] = {0, 1.0 / 5, 3.0 / 10, 4.0 / 5, 8.0 / 9, 1, 1};
+  static constexpr double a[7][6] = {
+      {0, 0, 0, 0, 0, 0},
+      {1.0 / 5, 0, 0, 0, 0, 0},
+      {3.0 / 40, 9.0 / 40, 0, 0, 0, 0},
+      {44.0 / 45, -56.0 / 15, 32.0 / 9, 0, 0, 0},
+      {19372.0 / 6561, -25360.0 / 2187, 64448.0 / 6561, -212.0 / 729, 0, 0},
+      {9017.0 / 3168, -355.0 / 33, 46732.0 / 5247, 49.0 / 176, -5103.0 / 18656, 0},
+      {35.0 / 384, 0, 500.0 / 1113, 125.0 / 192, -2187.0 / 6784, 11.0 / 84}};
+  static constexpr double b4[7] = {
+      5179.0 / 57600, 0, 7571.0 / 16695, 393.0 / 640, -92097.0 / 339200, 187.0 / 2100, 1.0 / 40};
+  // Elapsed time from t0 (t0 + e), so short spans are not eroded by rounding at |t0|.
+  const double span = t1 - t0, dir = span >= 0 ? 1.0 : -1.0;
+  double e = 0, h = dir * std::min(std::fabs(h0), std::fabs(span));
+  std::array<V, 7> k;
+  for (int guard = 0; dir * (span - e) > 0 && guard < 10000000; ++guard) {
+    if (dir * (e + h - span) > 0) h = span - e;
+    for (int st = 0; st < 7; ++st) {
+      V ys = y;
+      for (int j = 0; j < st; ++j) ys += (h * a[st][j]) * k[j];
+      k[st] = f(t0 + (e + c[st] * h), ys);
+    }
+    V y5 = y, d = V::Zero();
+    for (int st = 0; st < 7; ++st) {
+      const double b5 = st < 6 ? a[6][st] : 0.0; // 5th-order weights = the last stage's row
+      y5 += (h * b5) * k[st];
+      d += (h * (b5 - b4[st])) * k[st];
+    }
+    double err = 0;
+    for (int i = 0; i < N; ++i)
+      err = std::max(err, std::fabs(d[i]) /
+                              (1e-300 + rtol * std::max(std::fabs(y[i]), std::fabs(y5[i]))));
+    if (err <= 1) {
+      e += h;
+      y = y5;
+    }
+    h *= err == 0 ? 5.0 : std::min(5.0, std::max(0.2, 0.9 * std::pow(err, -0.2)));
+  }
+  return y;
+}
+
 } // namespace detail
 
 /// CLD parameters. Defaults are the official CLD configuration used by both the CLD and the
@@ -282,6 +330,72 @@ public:
     const double det = s(0, 0) * s(1, 1) - s(1, 0) * s(0, 1);
     Mat2 l;
     l << a, 0.0, b, std::sqrt(det) / a;
+    return l;
+  }
+
+  /// One stochastic gDDIM step from s down to t (t <= s) with stochasticity l in [0, 1] (the
+  /// lambda of the gDDIM paper; l = 0 is the deterministic step, l = 1 the reverse SDE):
+  ///   u_t ~ N(Psi(t,s) u_s + eps_coefficient eps(u_s, s), covariance),
+  /// eps_coefficient = (Psi_hat(t,s) - Psi(t,s)) R_s, covariance P = Sigma_t - Psi_hat Sigma_s
+  /// Psi_hat^T, Psi_hat the transition of F_hat = F + (1 + l^2)/2 G G^T Sigma^{-1}.
+  struct StochasticStep {
+    Mat2 transition;      ///< Psi(t, s)
+    Mat2 eps_coefficient; ///< (Psi_hat(t, s) - Psi(t, s)) R_s
+    Mat2 covariance;      ///< P, symmetric positive semidefinite
+    Mat2 noise_factor;    ///< lower triangular with noise_factor noise_factor^T = P
+  };
+
+  /// Both P and E = Psi_hat - Psi are integrated from their zero value at s (no difference of
+  /// nearly equal matrices on short steps), in decreasing time:
+  ///   dP/dtau = F_hat P + P F_hat^T - l^2 G G^T,         P(s) = 0,
+  ///   dE/dtau = F_hat E + (1 + l^2)/2 G G^T Sigma^{-1} Psi(tau, s),   E(s) = 0,
+  /// by adaptive Dormand-Prince 5(4) in double (relative tolerance 1e-13 per entry), with the
+  /// closed-form Sigma and Psi; no R table is involved except R_s in the last product.
+  StochasticStep stochastic_step(double t, double s, double l) const {
+    const char* where = "gddim::CldSchedule::stochastic_step";
+    check_time(t, where);
+    check_time(s, where);
+    diffgrad::detail::require(t <= s, where, "t", "t <= s (a sampling step goes down in time)", t);
+    diffgrad::detail::require(l >= 0 && l <= 1, where, "stochasticity", "a number in [0, 1]", l);
+    StochasticStep out;
+    out.transition = transition(t, s);
+    const double c = 0.5 * (1.0 + l * l);
+    using V7 = Eigen::Matrix<double, 7, 1>; // P_xx, P_xv, P_vv, E (row-major)
+    const auto rhs = [&](double tau, const V7& y) {
+      const Mat2 sig = covariance(tau), gg = diffusion_squared(tau);
+      const Mat2 gs = gg * inverse(sig), fh = drift(tau) + c * gs;
+      Mat2 p;
+      p << y[0], y[1], y[1], y[2];
+      Mat2 e;
+      e << y[3], y[4], y[5], y[6];
+      const Mat2 dp = fh * p + p * fh.transpose() - (l * l) * gg;
+      const Mat2 de = fh * e + c * gs * transition(tau, s);
+      V7 d;
+      d << dp(0, 0), 0.5 * (dp(0, 1) + dp(1, 0)), dp(1, 1), de(0, 0), de(0, 1), de(1, 0), de(1, 1);
+      return d;
+    };
+    V7 y = V7::Zero();
+    // A tiny first step; the controller grows it by up to 5x per step.
+    if (t < s) y = detail::dopri5<7>(rhs, s, t, y, 1e-6 * (s - t));
+    Mat2 p;
+    p << y[0], y[1], y[1], y[2];
+    Mat2 e;
+    e << y[3], y[4], y[5], y[6];
+    out.eps_coefficient = e * sqrt_covariance(s);
+    out.covariance = p;
+    out.noise_factor = safe_cholesky(p);
+    return out;
+  }
+
+  /// Lower Cholesky factor of a symmetric positive semidefinite block that may be singular or
+  /// (by rounding) slightly indefinite: negative pivots are clamped to zero, a zero first pivot
+  /// leaves the v noise alone. Used for P, which vanishes as l -> 0 or t -> s.
+  static Mat2 safe_cholesky(const Mat2& p) {
+    const double a = std::sqrt(std::max(p(0, 0), 0.0));
+    const double b = a > 0 ? 0.5 * (p(0, 1) + p(1, 0)) / a : 0.0;
+    const double c = std::sqrt(std::max(p(1, 1) - b * b, 0.0));
+    Mat2 l;
+    l << a, 0.0, b, c;
     return l;
   }
 
