@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "diffgrad/gddim/cld_schedule.hpp"
 
@@ -451,8 +452,9 @@ TEST_CASE("CLD: bad parameters are refused by name", "[gddim][cld]") {
         std::string::npos);
   const CldSchedule cld;
   CHECK(message_of([&] { (void)cld.sqrt_covariance(1.5); }).find("'t'") != std::string::npos);
-  CHECK(message_of([&] { (void)cld.step_coefficient(0.5, -0.1); }).find("'t'") !=
+  CHECK(message_of([&] { (void)cld.step_coefficient(0.5, -0.1); }).find("'s'") !=
         std::string::npos);
+  CHECK(message_of([&] { (void)cld.covariance(-1e-9); }).find("'t'") != std::string::npos);
 }
 
 namespace {
@@ -573,4 +575,56 @@ TEST_CASE("CLD: stochastic gDDIM step (eps coefficient and covariance P)", "[gdd
         std::string::npos);
   CHECK(message_of([&] { (void)cld.stochastic_step(0.5, 0.1, 0.5); }).find("'t'") !=
         std::string::npos);
+}
+
+TEST_CASE("CLD: multistep coefficients integrate polynomial eps exactly and sum to C",
+          "[gddim][cld]") {
+  const CldSchedule cld;
+  double worst_sum = 0, worst_poly = 0;
+  // (t, nodes newest first): a quadratic-in-t grid near the data and a long step.
+  const std::array<std::pair<double, std::vector<double>>, 4> cases{{
+      {0.08, {0.1, 0.12}},
+      {1e-3, {0.004, 0.009, 0.016}},
+      {0.3, {0.5, 0.7, 1.0}},
+      {0.2, {0.25, 0.3, 0.35, 0.4}},
+  }};
+  for (const auto& [t, nodes] : cases) {
+    const std::vector<Mat2> cs = cld.multistep_coefficients(t, nodes);
+    REQUIRE(cs.size() == nodes.size());
+    Mat2 sum = Mat2::Zero();
+    for (const Mat2& c : cs) sum += c;
+    worst_sum = std::max(worst_sum, rel(sum, cld.step_coefficient(t, nodes[0])));
+    // eps(tau) = (1 + 2 tau - tau^2 ..., degree q - 1, vector-valued): sum_j C_j eps(t_j) equals
+    // int Psi 1/2 G G^T R^{-T} eps(tau) dtau, computed by adaptive Simpson.
+    const auto eps = [&](double tau) {
+      Eigen::Vector2d e(1.0, -0.5);
+      double pw = 1.0;
+      for (std::size_t k = 1; k < nodes.size(); ++k) {
+        pw *= tau;
+        e += pw * Eigen::Vector2d(0.7 / static_cast<double>(k), 1.3 * static_cast<double>(k));
+      }
+      return e;
+    };
+    Eigen::Vector2d got = Eigen::Vector2d::Zero();
+    for (std::size_t j = 0; j < nodes.size(); ++j) got += cs[j] * eps(nodes[j]);
+    // Simpson on the matrix [integrand * eps, 0] (first column carries the vector).
+    const auto f = [&](double tau) {
+      Mat2 m = Mat2::Zero();
+      m.col(0) = cld.step_integrand(t, tau) * eps(tau);
+      return m;
+    };
+    const double s = nodes[0];
+    const Mat2 ref = simpson(f, s, t, f(s), f(0.5 * (s + t)), f(t), 1e-14 * got.norm(), 50);
+    worst_poly = std::max(worst_poly, (got - ref.col(0)).norm() / ref.col(0).norm());
+  }
+  std::printf("CLD multistep: sum vs C %.2e, polynomial eps vs adaptive Simpson %.2e\n", worst_sum,
+              worst_poly);
+  CHECK(worst_sum <= 1e-12);
+  CHECK(worst_poly <= 1e-10);
+  CHECK(message_of([&] {
+          (void)cld.multistep_coefficients(0.1, std::vector<double>{0.2, 0.2});
+        }).find("'nodes'") != std::string::npos);
+  CHECK(message_of([&] {
+          (void)cld.multistep_coefficients(0.1, std::vector<double>{});
+        }).find("'nodes'") != std::string::npos);
 }

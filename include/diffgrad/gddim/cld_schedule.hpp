@@ -19,6 +19,7 @@
 #include <array>
 #include <cmath>
 #include <cstddef>
+#include <span>
 #include <vector>
 
 #include "diffgrad/core/error.hpp"
@@ -267,7 +268,7 @@ public:
   /// integral is evaluated by Gauss-Legendre on the pieces of the theta panels. t, s in [0, t_max].
   Mat2 step_coefficient(double t, double s) const {
     check_time(t, "step_coefficient");
-    check_time(s, "step_coefficient");
+    check_time(s, "step_coefficient", "s");
     if (t == s) return Mat2::Zero();
     const Mat2 rt = sqrt_covariance(t), prs = transition(t, s) * sqrt_covariance(s);
     const Mat2 c = rt - prs;
@@ -281,8 +282,40 @@ public:
   /// for the multistep coefficients, which multiply this integrand by Lagrange polynomials).
   Mat2 step_coefficient_quadrature(double t, double s) const {
     check_time(t, "step_coefficient_quadrature");
-    check_time(s, "step_coefficient_quadrature");
+    check_time(s, "step_coefficient_quadrature", "s");
     return integrate_pieces(s, t, [this, t](double tau) { return step_integrand(t, tau); });
+  }
+
+  /// Multistep (Adams-Bashforth in t) coefficients of gDDIM: for the step s = nodes[0] -> t with
+  /// eps known at nodes[0], nodes[1], ... (newest first, q = nodes.size() in 1..4),
+  ///   u_t = Psi(t, s) u_s + sum_j C_j eps(u(nodes[j]), nodes[j]),
+  ///   C_j = int_s^t Psi(t,tau) 1/2 G G^T R_tau^{-T} l_j(tau) dtau,
+  /// l_j the Lagrange basis polynomial in t of the nodes. No closed form for q > 1: Gauss-Legendre
+  /// on the theta panels. The C_j sum to C(t, s) (partition of unity); q = 1 is C(t, s).
+  std::vector<Mat2> multistep_coefficients(double t, std::span<const double> nodes) const {
+    const char* where = "gddim::CldSchedule::multistep_coefficients";
+    diffgrad::detail::require(!nodes.empty() && nodes.size() <= 4, where, "nodes",
+                              "between 1 and 4 times", static_cast<double>(nodes.size()));
+    check_time(t, "multistep_coefficients");
+    for (std::size_t j = 0; j < nodes.size(); ++j) {
+      check_time(nodes[j], "multistep_coefficients", "nodes");
+      for (std::size_t k = 0; k < j; ++k)
+        diffgrad::detail::require(nodes[j] != nodes[k], where, "nodes", "distinct times", nodes[j]);
+    }
+    const double s = nodes[0];
+    if (nodes.size() == 1) return {step_coefficient(t, s)};
+    std::vector<Mat2> out;
+    for (std::size_t j = 0; j < nodes.size(); ++j) {
+      const auto lagrange = [&](double tau) {
+        double v = 1.0;
+        for (std::size_t k = 0; k < nodes.size(); ++k)
+          if (k != j) v *= (tau - nodes[k]) / (nodes[j] - nodes[k]);
+        return v;
+      };
+      out.push_back(integrate_pieces(
+          s, t, [&](double tau) { return Mat2(lagrange(tau) * step_integrand(t, tau)); }));
+    }
+    return out;
   }
 
   /// Psi(t,tau) 1/2 G G^T R_tau^{-T}, the integrand of C(t, s).
@@ -353,8 +386,8 @@ public:
   /// closed-form Sigma and Psi; no R table is involved except R_s in the last product.
   StochasticStep stochastic_step(double t, double s, double l) const {
     const char* where = "gddim::CldSchedule::stochastic_step";
-    check_time(t, where);
-    check_time(s, where);
+    check_time(t, "stochastic_step");
+    check_time(s, "stochastic_step", "s");
     diffgrad::detail::require(t <= s, where, "t", "t <= s (a sampling step goes down in time)", t);
     diffgrad::detail::require(l >= 0 && l <= 1, where, "stochasticity", "a number in [0, 1]", l);
     StochasticStep out;
@@ -402,10 +435,11 @@ public:
   static constexpr int kNodes = 20;
 
 private:
-  void check_time(double t, const char* fn) const {
+  void check_time(double t, const char* fn, const char* arg = "t") const {
     if (!(t >= 0.0 && t <= p_.t_max))
-      diffgrad::detail::throw_argument(fn, "t",
-                                       diffgrad::detail::concat("t in [0, ", p_.t_max, "]"), t);
+      diffgrad::detail::throw_argument(
+          diffgrad::detail::concat("gddim::CldSchedule::", fn).c_str(), arg,
+          diffgrad::detail::concat("a time in [0, t_max = ", p_.t_max, "]"), t);
   }
 
   /// theta' = -(beta/M) L_vv / L_xx = -(beta/M) sqrt(det Sigma) / Sigma_xx (docs/gddim.md).
