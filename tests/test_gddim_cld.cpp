@@ -286,15 +286,21 @@ TEST_CASE("CLD: R_t solves its ODE, R R^T = Sigma, and matches independent value
       {0.5, {-0.58415205, 0.80326032, -0.40580997, -0.28853392}},
       {1.0, {0.9966196, -0.08205698, 0.04103561, 0.4983101}},
   }};
-  for (const auto& [t, v] : pinned) {
+  for (const auto& [t_b, v_b] : pinned) {
+    const auto t = t_b;
+    const auto& v = v_b; // lambdas may not capture bindings before clang 16
+
     Mat2 want;
     want << v[0], v[1], v[2], v[3];
     CHECK(rel(cld.sqrt_covariance(t), want) < 1e-7); // entries rounded at 1e-8 absolute
   }
-  for (const auto& [eps, v] : std::array<std::pair<double, std::array<double, 4>>, 2>{{
+  for (const auto& [eps_b, v_b] : std::array<std::pair<double, std::array<double, 4>>, 2>{{
            {1e-4, {0.390, -0.921, 0.460, 0.195}},
            {1e-8, {0.831, 0.557, -0.278, 0.415}},
        }}) {
+    const auto eps = eps_b;
+    const auto& v = v_b; // lambdas may not capture bindings before clang 16
+
     CldParams p;
     p.eps = eps;
     Mat2 want;
@@ -323,13 +329,16 @@ Mat2 simpson(const std::function<Mat2(double)>& f, double a, double b, const Mat
 TEST_CASE("CLD: C(t, s) equals adaptive quadrature of its integral form", "[gddim][cld]") {
   const CldSchedule cld;
   double worst = 0;
-  for (const auto& [s, t] : std::array<std::pair<double, double>, 7>{{{1.0, 1e-3},
-                                                                      {1.0, 0.8},
-                                                                      {0.5, 0.1},
-                                                                      {0.1, 1e-3},
-                                                                      {0.01, 1e-3},
-                                                                      {0.3, 0.2999},
-                                                                      {0.2, 0.6}}}) {
+  for (const auto& [s_b, t_b] : std::array<std::pair<double, double>, 7>{{{1.0, 1e-3},
+                                                                          {1.0, 0.8},
+                                                                          {0.5, 0.1},
+                                                                          {0.1, 1e-3},
+                                                                          {0.01, 1e-3},
+                                                                          {0.3, 0.2999},
+                                                                          {0.2, 0.6}}}) {
+    const auto s = s_b;
+    const auto& t = t_b; // lambdas may not capture bindings before clang 16
+
     const auto f = [&](double tau) { return cld.step_integrand(t, tau); };
     const Mat2 c = cld.step_coefficient(t, s);
     const double tol = 1e-13 * c.norm();
@@ -393,13 +402,16 @@ TEST_CASE("CLD: one deterministic gDDIM step is exact for a single data point", 
     const CldSchedule cld(p);
     const Ref ref{p};
     const double x0 = 0.7;
-    for (const auto& [s, t] : std::array<std::pair<double, double>, 7>{{{1.0, 1e-3},
-                                                                        {1.0, 0.5},
-                                                                        {0.5, 0.1},
-                                                                        {0.1, 1e-3},
-                                                                        {0.01, 1e-3},
-                                                                        {0.3, 0.2999},
-                                                                        {1e-3, 1e-5}}}) {
+    for (const auto& [s_b, t_b] : std::array<std::pair<double, double>, 7>{{{1.0, 1e-3},
+                                                                            {1.0, 0.5},
+                                                                            {0.5, 0.1},
+                                                                            {0.1, 1e-3},
+                                                                            {0.01, 1e-3},
+                                                                            {0.3, 0.2999},
+                                                                            {1e-3, 1e-5}}}) {
+      const auto s = s_b;
+      const auto& t = t_b; // lambdas may not capture bindings before clang 16
+
       using V2 = std::array<ld, 2>;
       const auto mean = [&](ld tau) {
         const L2 e = expm_ref(ref, tau, 0);
@@ -484,8 +496,11 @@ TEST_CASE("CLD: stochastic gDDIM step (eps coefficient and covariance P)", "[gdd
   const CldSchedule cld(p);
   const Ref ref{p};
   double worst_closed = 0, worst_ode = 0, worst_marginal = 0, worst_factor = 0;
-  for (const auto& [s, t] : std::array<std::pair<double, double>, 5>{
+  for (const auto& [s_b, t_b] : std::array<std::pair<double, double>, 5>{
            {{1.0, 0.8}, {0.5, 0.1}, {0.1, 1e-3}, {0.01, 1e-3}, {1.0, 1e-3}}}) {
+    const auto s = s_b;
+    const auto& t = t_b; // lambdas may not capture bindings before clang 16
+
     const L2 sig_t = to_l2(cld.covariance(t)), sig_s = to_l2(cld.covariance(s));
     const L2 rs = to_l2(cld.sqrt_covariance(s));
     const L2 psi = expm_ref(ref, t, s);
@@ -588,7 +603,10 @@ TEST_CASE("CLD: multistep coefficients integrate polynomial eps exactly and sum 
       {0.3, {0.5, 0.7, 1.0}},
       {0.2, {0.25, 0.3, 0.35, 0.4}},
   }};
-  for (const auto& [t, nodes] : cases) {
+  for (const auto& [t_b, nodes_b] : cases) {
+    const auto t = t_b;
+    const auto& nodes = nodes_b; // lambdas may not capture bindings before clang 16
+
     const std::vector<Mat2> cs = cld.multistep_coefficients(t, nodes);
     REQUIRE(cs.size() == nodes.size());
     Mat2 sum = Mat2::Zero();
