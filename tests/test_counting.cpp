@@ -171,6 +171,7 @@ long check_engine_costs(const std::string& name, const Scheme& scheme, NodeAtLam
 
   BackendCounts previous = before_loop;
   previous.copies += 1; // the copy-in before step 0 is not part of any step
+  previous.finite_checks += 1; // nor is the x_T check before it (SampleOptions::check_finite)
   for (int i = 0; i < num_steps; ++i) {
     const auto k = static_cast<std::size_t>(i);
     const BackendCounts step = after_step[k] - previous;
