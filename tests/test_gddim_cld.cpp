@@ -646,3 +646,50 @@ TEST_CASE("CLD: multistep coefficients integrate polynomial eps exactly and sum 
           (void)cld.multistep_coefficients(0.1, std::vector<double>{});
         }).find("'nodes'") != std::string::npos);
 }
+
+TEST_CASE("CLD: N-step gDDIM is exact for one data point, the Cholesky variant is not",
+          "[gddim][cld]") {
+  // The official grid: quadratic in t from T = 1 to t_min = 1e-3. Reference: the PF-ODE with
+  // the exact score, long double, as in the single-step test (independent of R_t).
+  const CldParams p;
+  const CldSchedule cld(p);
+  const Ref ref{p};
+  const double x0 = 0.7, tmin = 1e-3;
+  using V2 = std::array<ld, 2>;
+  const auto mean = [&](ld tau) {
+    const L2 e = expm_ref(ref, tau, 0);
+    return V2{e[0][0] * x0, e[1][0] * x0};
+  };
+  const auto rhs = [&](ld tau, const V2& u) {
+    const L2 F = ref.F(tau), Si = inv(to_l2(cld.covariance(static_cast<double>(tau))));
+    const V2 m = mean(tau);
+    const ld g = 0.5L * ref.gg(tau) * (Si[1][0] * (u[0] - m[0]) + Si[1][1] * (u[1] - m[1]));
+    return V2{F[0][0] * u[0] + F[0][1] * u[1], F[1][0] * u[0] + F[1][1] * u[1] + g};
+  };
+  const Eigen::Vector2d u0(x0, 0.0);
+  const Eigen::Vector2d uT =
+      cld.transition(1.0, 0) * u0 + cld.sqrt_covariance(1.0) * Eigen::Vector2d(0.3, -1.1);
+  const V2 w = dopri<2>(rhs, 1.0, tmin, V2{uT[0], uT[1]}, 1e-17L, 1e-40L, 1e-9L);
+  const Eigen::Vector2d want(static_cast<double>(w[0]), static_cast<double>(w[1]));
+  std::printf("CLD N-step single point, rel 2-norm error at t_min (R_t | Cholesky L_t):\n");
+  double worst_r = 0;
+  for (int n : {1, 2, 5, 10, 20, 50, 100}) {
+    Eigen::Vector2d ur = uT, ul = uT;
+    for (int i = 0; i < n; ++i) {
+      const double a = 1.0 + i * (std::sqrt(tmin) - 1.0) / n;
+      const double b = 1.0 + (i + 1) * (std::sqrt(tmin) - 1.0) / n;
+      const double s = a * a, t = i + 1 == n ? tmin : b * b;
+      const Eigen::Vector2d ms = cld.transition(s, 0) * u0;
+      const Eigen::Vector2d er = CldSchedule::inverse(cld.sqrt_covariance(s)) * (ur - ms);
+      const Eigen::Vector2d el =
+          CldSchedule::inverse(CldSchedule::cholesky(cld.covariance(s))) * (ul - ms);
+      ur = cld.transition(t, s) * ur + cld.step_coefficient(t, s) * er;
+      ul = cld.transition(t, s) * ul + cld.cholesky_step_coefficient(t, s) * el;
+    }
+    const double er = (ur - want).norm() / want.norm(), el = (ul - want).norm() / want.norm();
+    std::printf("  N = %3d: %.2e | %.2e\n", n, er, el);
+    worst_r = std::max(worst_r, er);
+    if (n <= 20) CHECK(el > 1e-3); // not exact: the frozen eps_L drifts along the trajectory
+  }
+  CHECK(worst_r <= 1e-10);
+}

@@ -318,6 +318,19 @@ public:
     return out;
   }
 
+  /// Step coefficient of the Cholesky parameterisation (score = -L_t^{-T} eps_L, L_t =
+  /// chol(Sigma_t)), for comparison only: int_s^t Psi(t,tau) 1/2 G G^T L_tau^{-T} dtau has no
+  /// closed form and, since eps_L is not constant along PF-ODE trajectories, the step is only
+  /// first-order accurate even for one data point (docs/gddim.md).
+  Mat2 cholesky_step_coefficient(double t, double s) const {
+    check_time(t, "cholesky_step_coefficient");
+    check_time(s, "cholesky_step_coefficient", "s");
+    return integrate_pieces(s, t, [this, t](double tau) {
+      return Mat2(transition(t, tau) * (0.5 * diffusion_squared(tau)) *
+                  inverse(cholesky(covariance(tau))).transpose());
+    });
+  }
+
   /// Psi(t,tau) 1/2 G G^T R_tau^{-T}, the integrand of C(t, s).
   Mat2 step_integrand(double t, double tau) const {
     const Mat2 rinv_t = inverse(sqrt_covariance(tau)).transpose();
