@@ -600,3 +600,27 @@ TEST_CASE("gddim bdm: N deterministic steps with the exact eps land on the same 
     }
   }
 }
+
+TEST_CASE("gddim bdm: grid table and nodes agree with the per-time functions", "[gddim][bdm]") {
+  const BdmSchedule sch(5, 7);
+  const std::vector<double> times = {0.99, 0.7, 0.3, 0.05, 1e-3};
+  const auto table = sch.ddim_table(times);
+  REQUIRE(table.x.rows() == 4);
+  REQUIRE(table.x.cols() == 35);
+  for (std::size_t i = 0; i + 1 < times.size(); ++i) {
+    const auto c = sch.ddim_coeffs(times[i], times[i + 1]);
+    CHECK(table.x.row(static_cast<Index>(i)) == c.x.transpose());
+    CHECK(table.eps.row(static_cast<Index>(i)) == c.eps.transpose());
+  }
+  const auto n = sch.node(0.3);
+  VectorXd a(35), l(35);
+  sch.alpha(0.3, a);
+  sch.log_snr(0.3, l);
+  CHECK(n.alpha == a);
+  CHECK(n.lambda == l);
+  CHECK(n.base.sigma == sch.sigma(0.3));
+  CHECK(n.base.model_t == 999.0 * 0.3);
+  require_throws_naming([&] { (void)sch.ddim_table(std::vector<double>{0.5}); }, "'times'");
+  require_throws_naming([&] { (void)sch.ddim_table(std::vector<double>{0.5, 0.6}); }, "'times'");
+  require_throws_naming([&] { (void)sch.ddim_table(std::vector<double>{0.5, 0.0}); }, "'t'");
+}

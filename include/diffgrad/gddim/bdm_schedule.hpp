@@ -30,8 +30,10 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 #include <numbers>
+#include <span>
 #include <utility>
 
 #include "diffgrad/concepts/schedule.hpp"
@@ -128,6 +130,13 @@ struct BdmNode {
 struct BdmStepCoeffs {
   Eigen::VectorXd x;   ///< Psi_k(t, s) = alpha_k(t) / alpha_k(s)
   Eigen::VectorXd eps; ///< C_k(t, s) = R_t - Psi_k R_s = sigma_t - Psi_k sigma_s
+};
+
+/// q = 0 coefficients of a whole grid: row i is the step times[i] -> times[i + 1], one column
+/// per frequency (k = i W + j).
+struct BdmDdimTable {
+  Eigen::MatrixXd x;   ///< Psi_k(times[i + 1], times[i])
+  Eigen::MatrixXd eps; ///< C_k(times[i + 1], times[i])
 };
 
 /// The blurring diffusion schedule over H x W images on top of a scalar base schedule `Vp`
@@ -273,6 +282,33 @@ public:
     BdmStepCoeffs c{Eigen::VectorXd(size()), Eigen::VectorXd(size())};
     ddim_coeffs(s, t, c.x, c.eps);
     return c;
+  }
+
+  /// The q = 0 coefficients of a whole grid, built once before a step loop: row i of x and
+  /// eps holds Psi_k and C_k of the step times[i] -> times[i + 1]. `times` must be strictly
+  /// decreasing (noise to data) inside the domain, at least two points.
+  BdmDdimTable ddim_table(std::span<const double> times) const {
+    const char* where = "BdmSchedule::ddim_table";
+    detail::require(times.size() >= 2, where, "times", "at least 2 time points",
+                    static_cast<double>(times.size()));
+    for (std::size_t i = 0; i < times.size(); ++i) {
+      checked(times[i], where);
+      if (i > 0 && !(times[i] < times[i - 1]))
+        detail::throw_argument(where, "times",
+                               detail::concat("strictly decreasing times (noise to data); at ",
+                                              "index ", i, " after ", times[i - 1]),
+                               times[i]);
+    }
+    const auto steps = static_cast<Eigen::Index>(times.size() - 1);
+    BdmDdimTable table{Eigen::MatrixXd(steps, size()), Eigen::MatrixXd(steps, size())};
+    Eigen::VectorXd x(size()), e(size());
+    for (Eigen::Index i = 0; i < steps; ++i) {
+      const auto u = static_cast<std::size_t>(i);
+      ddim_coeffs(times[u], times[u + 1], x, e);
+      table.x.row(i) = x.transpose();
+      table.eps.row(i) = e.transpose();
+    }
+    return table;
   }
 
   /// SDE form (the gDDIM thesis' BDM equation), per frequency:
