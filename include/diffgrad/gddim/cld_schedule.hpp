@@ -407,7 +407,8 @@ public:
     out.transition = transition(t, s);
     const double c = 0.5 * (1.0 + l * l);
     using V7 = Eigen::Matrix<double, 7, 1>; // P_xx, P_xv, P_vv, E (row-major)
-    const auto rhs = [&](double tau, const V7& y) {
+    const auto rhs = [&](double tau_raw, const V7& y) {
+      const double tau = std::clamp(tau_raw, t, s); // stage times may round past the ends
       const Mat2 sig = covariance(tau), gg = diffusion_squared(tau);
       const Mat2 gs = gg * inverse(sig), fh = drift(tau) + c * gs;
       Mat2 p;
