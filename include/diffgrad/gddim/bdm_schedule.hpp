@@ -55,14 +55,15 @@ public:
                              double model_time_scale = 999.0)
       : s_(s), t_min_(t_min), t_max_(t_max), scale_(model_time_scale) {
     const char* where = "BdmCosineSchedule";
-    detail::require(s >= 0.0 && s < 1.0, where, "s", "0 <= s < 1", s);
-    detail::require(t_min > 0.0 && std::isfinite(t_min), where, "t_min", "a finite t_min > 0",
-                    t_min);
+    diffgrad::detail::require(s >= 0.0 && s < 1.0, where, "s", "0 <= s < 1", s);
+    diffgrad::detail::require(t_min > 0.0 && std::isfinite(t_min), where, "t_min",
+                              "a finite t_min > 0", t_min);
     // theta(t_max) < pi/2 keeps alpha(t_max) > 0 (lambda finite): t_max < 1 + s.
-    detail::require(t_max > t_min && t_max < 1.0 + s, where, "t_max",
-                    "t_min < t_max < 1 + s (alpha = cos(theta) vanishes at t = 1 + s)", t_max);
-    detail::require(model_time_scale > 0.0 && std::isfinite(model_time_scale), where,
-                    "model_time_scale", "a positive finite number", model_time_scale);
+    diffgrad::detail::require(t_max > t_min && t_max < 1.0 + s, where, "t_max",
+                              "t_min < t_max < 1 + s (alpha = cos(theta) vanishes at t = 1 + s)",
+                              t_max);
+    diffgrad::detail::require(model_time_scale > 0.0 && std::isfinite(model_time_scale), where,
+                              "model_time_scale", "a positive finite number", model_time_scale);
   }
   double t_min() const { return t_min_; }
   double t_max() const { return t_max_; }
@@ -97,8 +98,8 @@ public:
   /// alpha(0), an EDM-like noise level rho measured from t = 0 of this unnormalised schedule
   /// (rho = 80 gives t = 0.99598, abar = 1.562e-4; sampling does not start at t_max = 1).
   double t_start(double rho = 80.0) const {
-    detail::require(rho > 0.0 && std::isfinite(rho), "BdmCosineSchedule::t_start", "rho",
-                    "a positive finite noise level", rho);
+    diffgrad::detail::require(rho > 0.0 && std::isfinite(rho), "BdmCosineSchedule::t_start", "rho",
+                              "a positive finite noise level", rho);
     return t_of_lambda(-std::log((rho + sigma(0.0)) / alpha(0.0)));
   }
   /// d log alpha / dt = -theta' tan(theta).
@@ -108,7 +109,7 @@ public:
   double g2(double t) const { return -2.0 * f(t); } // VP: d sigma^2/dt - 2 f sigma^2 = -2 f
   double model_time(double t) const { return scale_ * t; }
   Node node(double t) const {
-    detail::check_time(t, t_min_, t_max_, "BdmCosineSchedule::node");
+    diffgrad::detail::check_time(t, t_min_, t_max_, "BdmCosineSchedule::node");
     return Node{t, alpha(t), sigma(t), lambda(t), model_time(t)};
   }
 
@@ -148,16 +149,18 @@ public:
                        double d_min = 0.001, Vp vp = Vp{})
       : vp_(std::move(vp)), h_(height), w_(width), sigma_blur_max_(sigma_blur_max), d_min_(d_min) {
     const char* where = "BdmSchedule";
-    detail::require(height >= 1, where, "height", "an image height >= 1",
-                    static_cast<double>(height));
-    detail::require(width >= 1, where, "width", "an image width >= 1", static_cast<double>(width));
-    detail::require(sigma_blur_max >= 0.0 && std::isfinite(sigma_blur_max), where, "sigma_blur_max",
-                    "a finite sigma_blur_max >= 0", sigma_blur_max);
-    detail::require(d_min >= 0.0 && d_min < 1.0, where, "d_min", "0 <= d_min < 1", d_min);
-    detail::require(vp_.t_max() <= 1.0, where, "vp",
-                    "a base schedule with t_max <= 1 (the blur sin^2(pi t/2) rises on [0, 1])",
-                    vp_.t_max());
-    detail::require(vp_.t_min() > 0.0, where, "vp", "a base schedule with t_min > 0", vp_.t_min());
+    diffgrad::detail::require(height >= 1, where, "height", "an image height >= 1",
+                              static_cast<double>(height));
+    diffgrad::detail::require(width >= 1, where, "width", "an image width >= 1",
+                              static_cast<double>(width));
+    diffgrad::detail::require(sigma_blur_max >= 0.0 && std::isfinite(sigma_blur_max), where,
+                              "sigma_blur_max", "a finite sigma_blur_max >= 0", sigma_blur_max);
+    diffgrad::detail::require(d_min >= 0.0 && d_min < 1.0, where, "d_min", "0 <= d_min < 1", d_min);
+    diffgrad::detail::require(
+        vp_.t_max() <= 1.0, where, "vp",
+        "a base schedule with t_max <= 1 (the blur sin^2(pi t/2) rises on [0, 1])", vp_.t_max());
+    diffgrad::detail::require(vp_.t_min() > 0.0, where, "vp", "a base schedule with t_min > 0",
+                              vp_.t_min());
     freq_.resize(h_ * w_);
     const double hd = static_cast<double>(h_), wd = static_cast<double>(w_);
     const double pi2 = std::numbers::pi * std::numbers::pi;
@@ -172,10 +175,10 @@ public:
     const double x = lam_max * tau(vp_.t_max());
     const double log_d = d_min_ > 0.0 ? log_add_exp(std::log(d_min_), std::log1p(-d_min_) - x) : -x;
     const double log_alpha = std::log(vp_.alpha(vp_.t_max())) + log_d;
-    if (!(log_alpha >= detail::kMinLogAlpha))
-      throw invalid_argument(detail::concat(
+    if (!(log_alpha >= diffgrad::detail::kMinLogAlpha))
+      throw invalid_argument(diffgrad::detail::concat(
           where, ": arguments 'sigma_blur_max', 'd_min', 'height', 'width' expected ",
-          "log alpha_k(t_max) = log a(t_max) + log d_k(t_max) >= ", detail::kMinLogAlpha,
+          "log alpha_k(t_max) = log a(t_max) + log d_k(t_max) >= ", diffgrad::detail::kMinLogAlpha,
           " for the highest frequency (a normal double; otherwise alpha_k underflows to 0), got ",
           log_alpha, " (sigma_blur_max = ", sigma_blur_max, ", d_min = ", d_min,
           ", lambda_max = ", lam_max, ")"));
@@ -289,15 +292,16 @@ public:
   /// decreasing (noise to data) inside the domain, at least two points.
   BdmDdimTable ddim_table(std::span<const double> times) const {
     const char* where = "BdmSchedule::ddim_table";
-    detail::require(times.size() >= 2, where, "times", "at least 2 time points",
-                    static_cast<double>(times.size()));
+    diffgrad::detail::require(times.size() >= 2, where, "times", "at least 2 time points",
+                              static_cast<double>(times.size()));
     for (std::size_t i = 0; i < times.size(); ++i) {
       checked(times[i], where);
       if (i > 0 && !(times[i] < times[i - 1]))
-        detail::throw_argument(where, "times",
-                               detail::concat("strictly decreasing times (noise to data); at ",
-                                              "index ", i, " after ", times[i - 1]),
-                               times[i]);
+        diffgrad::detail::throw_argument(
+            where, "times",
+            diffgrad::detail::concat("strictly decreasing times (noise to data); at ", "index ", i,
+                                     " after ", times[i - 1]),
+            times[i]);
     }
     const auto steps = static_cast<Eigen::Index>(times.size() - 1);
     BdmDdimTable table{Eigen::MatrixXd(steps, size()), Eigen::MatrixXd(steps, size())};
@@ -339,14 +343,14 @@ public:
 
 private:
   double checked(double t, const char* where) const {
-    detail::check_time(t, vp_.t_min(), vp_.t_max(), where);
+    diffgrad::detail::check_time(t, vp_.t_min(), vp_.t_max(), where);
     return t;
   }
   void check_size(const Eigen::Ref<Eigen::VectorXd>& v, const char* where) const {
     if (v.size() != size())
-      detail::throw_argument(where, "out",
-                             detail::concat("a vector of H W = ", size(), " frequencies"),
-                             detail::concat("size ", v.size()));
+      diffgrad::detail::throw_argument(
+          where, "out", diffgrad::detail::concat("a vector of H W = ", size(), " frequencies"),
+          diffgrad::detail::concat("size ", v.size()));
   }
   static double log_add_exp(double p, double q) {
     const double m = std::max(p, q);
@@ -409,19 +413,21 @@ inline void apply_diagonal_step(const Eigen::VectorXd& x_coef, const Eigen::Vect
   const char* where = "apply_diagonal_step";
   const Eigen::Index n = x_coef.size();
   if (eps_coef.size() != n)
-    detail::throw_argument(where, "eps_coef", detail::concat("size ", n, " (that of x_coef)"),
-                           detail::concat("size ", eps_coef.size()));
+    diffgrad::detail::throw_argument(where, "eps_coef",
+                                     diffgrad::detail::concat("size ", n, " (that of x_coef)"),
+                                     diffgrad::detail::concat("size ", eps_coef.size()));
   if (y.cols() != n)
-    detail::throw_argument(where, "y", detail::concat(n, " columns (one per frequency)"),
-                           detail::concat(y.cols(), " columns"));
+    diffgrad::detail::throw_argument(where, "y",
+                                     diffgrad::detail::concat(n, " columns (one per frequency)"),
+                                     diffgrad::detail::concat(y.cols(), " columns"));
   if (e.rows() != y.rows() || e.cols() != n)
-    detail::throw_argument(where, "e",
-                           detail::concat("the shape of 'y' (", y.rows(), " x ", n, ")"),
-                           detail::concat(e.rows(), " x ", e.cols()));
+    diffgrad::detail::throw_argument(
+        where, "e", diffgrad::detail::concat("the shape of 'y' (", y.rows(), " x ", n, ")"),
+        diffgrad::detail::concat(e.rows(), " x ", e.cols()));
   if (out.rows() != y.rows() || out.cols() != n)
-    detail::throw_argument(where, "out",
-                           detail::concat("the shape of 'y' (", y.rows(), " x ", n, ")"),
-                           detail::concat(out.rows(), " x ", out.cols()));
+    diffgrad::detail::throw_argument(
+        where, "out", diffgrad::detail::concat("the shape of 'y' (", y.rows(), " x ", n, ")"),
+        diffgrad::detail::concat(out.rows(), " x ", out.cols()));
   for (Eigen::Index b = 0; b < y.rows(); ++b)
     out.row(b) =
         y.row(b).cwiseProduct(x_coef.transpose()) + e.row(b).cwiseProduct(eps_coef.transpose());

@@ -29,7 +29,7 @@ using ImageBatch = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::
 
 /// The n x n orthonormal DCT-II matrix D_n (rows are frequencies, columns are positions).
 inline Eigen::MatrixXd dct2_matrix(Eigen::Index n) {
-  detail::require(n >= 1, "dct2_matrix", "n", "a size >= 1", static_cast<double>(n));
+  diffgrad::detail::require(n >= 1, "dct2_matrix", "n", "a size >= 1", static_cast<double>(n));
   Eigen::MatrixXd d(n, n);
   const double nd = static_cast<double>(n);
   const double c0 = std::sqrt(1.0 / nd), ck = std::sqrt(2.0 / nd);
@@ -52,10 +52,10 @@ inline Eigen::MatrixXd dct2_matrix(Eigen::Index n) {
 class Dct2d {
 public:
   Dct2d(Eigen::Index height, Eigen::Index width) : h_(height), w_(width) {
-    detail::require(height >= 1, "Dct2d", "height", "an image height >= 1",
-                    static_cast<double>(height));
-    detail::require(width >= 1, "Dct2d", "width", "an image width >= 1",
-                    static_cast<double>(width));
+    diffgrad::detail::require(height >= 1, "Dct2d", "height", "an image height >= 1",
+                              static_cast<double>(height));
+    diffgrad::detail::require(width >= 1, "Dct2d", "width", "an image width >= 1",
+                              static_cast<double>(width));
     dh_ = dct2_matrix(height);
     dw_ = dct2_matrix(width);
     dw_t_ = dw_.transpose();
@@ -95,14 +95,16 @@ private:
     const char* where = inverse ? "Dct2d::inverse" : "Dct2d::forward";
     // Messages are built only on failure: a passing call must not allocate.
     if (in.cols() != size())
-      detail::throw_argument(where, "in",
-                             detail::concat("rows of H W = ", size(), " values (", h_, " x ", w_,
-                                            " images, row-major)"),
-                             detail::concat(in.cols(), " columns"));
+      diffgrad::detail::throw_argument(where, "in",
+                                       diffgrad::detail::concat("rows of H W = ", size(),
+                                                                " values (", h_, " x ", w_,
+                                                                " images, row-major)"),
+                                       diffgrad::detail::concat(in.cols(), " columns"));
     if (out.rows() != in.rows() || out.cols() != in.cols())
-      detail::throw_argument(
-          where, "out", detail::concat("the shape of 'in' (", in.rows(), " x ", in.cols(), ")"),
-          detail::concat(out.rows(), " x ", out.cols()));
+      diffgrad::detail::throw_argument(
+          where, "out",
+          diffgrad::detail::concat("the shape of 'in' (", in.rows(), " x ", in.cols(), ")"),
+          diffgrad::detail::concat(out.rows(), " x ", out.cols()));
     for (Eigen::Index b = 0; b < in.rows(); ++b) {
       const ConstImageMap x(in.row(b).data(), h_, w_);
       ImageMap y(out.row(b).data(), h_, w_);
