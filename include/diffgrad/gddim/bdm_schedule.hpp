@@ -176,7 +176,7 @@ public:
     const double log_d = d_min_ > 0.0 ? log_add_exp(std::log(d_min_), std::log1p(-d_min_) - x) : -x;
     const double log_alpha = std::log(vp_.alpha(vp_.t_max())) + log_d;
     if (!(log_alpha >= diffgrad::detail::kMinLogAlpha))
-      throw invalid_argument(diffgrad::detail::concat(
+      throw diffgrad::invalid_argument(diffgrad::detail::concat(
           where, ": arguments 'sigma_blur_max', 'd_min', 'height', 'width' expected ",
           "log alpha_k(t_max) = log a(t_max) + log d_k(t_max) >= ", diffgrad::detail::kMinLogAlpha,
           " for the highest frequency (a normal double; otherwise alpha_k underflows to 0), got ",
