@@ -43,8 +43,10 @@ std::vector<double> naive_forward(const MlpConfig& c, const Eigen::VectorXd& par
                                   const Eigen::VectorXd& z) {
   const double pi = 3.14159265358979323846;
   std::vector<long double> h(x.begin(), x.end());
-  for (int j = 0; j < c.time_frequencies; ++j) h.push_back(std::sin(pi * std::pow(2.0, j) * c.time_scale * t));
-  for (int j = 0; j < c.time_frequencies; ++j) h.push_back(std::cos(pi * std::pow(2.0, j) * c.time_scale * t));
+  for (int j = 0; j < c.time_frequencies; ++j)
+    h.push_back(std::sin(pi * std::pow(2.0, j) * c.time_scale * t));
+  for (int j = 0; j < c.time_frequencies; ++j)
+    h.push_back(std::cos(pi * std::pow(2.0, j) * c.time_scale * t));
   for (Eigen::Index j = 0; j < z.size(); ++j) h.push_back(z(j));
   std::vector<int> widths = c.hidden;
   widths.push_back(c.dim);
@@ -54,7 +56,7 @@ std::vector<double> naive_forward(const MlpConfig& c, const Eigen::VectorXd& par
     const int out = widths[l];
     std::vector<long double> next(static_cast<std::size_t>(out));
     for (int o = 0; o < out; ++o) {
-      long double acc = params(offset + out * in + o);  // bias after the weight block
+      long double acc = params(offset + out * in + o); // bias after the weight block
       for (Eigen::Index i = 0; i < in; ++i)
         acc += params(offset + o * in + i) * h[static_cast<std::size_t>(i)];
       const bool hidden = l + 1 < widths.size();
@@ -96,7 +98,8 @@ TEST_CASE("Mlp: layout, size and forward match the documented network", "[models
       for (Eigen::Index b = 0; b < 4; ++b) {
         const std::vector<double> xb(x.row(b).data(), x.row(b).data() + 3);
         const auto expected = naive_forward(c, net.params(), xb, t, net.cond());
-        for (int j = 0; j < 3; ++j) CHECK(out(b, j) == Approx(expected[static_cast<std::size_t>(j)]).epsilon(1e-13));
+        for (int j = 0; j < 3; ++j)
+          CHECK(out(b, j) == Approx(expected[static_cast<std::size_t>(j)]).epsilon(1e-13));
       }
     }
   }
@@ -113,7 +116,7 @@ TEST_CASE("Mlp: the initialiser is deterministic and torch-like", "[models][mlp]
     const Eigen::Index begin = a.weight_offset(l), end = a.bias_offset(l) + a.widths()[l + 1];
     const Eigen::VectorXd block = a.params().segment(begin, end - begin);
     CHECK(block.cwiseAbs().maxCoeff() <= bound);
-    CHECK(block.cwiseAbs().maxCoeff() > 0.7 * bound);  // spread over the interval
+    CHECK(block.cwiseAbs().maxCoeff() > 0.7 * bound); // spread over the interval
     CHECK(std::abs(block.mean()) < 0.35 * bound);
   }
   // float and double draw the same numbers (rounded).
@@ -162,10 +165,12 @@ TEST_CASE("Mlp VJP accumulates into dcond/dparams and sums over the batch", "[mo
   net.cond() << 0.1, 0.2;
   const auto x = diffgrad::testing::test_batch<double>(4, 3);
   const Mat a = diffgrad::testing::test_batch<double>(4, 3).reverse();
-  Eigen::VectorXd dc_all = Eigen::VectorXd::Zero(2), dp_all = Eigen::VectorXd::Zero(net.param_size());
+  Eigen::VectorXd dc_all = Eigen::VectorXd::Zero(2),
+                  dp_all = Eigen::VectorXd::Zero(net.param_size());
   Mat dx_all;
   net.vjp(x, 0.2, a, dx_all, &dc_all, &dp_all);
-  Eigen::VectorXd dc_sum = Eigen::VectorXd::Constant(2, 1.0), dp_sum = Eigen::VectorXd::Constant(net.param_size(), 1.0);
+  Eigen::VectorXd dc_sum = Eigen::VectorXd::Constant(2, 1.0),
+                  dp_sum = Eigen::VectorXd::Constant(net.param_size(), 1.0);
   for (Eigen::Index b = 0; b < 4; ++b) {
     Mat dx;
     net.vjp(x.row(b), 0.2, a.row(b), dx, &dc_sum, &dp_sum);
@@ -199,6 +204,22 @@ TEST_CASE("Mlp save/load round-trips exactly", "[models][mlp][io]") {
   CHECK((as_float.params().cast<double>() - net.params()).cwiseAbs().maxCoeff() < 1e-7);
 }
 
+TEST_CASE("Mlp::save reports a full disk instead of leaving a truncated file",
+          "[models][mlp][io]") {
+  // /dev/full accepts the open and fails the writes; the last buffered block fails at close.
+  std::FILE* probe = std::fopen("/dev/full", "w");
+  if (probe == nullptr) {
+    WARN("no /dev/full on this system: nothing to check");
+    return;
+  }
+  std::fclose(probe);
+  MlpConfig c = small_config(Activation::silu, 0);
+  c.hidden = {6};
+  const Mlp<double> net(c, 11);
+  CHECK_THROWS_WITH(net.save(std::string("/dev/full")),
+                    Catch::Matchers::Contains("Mlp::save") && Catch::Matchers::Contains("failed"));
+}
+
 TEST_CASE("Mlp rejects bad input with diffgrad::invalid_argument", "[models][mlp][errors]") {
   Mlp<double> net(small_config(Activation::tanh), 1);
   Mat out, dx;
@@ -215,7 +236,8 @@ TEST_CASE("Mlp rejects bad input with diffgrad::invalid_argument", "[models][mlp
   SECTION("wrong parameter size") {
     CHECK_THROWS_AS(net.set_params(Eigen::VectorXd::Zero(5)), diffgrad::invalid_argument);
     Eigen::VectorXd dp = Eigen::VectorXd::Zero(5);
-    CHECK_THROWS_WITH(net.vjp(diffgrad::testing::test_batch<double>(2, 3), 0.1, Mat::Ones(2, 3), dx, nullptr, &dp),
+    CHECK_THROWS_WITH(net.vjp(diffgrad::testing::test_batch<double>(2, 3), 0.1, Mat::Ones(2, 3), dx,
+                              nullptr, &dp),
                       Catch::Contains("dparams"));
   }
   SECTION("bad configuration") {
@@ -232,9 +254,10 @@ TEST_CASE("Mlp rejects bad input with diffgrad::invalid_argument", "[models][mlp
     std::stringstream ss;
     net.save(ss);
     std::string text = ss.str();
-    text.resize(text.size() / 2);  // truncated parameter list
+    text.resize(text.size() / 2); // truncated parameter list
     std::stringstream truncated(text);
     CHECK_THROWS_WITH(Mlp<double>::load(truncated), Catch::Contains("parameter values"));
-    CHECK_THROWS_AS(Mlp<double>::load(std::string("/nonexistent/dir/mlp.txt")), diffgrad::invalid_argument);
+    CHECK_THROWS_AS(Mlp<double>::load(std::string("/nonexistent/dir/mlp.txt")),
+                    diffgrad::invalid_argument);
   }
 }

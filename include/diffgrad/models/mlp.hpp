@@ -164,6 +164,11 @@ public:
     std::ofstream os(path);
     if (!os) diffgrad::detail::throw_argument("Mlp::save", "path", "a writable file", path);
     save(os);
+    // A full disk often shows only when the buffered tail is flushed at close.
+    os.close();
+    if (!os)
+      throw std::runtime_error(
+          diffgrad::detail::concat("Mlp::save: writing '", path, "' failed when closing the file"));
   }
 
   /// Reads what save() wrote (the conditioning vector starts at zero).
