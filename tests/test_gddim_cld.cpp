@@ -191,7 +191,8 @@ std::string message_of(const std::function<void()>& fn) {
 }
 
 std::vector<CldParams> parameter_sets() {
-  std::vector<CldParams> ps(4);
+  std::vector<CldParams> ps(5);
+  ps[4].eps = 1e-12; // Sigma nearly singular near t = 0 (x and v almost perfectly correlated)
   ps[1].mass = 1.0;
   ps[1].beta_0 = 0.5;
   ps[1].beta_1 = 3.0;
