@@ -113,6 +113,12 @@ if(_diffgrad_doc_compile_only)
   target_link_libraries(diffgrad_doc_snippets PRIVATE diffgrad::diffgrad)
   diffgrad_target_warnings(diffgrad_doc_snippets)
   target_compile_options(diffgrad_doc_snippets PRIVATE -O0)
+  # The blocks compile as part of the build; this test makes ctest report them too (a no-op
+  # when the build is current, a compile error in the test log when a block broke).
+  add_test(NAME "docs: every C++ block of README.md and docs/ compiles"
+           COMMAND ${CMAKE_COMMAND} --build ${CMAKE_BINARY_DIR} --target diffgrad_doc_snippets)
+  set_tests_properties("docs: every C++ block of README.md and docs/ compiles"
+                       PROPERTIES LABELS docs RESOURCE_LOCK diffgrad_build_tree)
 endif()
 
 foreach(_entry IN LISTS _diffgrad_doc_runnable)
@@ -136,6 +142,10 @@ if(_diffgrad_doc_cuda)
     add_library(diffgrad_doc_snippets_cuda OBJECT ${_diffgrad_doc_cuda})
     target_link_libraries(diffgrad_doc_snippets_cuda PRIVATE diffgrad::cuda)
     diffgrad_cuda_target_warnings(diffgrad_doc_snippets_cuda)
+    add_test(NAME "docs: every CUDA block of docs/ compiles"
+             COMMAND ${CMAKE_COMMAND} --build ${CMAKE_BINARY_DIR} --target diffgrad_doc_snippets_cuda)
+    set_tests_properties("docs: every CUDA block of docs/ compiles"
+                         PROPERTIES LABELS docs RESOURCE_LOCK diffgrad_build_tree)
   else()
     list(LENGTH _diffgrad_doc_cuda _n)
     message(STATUS "diffgrad: ${_n} CUDA block(s) of the docs not compiled (CUDA is OFF)")
