@@ -29,7 +29,9 @@ namespace diffgrad::gddim {
 /// One 2x2 block acting on an (x, v) pair; a coefficient acts on the state as Mat2 (x) I_d.
 using Mat2 = Eigen::Matrix2d;
 
-namespace detail {
+// Named cld_detail, not detail: a diffgrad::gddim::detail would hide diffgrad::detail from
+// unqualified `detail::require` in any other gddim header included after this one.
+namespace cld_detail {
 
 /// Gauss-Legendre rule with N nodes on [-1, 1], computed once by Newton's method in long double
 /// (so the nodes are correct to double rounding without a table of typed-in constants).
@@ -123,7 +125,7 @@ Eigen::Matrix<double, N, 1> dopri5(Fn&& f, double t0, double t1, Eigen::Matrix<d
   return y;
 }
 
-} // namespace detail
+} // namespace cld_detail
 
 /// CLD parameters. Defaults are the official CLD configuration used by both the CLD and the
 /// gDDIM reference code: M^{-1} = 4, beta(t) = 4, gamma = 0.04 (initial velocity variance
@@ -226,7 +228,7 @@ public:
   Mat2 covariance(double t) const {
     check_time(t, "covariance");
     const double k = 2.0 * beta_integral(0.0, t) / sqrt_mass_, ek = std::exp(-k);
-    const double e3 = detail::cld_e3(k); // already carries the e^{-k}
+    const double e3 = cld_detail::cld_e3(k); // already carries the e^{-k}
     const Mat2 psi = transition(t, 0.0);
     Mat2 s;
     const double xx = psi(0, 0) * psi(0, 0) * sigma0_xx_ + psi(0, 1) * psi(0, 1) * sigma0_vv_ + e3;
@@ -347,7 +349,7 @@ public:
     while (x < hi) {
       const double y = (it == knots_.end()) ? hi : std::min(hi, *it);
       const double mid = 0.5 * (x + y), half = 0.5 * (y - x);
-      const auto& r = detail::GaussLegendre<kNodes>::get();
+      const auto& r = cld_detail::GaussLegendre<kNodes>::get();
       for (int i = 0; i < kNodes; ++i) sum += (r.w[i] * half) * f(mid + half * r.x[i]);
       x = y;
       if (it != knots_.end()) ++it;
@@ -423,7 +425,7 @@ public:
     };
     V7 y = V7::Zero();
     // A tiny first step; the controller grows it by up to 5x per step.
-    if (t < s) y = detail::dopri5<7>(rhs, s, t, y, 1e-6 * (s - t));
+    if (t < s) y = cld_detail::dopri5<7>(rhs, s, t, y, 1e-6 * (s - t));
     Mat2 p;
     p << y[0], y[1], y[1], y[2];
     Mat2 e;
@@ -464,7 +466,7 @@ private:
   }
 
   template <class Fn> static double gl(double a, double b, Fn&& f) {
-    const auto& r = detail::GaussLegendre<kNodes>::get();
+    const auto& r = cld_detail::GaussLegendre<kNodes>::get();
     const double mid = 0.5 * (a + b), half = 0.5 * (b - a);
     double sum = 0.0;
     for (int i = 0; i < kNodes; ++i) sum += r.w[i] * f(mid + half * r.x[i]);
