@@ -251,14 +251,24 @@ TEST_CASE("Backend helpers: make_state, copy, fill, all_finite, shape", "[backen
   CHECK_FALSE(backend.all_finite(x));
 }
 
-TEST_CASE("A noisy lincomb rejects terms whose shape differs from the output", "[backend][errors]") {
+TEST_CASE("A noisy lincomb rejects terms of different shapes; out takes the terms' shape",
+          "[backend][errors]") {
+  // One rule for every lincomb form (as CudaBackend): all terms share terms[0]'s shape and
+  // `out` is resized to it.
   const EigenBackend<double> backend;
   StateOf<double> out = backend.make_state(3, 4);
+  const StateOf<double> a = backend.make_state(3, 4);
   const StateOf<double> wrong = backend.make_state(4, 3);
-  const std::string message =
-      thrown_message([&] { backend.lincomb(out, NoiseTerm{1.0, 1, 1}, term(1.0, wrong)); });
-  CHECK(message.find("terms") != std::string::npos);
+  const std::string message = thrown_message(
+      [&] { backend.lincomb(out, NoiseTerm{1.0, 1, 1}, term(1.0, a), term(1.0, wrong)); });
+  CHECK(message.find("terms[1]") != std::string::npos);
   CHECK(message.find("3 x 4") != std::string::npos);
+  CHECK(message.find("4 x 3") != std::string::npos);
+  const StateOf<double> b = input<double>(1, 4, 3);
+  backend.lincomb(out, NoiseTerm{0.0, 1, 1}, term(2.0, b));
+  REQUIRE(out.rows() == 4);
+  REQUIRE(out.cols() == 3);
+  CHECK(out.isApprox(2.0 * b, 0.0));
 }
 
 TEST_CASE("lincomb rejects 0 or more than kMaxLincombTerms terms", "[backend][errors]") {
