@@ -11,6 +11,7 @@
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
 #include "diffgrad/solvers/sampler.hpp"
+#include "gaussian_data_fd.hpp"
 #include "test_support.hpp"
 
 using namespace diffgrad;
@@ -240,29 +241,7 @@ TEST_CASE("DDIM with 0 < eta < 1: exact gradient = closed form = central finite 
       sample(Ddim(eta), backend, schedule, nodes, m, y, SampleOptions{seed});
       return loss.value(y);
     };
-    StateD dir = x_T;
-    for (Eigen::Index k = 0; k < dir.size(); ++k)
-      dir.data()[k] = std::cos(1.7 * static_cast<double>(k) + 0.2);
-    const double fd_x = (L(x_T + fd_h * dir, model) - L(x_T - fd_h * dir, model)) / (2 * fd_h);
-    const double ours_x = g.grad_x.cwiseProduct(dir).sum();
-    INFO("directional: ours " << ours_x << ", FD " << fd_x << ", relative difference "
-                              << std::abs(ours_x - fd_x) / std::abs(fd_x));
-    CHECK(std::abs(ours_x - fd_x) <= 1e-7 * std::abs(fd_x));
-    for (Eigen::Index j = 0; j < 2; ++j) {
-      auto up = model, down = model;
-      up.mu()(j) += fd_h;
-      down.mu()(j) -= fd_h;
-      const double fd = (L(x_T, up) - L(x_T, down)) / (2 * fd_h);
-      INFO("d/dmu_" << j << ": ours " << g.grad_cond(j) << ", FD " << fd << ", relative difference "
-                    << std::abs(g.grad_cond(j) - fd) / std::abs(fd));
-      CHECK(std::abs(g.grad_cond(j) - fd) <= 1e-7 * std::abs(fd));
-    }
-    auto up = model, down = model;
-    up.set_s(s_data + fd_h);
-    down.set_s(s_data - fd_h);
-    const double fd_s = (L(x_T, up) - L(x_T, down)) / (2 * fd_h);
-    INFO("d/ds: ours " << g.grad_params(0) << ", FD " << fd_s << ", relative difference "
-                       << std::abs(g.grad_params(0) - fd_s) / std::abs(fd_s));
-    CHECK(std::abs(g.grad_params(0) - fd_s) <= 1e-7 * std::abs(fd_s));
+    diffgrad::testing::check_gaussian_data_gradient_fd(
+        L, x_T, model, {g.grad_x, g.grad_cond, g.grad_params(0)}, fd_h);
   }
 }

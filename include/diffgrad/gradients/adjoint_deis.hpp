@@ -185,22 +185,16 @@ inline AdjointStabilityReport adjoint_stability_report(std::span<const Node> nod
 
 inline void enforce_adjoint_stability(AdjointStabilityReport& r, const AdjointStabilityOptions& o) {
   if (!r.exceeded()) return;
-  switch (o.policy) {
-  case AmplificationPolicy::ignore: return;
-  case AmplificationPolicy::warn:
-    r.warned = true;
-    if (o.on_warning) o.on_warning(r);
-    return;
-  case AmplificationPolicy::refuse:
-    throw numerical_error(concat(
-        r.method, ": ", r.steps_beyond,
-        " step(s) exceed the step-size stability bound |h| <= ", r.bound,
-        " (log-SNR step; first at sampling step ", r.first_beyond, ", largest |h| = ", r.max_abs_h,
-        " at step ", r.max_step, ", where the adjoint grows by ", r.factor_at_max,
-        " per step instead of shrinking); refused by options.stability.policy. "
-        "Use a grid uniform in lambda (uniform_lambda_grid) or more steps, or the exact "
-        "discrete gradient"));
-  }
+  apply_amplification_policy(o.policy, r, o.on_warning, [&] {
+    return concat(r.method, ": ", r.steps_beyond,
+                  " step(s) exceed the step-size stability bound |h| <= ", r.bound,
+                  " (log-SNR step; first at sampling step ", r.first_beyond,
+                  ", largest |h| = ", r.max_abs_h, " at step ", r.max_step,
+                  ", where the adjoint grows by ", r.factor_at_max,
+                  " per step instead of shrinking); refused by options.stability.policy. "
+                  "Use a grid uniform in lambda (uniform_lambda_grid) or more steps, or the "
+                  "exact discrete gradient");
+  });
 }
 } // namespace detail
 

@@ -72,23 +72,34 @@ inline void validate_amplification_options(const AmplificationOptions& o, const 
                   "a threshold >= 1", o.threshold);
 }
 
+/// Applies an AmplificationPolicy to a diagnostic report that has exceeded its limit: ignore,
+/// warn (set `report.warned`, call `on_warning(report)` if set) or refuse (throw
+/// numerical_error with `refusal_message()`). Shared by the inversion amplification report
+/// and the continuous adjoints' step-size stability report.
+template <class Report, class OnWarning, class RefusalMessage>
+void apply_amplification_policy(AmplificationPolicy policy, Report& report,
+                                const OnWarning& on_warning, RefusalMessage&& refusal_message) {
+  switch (policy) {
+  case AmplificationPolicy::ignore: return;
+  case AmplificationPolicy::warn:
+    report.warned = true;
+    if (on_warning) on_warning(report);
+    return;
+  case AmplificationPolicy::refuse: throw numerical_error(refusal_message());
+  }
+}
+
 /// Applies the policy: may throw numerical_error (refuse) or flag and call back (warn).
 inline void enforce_amplification(AmplificationReport& r, const AmplificationOptions& o) {
   if (!r.exceeded) return;
-  switch (o.policy) {
-  case AmplificationPolicy::ignore: return;
-  case AmplificationPolicy::warn:
-    r.warned = true;
-    if (o.on_warning) o.on_warning(r);
-    return;
-  case AmplificationPolicy::refuse:
-    throw numerical_error(detail::concat(
+  apply_amplification_policy(o.policy, r, o.on_warning, [&] {
+    return detail::concat(
         r.method, " inversion: predicted amplification ", r.total, " (", r.per_step,
         " per step over ", r.steps, " steps) exceeds the threshold ", r.threshold,
         "; rounding errors would grow by that factor. Use a parameter closer to 1 (BDIA "
         "gamma >= 0.9, EDICT p >= 0.9, coupling c >= 0.99), fewer steps, or raise "
-        "amplification.threshold"));
-  }
+        "amplification.threshold");
+  });
 }
 
 } // namespace diffgrad
