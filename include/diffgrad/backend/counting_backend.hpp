@@ -12,8 +12,10 @@
 // one CountingBackend must not be used from several threads at once.
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <utility>
 
+#include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 
 namespace diffgrad {
@@ -104,6 +106,30 @@ public:
     ++counts_.lincomb_passes;
     if (noise.coeff != 0.0) ++counts_.noise_passes;
     inner_.lincomb(out, terms, noise);
+  }
+
+  /// Structured coefficients (2x2 blocks, per-column diagonals): one pass each, as above.
+  template <class Coeff>
+  void lincomb(state_type& out, std::span<const LinTerm<state_type, Coeff>> terms,
+               BasicNoiseTerm<Coeff> noise = {}) const requires(!std::is_same_v<Coeff, double> &&
+                                                                requires(const Inner& b) {
+                                                                  b.lincomb(out, terms, noise);
+                                                                }) {
+    ++counts_.lincomb_passes;
+    if (!is_zero(noise.coeff)) ++counts_.noise_passes;
+    inner_.lincomb(out, terms, noise);
+  }
+  /// The inner backend's per-grid coefficient tables (ColumnCoeff), passed through.
+  template <class Values>
+  auto make_coefficients(const Values& values) const requires requires(const Inner& b) {
+    b.make_coefficients(values);
+  }
+  {
+    ++counts_.make_vector;
+    return inner_.make_coefficients(values);
+  }
+  template <class Table> static const double* coefficient_data(const Table& t) {
+    return Inner::coefficient_data(t);
   }
 
   void copy(state_type& dst, const state_type& src) const {

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <span>
 
+#include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 
 namespace diffgrad {
@@ -24,5 +25,14 @@ concept Backend = requires(const B& backend, typename B::state_type& out,
   { backend.dot(in, in) } -> std::convertible_to<double>;
   { backend.all_finite(in) } -> std::convertible_to<bool>;
 };
+
+/// A backend that runs fused updates whose coefficients are of kind Coeff (double, Block2 or
+/// ColumnCoeff: backend/coefficient.hpp). Every Backend handles double.
+template <class B, class Coeff>
+concept BackendFor =
+    Backend<B> && requires(const B& backend, typename B::state_type& out,
+                           std::span<const LinTerm<typename B::state_type, Coeff>> terms) {
+      backend.lincomb(out, terms, BasicNoiseTerm<Coeff>{});
+    };
 
 } // namespace diffgrad

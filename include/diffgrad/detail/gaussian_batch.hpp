@@ -258,4 +258,17 @@ inline void gaussian_pairs(std::uint64_t seed, std::uint64_t step, std::uint64_t
   for (; pair != end; ++pair, out += 2) gaussian_pair(seed, step, pair, out[0], out[1]);
 }
 
+/// out[k] = gaussian(seed, step, first + k) for k < len, bit for bit, for any first index
+/// (odd starts and ends are drawn singly, the pairs in between in batches).
+inline void gaussian_range(std::uint64_t seed, std::uint64_t step, std::uint64_t first,
+                           std::size_t len, double* out) {
+  if (len == 0) return;
+  if (first % 2 != 0) {
+    out[0] = gaussian(seed, step, first);
+    ++first, ++out, --len;
+  }
+  gaussian_pairs(seed, step, first / 2, len / 2, out);
+  if (len % 2 != 0) out[len - 1] = gaussian(seed, step, first + len - 1);
+}
+
 } // namespace diffgrad::detail

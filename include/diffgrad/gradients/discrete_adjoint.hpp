@@ -81,6 +81,7 @@ struct GradientOptions {
   bool wrt_params = false; ///< accumulate dL/dtheta (length model.param_size())
   bool wrt_noise = false;  ///< keep dL/dxi_i for every step (zero for deterministic steps)
   std::uint64_t seed = 0;  ///< Philox seed of stochastic schemes, as in SampleOptions
+  std::uint64_t row_offset = 0; ///< global index of x_T's first row, as in SampleOptions
   /// Check model outputs, VJPs (dx and, on host vectors, dcond/dparams) and dL/dx0 for NaN/Inf.
   bool check_finite = true;
 };
@@ -202,6 +203,12 @@ template <class Scheme, Backend B, class Field, class VjpField> class AdjointPas
 public:
   using State = typename B::state_type;
   using Vector = typename B::vector_type;
+  using Plan = plan_type_t<Scheme>;
+  using Coeff = typename Plan::coeff_type;
+  using Term = LinTerm<State, Coeff>;
+  static_assert(BackendFor<B, Coeff>,
+                "diffgrad: this backend has no fused lincomb for the scheme's coefficient kind "
+                "(backend/coefficient.hpp)");
 
   AdjointPass(const Scheme& scheme, const B& backend, std::span<const Node> nodes,
               NodeAtLambda node_at_lambda, Field& field, VjpField& vjp, GradientWorkspace<B>& ws,
@@ -275,11 +282,11 @@ private:
     hist_x_used_ = 0;
     hist_e_used_ = 0;
     for (int i = 0; i < ws_.num_steps(); ++i) {
-      const StepPlan p = scheme_.plan(nodes_, i, nal_);
-      const auto scan = [&](const Combo& c) {
+      const Plan p = scheme_.plan(nodes_, i, nal_);
+      const auto scan = [&](const BasicCombo<Coeff>& c) {
         for (int j = 0; j < hist_; ++j) {
-          if (c.hist_x[j] != 0.0) hist_x_used_ = std::max(hist_x_used_, j + 1);
-          if (c.hist_e[j] != 0.0) hist_e_used_ = std::max(hist_e_used_, j + 1);
+          if (!is_zero(c.hist_x[j])) hist_x_used_ = std::max(hist_x_used_, j + 1);
+          if (!is_zero(c.hist_e[j])) hist_e_used_ = std::max(hist_e_used_, j + 1);
         }
       };
       scan(p.output);
@@ -316,13 +323,14 @@ private:
 
   // Forms the stage inputs u_1.. u_{S-1} of step i and evaluates the model at the first
   // `evaluated` stages (S for an advance, S - 1 to recompute what a reversal needs).
-  void run_stages(const StepPlan& plan, int i, int evaluated) {
+  void run_stages(const Plan& plan, int i, int evaluated) {
     for (int s = 0; s < plan.num_stages; ++s) {
       State& in = s == 0 ? ws_.x[slot(i)] : ws_.u[static_cast<std::size_t>(s - 1)];
       if (s > 0) {
         const int n =
             gather_terms(plan.stage_input[s], i, ring_, ws_.x, ws_.e, ws_.u, ws_.ue, terms_);
-        backend_.lincomb(in, std::span<const LinTerm<State>>(terms_.data(), n));
+        backend_.lincomb(in, std::span<const Term>(terms_.data(), static_cast<std::size_t>(n)),
+                         BasicNoiseTerm<Coeff>{});
       }
       if (s >= evaluated) continue;
       State& out = s == 0 ? ws_.e[slot(i)] : ws_.ue[static_cast<std::size_t>(s - 1)];
@@ -334,57 +342,68 @@ private:
 
   // x_i (working state) -> x_{i+1} written to `target`, exactly as run_scheme computes it.
   void advance(int i, State& target) {
-    const StepPlan plan = checked_plan(i);
+    const Plan plan = checked_plan(i);
     run_stages(plan, i, plan.num_stages);
     int n = gather_terms(plan.output, i, ring_, ws_.x, ws_.e, ws_.u, ws_.ue, terms_);
-    NoiseTerm noise{plan.noise, opt_.seed, static_cast<std::uint64_t>(i)};
-    if (plan.noise != 0.0 && !ws_.given_noise.empty()) {
+    BasicNoiseTerm<Coeff> noise{plan.noise, opt_.seed, static_cast<std::uint64_t>(i),
+                                opt_.row_offset};
+    if (!is_zero(plan.noise) && !ws_.given_noise.empty()) {
       if (n == kMaxLincombTerms)
         throw std::logic_error("diffgrad: no room for the given-noise term in a step plan");
       terms_[static_cast<std::size_t>(n++)] =
-          LinTerm<State>{plan.noise, &ws_.given_noise[static_cast<std::size_t>(i)]};
-      noise.coeff = 0.0;
+          Term{plan.noise, &ws_.given_noise[static_cast<std::size_t>(i)]};
+      noise.coeff = Coeff{};
     }
-    backend_.lincomb(target, std::span<const LinTerm<State>>(terms_.data(), n), noise);
+    backend_.lincomb(target, std::span<const Term>(terms_.data(), static_cast<std::size_t>(n)),
+                     noise);
     ++cost_.forward_steps;
   }
 
-  StepPlan checked_plan(int i) const {
-    const StepPlan plan = scheme_.plan(nodes_, i, nal_);
+  Plan checked_plan(int i) const {
+    const Plan plan = scheme_.plan(nodes_, i, nal_);
     if (plan.num_stages < 1 || plan.num_stages > ws_.stages())
       throw std::logic_error(concat("diffgrad: step ", i, " has ", plan.num_stages,
                                     " stages, the scheme declares at most ", ws_.stages()));
     return plan;
   }
 
-  void axpy(State& target, double c, const State& g) const {
-    if (c == 0.0) return;
-    const std::array<LinTerm<State>, 2> t{LinTerm<State>{1.0, &target}, LinTerm<State>{c, &g}};
+  // target += C^T g: the adjoint of a term C x applies the transposed coefficient.
+  void axpy_transposed(State& target, const Coeff& c, const State& g) const {
+    if (is_zero(c)) return;
+    const std::array<Term, 2> t{Term{identity_coefficient<Coeff>(), &target},
+                                Term{transpose(c), &g}};
+    backend_.lincomb(target, std::span<const Term>(t.data(), t.size()), BasicNoiseTerm<Coeff>{});
+  }
+
+  // target += g (a VJP result: always a plain sum, whatever the plan's coefficient kind).
+  void axpy(State& target, const State& g) const {
+    const std::array<LinTerm<State>, 2> t{LinTerm<State>{1.0, &target}, LinTerm<State>{1.0, &g}};
     backend_.lincomb(target, std::span<const LinTerm<State>>(t.data(), t.size()));
   }
 
-  void scale(State& target, double c, const State& g) const {
-    const std::array<LinTerm<State>, 1> t{LinTerm<State>{c, &g}};
-    backend_.lincomb(target, std::span<const LinTerm<State>>(t.data(), t.size()));
+  // target = C^T g.
+  void scale_transposed(State& target, const Coeff& c, const State& g) const {
+    const std::array<Term, 1> t{Term{transpose(c), &g}};
+    backend_.lincomb(target, std::span<const Term>(t.data(), t.size()), BasicNoiseTerm<Coeff>{});
   }
 
   // Adds c^T g to the cotangents of everything the combination `c` of step i reads.
-  void scatter(const Combo& c, int i, const State& g) {
-    axpy(ws_.x_bar[bar_slot(i)], c.x, g);
-    axpy(ws_.e_bar[slot(i)], c.e[0], g);
+  void scatter(const BasicCombo<Coeff>& c, int i, const State& g) {
+    axpy_transposed(ws_.x_bar[bar_slot(i)], c.x, g);
+    axpy_transposed(ws_.e_bar[slot(i)], c.e[0], g);
     for (int s = 1; s < kMaxStages; ++s) {
-      if (c.u[s] == 0.0 && c.e[s] == 0.0) continue;
+      if (is_zero(c.u[s]) && is_zero(c.e[s])) continue;
       if (s > ws_.stages() - 1)
         throw std::logic_error("diffgrad: a step plan reads a stage the scheme does not declare");
-      axpy(ws_.u_bar[static_cast<std::size_t>(s - 1)], c.u[s], g);
-      axpy(ws_.ue_bar[static_cast<std::size_t>(s - 1)], c.e[s], g);
+      axpy_transposed(ws_.u_bar[static_cast<std::size_t>(s - 1)], c.u[s], g);
+      axpy_transposed(ws_.ue_bar[static_cast<std::size_t>(s - 1)], c.e[s], g);
     }
     for (int j = 0; j < kMaxHistory; ++j) {
-      if (c.hist_x[j] == 0.0 && c.hist_e[j] == 0.0) continue;
+      if (is_zero(c.hist_x[j]) && is_zero(c.hist_e[j])) continue;
       if (i - 1 - j < 0 || j >= hist_)
         throw std::logic_error("diffgrad: a step plan reads history that does not exist yet");
-      axpy(ws_.x_bar[bar_slot(i - 1 - j)], c.hist_x[j], g);
-      axpy(ws_.e_bar[slot(i - 1 - j)], c.hist_e[j], g);
+      axpy_transposed(ws_.x_bar[bar_slot(i - 1 - j)], c.hist_x[j], g);
+      axpy_transposed(ws_.e_bar[slot(i - 1 - j)], c.hist_e[j], g);
     }
   }
 
@@ -399,7 +418,7 @@ private:
 
   // Adjoint of step i: cotangent of x_{i+1} -> cotangents of x_i, e_i and the history.
   void reverse(int i) {
-    const StepPlan plan = checked_plan(i);
+    const Plan plan = checked_plan(i);
     const int stages = plan.num_stages;
     if (stages > 1) run_stages(plan, i, stages - 1); // u_1 .. u_{S-1} at the states seen
     for (int s = 1; s < stages; ++s) {
@@ -409,22 +428,22 @@ private:
     State& g = ws_.x_bar[bar_slot(i + 1)];
     if (ws_.wrt_noise()) {
       State& gn = ws_.result.grad_noise[static_cast<std::size_t>(i)];
-      if (plan.noise == 0.0)
+      if (is_zero(plan.noise))
         backend_.fill(gn, 0.0);
       else
-        scale(gn, plan.noise, g);
+        scale_transposed(gn, plan.noise, g);
     }
     scatter(plan.output, i, g);
     for (int s = stages - 1; s >= 1; --s) {
       const auto k = static_cast<std::size_t>(s - 1);
       call_vjp(ws_.u[k], plan.stage_node[s], ws_.ue_bar[k], i);
-      axpy(ws_.u_bar[k], 1.0, ws_.vjp_out);
+      axpy(ws_.u_bar[k], ws_.vjp_out);
       scatter(plan.stage_input[s], i, ws_.u_bar[k]);
     }
     // e_i's cotangent is now complete: this step's uses plus later steps' history reads.
     State& e_bar = ws_.e_bar[slot(i)];
     call_vjp(ws_.x[slot(i)], plan.stage_node[0], e_bar, i);
-    axpy(ws_.x_bar[bar_slot(i)], 1.0, ws_.vjp_out);
+    axpy(ws_.x_bar[bar_slot(i)], ws_.vjp_out);
     backend_.fill(e_bar, 0.0); // its ring slot is reused for step i - H - 1
     backend_.fill(g, 0.0);     // likewise for x_{i-H-1}
   }
@@ -440,7 +459,7 @@ private:
   int hist_, ring_, bar_ring_;
   int hist_x_used_ = 0, hist_e_used_ = 0;
   GradientCost& cost_;
-  std::array<LinTerm<State>, kMaxLincombTerms> terms_{};
+  std::array<Term, kMaxLincombTerms> terms_{};
 };
 
 /// Treats a given cotangent w as the linear loss <w, x0>.
@@ -487,6 +506,7 @@ discrete_adjoint(const Scheme& scheme, const B& backend, std::span<const Node> n
         "gradient", "x_T",
         detail::concat("shape ", ws.batch(), " x ", ws.dim(), " (batch x dim, as the workspace)"),
         detail::concat(B::batch(x_T), " x ", B::dim(x_T)));
+  detail::check_scheme_dim("gradient", scheme, B::dim(x_T));
   if (!ws.given_noise.empty()) {
     if (static_cast<int>(ws.given_noise.size()) < num_steps)
       detail::throw_argument("gradient", "ws.given_noise",

@@ -5,6 +5,8 @@
 #include <array>
 #include <cstdint>
 #include <span>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "diffgrad/concepts/backend.hpp"
@@ -16,6 +18,9 @@ namespace diffgrad {
 
 struct SampleOptions {
   std::uint64_t seed = 0; ///< Philox seed for stochastic schemes (step i uses counter i)
+  /// Global sample index of x's first row in the noise stream (backend/lincomb_term.hpp): a
+  /// shard of a larger batch passes its first row and draws exactly that batch's noise.
+  std::uint64_t row_offset = 0;
   /// Check x_T, the given noise and every model output for NaN/Inf (one extra read pass
   /// each; x_T and the noise once, before the first step).
   bool check_finite = true;
@@ -58,35 +63,52 @@ private:
 
 namespace detail {
 
+/// The plan type (and with it the coefficient kind) a scheme produces.
+template <class Scheme>
+using plan_type_t = std::remove_cvref_t<decltype(std::declval<const Scheme&>().plan(
+    std::span<const Node>{}, 0, std::declval<NodeAtLambda>()))>;
+template <class Scheme> using coeff_type_t = typename plan_type_t<Scheme>::coeff_type;
+
 /// Collects the nonzero terms of `c` for step i (history j valid while i - 1 - j >= 0).
-template <class State>
-int gather_terms(const Combo& c, int i, int ring, std::vector<State>& xs, std::vector<State>& es,
-                 std::vector<State>& us, std::vector<State>& ues,
-                 std::array<LinTerm<State>, kMaxLincombTerms>& out) {
+template <class State, class Coeff>
+int gather_terms(const BasicCombo<Coeff>& c, int i, int ring, std::vector<State>& xs,
+                 std::vector<State>& es, std::vector<State>& us, std::vector<State>& ues,
+                 std::array<LinTerm<State, Coeff>, kMaxLincombTerms>& out) {
   int n = 0;
-  auto add = [&](double coeff, const State& v) {
-    if (coeff == 0.0) return;
+  auto add = [&](const Coeff& coeff, const State& v) {
+    if (is_zero(coeff)) return;
     if (n == kMaxLincombTerms)
       throw std::logic_error("diffgrad: a step plan has more than kMaxLincombTerms terms");
-    out[static_cast<std::size_t>(n++)] = LinTerm<State>{coeff, &v};
+    out[static_cast<std::size_t>(n++)] = LinTerm<State, Coeff>{coeff, &v};
   };
   const auto slot = [ring](int step) { return static_cast<std::size_t>(step % ring); };
   add(c.x, xs[slot(i)]);
   add(c.e[0], es[slot(i)]);
   for (int s = 1; s < kMaxStages; ++s) {
-    if (c.u[s] != 0.0 || c.e[s] != 0.0) {
+    if (!is_zero(c.u[s]) || !is_zero(c.e[s])) {
       add(c.u[s], us[static_cast<std::size_t>(s - 1)]);
       add(c.e[s], ues[static_cast<std::size_t>(s - 1)]);
     }
   }
   for (int j = 0; j < kMaxHistory; ++j) {
-    if (c.hist_x[j] == 0.0 && c.hist_e[j] == 0.0) continue;
+    if (is_zero(c.hist_x[j]) && is_zero(c.hist_e[j])) continue;
     if (i - 1 - j < 0 || j + 1 >= ring)
       throw std::logic_error("diffgrad: a step plan reads history that does not exist yet");
     add(c.hist_x[j], xs[slot(i - 1 - j)]);
     add(c.hist_e[j], es[slot(i - 1 - j)]);
   }
   return n;
+}
+
+/// Schemes with structured coefficients constrain the state width (a Block2 plan needs two
+/// halves; a ColumnCoeff table has one entry per column): they say so through
+/// accepts_dim(dim) and dim_requirement(). Scalar schemes accept any width.
+template <class Scheme>
+void check_scheme_dim(const char* where, const Scheme& scheme, std::int64_t dim) {
+  if constexpr (requires { scheme.accepts_dim(dim); })
+    if (!scheme.accepts_dim(dim))
+      throw_argument(where, "x", concat("a state width of ", scheme.dim_requirement()),
+                     concat("width ", dim));
 }
 
 /// The checks of run_scheme / sample, all before the step loop: O(1) shape compares per
@@ -120,6 +142,7 @@ void validate_run_inputs(const char* where, const Scheme& scheme, const B& backe
     throw_argument(where, "x",
                    concat("shape ", batch, " x ", dim, " (batch x dim, as the workspace)"),
                    concat(B::batch(x), " x ", B::dim(x)));
+  check_scheme_dim(where, scheme, dim);
   if (!ws.given_noise.empty()) {
     if (static_cast<int>(ws.given_noise.size()) < num_steps)
       throw_argument(where, "ws.given_noise", concat("one noise state per step (", num_steps, ")"),
@@ -145,6 +168,11 @@ SampleResult run_scheme_impl(const char* where, const Scheme& scheme, const B& b
                              typename B::state_type& x, SamplerWorkspace<B>& ws,
                              const SampleOptions& options, Obs& observer) {
   using State = typename B::state_type;
+  using Coeff = coeff_type_t<Scheme>;
+  using Term = LinTerm<State, Coeff>;
+  static_assert(BackendFor<B, Coeff>,
+                "diffgrad: this backend has no fused lincomb for the scheme's coefficient kind "
+                "(backend/coefficient.hpp)");
   scheme.validate(nodes);
   const int num_steps = static_cast<int>(nodes.size()) - 1;
   validate_run_inputs(where, scheme, backend, num_steps, x, ws, options);
@@ -152,33 +180,33 @@ SampleResult run_scheme_impl(const char* where, const Scheme& scheme, const B& b
   const auto slot = [ring](int step) { return static_cast<std::size_t>(step % ring); };
   SampleResult result;
   backend.copy(ws.x[0], x);
-  std::array<LinTerm<State>, kMaxLincombTerms> terms{};
+  std::array<Term, kMaxLincombTerms> terms{};
   for (int i = 0; i < num_steps; ++i) {
-    const StepPlan plan = scheme.plan(nodes, i, node_at_lambda);
+    const plan_type_t<Scheme> plan = scheme.plan(nodes, i, node_at_lambda);
     for (int s = 0; s < plan.num_stages; ++s) {
       State& in = s == 0 ? ws.x[slot(i)] : ws.u[static_cast<std::size_t>(s - 1)];
       State& out = s == 0 ? ws.e[slot(i)] : ws.ue[static_cast<std::size_t>(s - 1)];
       if (s > 0) {
         const int n = gather_terms(plan.stage_input[s], i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
-        backend.lincomb(in,
-                        std::span<const LinTerm<State>>(terms.data(), static_cast<std::size_t>(n)));
+        backend.lincomb(in, std::span<const Term>(terms.data(), static_cast<std::size_t>(n)),
+                        BasicNoiseTerm<Coeff>{});
       }
       field(static_cast<const State&>(in), plan.stage_node[s], out);
       ++result.model_evals;
       check_model_output(backend, in, out, options.check_finite, i, plan.stage_node[s]);
     }
     int n = gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
-    NoiseTerm noise{plan.noise, options.seed, static_cast<std::uint64_t>(i)};
-    if (plan.noise != 0.0 && !ws.given_noise.empty()) {
+    BasicNoiseTerm<Coeff> noise{plan.noise, options.seed, static_cast<std::uint64_t>(i),
+                                options.row_offset};
+    if (!is_zero(plan.noise) && !ws.given_noise.empty()) {
       if (n == kMaxLincombTerms)
         throw std::logic_error("diffgrad: no room for the given-noise term in a step plan");
       terms[static_cast<std::size_t>(n++)] =
-          LinTerm<State>{plan.noise, &ws.given_noise[static_cast<std::size_t>(i)]};
-      noise.coeff = 0.0;
+          Term{plan.noise, &ws.given_noise[static_cast<std::size_t>(i)]};
+      noise.coeff = Coeff{};
     }
     backend.lincomb(ws.x[slot(i + 1)],
-                    std::span<const LinTerm<State>>(terms.data(), static_cast<std::size_t>(n)),
-                    noise);
+                    std::span<const Term>(terms.data(), static_cast<std::size_t>(n)), noise);
     ++result.steps_taken;
     const Node& reached = nodes[static_cast<std::size_t>(i) + 1];
     if constexpr (std::is_same_v<decltype(observer(i + 1, num_steps, reached, ws.x[slot(i + 1)])),

@@ -10,9 +10,12 @@
 // where the history holds the states x_{i-1-j} and model outputs e_{i-1-j} of earlier steps
 // (multistep methods). Data predictions x0 = (u - sigma e)/alpha and rho-space updates are
 // expanded into these coefficients by the scheme, so the engine only ever does a fused
-// lincomb. The same plan drives the forward pass and the exact discrete adjoint.
+// lincomb. The same plan drives the forward pass and the exact discrete adjoint. The
+// coefficients are scalars for isotropic diffusions and structured (2x2 blocks, per-column
+// diagonals: backend/coefficient.hpp) for gDDIM; the engine is templated over the kind.
 #include <cmath>
 
+#include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/schedule/node.hpp"
 
 namespace diffgrad {
@@ -25,22 +28,29 @@ enum class SolverPrediction { noise, data };
 inline constexpr int kMaxStages = 4;   ///< RK4 has four stages
 inline constexpr int kMaxHistory = 3;  ///< 4th-order iPNDM looks three steps back
 
-/// Coefficients of one linear combination over everything a step can see.
-struct Combo {
-  double x = 0.0;                      ///< x_i (= u_0)
-  double u[kMaxStages] = {};           ///< stage inputs u_s, s >= 1 (u[0] is unused: use x)
-  double e[kMaxStages] = {};           ///< stage model outputs e_s
-  double hist_x[kMaxHistory] = {};     ///< x_{i-1-j}
-  double hist_e[kMaxHistory] = {};     ///< e_{i-1-j} (model output at x_{i-1-j})
+/// Coefficients of one linear combination over everything a step can see. Coeff is a
+/// coefficient kind of backend/coefficient.hpp: double for every isotropic scheme, Block2 or
+/// ColumnCoeff for diffusions with matrix-valued coefficients (gDDIM).
+template <class Coeff> struct BasicCombo {
+  using coeff_type = Coeff;
+  Coeff x{};                      ///< x_i (= u_0)
+  Coeff u[kMaxStages]{};          ///< stage inputs u_s, s >= 1 (u[0] is unused: use x)
+  Coeff e[kMaxStages]{};          ///< stage model outputs e_s
+  Coeff hist_x[kMaxHistory]{};    ///< x_{i-1-j}
+  Coeff hist_e[kMaxHistory]{};    ///< e_{i-1-j} (model output at x_{i-1-j})
 };
 
-struct StepPlan {
+template <class Coeff> struct BasicStepPlan {
+  using coeff_type = Coeff;
   int num_stages = 1;
-  Node stage_node[kMaxStages]{};  ///< stage_node[0] is the step's start node
-  Combo stage_input[kMaxStages]{};  ///< stage_input[s] for s >= 1
-  Combo output{};
-  double noise = 0.0;  ///< coefficient of the step's Gaussian noise xi_i
+  Node stage_node[kMaxStages]{};          ///< stage_node[0] is the step's start node
+  BasicCombo<Coeff> stage_input[kMaxStages]{}; ///< stage_input[s] for s >= 1
+  BasicCombo<Coeff> output{};
+  Coeff noise{}; ///< coefficient of the step's Gaussian noise xi_i (zero: deterministic)
 };
+
+using Combo = BasicCombo<double>;
+using StepPlan = BasicStepPlan<double>;
 
 /// Type-erased, non-owning "lambda -> Node" map, so schemes can place intermediate stages
 /// (singlestep DPM-Solver) without knowing the schedule type. No allocation.

@@ -9,7 +9,9 @@
 #include <span>
 #include <tuple>
 #include <utility>
+#include <vector>
 
+#include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/detail/gaussian_batch.hpp"
@@ -50,7 +52,8 @@ public:
   /// With a noise term the batch is walked in chunks: the chunk's noise is drawn in
   /// Box-Muller pairs (one Philox block, one log and one sincos per TWO elements) into a
   /// stack buffer, then the chunk's update is one fused vectorised expression. Every element
-  /// gets exactly the bits of detail::gaussian(seed, step, index), index = r * d + c.
+  /// gets exactly the bits of detail::gaussian(seed, step, index),
+  /// index = (noise.row_offset + r) * d + c.
   template <class... States>
   void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
@@ -66,7 +69,7 @@ public:
     alignas(64) Scalar xi[kNoiseChunk];
     for (index_type begin = 0; begin < n; begin += kNoiseChunk) {
       const index_type len = std::min<index_type>(kNoiseChunk, n - begin);
-      draw_noise(xi, noise, begin, len);
+      draw_noise(xi, noise, noise.row_offset * static_cast<std::uint64_t>(out.cols()), begin, len);
       Chunk dst(out.data() + begin, len);
       const ConstChunk noise_chunk(xi, len);
       if constexpr (sizeof...(States) == 0) {
@@ -88,6 +91,99 @@ public:
       check_term_shape(*terms[0].vec, *terms[k].vec, k);
     dispatch(out, terms, noise, std::make_index_sequence<kMaxLincombTerms>{});
   }
+
+  /// 2x2 blocks over the halves [x | v] of each row (backend/coefficient.hpp): one pass over
+  /// the batch in L1-sized chunks of a row; out may alias any input. Rows must have even
+  /// width. The noise adds L (xi_x, xi_v), xi at the global indices of both halves, so the
+  /// v half's noise is correlated with the x half's through L.vx.
+  void lincomb(state_type& out, std::span<const LinTerm<state_type, Block2>> terms,
+               BasicNoiseTerm<Block2> noise = {}) const {
+    const auto [rows, cols] = structured_shape(out, terms);
+    if (cols % 2 != 0)
+      detail::throw_argument("EigenBackend::lincomb", "terms",
+                             "states of even width (two halves [x | v]) for 2x2 block coefficients",
+                             cols);
+    const index_type d = cols / 2;
+    const bool noisy = !noise.coeff.is_zero();
+    alignas(64) Scalar acc_x[kNoiseChunk], acc_v[kNoiseChunk];
+    alignas(64) double xi_x[kNoiseChunk], xi_v[kNoiseChunk];
+    for (index_type r = 0; r < rows; ++r) {
+      for (index_type j0 = 0; j0 < d; j0 += kNoiseChunk) {
+        const index_type len = std::min<index_type>(kNoiseChunk, d - j0);
+        std::fill(acc_x, acc_x + len, Scalar(0));
+        std::fill(acc_v, acc_v + len, Scalar(0));
+        for (const auto& t : terms) {
+          const Scalar* x = t.vec->data() + r * cols + j0;
+          const Scalar* v = x + d;
+          const Scalar xx(t.coeff.xx), xv(t.coeff.xv), vx(t.coeff.vx), vv(t.coeff.vv);
+          for (index_type j = 0; j < len; ++j) {
+            acc_x[j] += xx * x[j] + xv * v[j];
+            acc_v[j] += vx * x[j] + vv * v[j];
+          }
+        }
+        if (noisy) {
+          const std::uint64_t base = (noise.row_offset + static_cast<std::uint64_t>(r)) *
+                                     static_cast<std::uint64_t>(cols);
+          const auto n = static_cast<std::size_t>(len);
+          detail::gaussian_range(noise.seed, noise.step, base + static_cast<std::uint64_t>(j0),
+                                 n, xi_x);
+          detail::gaussian_range(noise.seed, noise.step,
+                                 base + static_cast<std::uint64_t>(d + j0), n, xi_v);
+          const Block2& L = noise.coeff;
+          for (index_type j = 0; j < len; ++j) {
+            acc_x[j] += Scalar(L.xx * xi_x[j] + L.xv * xi_v[j]);
+            acc_v[j] += Scalar(L.vx * xi_x[j] + L.vv * xi_v[j]);
+          }
+        }
+        Scalar* o = out.data() + r * cols + j0;
+        std::copy(acc_x, acc_x + len, o);
+        std::copy(acc_v, acc_v + len, o + d);
+      }
+    }
+  }
+
+  /// Per-column diagonal coefficients (backend/coefficient.hpp): column k of term t is scaled
+  /// by t.coeff.at(k), the table (host memory) holding one entry per column; one pass, out
+  /// may alias any input. The noise adds noise.coeff.at(k) xi at the global element index.
+  void lincomb(state_type& out, std::span<const LinTerm<state_type, ColumnCoeff>> terms,
+               BasicNoiseTerm<ColumnCoeff> noise = {}) const {
+    const auto [rows, cols] = structured_shape(out, terms);
+    const bool noisy = !noise.coeff.is_zero();
+    alignas(64) Scalar acc[kNoiseChunk];
+    alignas(64) double xi[kNoiseChunk];
+    for (index_type r = 0; r < rows; ++r) {
+      for (index_type j0 = 0; j0 < cols; j0 += kNoiseChunk) {
+        const index_type len = std::min<index_type>(kNoiseChunk, cols - j0);
+        std::fill(acc, acc + len, Scalar(0));
+        for (const auto& t : terms) {
+          const Scalar* x = t.vec->data() + r * cols + j0;
+          if (t.coeff.values == nullptr) {
+            const Scalar c(t.coeff.scale);
+            for (index_type j = 0; j < len; ++j) acc[j] += c * x[j];
+          } else {
+            const double* c = t.coeff.values + j0;
+            for (index_type j = 0; j < len; ++j) acc[j] += Scalar(t.coeff.scale * c[j]) * x[j];
+          }
+        }
+        if (noisy) {
+          const std::uint64_t first = (noise.row_offset + static_cast<std::uint64_t>(r)) *
+                                          static_cast<std::uint64_t>(cols) +
+                                      static_cast<std::uint64_t>(j0);
+          detail::gaussian_range(noise.seed, noise.step, first, static_cast<std::size_t>(len), xi);
+          for (index_type j = 0; j < len; ++j) acc[j] += Scalar(noise.coeff.at(j0 + j) * xi[j]);
+        }
+        std::copy(acc, acc + len, out.data() + r * cols + j0);
+      }
+    }
+  }
+
+  /// A per-grid coefficient table in this backend's memory (host): ColumnCoeff::values
+  /// points into it. Built before the step loop (gDDIM schemes build theirs per grid).
+  using coefficient_table = std::vector<double>;
+  coefficient_table make_coefficients(std::span<const double> values) const {
+    return coefficient_table(values.begin(), values.end());
+  }
+  static const double* coefficient_data(const coefficient_table& t) { return t.data(); }
 
   void copy(state_type& dst, const state_type& src) const { dst = src; }
   void fill(state_type& dst, double value) const { dst.setConstant(Scalar(value)); }
@@ -131,15 +227,27 @@ private:
   /// xi[k] = coeff * gaussian(seed, step, begin + k) for k < len; begin is even. The pairs
   /// are drawn several per SIMD register (detail/gaussian_batch.hpp), bit-identical to the
   /// scalar generator and to the CUDA backend.
-  static void draw_noise(Scalar* xi, const NoiseTerm& noise, index_type begin, index_type len) {
+  static void draw_noise(Scalar* xi, const NoiseTerm& noise, std::uint64_t base,
+                         index_type begin, index_type len) {
     alignas(64) double raw[kNoiseChunk];
-    const index_type pairs = len / 2;
-    detail::gaussian_pairs(noise.seed, noise.step, static_cast<std::uint64_t>(begin) / 2,
-                           static_cast<std::size_t>(pairs), raw);
-    if (len % 2 != 0) // odd tail: the even element of the last pair
-      raw[len - 1] =
-          detail::gaussian(noise.seed, noise.step, static_cast<std::uint64_t>(begin + len - 1));
+    detail::gaussian_range(noise.seed, noise.step, base + static_cast<std::uint64_t>(begin),
+                           static_cast<std::size_t>(len), raw);
     for (index_type k = 0; k < len; ++k) xi[k] = Scalar(noise.coeff * raw[k]);
+  }
+
+  /// Shape of a structured lincomb: terms[0]'s, shared by every term (checked), out resized.
+  template <class Coeff>
+  static std::pair<index_type, index_type>
+  structured_shape(state_type& out, std::span<const LinTerm<state_type, Coeff>> terms) {
+    if (terms.empty() || terms.size() > static_cast<std::size_t>(kMaxLincombTerms))
+      detail::throw_argument("EigenBackend::lincomb", "terms",
+                             detail::concat("1..", kMaxLincombTerms, " terms"), terms.size());
+    for (std::size_t k = 1; k < terms.size(); ++k)
+      check_term_shape(*terms[0].vec, *terms[k].vec, k);
+    const state_type& first = *terms[0].vec;
+    if (out.rows() != first.rows() || out.cols() != first.cols())
+      out.resize(first.rows(), first.cols()); // aliasing out with a term implies equal shapes
+    return {first.rows(), first.cols()};
   }
 
   template <std::size_t... Is>
