@@ -13,6 +13,7 @@
 
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/concepts/backend.hpp"
+#include "test_support.hpp"
 
 using namespace diffgrad;
 
@@ -128,17 +129,7 @@ template <class Scalar> void check_all_arities(Eigen::Index rows, Eigen::Index c
   }
 }
 
-/// The message of the diffgrad::invalid_argument `f` throws, or a note saying what happened.
-template <class F> std::string thrown_message(F&& f) {
-  try {
-    f();
-  } catch (const diffgrad::invalid_argument& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<not diffgrad::invalid_argument: ") + e.what() + ">";
-  }
-  return "<no exception>";
-}
+using diffgrad::testing::thrown;
 
 } // namespace
 
@@ -259,7 +250,7 @@ TEST_CASE("A noisy lincomb rejects terms of different shapes; out takes the term
   StateOf<double> out = backend.make_state(3, 4);
   const StateOf<double> a = backend.make_state(3, 4);
   const StateOf<double> wrong = backend.make_state(4, 3);
-  const std::string message = thrown_message(
+  const std::string message = thrown(
       [&] { backend.lincomb(out, NoiseTerm{1.0, 1, 1}, term(1.0, a), term(1.0, wrong)); });
   CHECK(message.find("terms[1]") != std::string::npos);
   CHECK(message.find("3 x 4") != std::string::npos);
@@ -278,10 +269,10 @@ TEST_CASE("lincomb rejects 0 or more than kMaxLincombTerms terms", "[backend][er
   std::vector<LinTerm<StateOf<double>>> terms;
   const auto span_of = [&] { return std::span<const LinTerm<StateOf<double>>>(terms); };
   using Catch::Matchers::Contains;
-  CHECK_THAT(thrown_message([&] { backend.lincomb(out, span_of()); }),
+  CHECK_THAT(thrown([&] { backend.lincomb(out, span_of()); }),
              Contains("EigenBackend::lincomb: argument 'terms'") && Contains("1..9") &&
                  Contains("got 0"));
   for (int k = 0; k <= kMaxLincombTerms; ++k) terms.push_back(term(1.0, x));
-  CHECK_THAT(thrown_message([&] { backend.lincomb(out, span_of()); }),
+  CHECK_THAT(thrown([&] { backend.lincomb(out, span_of()); }),
              Contains("argument 'terms'") && Contains("got 10"));
 }

@@ -28,18 +28,7 @@ using State = EigenBackend<double>::state_type;
 
 namespace {
 
-/// The message of the exception of type Ex that `f` throws, or a note saying what happened
-/// instead (so a missing or wrong exception fails the message match with a clear text).
-template <class Ex = diffgrad::invalid_argument, class F> std::string thrown(F&& f) {
-  try {
-    f();
-  } catch (const Ex& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type: ") + e.what() + ">";
-  }
-  return "<no exception>";
-}
+using diffgrad::testing::thrown;
 
 /// Matches a message that names the function and the argument, in the format of
 /// detail::throw_argument: "<where>: argument '<arg>' expected <...>, got <...>".

@@ -43,18 +43,7 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-/// The message of the exception of type Ex that `f` throws, or a note saying what happened
-/// instead (so a missing or wrong exception fails the message match with a clear text).
-template <class Ex = diffgrad::invalid_argument, class F> std::string thrown(F&& f) {
-  try {
-    f();
-  } catch (const Ex& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type: ") + e.what() + ">";
-  }
-  return "<no exception>";
-}
+using diffgrad::testing::thrown;
 
 /// "<where>: argument '<arg>' expected": the prefix of detail::throw_argument.
 std::string names(const std::string& where, const std::string& arg) {

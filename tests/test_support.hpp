@@ -1,13 +1,30 @@
 #pragma once
-// Shared helpers for the tests: convergence-order fitting and the Gaussian reference problem.
+// Shared helpers for the tests: convergence-order fitting, the Gaussian reference problem and
+// the message of an expected exception.
 #include <Eigen/Core>
 #include <cmath>
+#include <exception>
+#include <string>
 #include <vector>
 
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
+#include "diffgrad/core/error.hpp"
 #include "diffgrad/models/gaussian.hpp"
 
 namespace diffgrad::testing {
+
+/// The message of the exception of type Ex that `f` throws, or a note saying what happened
+/// instead (so a missing or wrong exception fails the message match with a clear text).
+template <class Ex = diffgrad::invalid_argument, class F> std::string thrown(F&& f) {
+  try {
+    f();
+  } catch (const Ex& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("<wrong exception type: ") + e.what() + ">";
+  }
+  return "<no exception>";
+}
 
 /// Least-squares slope of log(error) against log(1/N): the observed convergence order.
 inline double fitted_order(const std::vector<int>& steps, const std::vector<double>& errors) {
