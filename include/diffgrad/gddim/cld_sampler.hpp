@@ -88,6 +88,7 @@ inline std::vector<double> cld_quadratic_grid(const CldSchedule& schedule, int s
 /// (R_t = chol(Sigma_t) Q(theta_t), rotation fixed by the R ODE) passes through it. R_t must
 /// satisfy R R^T = Sigma_t (relative Frobenius 1e-6, so float32 tables pass) and
 /// chol(Sigma_t)^{-1} R_t must be a rotation (det > 0), not a reflection, which no angle reaches.
+/// Returns the angle in [-pi, pi].
 inline double cld_initial_angle(const CldParams& params, double t, const Mat2& r_t) {
   const char* where = "gddim::cld_initial_angle";
   CldParams p = params;
@@ -99,9 +100,12 @@ inline double cld_initial_angle(const CldParams& params, double t, const Mat2& r
                             "a square root of Sigma_t (R R^T = Sigma_t to 1e-6 relative)",
                             mismatch);
   const Mat2 q = CldSchedule::inverse(CldSchedule::cholesky(sigma)) * r_t;
-  diffgrad::detail::require(q.determinant() > 0, where, "r_t",
-                            "det R > 0 (L^{-1} R a rotation, not a reflection)", q.determinant());
-  return std::atan2(q(1, 0), q(0, 0)) - zero.rotation_angle(t);
+  const double det = q(0, 0) * q(1, 1) - q(0, 1) * q(1, 0);
+  diffgrad::detail::require(det > 0, where, "r_t",
+                            "det R > 0 (L^{-1} R a rotation, not a reflection)", det);
+  // Angles are defined modulo 2 pi; return the representative in [-pi, pi].
+  return std::remainder(std::atan2(q(1, 0), q(0, 0)) - zero.rotation_angle(t),
+                        2.0 * 3.141592653589793238462643383279502884);
 }
 
 /// gDDIM (and its Euler baselines) on CLD as a block scheme for run_scheme / sample /
