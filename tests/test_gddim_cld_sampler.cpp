@@ -780,3 +780,132 @@ TEST_CASE("CLD gDDIM: prior, interleaved adapter, denoising step, x half, R_0 an
                       "'r_t' expected a square root of Sigma_t"));
   }
 }
+
+TEST_CASE("CldMixture: eps = -K^T grad log p_t of an independent density; VJP vs FD",
+          "[gddim][cld][sampler][model]") {
+  // log p_t(u) written here as a sum over components of 2d-dimensional Gaussian densities:
+  // component k has mean Psi(t,0)(m_k, 0) per pair and per-pair covariance
+  // Psi(t,0) diag(s_k^2 + eps, gamma M + eps) Psi(t,0)^T + (Sigma_t - Psi Sigma_0 Psi^T)
+  // (the noise part; Sigma_t is checked against the Lyapunov ODE in test_gddim_cld.cpp).
+  // grad log p by fourth-order central differences (step 1e-5, relative error ~1e-9).
+  const CldSchedule cld{};
+  const Eigen::Vector3d stds(0.3, 0.1, 0.5), weights(1.0, 2.0, 1.5);
+  const Means means = ring_means();
+  StateD u(2, 4);
+  u << 0.4, -0.2, 0.3, 0.1, -0.6, 0.9, -0.2, 0.5;
+  for (const auto param : {CldParameterisation::R, CldParameterisation::cholesky})
+    for (const double t : {0.05, 0.3, 0.9}) {
+      CldMixture<double> model(cld, means, stds, weights, param);
+      const Mat2 psi = cld.transition(t, 0.0), sig = cld.covariance(t);
+      const Mat2 noise = sig - psi * cld.initial_covariance() * psi.transpose();
+      const auto log_p = [&](const StateD& y, int r) {
+        ld total = 0;
+        for (int k = 0; k < 3; ++k) {
+          Mat2 s0 = cld.initial_covariance();
+          s0(0, 0) += stds[k] * stds[k];
+          const Mat2 c = psi * s0 * psi.transpose() + noise;
+          const Mat2 ci = CldSchedule::inverse(c);
+          ld quad = 0;
+          for (int j = 0; j < 2; ++j) {
+            const Eigen::Vector2d dlt =
+                Eigen::Vector2d(y(r, j), y(r, 2 + j)) - psi * Eigen::Vector2d(means(k, j), 0.0);
+            quad += dlt.dot(ci * dlt);
+          }
+          const ld det = c(0, 0) * c(1, 1) - c(0, 1) * c(1, 0);
+          total += weights[k] / weights.sum() * std::exp(-0.5L * quad) / det; // (2 pi)^d cancels
+        }
+        return std::log(total);
+      };
+      const Mat2 k_t = param == CldParameterisation::R ? cld.sqrt_covariance(t)
+                                                       : CldSchedule::cholesky(sig);
+      StateD got, want(2, 4);
+      model.eps(u, Node{t, 0, 0, 0, 999 * t}, got);
+      for (int r = 0; r < 2; ++r) {
+        Eigen::Vector4d score;
+        for (int i = 0; i < 4; ++i) {
+          const double h = 1e-5;
+          const auto at = [&](double e) {
+            StateD y = u;
+            y(r, i) += e;
+            return log_p(y, r);
+          };
+          score[i] = static_cast<double>(
+              (8 * (at(h) - at(-h)) - (at(2 * h) - at(-2 * h))) / (12 * h));
+        }
+        for (int j = 0; j < 2; ++j) {
+          const Eigen::Vector2d e = -k_t.transpose() * Eigen::Vector2d(score[j], score[2 + j]);
+          want(r, j) = e[0];
+          want(r, 2 + j) = e[1];
+        }
+      }
+      const double err = rel(got, want);
+      INFO("t = " << t);
+      CHECK(err <= 1e-7);
+      // VJP against central differences of eps along random directions.
+      StateD a(2, 4), dir(2, 4), g;
+      const EigenBackend<double> backend;
+      backend.gaussian(a, 40, 0);
+      backend.gaussian(dir, 41, 0);
+      model.vjp(u, Node{t, 0, 0, 0, 0}, a, g, nullptr, nullptr);
+      const double h = 1e-5;
+      const auto proj = [&](double e) {
+        StateD out;
+        model.eps(u + e * dir, Node{t, 0, 0, 0, 0}, out);
+        return a.cwiseProduct(out).sum();
+      };
+      const double fd = (8 * (proj(h) - proj(-h)) - (proj(2 * h) - proj(-2 * h))) / (12 * h);
+      const double by_vjp = g.cwiseProduct(dir).sum();
+      CHECK(std::fabs(fd - by_vjp) <= 1e-7 * std::fabs(fd));
+    }
+}
+
+TEST_CASE("CLD Euler-Maruyama: the (1 + l^2)/2 drift keeps the Gaussian marginals",
+          "[gddim][cld][sampler]") {
+  // Gaussian data as in the stochastic gDDIM test; 200 Euler-Maruyama steps 0.5 -> 0.1 at
+  // l = 0.5, 2e4 samples. The mean and covariance must match N(m_t, Sigma_t) within 5 standard
+  // errors plus 10 % of the scale (the O(h) bias of Euler-Maruyama: measured 5.6 % on Sigma_xx).
+  // The official code's factor (1 + l)/2 = 0.75 instead of 0.625 gives half the covariance
+  // (measured: Sigma_xx 0.117 instead of 0.222, about 3 times the tolerance).
+  const CldSchedule cld{};
+  const double x0 = 0.5, s = 0.5, t = 0.1, l = 0.5;
+  Means mean(1, 1);
+  mean << x0;
+  CldMixture<double> model(cld, mean, Eigen::VectorXd::Zero(1));
+  const EigenBackend<double> backend;
+  const int n = 20000;
+  StateD z(n, 2), u(n, 2);
+  backend.gaussian(z, 51, 0);
+  const Eigen::Vector2d ms = cld.transition(s, 0) * Eigen::Vector2d(x0, 0.0);
+  const Mat2 ls = CldSchedule::cholesky(cld.covariance(s));
+  for (int r = 0; r < n; ++r) {
+    const Eigen::Vector2d v = ms + ls * Eigen::Vector2d(z(r, 0), z(r, 1));
+    u(r, 0) = v[0];
+    u(r, 1) = v[1];
+  }
+  std::vector<double> grid(201);
+  for (int i = 0; i <= 200; ++i) grid[static_cast<std::size_t>(i)] = s + (t - s) * i / 200.0;
+  const CldGddim em(cld, grid, CldGddimOptions{.stochasticity = l, .method = CldMethod::euler});
+  const StateD out = run<double>(em, model, u, 52);
+  const Eigen::Vector2d mt = cld.transition(t, 0) * Eigen::Vector2d(x0, 0.0);
+  const Mat2 st = cld.covariance(t);
+  const Eigen::RowVector2d m = out.colwise().mean();
+  const StateD c = out.rowwise() - m;
+  const Mat2 cov = (c.transpose() * c) / static_cast<double>(n);
+  double worst = 0;
+  for (int i = 0; i < 2; ++i) {
+    const double tol_m = 5 * std::sqrt(st(i, i) / n) + 0.1 * std::sqrt(st(i, i));
+    worst = std::max(worst, std::fabs(m[i] - mt[i]) / tol_m);
+    for (int j = 0; j < 2; ++j) {
+      const double scale = std::sqrt(st(i, i) * st(j, j));
+      const double tol_c =
+          5 * std::sqrt((st(i, i) * st(j, j) + st(i, j) * st(i, j)) / n) + 0.1 * scale;
+      worst = std::max(worst, std::fabs(cov(i, j) - st(i, j)) / tol_c);
+    }
+  }
+  std::printf("CLD Euler-Maruyama, 200 steps %g -> %g, l = %g: worst moment error %.2f of the "
+              "tolerance\n  mean %.4f %.4f (want %.4f %.4f), cov %.4f %.4f %.4f (want %.4f %.4f "
+              "%.4f)\n",
+              s, t, l, worst, m[0], m[1], mt[0], mt[1], cov(0, 0), cov(0, 1), cov(1, 1), st(0, 0),
+              st(0, 1), st(1, 1));
+  CHECK(worst <= 1.0);
+}
