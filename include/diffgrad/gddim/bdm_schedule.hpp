@@ -29,13 +29,16 @@
 // exactly the library's scalar DDIM coefficients of the base schedule.
 #include <Eigen/Core>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <limits>
 #include <numbers>
 #include <span>
 #include <utility>
+#include <vector>
 
+#include "diffgrad/coeffs/deis.hpp"
 #include "diffgrad/concepts/schedule.hpp"
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/gddim/dct.hpp"
@@ -267,13 +270,7 @@ public:
     check_size(eps_coef, "BdmSchedule::ddim_coeffs");
     const Node ns = vp_.node(s), nt = vp_.node(t);
     const double ratio_a = nt.alpha / ns.alpha;
-    // A base schedule that knows lambda(t) - lambda(s) without cancellation provides step_h
-    // (BdmCosineSchedule does); otherwise the node difference, exactly as coeffs::ddim.
-    double h_base = 0.0;
-    if constexpr (requires { vp_.step_h(s, t); })
-      h_base = vp_.step_h(s, t);
-    else
-      h_base = nt.lambda - ns.lambda;
+    const double h_base = base_step_h(s, t);
     for (Eigen::Index k = 0; k < size(); ++k) {
       double ratio_d, log_ratio_d;
       d_ratio(k, s, t, ratio_d, log_ratio_d);
@@ -285,6 +282,139 @@ public:
     BdmStepCoeffs c{Eigen::VectorXd(size()), Eigen::VectorXd(size())};
     ddim_coeffs(s, t, c.x, c.eps);
     return c;
+  }
+
+  /// Per-frequency step in log-SNR, h_k = lambda_k(t) - lambda_k(s), formed as ddim_coeffs
+  /// forms it (base step_h when the base schedule has one, plus log(d_k(t)/d_k(s)) without
+  /// cancellation), so h_k keeps full relative accuracy on short steps.
+  void step_h(double s, double t, Eigen::Ref<Eigen::VectorXd> out) const {
+    checked(s, "BdmSchedule::step_h");
+    checked(t, "BdmSchedule::step_h");
+    check_size(out, "BdmSchedule::step_h");
+    const double h_base = base_step_h(s, t);
+    for (Eigen::Index k = 0; k < size(); ++k) {
+      double ratio_d, log_ratio_d;
+      d_ratio(k, s, t, ratio_d, log_ratio_d);
+      out[k] = h_base + log_ratio_d;
+    }
+  }
+
+  /// Stochastic gDDIM step s -> t (t < s) with stochasticity l in [0, 1], per frequency
+  /// (Prop. 9 of the gDDIM paper written for one scalar frequency; docs/gddim_bdm.md):
+  ///   y_t = Psi_k y_s + sigma_t (expm1(-l^2 h_k) - expm1(h_k)) eps_y
+  ///         + sigma_t sqrt(-expm1(-2 l^2 h_k)) xi,               xi ~ N(0, I).
+  /// l = 0 gives ddim_coeffs (noise 0); l = 1 the DDPM ancestral step per frequency.
+  void stochastic_coeffs(double s, double t, double stochasticity,
+                         Eigen::Ref<Eigen::VectorXd> x_coef, Eigen::Ref<Eigen::VectorXd> eps_coef,
+                         Eigen::Ref<Eigen::VectorXd> noise_coef) const {
+    const char* where = "BdmSchedule::stochastic_coeffs";
+    diffgrad::detail::require(stochasticity >= 0.0 && stochasticity <= 1.0, where, "stochasticity",
+                              "0 <= stochasticity <= 1", stochasticity);
+    diffgrad::detail::require(t < s, where, "t", "t < s (a sampling step, noise to data)", t);
+    check_size(noise_coef, where);
+    ddim_coeffs(s, t, x_coef, eps_coef); // also checks s, t and the other sizes
+    const double sigma_t = sigma(t), l2 = stochasticity * stochasticity;
+    step_h(s, t, noise_coef); // h_k, overwritten below
+    for (Eigen::Index k = 0; k < size(); ++k) {
+      const double h = noise_coef[k];
+      eps_coef[k] = sigma_t * (std::expm1(-l2 * h) - std::expm1(h));
+      noise_coef[k] = sigma_t * std::sqrt(-std::expm1(-2.0 * l2 * h));
+    }
+  }
+
+  /// Multistep (Adams-Bashforth in t) eps coefficients of the step s = points[0] -> t:
+  ///   C_{j,k} = int_s^t Psi_k(t, r) G_k(r)^2 / (2 sigma(r)) l_j(r) dr,
+  /// l_j the Lagrange basis in t over `points` (newest first: points[0] = s, then earlier,
+  /// noisier times; 1..4 distinct points). The integrand is the PF-ODE's eps term, dy/dt =
+  /// F_k y + G_k^2/(2 sigma) eps, integrated exactly against the transition factor; by the
+  /// partition of unity sum_j C_{j,k} = C_k(t, s) (ddim_coeffs), which the tests check.
+  /// Row j of `out` (points.size() x H W) is C_j. Evaluated by adaptive Gauss-Kronrod (7, 15)
+  /// on the whole vector of integrands: a panel is accepted when |K15 - G7| (a pessimistic
+  /// bound on the K15 error) is below 1e-13 |C_k| times the panel's share of the step for
+  /// every (j, k). Host code, allocates: for building per-grid tables before a step loop.
+  void multistep_coeffs(std::span<const double> points, double t,
+                        Eigen::Ref<Eigen::MatrixXd> out) const {
+    const char* where = "BdmSchedule::multistep_coeffs";
+    const auto q = static_cast<Eigen::Index>(points.size());
+    diffgrad::detail::require(
+        q >= 1 && q <= diffgrad::coeffs::kDeisMaxPoints, where, "points",
+        diffgrad::detail::concat("1..", diffgrad::coeffs::kDeisMaxPoints, " points"),
+        static_cast<double>(q));
+    for (std::size_t j = 0; j < points.size(); ++j) {
+      checked(points[j], where);
+      for (std::size_t m = 0; m < j; ++m)
+        if (points[m] == points[j])
+          diffgrad::detail::throw_argument(where, "points", "distinct interpolation times",
+                                           points[j]);
+    }
+    checked(t, where);
+    diffgrad::detail::require(t != points[0], where, "t", "t != points[0] (a step of length > 0)",
+                              t);
+    if (out.rows() != q || out.cols() != size())
+      diffgrad::detail::throw_argument(where, "out",
+                                       diffgrad::detail::concat("a ", q, " x ", size(), " matrix"),
+                                       diffgrad::detail::concat(out.rows(), " x ", out.cols()));
+    const double s = points[0];
+    const Eigen::Index n = size();
+    Eigen::VectorXd psi(n), c_closed(n), alpha_t(n), alpha_r(n), g2_r(n);
+    ddim_coeffs(s, t, psi, c_closed);
+    alpha(t, alpha_t);
+    // f(r) -> q x n values (row j: l_j(r) Psi_k(t, r) G_k^2(r) / (2 sigma(r))).
+    const auto integrand = [&](double r, Eigen::MatrixXd& f) {
+      alpha(r, alpha_r);
+      diffusion2(r, g2_r);
+      const double half_inv_sigma = 0.5 / sigma(r);
+      std::array<double, diffgrad::coeffs::kDeisMaxPoints> l{};
+      diffgrad::coeffs::lagrange_basis(points.data(), static_cast<int>(q), r, l.data());
+      for (Eigen::Index k = 0; k < n; ++k) {
+        const double base = alpha_t[k] / alpha_r[k] * g2_r[k] * half_inv_sigma;
+        for (Eigen::Index j = 0; j < q; ++j) f(j, k) = l[static_cast<std::size_t>(j)] * base;
+      }
+    };
+    out.setZero();
+    Eigen::MatrixXd kron(q, n), gauss(q, n), f(q, n);
+    const double total = std::abs(t - s);
+    std::vector<std::pair<double, double>> todo{{s, t}};
+    int panels = 0;
+    constexpr int kMaxPanels = 20000;
+    while (!todo.empty()) {
+      const auto [a, b] = todo.back();
+      todo.pop_back();
+      ++panels;
+      const double c = 0.5 * (a + b), r = 0.5 * (b - a);
+      kron.setZero();
+      gauss.setZero();
+      for (int node = 0; node < 8; ++node) {
+        const auto ns = static_cast<std::size_t>(node);
+        for (int side = 0; side < (node == 7 ? 1 : 2); ++side) {
+          integrand(side == 0 ? c - r * diffgrad::coeffs::detail::kXgk[ns]
+                              : c + r * diffgrad::coeffs::detail::kXgk[ns],
+                    f);
+          kron += diffgrad::coeffs::detail::kWgk[ns] * f;
+          if (node % 2 == 1) gauss += diffgrad::coeffs::detail::kWg[ns / 2] * f;
+        }
+      }
+      kron *= r;
+      gauss *= r;
+      const double share = std::abs(b - a) / total;
+      bool accept = true;
+      for (Eigen::Index k = 0; k < n && accept; ++k) {
+        const double tol = 1e-13 * std::abs(c_closed[k]) * share;
+        for (Eigen::Index j = 0; j < q; ++j)
+          if (std::abs(kron(j, k) - gauss(j, k)) > tol) {
+            accept = false;
+            break;
+          }
+      }
+      // Stop splitting when the panel no longer halves in double or the budget is spent;
+      // the K15 value is then still far more accurate than the |K15 - G7| bound says.
+      if (!accept && panels < kMaxPanels && c != a && c != b) {
+        todo.emplace_back(a, c);
+        todo.emplace_back(c, b);
+      } else {
+        out += kron;
+      }
+    }
   }
 
   /// The q = 0 coefficients of a whole grid, built once before a step loop: row i of x and
@@ -342,6 +472,16 @@ public:
   }
 
 private:
+  /// lambda_base(t) - lambda_base(s): a base schedule that knows it without cancellation
+  /// provides step_h (BdmCosineSchedule does); otherwise the node difference, exactly as
+  /// coeffs::ddim forms it.
+  double base_step_h(double s, double t) const {
+    if constexpr (requires { vp_.step_h(s, t); })
+      return vp_.step_h(s, t);
+    else
+      return vp_.node(t).lambda - vp_.node(s).lambda;
+  }
+
   double checked(double t, const char* where) const {
     diffgrad::detail::check_time(t, vp_.t_min(), vp_.t_max(), where);
     return t;
