@@ -166,17 +166,18 @@ double rel(const StateD& a, const StateD& b) { return (a - b).norm() / b.norm();
 
 /// Runs `scheme` through the engine on x (in: x at nodes()[0]).
 template <class Scalar, class Model>
-typename EigenBackend<Scalar>::state_type
-run(const CldGddim& scheme, Model& model, const typename EigenBackend<Scalar>::state_type& x_T,
-    std::uint64_t seed = 0) {
+typename EigenBackend<Scalar>::state_type run(const CldGddim& scheme, Model& model,
+                                              const typename EigenBackend<Scalar>::state_type& x_T,
+                                              std::uint64_t seed = 0) {
   const EigenBackend<Scalar> backend;
   auto x = x_T;
   diffgrad::SamplerWorkspace<EigenBackend<Scalar>> ws(backend, scheme.history(), scheme.stages(),
                                                       x.rows(), x.cols());
   diffgrad::EpsField<Model> field{model};
   const auto& nodes = scheme.nodes();
-  diffgrad::run_scheme(scheme, backend, std::span<const Node>(nodes), diffgrad::NodeAtLambda(scheme),
-                       field, x, ws, diffgrad::SampleOptions{.seed = seed});
+  diffgrad::run_scheme(scheme, backend, std::span<const Node>(nodes),
+                       diffgrad::NodeAtLambda(scheme), field, x, ws,
+                       diffgrad::SampleOptions{.seed = seed});
   return x;
 }
 
@@ -212,8 +213,8 @@ struct SinglePoint {
                                   r * Eigen::Vector2d(z[row][j], z[row][2 + j]);
         x_T(row, j) = u[0];
         x_T(row, 2 + j) = u[1];
-        const V2 w = single_point_pf_ode(cld, ref, x0[static_cast<std::size_t>(j)],
-                                         V2{u[0], u[1]}, 1.0, t_min);
+        const V2 w = single_point_pf_ode(cld, ref, x0[static_cast<std::size_t>(j)], V2{u[0], u[1]},
+                                         1.0, t_min);
         want(row, j) = static_cast<double>(w[0]);
         want(row, 2 + j) = static_cast<double>(w[1]);
       }
@@ -309,14 +310,16 @@ TEST_CASE("CLD gDDIM: convergence orders q = 1, 2, 3 on a Gaussian mixture",
   using VN = std::vector<ld>;
   const auto rhs = [&](ld tau, const VN& y) {
     StateD u(6, 4), e(6, 4);
-    for (int i = 0; i < 24; ++i) u(i / 4, i % 4) = static_cast<double>(y[static_cast<std::size_t>(i)]);
+    for (int i = 0; i < 24; ++i)
+      u(i / 4, i % 4) = static_cast<double>(y[static_cast<std::size_t>(i)]);
     const double td = static_cast<double>(tau);
     model_l.eps(u, Node{td, 0, 0, 0, td}, e);
     const L2 F = ref.F(tau), Lit = inv(to_l2(CldSchedule::cholesky(cld.covariance(td))));
     VN d(24);
     for (int r = 0; r < 6; ++r)
       for (int j = 0; j < 2; ++j) {
-        const ld x = y[static_cast<std::size_t>(4 * r + j)], v = y[static_cast<std::size_t>(4 * r + 2 + j)];
+        const ld x = y[static_cast<std::size_t>(4 * r + j)],
+                 v = y[static_cast<std::size_t>(4 * r + 2 + j)];
         // score_v = -(L^{-T} eps)_v = -(Lit[0][1] eps_x + Lit[1][1] eps_v)  (L^{-T} = (L^{-1})^T)
         const ld score_v = -(Lit[0][1] * e(r, j) + Lit[1][1] * e(r, 2 + j));
         d[static_cast<std::size_t>(4 * r + j)] = F[0][0] * x + F[0][1] * v;
@@ -329,7 +332,8 @@ TEST_CASE("CLD gDDIM: convergence orders q = 1, 2, 3 on a Gaussian mixture",
   for (int i = 0; i < 24; ++i) y0[static_cast<std::size_t>(i)] = x_T(i / 4, i % 4);
   const VN yr = dopri<VN>(rhs, 1.0L, t_min, y0, 1e-14L, 1e-300L, 1e-6L);
   StateD want(6, 4);
-  for (int i = 0; i < 24; ++i) want(i / 4, i % 4) = static_cast<double>(yr[static_cast<std::size_t>(i)]);
+  for (int i = 0; i < 24; ++i)
+    want(i / 4, i % 4) = static_cast<double>(yr[static_cast<std::size_t>(i)]);
 
   const std::vector<int> ns{40, 80, 160, 320};
   std::printf("CLD mixture, rel 2-norm error at t_min = %g vs N (quadratic grid):\n", t_min);
@@ -557,10 +561,22 @@ TEST_CASE("CLD gDDIM: bad input is refused by name", "[gddim][cld][sampler]") {
     INFO(msg);
     return msg.find(what) != std::string::npos;
   };
-  CHECK(has(message_of([&] { CldGddim(cld, {1.0, 0.5, 0.5}); }), "'times' expected strictly decreasing"));
-  CHECK(has(message_of([&] { CldGddim(cld, {0.1, 0.5}); }), "'times' expected strictly decreasing"));
-  CHECK(has(message_of([&] { CldGddim(cld, {1.5, 0.5}); }), "'times' expected times in (0, t_max = 1]"));
-  CHECK(has(message_of([&] { CldGddim(cld, {1.0, 0.0}); }), "'times' expected times in (0, t_max = 1]"));
+  CHECK(has(message_of([&] {
+              CldGddim(cld, {1.0, 0.5, 0.5});
+            }),
+            "'times' expected strictly decreasing"));
+  CHECK(has(message_of([&] {
+              CldGddim(cld, {0.1, 0.5});
+            }),
+            "'times' expected strictly decreasing"));
+  CHECK(has(message_of([&] {
+              CldGddim(cld, {1.5, 0.5});
+            }),
+            "'times' expected times in (0, t_max = 1]"));
+  CHECK(has(message_of([&] {
+              CldGddim(cld, {1.0, 0.0});
+            }),
+            "'times' expected times in (0, t_max = 1]"));
   CHECK(has(message_of([&] { CldGddim(cld, {1.0}); }), "'times' expected at least 2 times"));
   CHECK(has(message_of([&] { CldGddim(cld, grid, CldGddimOptions{.stochasticity = 1.5}); }),
             "'stochasticity' expected a number in [0, 1]"));
@@ -570,18 +586,17 @@ TEST_CASE("CLD gDDIM: bad input is refused by name", "[gddim][cld][sampler]") {
             "'order' expected an order q in 1..3"));
   CHECK(has(message_of([&] { CldGddim(cld, grid, CldGddimOptions{.order = 4}); }),
             "'order' expected an order q in 1..3"));
-  CHECK(has(message_of([&] {
-              CldGddim(cld, grid, CldGddimOptions{.order = 2, .stochasticity = 0.5});
-            }),
-            "'order' expected order 1 for a stochastic sampler"));
+  CHECK(has(
+      message_of([&] { CldGddim(cld, grid, CldGddimOptions{.order = 2, .stochasticity = 0.5}); }),
+      "'order' expected order 1 for a stochastic sampler"));
   CHECK(has(message_of([&] {
               CldGddim(cld, grid, CldGddimOptions{.order = 2, .method = CldMethod::euler});
             }),
             "'order' expected order 1 for the Euler baseline"));
   CHECK(has(message_of([&] {
-              CldGddim(cld, grid,
-                       CldGddimOptions{.order = 2,
-                                       .parameterisation = CldParameterisation::cholesky});
+              CldGddim(
+                  cld, grid,
+                  CldGddimOptions{.order = 2, .parameterisation = CldParameterisation::cholesky});
             }),
             "'order' expected order 1 for the Cholesky parameterisation"));
   CHECK(has(message_of([&] { CldGddim(cld, grid, CldGddimOptions{.model_time_scale = 0}); }),
@@ -619,13 +634,12 @@ TEST_CASE("CLD gDDIM: bad input is refused by name", "[gddim][cld][sampler]") {
   CHECK(has(message_of([&] { model.eps(StateD::Zero(1, 4), scheme.nodes()[0], out); }),
             "'u' expected width 2d = 2"));
   CHECK(has(message_of([&] { (void)diffgrad::gddim::cld_quadratic_grid(cld, 0); }), "'steps'"));
-  CHECK(has(message_of([&] { (void)diffgrad::gddim::cld_quadratic_grid(cld, 5, 1.0); }),
-            "'t_min'"));
+  CHECK(
+      has(message_of([&] { (void)diffgrad::gddim::cld_quadratic_grid(cld, 5, 1.0); }), "'t_min'"));
   StateD odd(2, 3);
   CHECK(has(message_of([&] { diffgrad::gddim::draw_cld_prior(backend, cld, odd, 1); }),
             "'u' expected a state of even width"));
-  CHECK(has(message_of([&] { CldMixture<double>(cld, m, Eigen::VectorXd::Zero(2)); }),
-            "'stds'"));
+  CHECK(has(message_of([&] { CldMixture<double>(cld, m, Eigen::VectorXd::Zero(2)); }), "'stds'"));
 }
 
 TEST_CASE("CLD gDDIM: float32 single-point error table", "[gddim][cld][sampler]") {
@@ -764,20 +778,19 @@ TEST_CASE("CLD gDDIM: prior, interleaved adapter, denoising step, x half, R_0 an
     p.initial_angle = 0.4;
     const CldSchedule rotated(p);
     const double t = 0.3;
-    const double angle = diffgrad::gddim::cld_initial_angle(CldParams{}, t, rotated.sqrt_covariance(t));
+    const double angle =
+        diffgrad::gddim::cld_initial_angle(CldParams{}, t, rotated.sqrt_covariance(t));
     CHECK(std::fabs(angle - 0.4) <= 1e-12);
     const Mat2 r0 = rotated.sqrt_covariance(0.0);
     CHECK(std::fabs(diffgrad::gddim::cld_initial_angle(CldParams{}, 0.0, r0) - 0.4) <= 1e-12);
     Mat2 reflect = r0;
     reflect.col(0) *= -1.0;
-    CHECK(has_message(message_of([&] {
-                        (void)diffgrad::gddim::cld_initial_angle(CldParams{}, 0.0, reflect);
-                      }),
-                      "det R > 0"));
-    CHECK(has_message(message_of([&] {
-                        (void)diffgrad::gddim::cld_initial_angle(CldParams{}, 0.0, 2.0 * r0);
-                      }),
-                      "'r_t' expected a square root of Sigma_t"));
+    CHECK(has_message(
+        message_of([&] { (void)diffgrad::gddim::cld_initial_angle(CldParams{}, 0.0, reflect); }),
+        "det R > 0"));
+    CHECK(has_message(
+        message_of([&] { (void)diffgrad::gddim::cld_initial_angle(CldParams{}, 0.0, 2.0 * r0); }),
+        "'r_t' expected a square root of Sigma_t"));
   }
 }
 
@@ -816,8 +829,8 @@ TEST_CASE("CldMixture: eps = -K^T grad log p_t of an independent density; VJP vs
         }
         return std::log(total);
       };
-      const Mat2 k_t = param == CldParameterisation::R ? cld.sqrt_covariance(t)
-                                                       : CldSchedule::cholesky(sig);
+      const Mat2 k_t =
+          param == CldParameterisation::R ? cld.sqrt_covariance(t) : CldSchedule::cholesky(sig);
       StateD got, want(2, 4);
       model.eps(u, Node{t, 0, 0, 0, 999 * t}, got);
       for (int r = 0; r < 2; ++r) {
@@ -829,8 +842,8 @@ TEST_CASE("CldMixture: eps = -K^T grad log p_t of an independent density; VJP vs
             y(r, i) += e;
             return log_p(y, r);
           };
-          score[i] = static_cast<double>(
-              (8 * (at(h) - at(-h)) - (at(2 * h) - at(-2 * h))) / (12 * h));
+          score[i] =
+              static_cast<double>((8 * (at(h) - at(-h)) - (at(2 * h) - at(-2 * h))) / (12 * h));
         }
         for (int j = 0; j < 2; ++j) {
           const Eigen::Vector2d e = -k_t.transpose() * Eigen::Vector2d(score[j], score[2 + j]);

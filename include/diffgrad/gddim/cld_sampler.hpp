@@ -14,7 +14,8 @@
 //   exponential, stochasticity l > 0 (q = 1):
 //     u_{i+1} = Psi u_i + (Psi_hat - Psi) K_i eps + chol(P) xi   (K = R_t, or L_t: see below).
 //   euler (PF-ODE Euler for l = 0, Euler-Maruyama on the l-family reverse SDE for l > 0, q = 1):
-//     u_{i+1} = (I + h F) u_i + h (1 + l^2)/2 G G^T K^{-T} eps + l sqrt(|h|) G xi,  h = t_{i+1} - t_i.
+//     u_{i+1} = (I + h F) u_i + h (1 + l^2)/2 G G^T K^{-T} eps + l sqrt(|h|) G xi,  h = t_{i+1} -
+//     t_i.
 //   parameterisation: R (gDDIM's R_t, default: exact for one data point) or cholesky (K = L_t =
 //     chol(Sigma_t), the CLD paper's; score = -K^{-T} eps in both).
 //   denoise: the official final step at delta = t_min (Euler on the reverse-SDE drift, no
@@ -112,13 +113,13 @@ inline double cld_initial_angle(const CldParams& params, double t, const Mat2& r
 /// gradient. Immutable after construction; thread-safe.
 class CldGddim {
 public:
-  CldGddim(const CldSchedule& schedule, std::vector<double> times, const CldGddimOptions& options = {})
+  CldGddim(const CldSchedule& schedule, std::vector<double> times,
+           const CldGddimOptions& options = {})
       : schedule_(schedule), times_(std::move(times)), opt_(options) {
     const char* where = "gddim::CldGddim";
     using diffgrad::detail::require;
     require(opt_.order >= 1 && opt_.order <= 3, where, "order", "an order q in 1..3", opt_.order);
-    require(std::isfinite(opt_.stochasticity) && opt_.stochasticity >= 0 &&
-                opt_.stochasticity <= 1,
+    require(std::isfinite(opt_.stochasticity) && opt_.stochasticity >= 0 && opt_.stochasticity <= 1,
             where, "stochasticity", "a number in [0, 1]", opt_.stochasticity);
     require(std::isfinite(opt_.model_time_scale) && opt_.model_time_scale > 0, where,
             "model_time_scale", "a positive finite number", opt_.model_time_scale);
@@ -167,15 +168,14 @@ public:
     if (nodes.size() != nodes_.size())
       diffgrad::detail::throw_argument(
           where, "nodes",
-          diffgrad::detail::concat("the scheme's ", nodes_.size(),
-                                   " nodes (CldGddim::nodes())"),
+          diffgrad::detail::concat("the scheme's ", nodes_.size(), " nodes (CldGddim::nodes())"),
           diffgrad::detail::concat(nodes.size(), " nodes"));
     for (std::size_t i = 0; i < nodes.size(); ++i)
       if (nodes[i].t != nodes_[i].t || nodes[i].model_t != nodes_[i].model_t)
         diffgrad::detail::throw_argument(
             where, "nodes",
-            diffgrad::detail::concat("the scheme's grid (CldGddim::nodes()): node ", i, " at t = ",
-                                     nodes_[i].t, ", model_t = ", nodes_[i].model_t),
+            diffgrad::detail::concat("the scheme's grid (CldGddim::nodes()): node ", i,
+                                     " at t = ", nodes_[i].t, ", model_t = ", nodes_[i].model_t),
             diffgrad::detail::concat("t = ", nodes[i].t, ", model_t = ", nodes[i].model_t));
   }
 
@@ -276,7 +276,7 @@ private:
 /// standard normal state xi(seed, step, global element index) scaled by diag(1, sqrt(M)), so
 /// a shard with row_offset draws its rows of the whole batch.
 template <Backend B>
-  requires BackendFor<B, Block2>
+requires BackendFor<B, Block2>
 void draw_cld_prior(const B& backend, const CldSchedule& schedule, typename B::state_type& u,
                     std::uint64_t seed, std::uint64_t step = 0, std::uint64_t row_offset = 0) {
   using State = typename B::state_type;
@@ -310,8 +310,7 @@ public:
   using state_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using vector_type = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
-  CldInterleavedModel(Model& model, std::int64_t batch, std::int64_t data_dim)
-      : model_(model) {
+  CldInterleavedModel(Model& model, std::int64_t batch, std::int64_t data_dim) : model_(model) {
     diffgrad::detail::require(batch >= 1 && data_dim >= 1, "gddim::CldInterleavedModel",
                               "batch/data_dim", "a non-empty batch of d >= 1 coordinates",
                               static_cast<double>(batch * data_dim));
@@ -329,14 +328,14 @@ public:
     to_blocked(out_, out);
   }
 
-  void vjp(const state_type& u, const Node& n, const state_type& a, state_type& dx,
-           vector_type* dcond, vector_type* dparams)
-    requires(requires(Model& m, const state_type& s, const Node& nd, state_type& o,
-                      vector_type* p) { m.vjp(s, nd, s, o, p, p); } ||
-             requires(Model& m, const state_type& s, double t, state_type& o, vector_type* p) {
-               m.vjp(s, t, s, o, p, p);
-             })
-  {
+  void
+  vjp(const state_type& u, const Node& n, const state_type& a, state_type& dx, vector_type* dcond, vector_type* dparams) requires(
+      requires(Model& m, const state_type& s, const Node& nd, state_type& o, vector_type* p) {
+        m.vjp(s, nd, s, o, p, p);
+      } ||
+      requires(Model & m, const state_type& s, double t, state_type& o, vector_type* p) {
+        m.vjp(s, t, s, o, p, p);
+      }) {
     check(u, "vjp");
     check(a, "vjp");
     to_interleaved(u, in_);
@@ -349,16 +348,10 @@ public:
     to_blocked(dx_, dx);
   }
 
-  std::int64_t cond_size() const
-    requires requires(const Model& m) { m.cond_size(); }
-  {
-    return static_cast<std::int64_t>(model_.cond_size());
-  }
-  std::int64_t param_size() const
-    requires requires(const Model& m) { m.param_size(); }
-  {
-    return static_cast<std::int64_t>(model_.param_size());
-  }
+  std::int64_t cond_size() const requires requires(const Model& m) { m.cond_size(); }
+  { return static_cast<std::int64_t>(model_.cond_size()); }
+  std::int64_t param_size() const requires requires(const Model& m) { m.param_size(); }
+  { return static_cast<std::int64_t>(model_.param_size()); }
 
   /// [x | v] -> interleaved (k, c) at 2k + c; `out` must have u's shape.
   static void to_interleaved(const state_type& u, state_type& out) {
@@ -384,8 +377,7 @@ private:
     if (u.rows() != in_.rows() || u.cols() != in_.cols())
       throw invalid_argument(diffgrad::detail::concat(
           "gddim::CldInterleavedModel::", fn, ": argument 'u' expected shape ", in_.rows(), " x ",
-          in_.cols(), " (the batch x 2d given at construction), got ", u.rows(), " x ",
-          u.cols()));
+          in_.cols(), " (the batch x 2d given at construction), got ", u.rows(), " x ", u.cols()));
   }
 
   Model& model_;

@@ -5,7 +5,8 @@
 // Data x_0 ~ sum_k w_k N(m_k, s_k^2 I_d), fed as u_0 = (x_0, 0) with the velocity in the kernel
 // (Sigma_0 = diag(eps, gamma M + eps), gddim/cld_schedule.hpp). Every (x_j, v_j) pair of
 // component k is then Gaussian at time t with
-//   mean mu_kj = Psi(t,0) (m_kj, 0),  covariance C_k = Sigma_t + s_k^2 psi psi^T  (psi = Psi(t,0) e_x)
+//   mean mu_kj = Psi(t,0) (m_kj, 0),  covariance C_k = Sigma_t + s_k^2 psi psi^T  (psi = Psi(t,0)
+//   e_x)
 // (= Psi diag(s_k^2 + eps, gamma M + eps) Psi^T + the noise part), the same for every pair, so
 //   log p_k(u) = log w_k - 1/2 sum_j delta_kj^T C_k^{-1} delta_kj - (d/2) log det C_k + const,
 //   score = -sum_k r_k a_k,  a_kj = C_k^{-1} delta_kj,  r = softmax(log p_k),
@@ -53,14 +54,12 @@ public:
     require(stds.size() == k, where, "stds", "one std per component (rows of means)",
             static_cast<double>(stds.size()));
     for (Eigen::Index i = 0; i < k; ++i)
-      require(std::isfinite(stds(i)) && stds(i) >= 0, where, "stds", "finite stds >= 0",
-              stds(i));
+      require(std::isfinite(stds(i)) && stds(i) >= 0, where, "stds", "finite stds >= 0", stds(i));
     Eigen::VectorXd w = weights.size() == 0 ? Eigen::VectorXd::Ones(k) : weights;
     require(w.size() == k, where, "weights", "one weight per component (rows of means)",
             static_cast<double>(w.size()));
     for (Eigen::Index i = 0; i < k; ++i)
-      require(std::isfinite(w(i)) && w(i) > 0, where, "weights", "positive finite weights",
-              w(i));
+      require(std::isfinite(w(i)) && w(i) > 0, where, "weights", "positive finite weights", w(i));
     log_weights_ = (w / w.sum()).array().log().matrix();
   }
 
@@ -91,9 +90,9 @@ public:
            vector_type*) const {
     const char* where = "gddim::CldMixture::vjp";
     if (a.rows() != u.rows() || a.cols() != u.cols())
-      throw invalid_argument(diffgrad::detail::concat(
-          where, ": argument 'cotangent' expected shape ", u.rows(), " x ", u.cols(),
-          " (that of u), got ", a.rows(), " x ", a.cols()));
+      throw invalid_argument(
+          diffgrad::detail::concat(where, ": argument 'cotangent' expected shape ", u.rows(), " x ",
+                                   u.cols(), " (that of u), got ", a.rows(), " x ", a.cols()));
     prepare(u, n.t, where);
     const Eigen::Index d = means_.cols(), kc = means_.rows();
     tmp_.resize(static_cast<std::size_t>(2 * d));
@@ -118,8 +117,8 @@ public:
           const double cx = tmp_[static_cast<std::size_t>(j)],
                        cv = tmp_[static_cast<std::size_t>(d + j)];
           acc[static_cast<std::size_t>(j)] +=
-              rk * (ci(0, 0) * cx + ci(0, 1) * cv -
-                    (ak[j] - abar_[static_cast<std::size_t>(j)]) * dot);
+              rk *
+              (ci(0, 0) * cx + ci(0, 1) * cv - (ak[j] - abar_[static_cast<std::size_t>(j)]) * dot);
           acc[static_cast<std::size_t>(d + j)] +=
               rk * (ci(1, 0) * cx + ci(1, 1) * cv -
                     (ak[d + j] - abar_[static_cast<std::size_t>(d + j)]) * dot);
