@@ -276,7 +276,7 @@ private:
 /// standard normal state xi(seed, step, global element index) scaled by diag(1, sqrt(M)), so
 /// a shard with row_offset draws its rows of the whole batch.
 template <Backend B>
-requires BackendFor<B, Block2>
+  requires BackendFor<B, Block2>
 void draw_cld_prior(const B& backend, const CldSchedule& schedule, typename B::state_type& u,
                     std::uint64_t seed, std::uint64_t step = 0, std::uint64_t row_offset = 0) {
   using State = typename B::state_type;
@@ -299,6 +299,14 @@ cld_data_half(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen:
                             static_cast<double>(u.cols()));
   return u.leftCols(u.cols() / 2);
 }
+
+namespace cld_detail {
+/// A noise model with a VJP taking a Node or a model time (concepts/model.hpp's forms).
+template <class M, class State, class Vector>
+concept HasVjp = requires(M& m, const State& s, const Node& n, State& o, Vector* p) {
+  m.vjp(s, n, s, o, p, p);
+} || requires(M& m, const State& s, double t, State& o, Vector* p) { m.vjp(s, t, s, o, p, p); };
+} // namespace cld_detail
 
 /// Adapter for networks in the official interleaved layout (..., d, 2): element (k, c) of a
 /// row at 2k + c (c = 0: x, 1: v), where the samplers use [x (d) | v (d)] (c d + k). Wraps a
@@ -328,14 +336,11 @@ public:
     to_blocked(out_, out);
   }
 
-  void
-  vjp(const state_type& u, const Node& n, const state_type& a, state_type& dx, vector_type* dcond, vector_type* dparams) requires(
-      requires(Model& m, const state_type& s, const Node& nd, state_type& o, vector_type* p) {
-        m.vjp(s, nd, s, o, p, p);
-      } ||
-      requires(Model & m, const state_type& s, double t, state_type& o, vector_type* p) {
-        m.vjp(s, t, s, o, p, p);
-      }) {
+  /// The wrapped model's VJP, in the blocked layout (only when the model has one).
+  void vjp(const state_type& u, const Node& n, const state_type& a, state_type& dx,
+           vector_type* dcond, vector_type* dparams)
+    requires cld_detail::HasVjp<Model, state_type, vector_type>
+  {
     check(u, "vjp");
     check(a, "vjp");
     to_interleaved(u, in_);
@@ -348,10 +353,16 @@ public:
     to_blocked(dx_, dx);
   }
 
-  std::int64_t cond_size() const requires requires(const Model& m) { m.cond_size(); }
-  { return static_cast<std::int64_t>(model_.cond_size()); }
-  std::int64_t param_size() const requires requires(const Model& m) { m.param_size(); }
-  { return static_cast<std::int64_t>(model_.param_size()); }
+  std::int64_t cond_size() const
+    requires requires(const Model& m) { m.cond_size(); }
+  {
+    return static_cast<std::int64_t>(model_.cond_size());
+  }
+  std::int64_t param_size() const
+    requires requires(const Model& m) { m.param_size(); }
+  {
+    return static_cast<std::int64_t>(model_.param_size());
+  }
 
   /// [x | v] -> interleaved (k, c) at 2k + c; `out` must have u's shape.
   static void to_interleaved(const state_type& u, state_type& out) {
