@@ -261,6 +261,8 @@ TEST_CASE("bdm sampler: multistep coefficients sum to C_k and match their integr
                                           << ", max |C_j - ref| / |C_k| = " << worst_ref);
   CHECK(worst_sum <= 1e-12);
   CHECK(worst_ref <= 1e-11);
+  WARN("multistep coefficients: sum vs C_k " << worst_sum << ", vs integral by parts "
+                                             << worst_ref);
 }
 
 TEST_CASE("bdm sampler: stochastic coefficients: l = 0 is the deterministic step, closed forms",
@@ -436,6 +438,8 @@ TEST_CASE("bdm sampler: one stochastic step maps the single-point marginal to th
                   << " SE, variance " << worst_var << " SE");
       CHECK(worst_mean <= 5.0);
       CHECK(worst_var <= 5.0);
+      WARN("stochastic step l = " << l << ", " << s << " -> " << t << ": worst mean " << worst_mean
+                                  << " SE, worst variance " << worst_var << " SE");
     }
   }
 }
@@ -528,11 +532,13 @@ TEST_CASE("bdm sampler: convergence orders q = 1, 2, 3 on the mixture model",
   const ImageBatch ref_pix = dct_channels(ref, h, w, 1, true);
   const ImageBatch xT = dct_channels(yT, h, w, 1, true);
   const std::vector<double> ns{80, 160, 320, 640};
-  for (const int q : {1, 2, 3}) {
+  // q = 1..3: gDDIM; q = 0 stands for the Euler PF-ODE baseline (first order).
+  for (const int q : {1, 2, 3, 0}) {
     std::vector<double> errs;
     for (const double n : ns) {
-      const Scheme scheme(backend, schedule, uniform_grid(t0, t1, static_cast<int>(n)),
-                          {.order = q});
+      const BdmGddimOptions options =
+          q == 0 ? BdmGddimOptions{.method = BdmMethod::euler} : BdmGddimOptions{.order = q};
+      const Scheme scheme(backend, schedule, uniform_grid(t0, t1, static_cast<int>(n)), options);
       ImageBatch x = xT;
       diffgrad::gddim::sample_bdm(scheme, backend, model, x);
       errs.push_back(max_rel(x, ref_pix));
@@ -540,7 +546,7 @@ TEST_CASE("bdm sampler: convergence orders q = 1, 2, 3 on the mixture model",
     const double slope = -fitted_slope(ns, errs);
     INFO("q = " << q << ": errors " << errs[0] << " " << errs[1] << " " << errs[2] << " " << errs[3]
                 << ", slope " << slope);
-    CHECK(std::abs(slope - q) <= 0.2);
+    CHECK(std::abs(slope - std::max(q, 1)) <= 0.2);
     WARN("convergence q = " << q << ": N = 80..640 errors " << errs[0] << ", " << errs[1] << ", "
                             << errs[2] << ", " << errs[3] << "; fitted order " << slope);
   }
