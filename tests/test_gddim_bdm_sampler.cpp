@@ -642,6 +642,56 @@ TEST_CASE("bdm sampler: exact discrete gradient vs finite differences, every mem
   }
 }
 
+TEST_CASE("bdm sampler: gradient w.r.t. the given noise (DCT basis) vs finite differences",
+          "[gddim][bdm][sampler][gradient]") {
+  const Backend64 backend;
+  const Index h = 2, w = 2, dim = h * w;
+  const BdmSchedule<> schedule(h, w);
+  TanhModel model{dim, VectorXd(dim * dim + dim)};
+  for (Index p = 0; p < model.theta.size(); ++p)
+    model.theta[p] = 0.5 * std::cos(0.9 * static_cast<double>(p));
+  const auto times = quadratic_grid(0.9, 0.2, 4);
+  const Scheme scheme(backend, schedule, times, {.stochasticity = 0.8});
+  const ImageBatch xT = normal_batch(2, dim, 31), cot = normal_batch(2, dim, 32);
+  std::vector<ImageBatch> noise;
+  for (int i = 0; i < 4; ++i)
+    noise.push_back(normal_batch(2, dim, 40 + static_cast<std::uint64_t>(i)));
+  const auto pack = [&](const std::vector<ImageBatch>& v) {
+    VectorXd out(static_cast<Index>(v.size()) * 2 * dim);
+    for (std::size_t i = 0; i < v.size(); ++i)
+      out.segment(static_cast<Index>(i) * 2 * dim, 2 * dim) = diffgrad::testing::flatten(v[i]);
+    return out;
+  };
+  const auto unpack = [&](const VectorXd& in) {
+    std::vector<ImageBatch> v;
+    for (Index i = 0; i < 4; ++i)
+      v.push_back(diffgrad::testing::unflatten(in.segment(i * 2 * dim, 2 * dim), 2, dim));
+    return v;
+  };
+  const diffgrad::GradientOptions options{.wrt_noise = true};
+  const auto check = diffgrad::testing::check_vjp(
+      [&](const VectorXd& in, VectorXd& out) {
+        const auto xi = unpack(in);
+        ImageBatch x = xT;
+        diffgrad::gddim::sample_bdm(scheme, backend, model, x, {}, std::span<const ImageBatch>(xi));
+        out = diffgrad::testing::flatten(x);
+      },
+      [&](const VectorXd& in, const VectorXd& wv) {
+        const auto xi = unpack(in);
+        auto ws = diffgrad::gddim::make_bdm_gradient_workspace(scheme, backend, model, xT, options);
+        ws.given_noise = xi;
+        const ImageBatch c = diffgrad::testing::unflatten(wv, 2, dim);
+        const auto& r = diffgrad::gddim::gradient_bdm(scheme, backend, model, xT, c, options, ws);
+        return pack(r.grad_noise);
+      },
+      pack(noise), diffgrad::testing::FdOptions{.ridders_step = 1e-3});
+  INFO("noise: fd " << check.fd_error << ", dot " << check.dot_product_error);
+  CHECK(check.fd_error <= 1e-7);
+  CHECK(check.dot_product_error <= 1e-8); // Ridders' J v is good to ~1e-9 here
+  WARN("gradient w.r.t. the given noise: FD error " << check.fd_error << ", dot-product "
+                                                    << check.dot_product_error);
+}
+
 // ---------------------------------------------------------------------- bad input
 
 TEST_CASE("bdm sampler: bad input is refused by name", "[gddim][bdm][sampler]") {
