@@ -9,6 +9,8 @@
 
 #include "cases.hpp"
 #include "cuda_test_support.hpp"
+#include "diffgrad/backend/coefficient.hpp"
+#include "diffgrad/backend/lincomb_term.hpp"
 
 namespace diffgrad::testing {
 
@@ -28,14 +30,34 @@ inline std::vector<double> mlp_cond() { return {0.2, -0.1}; }
 inline constexpr std::uint64_t kMlpSeed = 3;
 
 // --- host functor references (EigenBackend) -----------------------------------------------------
-/// EigenBackend::lincomb over the given terms (runtime-arity form) and optional noise.
+/// EigenBackend::lincomb over the given terms (runtime-arity form) and optional noise drawn
+/// for global rows row_offset.. (NoiseTerm::row_offset).
 std::vector<double> cpu_lincomb(Precision p, const std::vector<double>& coeffs,
                                 const std::vector<std::vector<double>>& inputs, double noise_coeff,
-                                std::uint64_t seed, std::uint64_t step, int batch, int dim);
+                                std::uint64_t seed, std::uint64_t step, int batch, int dim,
+                                std::uint64_t row_offset = 0);
+/// EigenBackend's 2x2-block lincomb (batch x width states, width even) with noise L.
+std::vector<double> cpu_lincomb_block2(Precision p, const std::vector<Block2>& coeffs,
+                                       const std::vector<std::vector<double>>& inputs,
+                                       const BasicNoiseTerm<Block2>& noise, int batch, int width);
+/// A ColumnCoeff without a pointer (host and device tables differ): scale * table[offset + k]
+/// for column k, or the scalar `scale` when offset < 0.
+struct ColumnSpec {
+  std::int64_t offset = -1;
+  double scale = 0.0;
+};
+/// EigenBackend's per-column lincomb with the coefficient table `table` (host memory there).
+std::vector<double> cpu_lincomb_columns(Precision p, const std::vector<double>& table,
+                                        const std::vector<ColumnSpec>& coeffs,
+                                        const std::vector<std::vector<double>>& inputs,
+                                        ColumnSpec noise, std::uint64_t seed, std::uint64_t step,
+                                        std::uint64_t row_offset, int batch, int width);
 double cpu_dot(Precision p, const std::vector<double>& a, const std::vector<double>& b, int batch,
                int dim);
 
 // --- cases.hpp on the CPU ----------------------------------------------------------------------
+/// structured_cases.hpp: the block (columns = false) or per-column scheme, sample + gradients.
+Parts cpu_structured(bool columns, const Problem& problem, Precision p);
 Parts cpu_sample_gaussian(int index, const Problem& problem, Precision p);
 Parts cpu_sample_dirac(int index, const Problem& problem);
 Parts cpu_sample_mlp(int index, const Problem& problem, Precision p, bool use_tanh);

@@ -23,6 +23,7 @@
 #include "diffgrad/backend/cuda/launch.cuh"
 #include "diffgrad/backend/cuda/lincomb.cuh"
 #include "diffgrad/backend/cuda/reduce.cuh"
+#include "diffgrad/backend/cuda/structured_lincomb.cuh"
 #include "diffgrad/concepts/backend.hpp"
 #include "diffgrad/detail/philox.hpp"
 #include "diffgrad/models/cuda/dirac_mixture.cuh"
@@ -36,6 +37,13 @@ namespace dc = diffgrad::gpu;
 static_assert(Backend<dc::CudaBackend<float>>);
 static_assert(Backend<dc::CudaBackend<double>>);
 static_assert(Backend<CountingBackend<dc::CudaBackend<double>>>);
+static_assert(BackendFor<dc::CudaBackend<double>, Block2>);
+static_assert(BackendFor<dc::CudaBackend<float>, Block2>);
+static_assert(BackendFor<dc::CudaBackend<double>, ColumnCoeff>);
+static_assert(BackendFor<dc::CudaBackend<float>, ColumnCoeff>);
+static_assert(BackendFor<CountingBackend<dc::CudaBackend<double>>, Block2>);
+static_assert(BackendFor<CountingBackend<dc::CudaBackend<float>>, ColumnCoeff>);
+static_assert(std::is_copy_constructible_v<dc::CudaBackend<double>::coefficient_table>);
 static_assert(std::is_nothrow_move_constructible_v<dc::DeviceState<float>>);
 static_assert(std::is_copy_constructible_v<dc::DeviceState<double>>);
 
@@ -62,7 +70,8 @@ std::vector<double> run_lincomb_functor(const std::vector<double>& coeffs,
 template <class Scalar, int N, bool WithNoise>
 std::vector<double> run_fixed(const std::vector<double>& coeffs,
                               const std::vector<std::vector<double>>& inputs, double noise_coeff,
-                              std::uint64_t seed, std::uint64_t step, std::size_t size) {
+                              std::uint64_t seed, std::uint64_t step, std::size_t size,
+                              std::uint64_t first_index = 0) {
   std::vector<AlignedHost<Scalar>> in;
   for (int k = 0; k < N; ++k) {
     in.emplace_back(size);
@@ -73,7 +82,7 @@ std::vector<double> run_fixed(const std::vector<double>& coeffs,
   dc::LincombFunctor<Scalar, N, WithNoise> f{};
   f.out = out.ptr;
   f.size = static_cast<std::int64_t>(size);
-  f.noise = dc::NoiseParams{noise_coeff, seed, step};
+  f.noise = dc::NoiseParams{noise_coeff, seed, step, first_index};
   for (int k = 0; k < N; ++k) {
     f.in[k] = in[static_cast<std::size_t>(k)].ptr;
     f.coeff[k] = static_cast<Scalar>(coeffs[static_cast<std::size_t>(k)]);
@@ -104,6 +113,152 @@ std::vector<double> host_values(std::size_t n, double phase) {
   for (std::size_t i = 0; i < n; ++i)
     v[i] = std::sin(0.37 * static_cast<double>(i) + phase) * (1.0 + phase);
   return v;
+}
+
+/// The Block2 functor run on the host over aligned Scalar copies of `inputs`; `out` is a fresh
+/// buffer, or input number `alias` itself (alias >= 0: the in-place update of the engines).
+template <class Scalar>
+std::vector<double>
+run_block2(const std::vector<Block2>& coeffs, const std::vector<std::vector<double>>& inputs,
+           const BasicNoiseTerm<Block2>& noise, int batch, int width, int alias = -1) {
+  const auto size = static_cast<std::size_t>(batch) * static_cast<std::size_t>(width);
+  std::vector<AlignedHost<Scalar>> in;
+  for (const auto& v : inputs) {
+    in.emplace_back(size);
+    for (std::size_t i = 0; i < size; ++i) in.back().ptr[i] = static_cast<Scalar>(v[i]);
+  }
+  AlignedHost<Scalar> fresh(size);
+  Scalar* out = alias < 0 ? fresh.ptr : in[static_cast<std::size_t>(alias)].ptr;
+  std::vector<dc::Block2Term<Scalar>> terms;
+  for (std::size_t t = 0; t < inputs.size(); ++t) terms.push_back({coeffs[t], in[t].ptr});
+  const std::span<const dc::Block2Term<Scalar>> view(terms);
+  if (noise.coeff.is_zero()) {
+    const auto f = dc::make_block2_functor<false>(out, batch, width / 2, view, noise);
+    dc::run_for_each_on_host(f, f.items());
+  } else {
+    const auto f = dc::make_block2_functor<true>(out, batch, width / 2, view, noise);
+    dc::run_for_each_on_host(f, f.items());
+  }
+  return std::vector<double>(out, out + size);
+}
+
+/// The ColumnCoeff functor run on the host; the coefficients point into `table` (host memory,
+/// which is where the host run reads them).
+template <class Scalar>
+std::vector<double> run_columns(const std::vector<double>& table,
+                                const std::vector<testing::ColumnSpec>& coeffs,
+                                const std::vector<std::vector<double>>& inputs,
+                                testing::ColumnSpec noise, std::uint64_t seed, std::uint64_t step,
+                                std::uint64_t row_offset, int batch, int width, int alias = -1) {
+  const auto size = static_cast<std::size_t>(batch) * static_cast<std::size_t>(width);
+  const auto coeff = [&](const testing::ColumnSpec& c) {
+    return ColumnCoeff{c.offset < 0 ? nullptr : table.data() + c.offset, c.scale};
+  };
+  std::vector<AlignedHost<Scalar>> in;
+  for (const auto& v : inputs) {
+    in.emplace_back(size);
+    for (std::size_t i = 0; i < size; ++i) in.back().ptr[i] = static_cast<Scalar>(v[i]);
+  }
+  AlignedHost<Scalar> fresh(size);
+  Scalar* out = alias < 0 ? fresh.ptr : in[static_cast<std::size_t>(alias)].ptr;
+  std::vector<dc::ColumnTerm<Scalar>> terms;
+  for (std::size_t t = 0; t < inputs.size(); ++t) terms.push_back({coeff(coeffs[t]), in[t].ptr});
+  const std::span<const dc::ColumnTerm<Scalar>> view(terms);
+  const BasicNoiseTerm<ColumnCoeff> n{coeff(noise), seed, step, row_offset};
+  const auto total = static_cast<std::int64_t>(size);
+  if (n.coeff.is_zero()) {
+    const auto f = dc::make_column_functor<false>(out, total, width, view, n);
+    dc::run_for_each_on_host(f, f.items(total));
+  } else {
+    const auto f = dc::make_column_functor<true>(out, total, width, view, n);
+    dc::run_for_each_on_host(f, f.items(total));
+  }
+  return std::vector<double>(out, out + size);
+}
+
+/// A width x width matrix, row-major, in long double.
+using Dense = std::vector<long double>;
+
+/// B (x) I_d over the halves [x | v] of a row of width 2d, entry by entry.
+Dense dense_block(const Block2& b, int width) {
+  const int d = width / 2;
+  const auto w = static_cast<std::size_t>(width);
+  Dense m(w * w, 0.0L);
+  for (int i = 0; i < d; ++i) {
+    const auto x = static_cast<std::size_t>(i), v = static_cast<std::size_t>(d + i);
+    m[x * w + x] = b.xx;
+    m[x * w + v] = b.xv;
+    m[v * w + x] = b.vx;
+    m[v * w + v] = b.vv;
+  }
+  return m;
+}
+
+/// diag(scale * table[offset + k]) (or scale I when offset < 0).
+Dense dense_columns(const std::vector<double>& table, const testing::ColumnSpec& c, int width) {
+  const auto w = static_cast<std::size_t>(width);
+  Dense m(w * w, 0.0L);
+  for (std::size_t k = 0; k < w; ++k)
+    m[k * w + k] = c.offset < 0 ? static_cast<long double>(c.scale)
+                                : static_cast<long double>(c.scale) *
+                                      table[static_cast<std::size_t>(c.offset) + k];
+  return m;
+}
+
+/// Checks got against the dense reference out_r = sum_t M_t x_t[r] + M_xi xi[r] (long double;
+/// xi[r][c] = detail::gaussian(seed, step, (row_offset + r) width + c), drawn one by one),
+/// element by element: |got - ref| <= 2 (n + 4) u sum_j |contributions_j|, u the unit
+/// roundoff of the precision (n products and sums, the rounding of inputs, coefficients and
+/// the noise term). Returns the number of elements outside that bound.
+std::size_t dense_violations(const std::vector<double>& got, const std::vector<Dense>& mats,
+                             const std::vector<std::vector<double>>& inputs, const Dense* noise,
+                             std::uint64_t seed, std::uint64_t step, std::uint64_t row_offset,
+                             int batch, int width, double unit) {
+  const auto w = static_cast<std::size_t>(width);
+  const double tol = 2.0 * (static_cast<double>(mats.size()) + 4.0) * unit;
+  std::size_t bad = 0;
+  std::vector<long double> xi(w);
+  for (std::size_t r = 0; r < static_cast<std::size_t>(batch); ++r) {
+    for (std::size_t c = 0; c < w; ++c)
+      xi[c] = detail::gaussian(seed, step, (row_offset + r) * w + c);
+    for (std::size_t i = 0; i < w; ++i) {
+      long double ref = 0.0L, magnitude = 0.0L;
+      for (std::size_t t = 0; t < mats.size(); ++t)
+        for (std::size_t j = 0; j < w; ++j) {
+          const long double term = mats[t][i * w + j] * inputs[t][r * w + j];
+          ref += term;
+          magnitude += std::fabs(term);
+        }
+      if (noise != nullptr)
+        for (std::size_t j = 0; j < w; ++j) {
+          const long double term = (*noise)[i * w + j] * xi[j];
+          ref += term;
+          magnitude += std::fabs(term);
+        }
+      const long double err = std::fabs(static_cast<long double>(got[r * w + i]) - ref);
+      if (!(err <= tol * magnitude)) {
+        if (bad < 5)
+          UNSCOPED_INFO("element (" << r << ", " << i << "): got " << got[r * w + i] << ", dense "
+                                    << static_cast<double>(ref) << ", error "
+                                    << static_cast<double>(err) << " > "
+                                    << static_cast<double>(tol * magnitude));
+        ++bad;
+      }
+    }
+  }
+  return bad;
+}
+
+double unit_roundoff(Precision p) { return p == Precision::f64 ? 0x1p-53 : 0x1p-24; }
+
+/// Non-symmetric blocks (the transposes differ), one per term.
+std::vector<Block2> test_blocks(std::size_t n) {
+  std::vector<Block2> b;
+  for (std::size_t t = 0; t < n; ++t) {
+    const double s = static_cast<double>(t);
+    b.push_back({0.9 - 0.2 * s, 0.35 + 0.1 * s, -0.6 + 0.15 * s, 1.1 - 0.05 * s * s});
+  }
+  return b;
 }
 
 } // namespace
@@ -170,6 +325,174 @@ TEST_CASE("noise: vectorised pairs and the element-wise tail give detail::gaussi
     const double g = detail::gaussian(99, 123456789, i);
     CHECK(d[i] == g);
     CHECK(f[i] == static_cast<double>(static_cast<float>(g)));
+  }
+}
+
+TEST_CASE("gaussian_packet: any start index, even or odd, gives detail::gaussian bit for bit",
+          "[cuda][host][philox]") {
+  for (std::uint64_t first : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{2},
+                              std::uint64_t{7}, (std::uint64_t{1} << 40) + 3}) {
+    double two[2], four[4];
+    dc::detail::gaussian_packet(5, 77, first, two);
+    dc::detail::gaussian_packet(5, 77, first, four);
+    for (int e = 0; e < 4; ++e) {
+      INFO("first " << first << ", element " << e);
+      const double g = detail::gaussian(5, 77, first + static_cast<std::uint64_t>(e));
+      if (e < 2) CHECK(two[e] == g);
+      CHECK(four[e] == g);
+    }
+  }
+}
+
+TEST_CASE("scalar lincomb functor: noise at the global index (row_offset + r) d + c",
+          "[cuda][host][lincomb][philox]") {
+  // Odd and even row_offset * d (odd starts take the unaligned-pair path of the packets).
+  for (Precision p : {Precision::f64, Precision::f32}) {
+    for (auto [batch, dim] : {std::pair{1, 1}, std::pair{3, 5}, std::pair{4, 4}, std::pair{2, 7}}) {
+      for (std::uint64_t row_offset :
+           {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{6}, (std::uint64_t{1} << 35) + 3}) {
+        const auto size = static_cast<std::size_t>(batch * dim);
+        const std::uint64_t first_index = row_offset * static_cast<std::uint64_t>(dim);
+        const std::vector<double> coeffs{0.75, -1.25};
+        const std::vector<std::vector<double>> inputs{host_values(size, 0.3),
+                                                      host_values(size, 1.9)};
+        INFO((p == Precision::f64 ? "double" : "float")
+             << ", " << batch << " x " << dim << ", row_offset " << row_offset);
+        const auto expected =
+            testing::cpu_lincomb(p, coeffs, inputs, -0.4, 21, 8, batch, dim, row_offset);
+        const auto got =
+            p == Precision::f64
+                ? run_fixed<double, 2, true>(coeffs, inputs, -0.4, 21, 8, size, first_index)
+                : run_fixed<float, 2, true>(coeffs, inputs, -0.4, 21, 8, size, first_index);
+        CHECK(testing::bitwise_mismatches(got, expected) == 0);
+        // The noise alone, against the scalar generator at the global index.
+        const auto noise = p == Precision::f64
+                               ? run_fixed<double, 0, true>({}, {}, 1.0, 21, 8, size, first_index)
+                               : run_fixed<float, 0, true>({}, {}, 1.0, 21, 8, size, first_index);
+        std::size_t bad = 0;
+        for (std::size_t i = 0; i < size; ++i) {
+          const double g = detail::gaussian(21, 8, first_index + i);
+          bad += noise[i] != (p == Precision::f64 ? g : static_cast<double>(static_cast<float>(g)));
+        }
+        CHECK(bad == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("Block2 lincomb functor == dense (B (x) I_d) reference and EigenBackend bit for bit",
+          "[cuda][host][lincomb][structured]") {
+  // Widths 2d with d odd and even, below and above the packet width (2 doubles, 4 floats),
+  // with d % W == 0 (128-bit loads per half) and without; noise with odd and even row
+  // offsets; out a fresh state or aliasing the first / the last term.
+  const BasicNoiseTerm<Block2> no_noise{};
+  for (Precision p : {Precision::f64, Precision::f32}) {
+    for (auto [batch, d] : {std::pair{1, 1}, std::pair{3, 2}, std::pair{2, 3}, std::pair{4, 4},
+                            std::pair{3, 5}, std::pair{2, 8}, std::pair{5, 9}}) {
+      const int width = 2 * d;
+      const auto size = static_cast<std::size_t>(batch * width);
+      for (std::size_t n : {std::size_t{1}, std::size_t{3}, std::size_t{kMaxLincombTerms}}) {
+        const std::vector<Block2> coeffs = test_blocks(n);
+        std::vector<std::vector<double>> inputs;
+        std::vector<Dense> mats;
+        for (std::size_t t = 0; t < n; ++t) {
+          inputs.push_back(host_values(size, 0.45 * static_cast<double>(t) + 0.1));
+          mats.push_back(dense_block(coeffs[t], width));
+        }
+        for (std::uint64_t row_offset : {std::uint64_t{0}, std::uint64_t{3}}) {
+          for (bool noisy : {false, true}) {
+            const BasicNoiseTerm<Block2> noise =
+                noisy ? BasicNoiseTerm<Block2>{Block2{0.3, -0.1, 0.12, 0.2}, 9, 4, row_offset}
+                      : no_noise;
+            const Dense noise_mat = dense_block(noise.coeff, width);
+            const auto expected =
+                testing::cpu_lincomb_block2(p, coeffs, inputs, noise, batch, width);
+            for (int alias : {-1, 0, static_cast<int>(n) - 1}) {
+              INFO((p == Precision::f64 ? "double" : "float")
+                   << ", " << batch << " x " << width << ", " << n << " terms, noise " << noisy
+                   << ", row_offset " << row_offset << ", out aliases term " << alias);
+              const auto got = p == Precision::f64
+                                   ? run_block2<double>(coeffs, inputs, noise, batch, width, alias)
+                                   : run_block2<float>(coeffs, inputs, noise, batch, width, alias);
+              CHECK(testing::bitwise_mismatches(got, expected) == 0);
+              CHECK(dense_violations(got, mats, inputs, noisy ? &noise_mat : nullptr, noise.seed,
+                                     noise.step, row_offset, batch, width, unit_roundoff(p)) == 0);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("Block2 lincomb functor: shards with row offsets reproduce the whole batch",
+          "[cuda][host][lincomb][structured]") {
+  // Rows [0, 2) with row_offset 0 and rows [2, 5) with row_offset 2 == the 5-row batch.
+  const int batch = 5, d = 3, width = 2 * d, split = 2;
+  const auto size = static_cast<std::size_t>(batch * width);
+  const auto cut = static_cast<std::ptrdiff_t>(split * width);
+  const std::vector<Block2> coeffs = test_blocks(2);
+  const std::vector<std::vector<double>> inputs{host_values(size, 0.2), host_values(size, 0.9)};
+  const Block2 L{0.5, 0.0, -0.25, 0.4};
+  const auto whole = run_block2<double>(coeffs, inputs, {L, 3, 11, 0}, batch, width);
+  std::vector<std::vector<double>> head, tail;
+  for (const auto& v : inputs) {
+    head.emplace_back(v.begin(), v.begin() + cut);
+    tail.emplace_back(v.begin() + cut, v.end());
+  }
+  auto sharded = run_block2<double>(coeffs, head, {L, 3, 11, 0}, split, width);
+  const auto rest = run_block2<double>(coeffs, tail, {L, 3, 11, split}, batch - split, width);
+  sharded.insert(sharded.end(), rest.begin(), rest.end());
+  CHECK(testing::bitwise_mismatches(sharded, whole) == 0);
+}
+
+TEST_CASE("ColumnCoeff lincomb functor == dense diagonal reference and EigenBackend bit for bit",
+          "[cuda][host][lincomb][structured]") {
+  // Widths below, at and above the packet width (packets then span row ends), tables and
+  // scalar (values == nullptr) coefficients mixed, noise from a table and a scalar, odd and
+  // even row_offset * width, out fresh or aliasing a term.
+  for (Precision p : {Precision::f64, Precision::f32}) {
+    for (auto [batch, width] : {std::pair{1, 1}, std::pair{3, 1}, std::pair{2, 3}, std::pair{3, 5},
+                                std::pair{4, 4}, std::pair{2, 7}, std::pair{3, 8}}) {
+      const auto w = static_cast<std::size_t>(width);
+      const auto size = static_cast<std::size_t>(batch) * w;
+      // Four table slots of one entry per column.
+      std::vector<double> table(4 * w);
+      for (std::size_t i = 0; i < table.size(); ++i)
+        table[i] = 0.5 + 0.4 * std::cos(0.8 * static_cast<double>(i) + 0.3);
+      const std::vector<testing::ColumnSpec> coeffs{
+          {0, 1.5}, {-1, -0.35}, {static_cast<std::int64_t>(w), 0.75}};
+      std::vector<std::vector<double>> inputs;
+      std::vector<Dense> mats;
+      for (std::size_t t = 0; t < coeffs.size(); ++t) {
+        inputs.push_back(host_values(size, 0.6 * static_cast<double>(t) + 0.2));
+        mats.push_back(dense_columns(table, coeffs[t], width));
+      }
+      for (std::uint64_t row_offset : {std::uint64_t{0}, std::uint64_t{1}, std::uint64_t{4}}) {
+        for (int noise_kind : {0, 1, 2}) { // none, from the table, scalar
+          const testing::ColumnSpec noise =
+              noise_kind == 0   ? testing::ColumnSpec{-1, 0.0}
+              : noise_kind == 1 ? testing::ColumnSpec{static_cast<std::int64_t>(3 * w), 0.5}
+                                : testing::ColumnSpec{-1, -0.3};
+          const Dense noise_mat = dense_columns(table, noise, width);
+          const auto expected = testing::cpu_lincomb_columns(p, table, coeffs, inputs, noise, 13, 6,
+                                                             row_offset, batch, width);
+          for (int alias : {-1, 0, 2}) {
+            INFO((p == Precision::f64 ? "double" : "float")
+                 << ", " << batch << " x " << width << ", noise kind " << noise_kind
+                 << ", row_offset " << row_offset << ", out aliases term " << alias);
+            const auto got = p == Precision::f64
+                                 ? run_columns<double>(table, coeffs, inputs, noise, 13, 6,
+                                                       row_offset, batch, width, alias)
+                                 : run_columns<float>(table, coeffs, inputs, noise, 13, 6,
+                                                      row_offset, batch, width, alias);
+            CHECK(testing::bitwise_mismatches(got, expected) == 0);
+            CHECK(dense_violations(got, mats, inputs, noise_kind == 0 ? nullptr : &noise_mat, 13, 6,
+                                   row_offset, batch, width, unit_roundoff(p)) == 0);
+          }
+        }
+      }
+    }
   }
 }
 
@@ -392,6 +715,56 @@ TEST_CASE("kernels live in a versioned inline namespace", "[cuda][host]") {
   // a kernel symbol.
   const std::string mangled = typeid(dc::CudaBackend<float>).name();
   CHECK(mangled.find(ns) != std::string::npos);
+}
+
+TEST_CASE("structured lincomb: argument checks on the host, before any device call",
+          "[cuda][host][errors][structured]") {
+  // States with zero rows allocate nothing, so the shape checks run without a device.
+  using State = dc::DeviceState<double>;
+  const dc::CudaBackend<double> backend;
+  State odd(0, 3), even(0, 4), out;
+  const std::vector<LinTerm<State, Block2>> odd_terms{{Block2::identity(), &odd}};
+  CHECK_THROWS_WITH(backend.lincomb(out, std::span<const LinTerm<State, Block2>>(odd_terms)),
+                    Catch::Contains("CudaBackend::lincomb") && Catch::Contains("even width") &&
+                        Catch::Contains("got width 3"));
+  const std::vector<LinTerm<State, Block2>> mixed{{Block2::identity(), &even},
+                                                  {Block2::scalar(2.0), &odd}};
+  CHECK_THROWS_WITH(backend.lincomb(out, std::span<const LinTerm<State, Block2>>(mixed)),
+                    Catch::Contains("'terms[1]'") && Catch::Contains("0 x 4") &&
+                        Catch::Contains("got 0 x 3"));
+  const std::vector<LinTerm<State, ColumnCoeff>> none;
+  CHECK_THROWS_WITH(backend.lincomb(out, std::span<const LinTerm<State, ColumnCoeff>>(none)),
+                    Catch::Contains("1..9 terms") && Catch::Contains("got 0"));
+  const std::vector<LinTerm<State, ColumnCoeff>> ten(10, {ColumnCoeff::identity(), &even});
+  CHECK_THROWS_AS(backend.lincomb(out, std::span<const LinTerm<State, ColumnCoeff>>(ten)),
+                  diffgrad::invalid_argument);
+  // A valid call on empty states: out takes the terms' shape, no kernel is launched.
+  const std::vector<LinTerm<State, ColumnCoeff>> one{{ColumnCoeff::scalar(2.0), &odd}};
+  backend.lincomb(out, std::span<const LinTerm<State, ColumnCoeff>>(one),
+                  BasicNoiseTerm<ColumnCoeff>{ColumnCoeff::scalar(1.0), 1, 2, 3});
+  CHECK(out.batch() == 0);
+  CHECK(out.dim() == 3);
+  // Raw launchers: status codes, checked before any launch.
+  alignas(16) double raw[8] = {};
+  const dc::Block2Term<double> block{Block2::identity(), raw};
+  CHECK(dc::lincomb_block2(raw + 1, 1, 2, nullptr,
+                           std::span<const dc::Block2Term<double>>(&block, 1)) ==
+        cudaErrorMisalignedAddress);
+  CHECK(dc::lincomb_block2(raw, 1, 2, nullptr, std::span<const dc::Block2Term<double>>()) ==
+        cudaErrorInvalidValue);
+  const dc::ColumnTerm<double> column{ColumnCoeff::identity(), raw + 1};
+  CHECK(dc::lincomb_columns(raw, 4, 2, nullptr,
+                            std::span<const dc::ColumnTerm<double>>(&column, 1)) ==
+        cudaErrorMisalignedAddress);
+  CHECK(dc::lincomb_columns(raw, 5, 2, nullptr,
+                            std::span<const dc::ColumnTerm<double>>(&column, 1)) ==
+        cudaErrorInvalidValue); // 5 elements are not rows of width 2
+  // An empty coefficient table needs no device; copies share their table.
+  const auto table = backend.make_coefficients(std::span<const double>());
+  CHECK(table.empty());
+  CHECK(dc::CudaBackend<double>::coefficient_data(table) == nullptr);
+  const auto copy = table;
+  CHECK(copy.data() == table.data());
 }
 
 TEST_CASE("argument checks fire on the host, before any device call", "[cuda][host][errors]") {

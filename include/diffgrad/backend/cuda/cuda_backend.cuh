@@ -16,8 +16,12 @@
 // Semantics that mirror EigenBackend (so generic code behaves the same on both):
 //  - make_state gives a zero-filled B x d state; `out` of lincomb/copy is reallocated to the
 //    inputs' shape when it differs (as an Eigen assignment resizes);
-//  - lincomb rounds like Eigen's expression and draws bit-identical Philox noise;
-//  - the float backend draws noise in double and rounds once.
+//  - lincomb rounds like Eigen's expression and draws bit-identical Philox noise, at the
+//    global element index (NoiseTerm::row_offset + r) * d + c;
+//  - the float backend draws noise in double and rounds once;
+//  - structured coefficients (backend/coefficient.hpp): lincomb over spans of Block2 and
+//    ColumnCoeff terms (structured_lincomb.cuh), ColumnCoeff tables in device memory made by
+//    make_coefficients before the step loop.
 // A backend is cheap to copy; copies share the reduction scratch, so one backend (and its
 // copies) must be used from one host thread at a time, like CountingBackend.
 #include <cuda_runtime.h>
@@ -31,11 +35,13 @@
 #include <type_traits>
 #include <utility>
 
+#include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/backend/cuda/config.cuh"
 #include "diffgrad/backend/cuda/device_buffer.cuh"
 #include "diffgrad/backend/cuda/error.cuh"
 #include "diffgrad/backend/cuda/lincomb.cuh"
 #include "diffgrad/backend/cuda/reduce.cuh"
+#include "diffgrad/backend/cuda/structured_lincomb.cuh"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/core/error.hpp"
 
@@ -89,12 +95,13 @@ public:
           "CudaBackend::lincomb", "kernel launch");
   }
 
-  /// out = sum_k c_k x_k + c xi (zero or more terms), one fused pass.
+  /// out = sum_k c_k x_k + c xi (zero or more terms), one fused pass. Element (r, c) of the
+  /// B x d batch draws xi at the global index (noise.row_offset + r) * d + c.
   template <class... States>
   void lincomb(state_type& out, NoiseTerm noise, LinTerm<States>... terms) const {
     static_assert((std::is_same_v<States, state_type> && ...), "lincomb: terms must be states");
     if constexpr (sizeof...(States) > 0) prepare_output(out, "CudaBackend::lincomb", *terms.vec...);
-    check(gpu::lincomb_noise(out.data(), out.size(), stream_, to_params(noise),
+    check(gpu::lincomb_noise(out.data(), out.size(), stream_, to_params(noise, out.dim()),
                              Term<Scalar>{terms.coeff, terms.vec->data()}...),
           "CudaBackend::lincomb", "kernel launch");
   }
@@ -108,6 +115,51 @@ public:
                                        terms.size());
     dispatch(out, terms, noise, std::make_index_sequence<kMaxLincombTerms>{});
   }
+
+  /// 2x2 blocks over the halves [x (d) | v (d)] of each row (backend/coefficient.hpp):
+  /// out_x = sum_t (xx x_t + xv v_t), out_v = sum_t (vx x_t + vv v_t), plus L (xi_x, xi_v) with
+  /// xi_x, xi_v at the global indices (row_offset + r) 2d + j and (row_offset + r) 2d + d + j.
+  /// One fused pass, 1..kMaxLincombTerms terms of one shape and even width; out may alias any
+  /// input (and is reallocated to the terms' shape when it differs).
+  void lincomb(state_type& out, std::span<const LinTerm<state_type, Block2>> terms,
+               BasicNoiseTerm<Block2> noise = {}) const {
+    const state_type& first = prepare_structured(out, terms);
+    if (first.dim() % 2 != 0)
+      diffgrad::detail::throw_argument(
+          "CudaBackend::lincomb", "terms",
+          "states of even width (two halves [x | v]) for 2x2 block coefficients",
+          diffgrad::detail::concat("width ", first.dim()));
+    std::array<Block2Term<Scalar>, kMaxLincombTerms> raw{};
+    for (std::size_t t = 0; t < terms.size(); ++t) raw[t] = {terms[t].coeff, terms[t].vec->data()};
+    check(gpu::lincomb_block2(out.data(), out.batch(), out.dim() / 2, stream_,
+                              std::span<const Block2Term<Scalar>>(raw.data(), terms.size()), noise),
+          "CudaBackend::lincomb", "kernel launch (2x2 blocks)");
+  }
+
+  /// Per-column diagonal coefficients (backend/coefficient.hpp): column k of term t is scaled
+  /// by scale * values[k] (values: a DEVICE pointer into a table of make_coefficients, one
+  /// entry per column) or by scale alone (values == nullptr); the noise adds
+  /// c_xi[k] xi at the global element index. One fused pass; out may alias any input.
+  void lincomb(state_type& out, std::span<const LinTerm<state_type, ColumnCoeff>> terms,
+               BasicNoiseTerm<ColumnCoeff> noise = {}) const {
+    prepare_structured(out, terms);
+    std::array<ColumnTerm<Scalar>, kMaxLincombTerms> raw{};
+    for (std::size_t t = 0; t < terms.size(); ++t) raw[t] = {terms[t].coeff, terms[t].vec->data()};
+    check(gpu::lincomb_columns(out.data(), out.size(), out.dim(), stream_,
+                               std::span<const ColumnTerm<Scalar>>(raw.data(), terms.size()),
+                               noise),
+          "CudaBackend::lincomb", "kernel launch (per-column coefficients)");
+  }
+
+  /// A per-grid coefficient table in device memory (ColumnCoeff::values points into it):
+  /// uploaded once, synchronously, before the step loop. Copies of the table share the
+  /// device memory, so pointers into it survive copies of whatever holds it.
+  using coefficient_table = CoefficientTable;
+  coefficient_table make_coefficients(std::span<const double> host_values) const {
+    return coefficient_table(host_values, stream_);
+  }
+  /// The table's device pointer (for ColumnCoeff::values; not readable on the host).
+  static const double* coefficient_data(const coefficient_table& table) { return table.data(); }
 
   /// dst = src (dst is reallocated when its shape differs).
   void copy(state_type& dst, const state_type& src) const {
@@ -151,7 +203,11 @@ public:
   }
 
 private:
-  static NoiseParams to_params(const NoiseTerm& n) { return NoiseParams{n.coeff, n.seed, n.step}; }
+  /// The device noise parameters for a batch of width `dim`: element 0 of the batch is the
+  /// global element row_offset * dim (unsigned arithmetic, as EigenBackend's).
+  static NoiseParams to_params(const NoiseTerm& n, index_type dim) {
+    return NoiseParams{n.coeff, n.seed, n.step, n.row_offset * static_cast<std::uint64_t>(dim)};
+  }
 
   static void require_same_shape(const state_type& a, const state_type& b, const char* where,
                                  const char* arg) {
@@ -169,6 +225,31 @@ private:
     (require_same_shape(first, rest, where, "terms"), ...);
     if (out.batch() != first.batch() || out.dim() != first.dim())
       out = state_type(first.batch(), first.dim(), stream_);
+  }
+
+  /// Structured lincombs: 1..kMaxLincombTerms terms of terms[0]'s shape (named by index when
+  /// one differs); out takes that shape. Returns terms[0]'s state.
+  template <class Coeff>
+  const state_type& prepare_structured(state_type& out,
+                                       std::span<const LinTerm<state_type, Coeff>> terms) const {
+    if (terms.empty() || terms.size() > static_cast<std::size_t>(kMaxLincombTerms))
+      diffgrad::detail::throw_argument("CudaBackend::lincomb", "terms",
+                                       diffgrad::detail::concat("1..", kMaxLincombTerms, " terms"),
+                                       terms.size());
+    const state_type& first = *terms[0].vec;
+    for (std::size_t t = 1; t < terms.size(); ++t) {
+      const state_type& x = *terms[t].vec;
+      if (x.batch() != first.batch() || x.dim() != first.dim())
+        diffgrad::detail::throw_argument(
+            "CudaBackend::lincomb", diffgrad::detail::concat("terms[", t, "]").c_str(),
+            diffgrad::detail::concat("shape ", first.batch(), " x ", first.dim(),
+                                     " (that of terms[0])"),
+            diffgrad::detail::concat(x.batch(), " x ", x.dim()));
+    }
+    // Aliasing out with a term implies equal shapes, so this never frees an input.
+    if (out.batch() != first.batch() || out.dim() != first.dim())
+      out = state_type(first.batch(), first.dim(), stream_);
+    return first;
   }
 
   template <std::size_t... Is>

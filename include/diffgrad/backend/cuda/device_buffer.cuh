@@ -4,6 +4,8 @@
 //   DeviceState<S>      the batched state: B x d, row-major, contiguous (element (b, j) at
 //                       b * d + j, the layout of EigenBackend's state), zero-initialised.
 //   DeviceVector<S>     a flat vector (gradients w.r.t. conditioning and parameters).
+//   CoefficientTable    an immutable table of doubles (per-grid ColumnCoeff tables), shared
+//                       by its copies.
 // States and vectors are VALUE types like Eigen matrices: copying one allocates and copies
 // on the device (the generic code copies a state only outside step loops). Every allocation,
 // copy and free is enqueued on the stream the object was made for (CudaBackend's stream),
@@ -13,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -177,6 +180,27 @@ private:
   DeviceBuffer<Scalar> buf_;
 };
 
+/// An immutable table of doubles in device memory: the per-grid coefficient tables that
+/// ColumnCoeff::values points into (CudaBackend::make_coefficients), uploaded once, before any
+/// step loop. Copies are handles to the SAME device memory (shared ownership), so the pointers
+/// a scheme has taken into its table stay valid when the scheme is copied; the memory is freed
+/// (stream-ordered, on the stream it was made for) when the last handle goes, so a table must
+/// not outlive its stream. (EigenBackend's table is a std::vector: there a copy is new memory.)
+class CoefficientTable {
+public:
+  CoefficientTable() = default;
+  /// Uploads `host` on `stream` and waits for the copy (host may be freed on return).
+  CoefficientTable(std::span<const double> host, cudaStream_t stream);
+
+  /// Device pointer to entry 0 (null for an empty table); never to be read on the host.
+  const double* data() const { return buf_ ? buf_->data() : nullptr; }
+  std::int64_t size() const { return buf_ ? buf_->size() : 0; }
+  bool empty() const { return size() == 0; }
+
+private:
+  std::shared_ptr<const DeviceBuffer<double>> buf_;
+};
+
 // --- host <-> device (synchronous) -------------------------------------------------------------
 
 namespace host_detail {
@@ -255,6 +279,14 @@ template <class Scalar> std::vector<Scalar> to_host(const DeviceVector<Scalar>& 
   std::vector<Scalar> host(static_cast<std::size_t>(src.size()));
   copy_to_host(src, std::span<Scalar>(host));
   return host;
+}
+
+inline CoefficientTable::CoefficientTable(std::span<const double> host, cudaStream_t stream) {
+  if (host.empty()) return;
+  auto buf = std::make_shared<DeviceBuffer<double>>(static_cast<std::int64_t>(host.size()), stream);
+  host_detail::copy_to_device_raw(buf->data(), host.data(), host.size_bytes(), stream,
+                                  "CoefficientTable");
+  buf_ = std::move(buf);
 }
 
 } // namespace diffgrad::gpu

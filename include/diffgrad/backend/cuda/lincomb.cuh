@@ -104,13 +104,41 @@ inline bool is_aligned16(const void* p) {
   return (reinterpret_cast<std::uintptr_t>(p) & std::uintptr_t{15}) == 0;
 }
 
+/// xi[e] = gaussian(seed, step, first + e) for e < W (W even), bit for bit, from whole
+/// Box-Muller pairs: W / 2 pairs when `first` is even, W / 2 + 1 when it is odd (a batch whose
+/// global first element, row_offset * d, is odd; or the v half of an odd-width block row).
+/// Only compile-time indices, so the values stay in registers on the device; the parity
+/// branch is uniform across a launch (every item starts at an even local offset).
+template <int W>
+DIFFGRAD_HOST_DEVICE inline void gaussian_packet(std::uint64_t seed, std::uint64_t step,
+                                                 std::uint64_t first, double (&xi)[W]) {
+  static_assert(W % 2 == 0, "gaussian_packet: an even number of elements");
+  if (first % 2 == 0) {
+    DIFFGRAD_UNROLL
+    for (int p = 0; p < W / 2; ++p)
+      diffgrad::detail::gaussian_pair(seed, step, first / 2 + static_cast<std::uint64_t>(p),
+                                      xi[2 * p], xi[2 * p + 1]);
+  } else {
+    double pairs[W + 2];
+    DIFFGRAD_UNROLL
+    for (int p = 0; p <= W / 2; ++p)
+      diffgrad::detail::gaussian_pair(seed, step, first / 2 + static_cast<std::uint64_t>(p),
+                                      pairs[2 * p], pairs[2 * p + 1]);
+    DIFFGRAD_UNROLL
+    for (int e = 0; e < W; ++e) xi[e] = pairs[e + 1];
+  }
+}
+
 } // namespace detail
 
-/// The noise summand c * xi(seed, step, element index) (diffgrad::NoiseTerm on the device).
+/// The noise summand c * xi(seed, step, first_index + element index) (diffgrad::NoiseTerm on
+/// the device). first_index is the GLOBAL index of the batch's element 0, row_offset * d
+/// (backend/lincomb_term.hpp), so element i of the batch draws gaussian(first_index + i).
 struct NoiseParams {
   double coeff = 0.0;
   std::uint64_t seed = 0;
   std::uint64_t step = 0;
+  std::uint64_t first_index = 0;
 };
 
 /// One summand c * x of the fused update, on raw device (or, in host tests, host) memory.
@@ -157,14 +185,9 @@ template <class Scalar, int N, bool WithNoise> struct LincombFunctor {
       DIFFGRAD_UNROLL
       for (int k = 0; k < N; ++k) x[k] = detail::load_packet(in[k] + first);
       double xi[kWidth] = {};
-      if constexpr (WithNoise) {
-        // first is even (kWidth is 2 or 4): the packet holds whole Box-Muller pairs.
-        DIFFGRAD_UNROLL
-        for (int p = 0; p < kWidth / 2; ++p)
-          diffgrad::detail::gaussian_pair(noise.seed, noise.step,
-                                          static_cast<std::uint64_t>(first / 2 + p), xi[2 * p],
-                                          xi[2 * p + 1]);
-      }
+      if constexpr (WithNoise)
+        detail::gaussian_packet(noise.seed, noise.step,
+                                noise.first_index + static_cast<std::uint64_t>(first), xi);
       detail::Packet<Scalar> r;
       DIFFGRAD_UNROLL
       for (int e = 0; e < kWidth; ++e) {
@@ -181,7 +204,8 @@ template <class Scalar, int N, bool WithNoise> struct LincombFunctor {
         for (int k = 0; k < N; ++k) xe[k] = in[k][i];
         double xi = 0.0;
         if constexpr (WithNoise)
-          xi = diffgrad::detail::gaussian(noise.seed, noise.step, static_cast<std::uint64_t>(i));
+          xi = diffgrad::detail::gaussian(noise.seed, noise.step,
+                                          noise.first_index + static_cast<std::uint64_t>(i));
         out[i] = combine(xe, xi);
       }
     }
