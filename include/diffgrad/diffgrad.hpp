@@ -6,6 +6,7 @@
 // only used inside templates, so a file pays for them only when it calls them.
 // Not included: detail/* (internals) and the CUDA backend (backend/cuda/*.cuh,
 // models/cuda/*.cuh), which needs nvcc and is included separately from .cu files.
+#include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/backend/counting_backend.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
@@ -31,9 +32,12 @@
 #include "diffgrad/flow/heun.hpp"
 #include "diffgrad/flow/sample_flow.hpp"
 #include "diffgrad/flow/straightness.hpp"
+#include "diffgrad/gddim/bdm_sampler.hpp"
 #include "diffgrad/gddim/bdm_schedule.hpp"
+#include "diffgrad/gddim/cld_sampler.hpp"
 #include "diffgrad/gddim/cld_schedule.hpp"
 #include "diffgrad/gddim/dct.hpp"
+#include "diffgrad/gddim/spectral_field.hpp"
 #include "diffgrad/gradients/adjoint_deis.hpp"
 #include "diffgrad/gradients/checkpointing.hpp"
 #include "diffgrad/gradients/cycle_sde.hpp"
@@ -50,6 +54,8 @@
 #include "diffgrad/inversion/edict.hpp"
 #include "diffgrad/inversion/edit.hpp"
 #include "diffgrad/inversion/engine.hpp"
+#include "diffgrad/models/bdm_mixture.hpp"
+#include "diffgrad/models/cld_mixture.hpp"
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/gaussian.hpp"
 #include "diffgrad/models/gaussian_flow.hpp"
