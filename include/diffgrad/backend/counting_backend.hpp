@@ -50,7 +50,17 @@ inline BackendCounts operator-(const BackendCounts& a, const BackendCounts& b) {
           a.fills - b.fills};
 }
 
-template <class Inner> class CountingBackend {
+namespace detail {
+/// CountingBackend<Inner>::coefficient_table is Inner's, where Inner has per-grid tables.
+template <class Inner> struct CoefficientTableOf {};
+template <class Inner>
+  requires requires { typename Inner::coefficient_table; }
+struct CoefficientTableOf<Inner> {
+  using coefficient_table = typename Inner::coefficient_table;
+};
+} // namespace detail
+
+template <class Inner> class CountingBackend : public detail::CoefficientTableOf<Inner> {
 public:
   using inner_type = Inner;
   using scalar_type = typename Inner::scalar_type;
