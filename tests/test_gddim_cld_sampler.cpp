@@ -2,8 +2,9 @@
 // reference model (include/diffgrad/models/cld_mixture.hpp), through the library's engine
 // (run_scheme) and exact discrete adjoint (gradient). References written here:
 //   - single data point: the PF-ODE du/dt = F u + 1/2 G G^T Sigma^{-1}(u - Psi(t,0) u_0) in long
-//     double (adaptive Dormand-Prince 5(4), ported from tests/test_gddim_cld.cpp); it uses
-//     neither R_t nor C, so the sampler cannot pass by consistency with its own R table;
+//     double (adaptive Dormand-Prince 5(4) as in tests/test_gddim_cld.cpp, here for the
+//     fundamental matrix of u - Psi(t,0) u_0); it uses neither R_t nor C, so the sampler cannot
+//     pass by consistency with its own R table;
 //   - convergence orders: an adaptive PF-ODE solve whose score comes from the model in the
 //     Cholesky parameterisation (score = -L_t^{-T} eps_L: no R table either);
 //   - stochastic steps: the Gaussian marginals N(Psi(t,0) u_0, Sigma_t) (closed forms checked
@@ -146,20 +147,23 @@ V dopri(const std::function<V(ld, const V&)>& f, ld t0, ld t1, V y, ld rtol, ld 
   return y;
 }
 
-using V2 = std::array<ld, 2>;
+using V4 = std::array<ld, 4>;
 
-/// PF-ODE solution from (x, v) at s to t for data at the single point x0 (Sigma_0 as the
-/// schedule's): du/dt = F u + 1/2 G G^T Sigma^{-1}(u - Psi(t,0)(x0, 0)).
-V2 single_point_pf_ode(const CldSchedule& cld, const Ref& ref, double x0, V2 u, double s,
-                       double t) {
-  const auto rhs = [&](ld tau, const V2& y) {
+/// For data at one point, delta = u - Psi(t,0) u_0 obeys the linear PF-ODE
+/// d delta/dt = (F + 1/2 G G^T Sigma^{-1}) delta (the mean's own derivative F m cancels), so every
+/// pair's solution is delta(t) = Phi(t, s) delta(s) with the fundamental matrix Phi of that
+/// system: one long-double solve serves all pairs and data points. Neither R_t nor C is used.
+L2 pf_ode_fundamental_matrix(const CldSchedule& cld, const Ref& ref, double s, double t) {
+  const auto rhs = [&](ld tau, const V4& y) {
     const L2 F = ref.F(tau), Si = inv(to_l2(cld.covariance(static_cast<double>(tau))));
-    const L2 e = expm_ref(ref, tau, 0);
-    const ld dx = y[0] - e[0][0] * x0, dv = y[1] - e[1][0] * x0;
-    const ld g = 0.5L * ref.gg(tau) * (Si[1][0] * dx + Si[1][1] * dv);
-    return V2{F[0][0] * y[0] + F[0][1] * y[1], F[1][0] * y[0] + F[1][1] * y[1] + g};
+    L2 a = F;
+    a[1][0] += 0.5L * ref.gg(tau) * Si[1][0];
+    a[1][1] += 0.5L * ref.gg(tau) * Si[1][1];
+    const L2 d = mul(a, L2{{{y[0], y[1]}, {y[2], y[3]}}});
+    return V4{d[0][0], d[0][1], d[1][0], d[1][1]};
   };
-  return dopri<V2>(rhs, s, t, u, 1e-17L);
+  const V4 y = dopri<V4>(rhs, s, t, V4{1, 0, 0, 1}, 1e-17L);
+  return {{{y[0], y[1]}, {y[2], y[3]}}};
 }
 
 double rel(const StateD& a, const StateD& b) { return (a - b).norm() / b.norm(); }
@@ -196,7 +200,8 @@ bool has_message(const std::string& msg, const char* what) {
 }
 
 /// Single-point fixture: d = 2 data coordinates at x0 = (0.7, -0.4), 2 rows, u_T = Psi(T,0)
-/// (x0, 0) + R_T z with fixed z; the reference is the PF-ODE from u_T to t_min for every pair.
+/// (x0, 0) + R_T z with fixed z; the reference is the PF-ODE from u_T to t_min for every pair
+/// (mean by the matrix exponential, deviation by the fundamental matrix, long double).
 struct SinglePoint {
   CldParams p{};
   CldSchedule cld{p};
@@ -207,16 +212,18 @@ struct SinglePoint {
   SinglePoint() {
     const double z[2][4] = {{0.3, -1.2, -1.1, 0.4}, {-0.8, 0.5, 0.9, 1.3}};
     const Mat2 psi = cld.transition(1.0, 0.0), r = cld.sqrt_covariance(1.0);
+    const L2 phi = pf_ode_fundamental_matrix(cld, ref, 1.0, t_min);
+    const L2 e_T = expm_ref(ref, 1.0, 0.0), e_t = expm_ref(ref, t_min, 0.0);
     for (int row = 0; row < 2; ++row)
       for (int j = 0; j < 2; ++j) {
         const Eigen::Vector2d u = psi * Eigen::Vector2d(x0[static_cast<std::size_t>(j)], 0.0) +
                                   r * Eigen::Vector2d(z[row][j], z[row][2 + j]);
         x_T(row, j) = u[0];
         x_T(row, 2 + j) = u[1];
-        const V2 w = single_point_pf_ode(cld, ref, x0[static_cast<std::size_t>(j)], V2{u[0], u[1]},
-                                         1.0, t_min);
-        want(row, j) = static_cast<double>(w[0]);
-        want(row, 2 + j) = static_cast<double>(w[1]);
+        const ld xj = x0[static_cast<std::size_t>(j)];
+        const ld dx = u[0] - e_T[0][0] * xj, dv = u[1] - e_T[1][0] * xj;
+        want(row, j) = static_cast<double>(e_t[0][0] * xj + phi[0][0] * dx + phi[0][1] * dv);
+        want(row, 2 + j) = static_cast<double>(e_t[1][0] * xj + phi[1][0] * dx + phi[1][1] * dv);
       }
   }
   Means means() const {
@@ -305,18 +312,18 @@ TEST_CASE("CLD gDDIM: convergence orders q = 1, 2, 3 on a Gaussian mixture",
   CldMixture<double> model(cld, ring_means(), stds, weights);
   CldMixture<double> model_l(cld, ring_means(), stds, weights, CldParameterisation::cholesky);
   const EigenBackend<double> backend;
-  StateD x_T(6, 4);
+  StateD x_T(4, 4);
   diffgrad::gddim::draw_cld_prior(backend, cld, x_T, 3);
   using VN = std::vector<ld>;
   const auto rhs = [&](ld tau, const VN& y) {
-    StateD u(6, 4), e(6, 4);
-    for (int i = 0; i < 24; ++i)
+    StateD u(4, 4), e(4, 4);
+    for (int i = 0; i < 16; ++i)
       u(i / 4, i % 4) = static_cast<double>(y[static_cast<std::size_t>(i)]);
     const double td = static_cast<double>(tau);
     model_l.eps(u, Node{td, 0, 0, 0, td}, e);
     const L2 F = ref.F(tau), Lit = inv(to_l2(CldSchedule::cholesky(cld.covariance(td))));
-    VN d(24);
-    for (int r = 0; r < 6; ++r)
+    VN d(16);
+    for (int r = 0; r < 4; ++r)
       for (int j = 0; j < 2; ++j) {
         const ld x = y[static_cast<std::size_t>(4 * r + j)],
                  v = y[static_cast<std::size_t>(4 * r + 2 + j)];
@@ -328,11 +335,11 @@ TEST_CASE("CLD gDDIM: convergence orders q = 1, 2, 3 on a Gaussian mixture",
       }
     return d;
   };
-  VN y0(24);
-  for (int i = 0; i < 24; ++i) y0[static_cast<std::size_t>(i)] = x_T(i / 4, i % 4);
+  VN y0(16);
+  for (int i = 0; i < 16; ++i) y0[static_cast<std::size_t>(i)] = x_T(i / 4, i % 4);
   const VN yr = dopri<VN>(rhs, 1.0L, t_min, y0, 1e-14L, 1e-300L, 1e-6L);
-  StateD want(6, 4);
-  for (int i = 0; i < 24; ++i)
+  StateD want(4, 4);
+  for (int i = 0; i < 16; ++i)
     want(i / 4, i % 4) = static_cast<double>(yr[static_cast<std::size_t>(i)]);
 
   const std::vector<int> ns{40, 80, 160, 320};
@@ -875,17 +882,17 @@ TEST_CASE("CldMixture: eps = -K^T grad log p_t of an independent density; VJP vs
 TEST_CASE("CLD Euler-Maruyama: the (1 + l^2)/2 drift keeps the Gaussian marginals",
           "[gddim][cld][sampler]") {
   // Gaussian data as in the stochastic gDDIM test; 200 Euler-Maruyama steps 0.5 -> 0.1 at
-  // l = 0.5, 2e4 samples. The mean and covariance must match N(m_t, Sigma_t) within 5 standard
-  // errors plus 10 % of the scale (the O(h) bias of Euler-Maruyama: measured 5.6 % on Sigma_xx).
+  // l = 0.5, 1e4 samples. The mean and covariance must match N(m_t, Sigma_t) within 5 standard
+  // errors plus 10 % of the scale (the O(h) bias of Euler-Maruyama: measured 3.8 % on Sigma_xx).
   // The official code's factor (1 + l)/2 = 0.75 instead of 0.625 gives half the covariance
-  // (measured: Sigma_xx 0.117 instead of 0.222, about 3 times the tolerance).
+  // (measured: Sigma_xx 0.115 instead of 0.222, 2.8 times the tolerance).
   const CldSchedule cld{};
   const double x0 = 0.5, s = 0.5, t = 0.1, l = 0.5;
   Means mean(1, 1);
   mean << x0;
   CldMixture<double> model(cld, mean, Eigen::VectorXd::Zero(1));
   const EigenBackend<double> backend;
-  const int n = 20000;
+  const int n = 10000;
   StateD z(n, 2), u(n, 2);
   backend.gaussian(z, 51, 0);
   const Eigen::Vector2d ms = cld.transition(s, 0) * Eigen::Vector2d(x0, 0.0);
