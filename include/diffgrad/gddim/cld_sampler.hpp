@@ -43,7 +43,8 @@
 namespace diffgrad::gddim {
 
 /// How a step integrates: gDDIM's exponential integrator, or the Euler / Euler-Maruyama baseline.
-enum class CldMethod { exponential, euler };
+/// (`gddim` is another name for `exponential`, as BdmMethod spells it.)
+enum class CldMethod { exponential, gddim = exponential, euler };
 
 /// Which square root K_t (K K^T = Sigma_t) the network's eps is defined with: score = -K^{-T} eps.
 enum class CldParameterisation {
