@@ -59,7 +59,10 @@ public:
   Eigen::Index plane() const { return h_ * w_; }     ///< H W
   Eigen::Index size() const { return c_ * h_ * w_; } ///< C H W: the row length of a batch
 
+  /// out.row(b) = DCT of every channel block of in.row(b); out is resized to in's shape if
+  /// needed (allocation-free when it already has it).
   void forward(const ImageBatch& in, ImageBatch& out) const { apply(in, out, false); }
+  /// The inverse (transpose) of forward.
   void inverse(const ImageBatch& in, ImageBatch& out) const { apply(in, out, true); }
 
 private:
@@ -73,11 +76,8 @@ private:
                                                                 " values (", c_, " channels of ",
                                                                 h_, " x ", w_, ")"),
                                        diffgrad::detail::concat(in.cols(), " columns"));
-    if (out.rows() != in.rows() || out.cols() != in.cols()) {
-      if (&out == &in)
-        diffgrad::detail::throw_argument(where, "out", "the shape of 'in'", "a different shape");
-      out.resize(in.rows(), in.cols());
-    }
+    // (out == in always has the right shape; other storage is sized once.)
+    if (out.rows() != in.rows() || out.cols() != in.cols()) out.resize(in.rows(), in.cols());
     const Eigen::Index p = plane();
     for (Eigen::Index b = 0; b < in.rows(); ++b)
       for (Eigen::Index ch = 0; ch < c_; ++ch) {
