@@ -195,6 +195,9 @@ public:
     const double nan = std::numeric_limits<double>::quiet_NaN();
     return Node{t, nan, nan, nan, opt_.model_time_scale * t};
   }
+  /// The engine's lambda -> node map, as BdmGddim::node_at_lambda(): this scheme has no
+  /// intermediate stages, so it is never called (it throws std::logic_error if it were).
+  NodeAtLambda node_at_lambda() const { return NodeAtLambda(*this); }
 
   // --- accessors ---
   const CldSchedule& schedule() const { return schedule_; }

@@ -115,7 +115,8 @@ public:
         for (const auto& t : terms) {
           const Scalar* x = t.vec->data() + r * cols + j0;
           const Scalar* v = x + d;
-          const Scalar xx(t.coeff.xx), xv(t.coeff.xv), vx(t.coeff.vx), vv(t.coeff.vv);
+          const auto xx = static_cast<Scalar>(t.coeff.xx), xv = static_cast<Scalar>(t.coeff.xv),
+                     vx = static_cast<Scalar>(t.coeff.vx), vv = static_cast<Scalar>(t.coeff.vv);
           for (index_type j = 0; j < len; ++j) {
             acc_x[j] += xx * x[j] + xv * v[j];
             acc_v[j] += vx * x[j] + vv * v[j];
@@ -158,7 +159,7 @@ public:
         for (const auto& t : terms) {
           const Scalar* x = t.vec->data() + r * cols + j0;
           if (t.coeff.values == nullptr) {
-            const Scalar c(t.coeff.scale);
+            const auto c = static_cast<Scalar>(t.coeff.scale);
             for (index_type j = 0; j < len; ++j) acc[j] += c * x[j];
           } else {
             const double* c = t.coeff.values + j0;
