@@ -337,7 +337,8 @@ cudaError_t lincomb_block2(Scalar* out, std::int64_t rows, std::int64_t half, cu
 }
 
 /// Per-column lincomb over a (size / cols) x cols state on `stream`, one pass (status code).
-/// The tables behind coeff.values must be device memory.
+/// The tables behind coeff.values must be device memory. cudaErrorInvalidValue: no terms, more
+/// than kMaxLincombTerms, or a size that is not whole rows; cudaErrorMisalignedAddress as above.
 template <class Scalar>
 cudaError_t lincomb_columns(Scalar* out, std::int64_t size, std::int64_t cols, cudaStream_t stream,
                             std::span<const ColumnTerm<Scalar>> terms,
