@@ -9,18 +9,7 @@
 #include <span>
 #include <type_traits>
 
-// EigenBackend<float>'s structured lincombs initialise float coefficients from doubles
-// (`const Scalar xx(t.coeff.xx)`), which -Wfloat-conversion flags once they are instantiated
-// for float, as here. The conversion is the intended rounding (the device mirrors it), so the
-// warning is silenced for that header only; harmless once the header casts explicitly.
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wfloat-conversion"
-#endif
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/mlp.hpp"
 #include "structured_cases.hpp"
