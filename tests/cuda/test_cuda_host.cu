@@ -727,6 +727,7 @@ TEST_CASE("structured lincomb: argument checks on the host, before any device ca
   CHECK_THROWS_WITH(backend.lincomb(out, std::span<const LinTerm<State, Block2>>(odd_terms)),
                     Catch::Contains("CudaBackend::lincomb") && Catch::Contains("even width") &&
                         Catch::Contains("got width 3"));
+  CHECK(out.dim() == 0); // a refused call leaves out as it was
   const std::vector<LinTerm<State, Block2>> mixed{{Block2::identity(), &even},
                                                   {Block2::scalar(2.0), &odd}};
   CHECK_THROWS_WITH(backend.lincomb(out, std::span<const LinTerm<State, Block2>>(mixed)),

@@ -123,12 +123,13 @@ public:
   /// input (and is reallocated to the terms' shape when it differs).
   void lincomb(state_type& out, std::span<const LinTerm<state_type, Block2>> terms,
                BasicNoiseTerm<Block2> noise = {}) const {
-    const state_type& first = prepare_structured(out, terms);
+    const state_type& first = structured_terms(terms);
     if (first.dim() % 2 != 0)
       diffgrad::detail::throw_argument(
           "CudaBackend::lincomb", "terms",
           "states of even width (two halves [x | v]) for 2x2 block coefficients",
           diffgrad::detail::concat("width ", first.dim()));
+    take_shape(out, first);
     std::array<Block2Term<Scalar>, kMaxLincombTerms> raw{};
     for (std::size_t t = 0; t < terms.size(); ++t) raw[t] = {terms[t].coeff, terms[t].vec->data()};
     check(gpu::lincomb_block2(out.data(), out.batch(), out.dim() / 2, stream_,
@@ -142,7 +143,7 @@ public:
   /// c_xi[k] xi at the global element index. One fused pass; out may alias any input.
   void lincomb(state_type& out, std::span<const LinTerm<state_type, ColumnCoeff>> terms,
                BasicNoiseTerm<ColumnCoeff> noise = {}) const {
-    prepare_structured(out, terms);
+    take_shape(out, structured_terms(terms));
     std::array<ColumnTerm<Scalar>, kMaxLincombTerms> raw{};
     for (std::size_t t = 0; t < terms.size(); ++t) raw[t] = {terms[t].coeff, terms[t].vec->data()};
     check(gpu::lincomb_columns(out.data(), out.size(), out.dim(), stream_,
@@ -227,11 +228,10 @@ private:
       out = state_type(first.batch(), first.dim(), stream_);
   }
 
-  /// Structured lincombs: 1..kMaxLincombTerms terms of terms[0]'s shape (named by index when
-  /// one differs); out takes that shape. Returns terms[0]'s state.
+  /// Structured lincombs: 1..kMaxLincombTerms terms of terms[0]'s shape (the first that
+  /// differs is named by its index). Returns terms[0]'s state.
   template <class Coeff>
-  const state_type& prepare_structured(state_type& out,
-                                       std::span<const LinTerm<state_type, Coeff>> terms) const {
+  static const state_type& structured_terms(std::span<const LinTerm<state_type, Coeff>> terms) {
     if (terms.empty() || terms.size() > static_cast<std::size_t>(kMaxLincombTerms))
       diffgrad::detail::throw_argument("CudaBackend::lincomb", "terms",
                                        diffgrad::detail::concat("1..", kMaxLincombTerms, " terms"),
@@ -246,10 +246,13 @@ private:
                                      " (that of terms[0])"),
             diffgrad::detail::concat(x.batch(), " x ", x.dim()));
     }
-    // Aliasing out with a term implies equal shapes, so this never frees an input.
-    if (out.batch() != first.batch() || out.dim() != first.dim())
-      out = state_type(first.batch(), first.dim(), stream_);
     return first;
+  }
+  /// `out` takes `shape`'s shape (after every check, so a refused call leaves it untouched).
+  /// Aliasing out with a term implies equal shapes, so this never frees an input.
+  void take_shape(state_type& out, const state_type& shape) const {
+    if (out.batch() != shape.batch() || out.dim() != shape.dim())
+      out = state_type(shape.batch(), shape.dim(), stream_);
   }
 
   template <std::size_t... Is>
