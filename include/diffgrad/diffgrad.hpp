@@ -78,6 +78,8 @@
 #include "diffgrad/solvers/dpm_solver_singlestep.hpp"
 #include "diffgrad/solvers/model_call.hpp"
 #include "diffgrad/solvers/sampler.hpp"
+#include "diffgrad/solvers/sampler_workspace.hpp"
 #include "diffgrad/solvers/sde_dpm_solver.hpp"
 #include "diffgrad/solvers/step_plan.hpp"
+#include "diffgrad/solvers/stepper.hpp"
 #include "diffgrad/version.hpp"
