@@ -1,8 +1,9 @@
-// The own-the-loop API (solvers/stepper.hpp): a loop written by the user, calling the model
-// however it likes, gives exactly the bits of sample() for every scheme kind (one- and
-// multistage, multistep, SDE with Philox and with given noise, block and per-column gDDIM
-// plans); a classifier-free-guidance loop that batches the conditional and unconditional calls
-// into ONE model call equals sample() with the combined model; misuse is refused clearly.
+// Users who own the loop. The stepper (solvers/stepper.hpp): a loop written by the user,
+// calling the model however it likes, gives exactly the bits of sample() for every scheme kind
+// (one- and multistage, multistep, SDE with Philox and with given noise, block and per-column
+// gDDIM plans); a classifier-free-guidance loop that batches the conditional and unconditional
+// calls into ONE model call equals sample() with the combined model; misuse is refused clearly.
+// Long gradients: GradientOptions::progress reports every advance and reversal and can cancel.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -13,6 +14,8 @@
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/gddim/bdm_sampler.hpp"
 #include "diffgrad/gddim/cld_sampler.hpp"
+#include "diffgrad/gradients/gradient.hpp"
+#include "diffgrad/models/gaussian.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
@@ -218,4 +221,63 @@ TEST_CASE("Stepper misuse and bad model outputs are refused by name", "[stepper]
   State out;
   stepper.result(out);
   CHECK(out.allFinite());
+}
+
+TEST_CASE("gradient(): progress after every advance and reversal, and cancellation",
+          "[stepper][gradient][progress]") {
+  const VPLinearSchedule schedule;
+  const int n = 20;
+  const std::vector<Node> nodes =
+      make_nodes(schedule, make_grid(schedule, GridKind::uniform_lambda, n));
+  const Backend64 backend;
+  auto model = testing::gaussian_problem<double>(4);
+  const State x_T = testing::test_batch<double>(2, 4);
+  const State w = testing::test_batch<double>(2, 4) * 0.3;
+  GradientOptions options;
+  options.memory = MemoryMode::checkpoint(3);
+  const auto plain = gradient(Ddim(), backend, schedule, std::span<const Node>(nodes), model, x_T, w,
+                              options);
+
+  std::vector<GradientProgress> reports;
+  options.progress = [&](const GradientProgress& p) {
+    reports.push_back(p);
+    return ObserverAction::proceed;
+  };
+  auto ws = make_gradient_workspace(Ddim(), backend, std::span<const Node>(nodes), model, x_T,
+                                    options);
+  const auto& r = gradient(Ddim(), backend, schedule, std::span<const Node>(nodes), model, x_T, w,
+                           options, ws);
+  CHECK_FALSE(r.cancelled);
+  CHECK(r.grad_x == plain.grad_x); // reporting changes nothing
+  // One report per advance (output step included) and per reversal, monotone, ending complete.
+  REQUIRE(static_cast<std::int64_t>(reports.size()) == r.cost.forward_steps + n);
+  for (std::size_t k = 1; k < reports.size(); ++k) {
+    CHECK(reports[k].forward_steps >= reports[k - 1].forward_steps);
+    CHECK(reports[k].steps_reversed >= reports[k - 1].steps_reversed);
+    CHECK(reports[k].forward_steps + reports[k].steps_reversed ==
+          reports[k - 1].forward_steps + reports[k - 1].steps_reversed + 1);
+  }
+  CHECK(reports.back().steps_reversed == n);
+  CHECK(reports.back().forward_steps == reports.back().forward_steps_total);
+  CHECK(reports.back().forward_steps_total == r.cost.forward_steps);
+  CHECK(reports.back().num_steps == n);
+
+  // Cancel after the fifth reversal: no further work, the result says so.
+  int calls = 0;
+  options.progress = [&](const GradientProgress& p) {
+    ++calls;
+    return p.steps_reversed == 5 ? ObserverAction::stop : ObserverAction::proceed;
+  };
+  const auto& cancelled = gradient(Ddim(), backend, schedule, std::span<const Node>(nodes), model,
+                                   x_T, w, options, ws);
+  CHECK(cancelled.cancelled);
+  CHECK(cancelled.cost.vjps == 5);
+  const int calls_at_stop = calls;
+  // The workspace is reusable after a cancellation.
+  options.progress = {};
+  const auto& again = gradient(Ddim(), backend, schedule, std::span<const Node>(nodes), model, x_T,
+                               w, options, ws);
+  CHECK_FALSE(again.cancelled);
+  CHECK(again.grad_x == plain.grad_x);
+  CHECK(calls == calls_at_stop);
 }

@@ -24,6 +24,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <span>
 #include <stdexcept>
@@ -32,6 +33,7 @@
 
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/concepts/backend.hpp"
+#include "diffgrad/concepts/observer.hpp"
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/gradients/checkpointing.hpp"
 #include "diffgrad/gradients/loss.hpp"
@@ -75,6 +77,15 @@ private:
   int snapshots_;
 };
 
+/// Where a gradient computation stands: passed to GradientOptions::progress after every
+/// forward advance and every reversed step.
+struct GradientProgress {
+  int num_steps = 0;                  ///< N
+  int steps_reversed = 0;             ///< adjoint steps done so far (N when finished)
+  std::int64_t forward_steps = 0;     ///< one-step advances so far (recomputations included)
+  std::int64_t forward_steps_total = 0; ///< all advances the memory mode will make: t(N, s) + 1
+};
+
 struct GradientOptions {
   MemoryMode memory = MemoryMode::store_all();
   bool wrt_cond = false;   ///< accumulate dL/dcond (length model.cond_size())
@@ -84,6 +95,11 @@ struct GradientOptions {
   std::uint64_t row_offset = 0; ///< global index of x_T's first row, as in SampleOptions
   /// Check model outputs, VJPs (dx and, on host vectors, dcond/dparams) and dL/dx0 for NaN/Inf.
   bool check_finite = true;
+  /// Progress report and cancellation of long (checkpointed) gradients: called after every
+  /// forward advance and every reversed step (not per model call); returning
+  /// ObserverAction::stop ends the computation there, with GradientResult::cancelled set (the
+  /// result's gradients are then incomplete and must not be used). Empty: no reports.
+  std::function<ObserverAction(const GradientProgress&)> progress{};
 };
 
 /// What a gradient cost, counted by the executor as it runs.
@@ -105,6 +121,7 @@ template <Backend B> struct GradientResult {
   vector_type grad_params;            ///< dL/dtheta (empty unless wrt_params)
   std::vector<state_type> grad_noise; ///< dL/dxi_i per step (empty unless wrt_noise)
   GradientCost cost;
+  bool cancelled = false; ///< GradientOptions::progress stopped it: the gradients are incomplete
 };
 
 /// All buffers of one gradient computation, sized before the first model call, so the
@@ -219,6 +236,8 @@ public:
 
   template <class Loss> void run(const State& x_T, Loss& loss) {
     cost_ = GradientCost{};
+    ws_.result.cancelled = false;
+    progress_ = GradientProgress{ws_.num_steps(), 0, 0, ws_.schedule.advances() + 1};
     scan_history_use();
     for (auto& v : ws_.x_bar) backend_.fill(v, 0.0);
     for (auto& v : ws_.e_bar) backend_.fill(v, 0.0);
@@ -243,7 +262,10 @@ public:
         stored -= ws_.snap_vectors[static_cast<std::size_t>(a.slot)];
         break;
       case CheckpointOp::advance:
-        for (; current < a.step; ++current) advance(current, ws_.x[slot(current + 1)]);
+        for (; current < a.step; ++current) {
+          advance(current, ws_.x[slot(current + 1)]);
+          if (report_stop(0)) return;
+        }
         break;
       case CheckpointOp::output: {
         const int n = ws_.num_steps();
@@ -253,11 +275,13 @@ public:
         ws_.result.loss = static_cast<double>(loss(backend_, ws_.result.x0, seed));
         check_loss_gradient(backend_, seed, ws_.result.x0, opt_.check_finite, "gradient",
                             "loss gradient (dL/dx0)");
+        if (report_stop(0)) return;
         break;
       }
       case CheckpointOp::reverse:
         if (current != a.step) throw std::logic_error("diffgrad: checkpoint schedule out of order");
         reverse(a.step);
+        if (report_stop(1)) return;
         break;
       }
     }
@@ -267,6 +291,16 @@ public:
 private:
   std::size_t slot(int step) const { return static_cast<std::size_t>(step % ring_); }
   std::size_t bar_slot(int step) const { return static_cast<std::size_t>(step % bar_ring_); }
+
+  // Updates the progress after an advance (reversed = 0) or a reversal (1) and reports it;
+  // true when the caller asked to stop.
+  bool report_stop(int reversed) {
+    progress_.steps_reversed += reversed;
+    progress_.forward_steps = cost_.forward_steps;
+    if (!opt_.progress || opt_.progress(progress_) != ObserverAction::stop) return false;
+    ws_.result.cancelled = true;
+    return true;
+  }
 
   void zero_vector(Vector& v, bool wanted) const {
     if (!wanted) return;
@@ -459,6 +493,7 @@ private:
   int hist_, ring_, bar_ring_;
   int hist_x_used_ = 0, hist_e_used_ = 0;
   GradientCost& cost_;
+  GradientProgress progress_{};
   std::array<Term, kMaxLincombTerms> terms_{};
 };
 
