@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "diffgrad/backend/coefficient.hpp"
+#include "diffgrad/backend/index_map.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 
 namespace diffgrad {
@@ -48,6 +49,19 @@ inline BackendCounts operator-(const BackendCounts& a, const BackendCounts& b) {
           a.finite_checks - b.finite_checks,
           a.copies - b.copies,
           a.fills - b.fills};
+}
+
+/// Gather / scatter-add passes (backend/index_map.hpp) a CountingBackend has seen, kept
+/// apart from BackendCounts (whose fields and comparisons other tests pin): read them with
+/// index_map_counts(), clear them with reset_index_map_counts().
+struct IndexMapCounts {
+  std::int64_t gathers = 0;    ///< gather passes (one per call)
+  std::int64_t scatters = 0;   ///< scatter_add passes (one per call)
+  std::int64_t index_maps = 0; ///< make_index_map (copies of a map into the backend's memory)
+  friend bool operator==(const IndexMapCounts&, const IndexMapCounts&) = default;
+};
+inline IndexMapCounts operator-(const IndexMapCounts& a, const IndexMapCounts& b) {
+  return {a.gathers - b.gathers, a.scatters - b.scatters, a.index_maps - b.index_maps};
 }
 
 namespace detail {
@@ -142,6 +156,35 @@ public:
     return Inner::coefficient_data(t);
   }
 
+  /// Index maps and gather / scatter_add (backend/index_map.hpp), forwarded and counted in
+  /// index_map_counts().
+  template <class Map>
+  auto make_index_map(const Map& map) const requires requires(const Inner& b) {
+    b.make_index_map(map);
+  }
+  {
+    ++index_map_counts_.index_maps;
+    return inner_.make_index_map(map);
+  }
+  template <class Map>
+  void gather(const state_type& big, const Map& map, state_type& pieces, double scale = 1.0,
+              PieceWeights piece_weights = PieceWeights::ignore) const
+      requires requires(const Inner& b) { b.gather(big, map, pieces, scale, piece_weights); }
+  {
+    ++index_map_counts_.gathers;
+    inner_.gather(big, map, pieces, scale, piece_weights);
+  }
+  template <class Map>
+  void scatter_add(const state_type& pieces, const Map& map, double scale, state_type& big,
+                   PieceWeights piece_weights = PieceWeights::apply) const
+      requires requires(const Inner& b) { b.scatter_add(pieces, map, scale, big, piece_weights); }
+  {
+    ++index_map_counts_.scatters;
+    inner_.scatter_add(pieces, map, scale, big, piece_weights);
+  }
+  const IndexMapCounts& index_map_counts() const { return index_map_counts_; }
+  void reset_index_map_counts() const { index_map_counts_ = {}; }
+
   void copy(state_type& dst, const state_type& src) const {
     ++counts_.copies;
     inner_.copy(dst, src);
@@ -184,6 +227,7 @@ public:
 private:
   Inner inner_{};
   mutable BackendCounts counts_{};
+  mutable IndexMapCounts index_map_counts_{};
 };
 
 } // namespace diffgrad

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "diffgrad/backend/coefficient.hpp"
+#include "diffgrad/backend/index_map.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/detail/gaussian_batch.hpp"
@@ -186,6 +187,76 @@ public:
   }
   static const double* coefficient_data(const coefficient_table& t) { return t.data(); }
 
+  /// Index maps (backend/index_map.hpp) in this backend's memory: the host map itself.
+  /// Built before the step loop, like coefficient tables.
+  using index_map_type = IndexMap;
+  index_map_type make_index_map(const IndexMap& map) const { return map; }
+
+  /// pieces(b*P + p, k) = scale [* w_p] * big(b, map.index(p, k)): one pass, sample-major.
+  /// `pieces` takes the shape (B*P) x n (resized only if it has another shape). It must not
+  /// be `big` itself. With the same scale and PieceWeights it is the transpose of scatter_add.
+  void gather(const state_type& big, const IndexMap& map, state_type& pieces, double scale = 1.0,
+              PieceWeights piece_weights = PieceWeights::ignore) const {
+    const char* where = "EigenBackend::gather";
+    check_index_map_big(big, map, where, "big");
+    if (&big == &pieces)
+      detail::throw_argument(where, "pieces", "a state other than 'big'", "the same object");
+    const index_type rows = big.rows(), p_count = map.pieces(), n = map.width();
+    if (pieces.rows() != rows * p_count || pieces.cols() != n) pieces.resize(rows * p_count, n);
+    const std::int64_t* idx = map.indices().data();
+    const double* w = map.weights().data();
+    const bool plain = scale == 1.0 && (piece_weights == PieceWeights::ignore || map.unit_weights());
+    for (index_type b = 0; b < rows; ++b) {
+      const Scalar* src = big.data() + b * big.cols();
+      for (index_type p = 0; p < p_count; ++p) {
+        Scalar* dst = pieces.data() + (b * p_count + p) * n;
+        const std::int64_t* ip = idx + p * n;
+        if (plain) {
+          for (index_type k = 0; k < n; ++k) dst[k] = src[ip[k]];
+        } else {
+          const auto c = static_cast<Scalar>(
+              piece_weights == PieceWeights::apply ? scale * w[p] : scale);
+          for (index_type k = 0; k < n; ++k) dst[k] = c * src[ip[k]];
+        }
+      }
+    }
+  }
+
+  /// big(b, map.index(p, k)) += scale [* w_p] * pieces(b*P + p, k): one pass, sample-major,
+  /// accumulating each big row's pieces in piece order (deterministic). `big` keeps its
+  /// shape: it must be B x D with B*P = pieces.rows(), and must not be `pieces` itself.
+  void scatter_add(const state_type& pieces, const IndexMap& map, double scale, state_type& big,
+                   PieceWeights piece_weights = PieceWeights::apply) const {
+    const char* where = "EigenBackend::scatter_add";
+    check_index_map_big(big, map, where, "big");
+    if (&big == &pieces)
+      detail::throw_argument(where, "pieces", "a state other than 'big'", "the same object");
+    const index_type rows = big.rows(), p_count = map.pieces(), n = map.width();
+    if (pieces.rows() != rows * p_count || pieces.cols() != n)
+      detail::throw_argument(where, "pieces",
+                             detail::concat("shape (B*P) x n = ", rows * p_count, " x ", n,
+                                            " (B = ", rows, " rows of 'big', P = ", p_count,
+                                            " pieces of width ", n, ")"),
+                             detail::concat(pieces.rows(), " x ", pieces.cols()));
+    const std::int64_t* idx = map.indices().data();
+    const double* w = map.weights().data();
+    const bool plain = scale == 1.0 && (piece_weights == PieceWeights::ignore || map.unit_weights());
+    for (index_type b = 0; b < rows; ++b) {
+      Scalar* dst = big.data() + b * big.cols();
+      for (index_type p = 0; p < p_count; ++p) {
+        const Scalar* src = pieces.data() + (b * p_count + p) * n;
+        const std::int64_t* ip = idx + p * n;
+        if (plain) {
+          for (index_type k = 0; k < n; ++k) dst[ip[k]] += src[k];
+        } else {
+          const auto c = static_cast<Scalar>(
+              piece_weights == PieceWeights::apply ? scale * w[p] : scale);
+          for (index_type k = 0; k < n; ++k) dst[ip[k]] += c * src[k];
+        }
+      }
+    }
+  }
+
   void copy(state_type& dst, const state_type& src) const { dst = src; }
   void fill(state_type& dst, double value) const { dst.setConstant(Scalar(value)); }
 
@@ -205,6 +276,17 @@ public:
   }
 
 private:
+  /// The big state of a gather / scatter_add has rows of the map's width D (O(1) check).
+  static void check_index_map_big(const state_type& big, const IndexMap& map, const char* where,
+                                  const char* arg) {
+    if (map.pieces() == 0)
+      detail::throw_argument(where, "map", "a built IndexMap (P >= 1 pieces)", "an empty map");
+    if (big.cols() != map.dim())
+      detail::throw_argument(where, arg,
+                             detail::concat("rows of width D = ", map.dim(), " (the map's dim)"),
+                             detail::concat(big.cols(), " columns"));
+  }
+
   /// O(1) per term, so it runs on every call: a mismatch would otherwise be read out of
   /// bounds in Release builds, where Eigen's own size asserts are compiled out.
   static void check_term_shape(const state_type& first, const state_type& v, std::size_t k) {
