@@ -257,6 +257,48 @@ TEST_CASE("scheduler_config: the files diffusers wrote load unchanged and replay
   CHECK(k.final_sigmas_type == compat::FinalSigmas::sigma_min);
 }
 
+TEST_CASE("scheduler_config: the training table is diffusers' float32 alphas_cumprod, bit for "
+          "bit") {
+  // The linear table of the reference files (all 1000 entries, written by diffusers).
+  const auto ref = read_reference("diffusers_dpmsolver_multistep.txt");
+  const auto& reference_table = ref.tables.at("alphas_cumprod");
+  const auto config = compat::load_scheduler_config_file(config_path("deis_default.json"));
+  CHECK(config.training.diffusers_alphas_cumprod() == reference_table);
+  // The table computed in double differs at the float32 level: the check can fail.
+  const auto in_double = make_betas(BetaSchedule::linear);
+  double product = 1.0, worst = 0.0;
+  for (std::size_t i = 0; i < in_double.size(); ++i) {
+    product *= 1.0 - in_double[i];
+    worst = std::max(worst, std::abs(product - reference_table[i]) / reference_table[i]);
+  }
+  CHECK(worst > 1e-8);
+  // scaled_linear (Stable Diffusion's) and squaredcos_cap_v2, sampled entries.
+  const auto samples =
+      compat::detail::parse_config_json(read_text(config_path("alphas_cumprod_samples.json")));
+  for (const auto& [name, t] : samples.items()) {
+    INFO(name);
+    std::string text = R"({"_class_name": "DDIMScheduler", "beta_schedule": )" +
+                       t["beta_schedule"].dump() + R"(, "beta_start": )" + t["beta_start"].dump() +
+                       R"(, "beta_end": )" + t["beta_end"].dump() + "}";
+    const auto table = compat::load_scheduler_config(text).training.diffusers_alphas_cumprod();
+    const auto& indices = t["indices"];
+    REQUIRE(indices.size() == t["alphas_cumprod"].size());
+    int mismatches = 0;
+    for (std::size_t k = 0; k < indices.size(); ++k) {
+      const double want = std::stod(t["alphas_cumprod"][k].get<std::string>());
+      if (table.at(indices[k].get<std::size_t>()) != want) ++mismatches;
+    }
+    CHECK(mismatches == 0);
+  }
+  // So a loaded config alone (no table passed) reproduces diffusers.
+  const auto& c = case_named(ref, "multistep/dpmsolver++/o2/linspace/n20");
+  const auto own =
+      compat::load_scheduler_config_file(config_path("dpmsolver_multistep_default.json"));
+  const double d = replay(compat::make_sampler(own, 20), c, ref.matrices.at("x_T"));
+  CHECK(d <= kTolerance);
+  record("config's own table", d);
+}
+
 TEST_CASE("scheduler_config: a pipeline's PNDMScheduler config read into another class "
           "(diffusers' from_config), unknown keys listed") {
   const std::string path = config_path("pndm_stable_diffusion.json");
@@ -293,7 +335,7 @@ TEST_CASE("scheduler_config: a pipeline's PNDMScheduler config read into another
   // leading spacing, steps_offset = 1, 10 steps: k * 100 + 1 (diffusers' formula).
   const auto sampler = compat::make_sampler(ddim, 10);
   CHECK(sampler.timesteps() == std::vector<int>{901, 801, 701, 601, 501, 401, 301, 201, 101, 1});
-  // It samples (on the table computed in double from the scaled_linear betas).
+  // It samples (on diffusers' float32 scaled_linear table).
   CompatTestModel network;
   const EigenBackend<double> backend;
   Matrix x = Matrix::Constant(2, kModelDim, 0.5);

@@ -60,14 +60,57 @@ struct TrainingTable {
   double beta_end = 0.02;
   std::vector<double> trained_betas; ///< non-empty: these betas (beta_schedule is then unused)
 
-  /// The table computed in double. diffusers computes it in float32 (1e-7-level differences in
-  /// alphas_cumprod); to reproduce diffusers bit for bit build the DiscreteSchedule from
-  /// diffusers' own alphas_cumprod and pass it to make_sampler.
+  /// diffusers' alphas_cumprod, bit for bit: diffusers builds the betas in float32
+  /// (torch.linspace, whose CPU kernel evaluates start + step * i with one rounding (an FMA),
+  /// the second half counted down from the end), alphas = 1 - betas in float32, and
+  /// torch.cumprod accumulates in double and rounds each output to float32. The values are
+  /// returned upcast to double. (Checked against diffusers 0.42.1 / torch 2.x on x86-64 for the
+  /// linear and scaled_linear tables, tests/json_scheduler_test.cpp.)
+  std::vector<double> diffusers_alphas_cumprod() const {
+    const int n = num_train_timesteps;
+    diffgrad::detail::require(n >= 2, "compat::TrainingTable", "num_train_timesteps", ">= 2", n);
+    std::vector<float> betas(static_cast<std::size_t>(n));
+    if (!trained_betas.empty()) {
+      diffgrad::detail::require(
+          static_cast<int>(trained_betas.size()) == n, "compat::TrainingTable", "trained_betas",
+          "num_train_timesteps values", static_cast<double>(trained_betas.size()));
+      for (std::size_t i = 0; i < betas.size(); ++i)
+        betas[i] = static_cast<float>(trained_betas[i]);
+    } else if (beta_schedule == BetaSchedule::squaredcos_cap_v2) {
+      // betas_for_alpha_bar works in Python floats (double); torch.tensor rounds to float32.
+      const auto betas_double = make_betas(beta_schedule, n, beta_start, beta_end);
+      for (std::size_t i = 0; i < betas.size(); ++i) betas[i] = static_cast<float>(betas_double[i]);
+    } else {
+      const bool scaled = beta_schedule == BetaSchedule::scaled_linear;
+      const auto start = static_cast<float>(scaled ? std::sqrt(beta_start) : beta_start);
+      const auto end = static_cast<float>(scaled ? std::sqrt(beta_end) : beta_end);
+      const float step = (end - start) / static_cast<float>(n - 1);
+      const int half = n / 2;
+      for (int i = 0; i < n; ++i) {
+        const float v = i < half ? std::fma(step, static_cast<float>(i), start)
+                                 : std::fma(-step, static_cast<float>(n - 1 - i), end);
+        // v * v in float32: the exact double product rounded once.
+        betas[static_cast<std::size_t>(i)] =
+            scaled ? static_cast<float>(static_cast<double>(v) * static_cast<double>(v)) : v;
+      }
+    }
+    std::vector<double> alphas_cumprod(betas.size());
+    double product = 1.0;
+    for (std::size_t i = 0; i < betas.size(); ++i) {
+      // 1 - beta is exact in double; the cast rounds it as float32 arithmetic would.
+      const auto alpha = static_cast<float>(1.0 - static_cast<double>(betas[i]));
+      product *= static_cast<double>(alpha);
+      alphas_cumprod[i] = static_cast<double>(static_cast<float>(product));
+    }
+    return alphas_cumprod;
+  }
+
+  /// The table as diffusers computes it (diffusers_alphas_cumprod), the model fed the integer
+  /// timestep. make_sampler(config, n) uses it, so a loaded config reproduces diffusers' numbers
+  /// without the user passing the table.
   DiscreteSchedule schedule() const {
-    if (!trained_betas.empty())
-      return DiscreteSchedule::from_betas(trained_betas, DiscreteTimeInput::timestep_index);
-    return DiscreteSchedule::from_beta_schedule(beta_schedule, num_train_timesteps, beta_start,
-                                                beta_end, DiscreteTimeInput::timestep_index);
+    return DiscreteSchedule::from_alphas_cumprod(diffusers_alphas_cumprod(),
+                                                 DiscreteTimeInput::timestep_index);
   }
 };
 
@@ -764,7 +807,8 @@ inline Sampler make_sampler(const SchedulerConfig& config, const DiscreteSchedul
                             int num_inference_steps, SamplerOptions options = {}) {
   return Sampler(config, schedule, num_inference_steps, options);
 }
-/// A sampler for a loaded config on its own training table (computed in double).
+/// A sampler for a loaded config on its own training table (TrainingTable::schedule(): diffusers'
+/// float32 alphas_cumprod).
 inline Sampler make_sampler(const SchedulerConfig& config, int num_inference_steps,
                             SamplerOptions options = {}) {
   return Sampler(config, config.training.schedule(), num_inference_steps, options);

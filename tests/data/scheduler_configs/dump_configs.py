@@ -43,3 +43,23 @@ for name, scheduler in CONFIGS.items():
     with open(os.path.join(HERE, name + ".json"), "w") as f:
         f.write(text)
     print(name, len(text), "bytes")
+
+# diffusers' float32 alphas_cumprod of three training tables, every 7th entry and the last, as
+# exact decimal strings of the float32 values (TrainingTable::diffusers_alphas_cumprod must
+# match them bit for bit).
+tables = {}
+for name, scheduler in {
+        "linear": DDIMScheduler(),
+        "scaled_linear_sd": DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                          beta_schedule="scaled_linear"),
+        "squaredcos_cap_v2": DDIMScheduler(beta_schedule="squaredcos_cap_v2"),
+}.items():
+    acp = scheduler.alphas_cumprod
+    indices = list(range(0, len(acp), 7)) + [len(acp) - 1]
+    cfg = dict(scheduler.config)
+    tables[name] = {"beta_schedule": cfg["beta_schedule"], "beta_start": cfg["beta_start"],
+                    "beta_end": cfg["beta_end"], "indices": indices,
+                    "alphas_cumprod": [repr(float(acp[i])) for i in indices]}
+with open(os.path.join(HERE, "alphas_cumprod_samples.json"), "w") as f:
+    json.dump(tables, f, indent=1)
+print("alphas_cumprod_samples.json written")
