@@ -414,7 +414,7 @@ std::string ddim_with(const std::string& extra) {
 
 TEST_CASE("scheduler_config: malformed JSON, wrong types and unsupported values are refused "
           "naming the key, the value and the supported values") {
-  using Catch::Contains;
+  using Catch::Matchers::Contains;
   using compat::load_scheduler_config;
   SECTION("malformed JSON: the parser's position") {
     CHECK_THROWS_AS(
