@@ -251,6 +251,15 @@ TEST_CASE("gather / scatter_add: hand-checked values, transpose, errors", "[coll
   CHECK_THAT(thrown([&] { backend.scatter_add(bad_pieces, map, 1.0, acc); }),
              Catch::Contains("argument 'pieces' expected shape (B*P) x n = 4 x 2"));
 
+  // float states: the same values (all exactly representable).
+  const EigenBackend<float> backend32;
+  const EigenBackend<float>::state_type big32 = big.cast<float>();
+  EigenBackend<float>::state_type p32, acc32 = EigenBackend<float>::state_type::Zero(2, 5);
+  backend32.gather(big32, map, p32, 3.0, PieceWeights::apply);
+  CHECK(p32 == weighted.cast<float>());
+  backend32.scatter_add(src.cast<float>(), map, 0.5, acc32);
+  CHECK(acc32 == wsum.cast<float>());
+
   // CountingBackend forwards and counts, bit for bit.
   const CountingBackend<Backend64> counting;
   State cp, cs = State::Zero(2, 5);
@@ -809,6 +818,9 @@ TEST_CASE("errors: bad graphs, models and schedules", "[collage][errors]") {
                              "dimension 3"));
   C collage(backend, graph, {&w4, &w2});
   State out;
+  State same = State::Zero(2, 8);
+  CHECK_THAT(thrown([&] { collage.eps(same, vp_node(0.5), same); }),
+             Catch::Contains("Collage::eps: argument 'out' expected a state other than 'x'"));
   CHECK_THAT(thrown([&] { collage.eps(State::Zero(2, 7), vp_node(0.5), out); }),
              Catch::Contains("Collage::eps: argument 'x' expected rows of width D = 8"));
 

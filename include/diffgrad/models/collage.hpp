@@ -411,6 +411,8 @@ public:
   /// out = sum over groups and pieces of c_R E_R eps_model(E_R^T x, node).
   void eps(const state_type& x, const Node& n, state_type& out) {
     const std::int64_t rows = check_input(x, "Collage::eps", "x");
+    if (&out == &x) // out is zeroed before x is read
+      detail::throw_argument("Collage::eps", "out", "a state other than 'x'", "the same object");
     if (B::batch(out) != rows || B::dim(out) != dim()) out = backend_->make_state(rows, dim());
     backend_->fill(out, 0.0);
     for (Slot& s : slots_) {
@@ -430,6 +432,8 @@ public:
     if (B::batch(a) != rows || B::dim(a) != dim())
       detail::throw_argument(where, "cotangent", detail::concat("shape ", rows, " x ", dim(), " (x's shape)"),
                              detail::concat(B::batch(a), " x ", B::dim(a)));
+    if (&dx == &x || &dx == &a) // dx is zeroed before x and a are read
+      detail::throw_argument(where, "dx", "a state other than 'x' and 'cotangent'", "the same object");
     if (B::batch(dx) != rows || B::dim(dx) != dim()) dx = backend_->make_state(rows, dim());
     if (dcond) check_vector_size(*dcond, cond_size(), where, "dcond");
     if (dparams) check_vector_size(*dparams, param_size(), where, "dparams");
