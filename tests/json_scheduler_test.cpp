@@ -426,6 +426,8 @@ TEST_CASE("scheduler_config: malformed JSON, wrong types and unsupported values 
     CHECK_THROWS_WITH(load_scheduler_config(R"({"_class_name": "DDIMScheduler")"),
                       Contains("malformed JSON"));
     CHECK_THROWS_WITH(load_scheduler_config(""), Contains("malformed JSON"));
+    CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("beta_end": 1e400)")),
+                      Contains("unreadable JSON") && Contains("1e400"));
     CHECK_THROWS_WITH(load_scheduler_config("[1, 2]"),
                       Contains("JSON object") && Contains("array"));
     CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("beta_start": NaN)")),
@@ -453,6 +455,12 @@ TEST_CASE("scheduler_config: malformed JSON, wrong types and unsupported values 
                       Contains("'beta_end'") && Contains("number"));
     CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("sample_max_value": Infinity)")),
                       Contains("'sample_max_value'") && Contains("Infinity"));
+    CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("beta_start": 0)")),
+                      Contains("'beta_start'") && Contains("(0, 1)"));
+    CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("dynamic_thresholding_ratio": 1.5)")),
+                      Contains("'dynamic_thresholding_ratio'") && Contains("1.5"));
+    CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("clip_sample_range": -1)")),
+                      Contains("'clip_sample_range'") && Contains("> 0"));
     CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("trained_betas": [0.1, 0.2])")),
                       Contains("'trained_betas'") && Contains("1000"));
     CHECK_THROWS_WITH(load_scheduler_config(ddim_with(R"("trained_betas": "none")")),

@@ -223,6 +223,11 @@ inline nlohmann::json parse_config_json(std::string_view text) {
     throw diffgrad::invalid_argument(diffgrad::detail::concat(
         kLoadWhere, ": argument 'json_text' expected a JSON object, got malformed JSON (", e.what(),
         "; byte ", e.byte, ")"));
+  } catch (const nlohmann::json::exception& e) {
+    // e.g. out_of_range.406: a number beyond double's range ("1e400"); the message has it.
+    throw diffgrad::invalid_argument(diffgrad::detail::concat(
+        kLoadWhere, ": argument 'json_text' expected a JSON object, got unreadable JSON (",
+        e.what(), ")"));
   }
 }
 
@@ -287,6 +292,20 @@ public:
     if (!v->is_number())
       fail(key, allow_infinite ? "a number or +-Infinity" : "a finite number", *v);
     out = v->get<double>();
+  }
+
+  /// A number inside (lo, hi] or (lo, hi) (`hi_open`), named in the error.
+  void read_in(const char* key, double& out, double lo, double hi, bool hi_open) {
+    const auto* v = find(key);
+    if (v == nullptr) return;
+    const std::string expected =
+        hi == std::numeric_limits<double>::max()
+            ? diffgrad::detail::concat("a finite number > ", lo)
+            : diffgrad::detail::concat("a number in (", lo, ", ", hi, hi_open ? ")" : "]");
+    if (!v->is_number()) fail(key, expected, *v);
+    const double d = v->get<double>();
+    if (!(d > lo && (hi_open ? d < hi : d <= hi))) fail(key, expected, *v);
+    out = d;
   }
 
   /// A string from a fixed set, mapped to a value.
@@ -358,8 +377,8 @@ inline const std::vector<std::pair<std::string, DpmSolverType>>& solver_type_cho
 inline void read_common(KeyReader& r, SchedulerConfig& out) {
   TrainingTable& t = out.training;
   r.read("num_train_timesteps", t.num_train_timesteps, 2, 1000000);
-  r.read("beta_start", t.beta_start);
-  r.read("beta_end", t.beta_end);
+  r.read_in("beta_start", t.beta_start, 0.0, 1.0, true);
+  r.read_in("beta_end", t.beta_end, 0.0, 1.0, true);
   r.read("beta_schedule", t.beta_schedule,
          std::vector<std::pair<std::string, BetaSchedule>>{
              {"linear", BetaSchedule::linear},
@@ -385,8 +404,10 @@ inline void read_common(KeyReader& r, SchedulerConfig& out) {
                                                              {"sample", PredictionType::x0},
                                                              {"v_prediction", PredictionType::v}});
   r.read("thresholding", out.thresholding.thresholding);
-  r.read("dynamic_thresholding_ratio", out.thresholding.dynamic_thresholding_ratio);
-  r.read("sample_max_value", out.thresholding.sample_max_value);
+  r.read_in("dynamic_thresholding_ratio", out.thresholding.dynamic_thresholding_ratio, 0.0, 1.0,
+            false);
+  r.read_in("sample_max_value", out.thresholding.sample_max_value, 0.0,
+            std::numeric_limits<double>::max(), false);
   r.require_value("rescale_betas_zero_snr", false,
                   "the zero-SNR table ends at alpha = 0, a node diffgrad's DiscreteSchedule "
                   "rejects");
@@ -411,7 +432,8 @@ inline DdimSchedulerConfig read_ddim(KeyReader& r, SchedulerConfig& out) {
   r.read("steps_offset", c.steps_offset, 0, 1000000);
   r.read("set_alpha_to_one", c.set_alpha_to_one);
   r.read("clip_sample", out.thresholding.clip_sample);
-  r.read("clip_sample_range", out.thresholding.clip_sample_range);
+  r.read_in("clip_sample_range", out.thresholding.clip_sample_range, 0.0,
+            std::numeric_limits<double>::max(), false);
   c.num_train_timesteps = out.training.num_train_timesteps;
   c.prediction_type = out.prediction_type;
   c.clip_sample = out.thresholding.clip_sample;
