@@ -780,6 +780,29 @@ TEST_CASE("cost: one model call per group per stage, counted passes, no allocati
   CHECK(alloc_probe::operator_new_calls.load() - new_b + alloc_probe::eigen_heap_allocations.load() - eigen_b == 0);
   CHECK(window.vjps == r.cost.vjps);
   CHECK(over.vjps == r.cost.vjps);
+
+  // A model object serving several groups is called once for all of them: a 2 x 2 grid of
+  // 4 x 4 tiles overlapping by 2, row overlaps (4 x 2) and column overlaps (2 x 4) share one
+  // model of width 8: three calls per evaluation (tiles, overlaps, corners), the result equal
+  // to the sum written per group.
+  LinearPiece tile(16, 61), band(8, 62), corner(4, 63);
+  const CollageGraph grid = models::grid_graph({2, 2, 4, 4, 2, 2, 1});
+  Collage<Counting, LinearPiece> shared(backend, grid, {&tile, &band, &band, &corner}, 2);
+  CHECK(shared.calls_per_eval() == 3);
+  const State xg = diffgrad::testing::test_batch<double>(2, shared.dim());
+  State eg;
+  const long band_before = band.calls;
+  const IndexMapCounts m0 = backend.index_map_counts();
+  shared.eps(xg, vp_node(0.3), eg);
+  CHECK(band.calls - band_before == 1);
+  CHECK((backend.index_map_counts() - m0).gathers == 3);
+  // The same sum with each group as its own call (the overlaps through two equal copies).
+  LinearPiece band2 = band;
+  Collage<Counting, LinearPiece> separate(backend, grid, {&tile, &band, &band2, &corner}, 2);
+  CHECK(separate.calls_per_eval() == 4);
+  State es;
+  separate.eps(xg, vp_node(0.3), es);
+  CHECK(rel(eg, es) <= 1e-15);
 }
 
 TEST_CASE("errors: bad graphs, models and schedules", "[collage][errors]") {

@@ -23,11 +23,12 @@
 // breaks the conditional independence), and approximate even at sigma = 0 on loops and grids
 // (docs/collage.md gives the numbers).
 //
-// Cost: regions are grouped; a group's pieces have one width and ONE model, and all of its
-// pieces (for the whole batch) go to that model in one call, stacked along the batch
-// (sample-major, backend/index_map.hpp). So a stage costs one model call per group, one
-// gather and one scatter-add per group and one fill: no allocation after the scratch has been
-// sized (at construction for `max_batch`, again only if a call brings another batch size).
+// Cost: regions are grouped; a group's pieces have one width and ONE model, and all pieces of
+// all groups served by one model object (for the whole batch) go to that model in one call,
+// stacked along the batch (sample-major, backend/index_map.hpp). So a stage costs one model
+// call, one gather and one scatter-add per distinct model (and width), and one fill: no
+// allocation after the scratch has been sized (at construction for `max_batch`, again only if
+// a call brings another batch size).
 //
 // Parameters and conditioning of the composed model: the concatenation over the DISTINCT
 // model objects, in the order they first appear in the group list (a model used by several
@@ -382,19 +383,35 @@ public:
               where, ": argument 'models' expected a model of dimension ", group.width, " (the width of group ",
               g, " '", group.name, "') for group ", g, ", got dimension ", models_[g]->dim()));
       }
-      Slot slot;
-      slot.group = g;
-      slot.map = backend.make_index_map(group.map);
-      slots_.push_back(std::move(slot));
+      // Groups served by the same model object (of one width) share ONE call: their pieces
+      // are concatenated into one map (each keeps its counting number).
+      auto same = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) {
+        return models_[s.group] == models_[g] && s.host.width() == group.width;
+      });
+      if (same == slots_.end()) {
+        Slot slot;
+        slot.group = g;
+        slot.name = group.name;
+        slot.host = group.map;
+        slots_.push_back(std::move(slot));
+      } else {
+        std::vector<std::int64_t> idx(same->host.indices().begin(), same->host.indices().end());
+        std::vector<double> w(same->host.weights().begin(), same->host.weights().end());
+        idx.insert(idx.end(), group.map.indices().begin(), group.map.indices().end());
+        w.insert(w.end(), group.map.weights().begin(), group.map.weights().end());
+        same->host = IndexMap(graph_.dim(), group.width, std::move(idx), std::move(w), where);
+        same->name += " + " + group.name;
+      }
       if (std::find(distinct_.begin(), distinct_.end(), models_[g]) == distinct_.end())
         distinct_.push_back(models_[g]);
     }
+    for (Slot& s : slots_) s.map = backend.make_index_map(s.host);
     reserve(max_batch);
   }
 
   const CollageGraph& graph() const { return graph_; }
   std::int64_t dim() const { return graph_.dim(); }
-  /// Model calls per eps / vjp: one per active group.
+  /// Model calls per eps / vjp: one per distinct (model object, width) among active groups.
   std::size_t calls_per_eval() const { return slots_.size(); }
 
   std::int64_t cond_size() const {
@@ -477,7 +494,7 @@ public:
   /// allocate nothing.
   void reserve(std::int64_t batch) {
     for (Slot& s : slots_) {
-      const IndexMap& m = graph_.group(s.group).map;
+      const IndexMap& m = s.host;
       for (state_type* st : {&s.in, &s.out, &s.cot})
         *st = backend_->make_state(batch * m.pieces(), m.width());
     }
@@ -505,7 +522,9 @@ public:
 
 private:
   struct Slot {
-    std::size_t group = 0;
+    std::size_t group = 0; ///< the first group this call serves (its model)
+    std::string name;      ///< the groups' names, for messages
+    IndexMap host;         ///< the pieces of every group this call serves
     map_type map;
     state_type in, out, cot;
   };
@@ -519,10 +538,10 @@ private:
     return rows;
   }
   void check_piece_output(const Slot& s, const state_type& out, const char* what) const {
-    const IndexMap& m = graph_.group(s.group).map;
+    const IndexMap& m = s.host;
     if (static_cast<std::int64_t>(B::batch(out)) != batch_ * m.pieces() ||
         static_cast<std::int64_t>(B::dim(out)) != m.width())
-      throw invalid_argument(detail::concat("Collage: the model of group ", s.group, " ('", graph_.group(s.group).name,
+      throw invalid_argument(detail::concat("Collage: the model of group ", s.group, " ('", s.name,
                                             "') returned ", what, " of shape ", B::batch(out), " x ", B::dim(out),
                                             ", expected ", batch_ * m.pieces(), " x ", m.width(),
                                             " (batch x pieces stacked, piece width)"));
