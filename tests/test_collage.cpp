@@ -121,7 +121,8 @@ struct TanhPiece {
     for (Eigen::Index r = 0; r < y.rows(); ++r)
       for (Eigen::Index i = 0; i < n; ++i) out(r, i) = nd.sigma * std::tanh(pre(y, r, i));
   }
-  void vjp(const State& y, const Node& nd, const State& a, State& dx, Vector* dc, Vector* dp) const {
+  void vjp(const State& y, const Node& nd, const State& a, State& dx, Vector* dc,
+           Vector* dp) const {
     dx.setZero(y.rows(), n);
     for (Eigen::Index r = 0; r < y.rows(); ++r)
       for (Eigen::Index i = 0; i < n; ++i) {
@@ -143,9 +144,9 @@ struct GaussianPiece {
   Eigen::VectorXd mu;
   std::int64_t dim() const { return S.rows(); }
   void eps(const State& y, const Node& nd, State& out) const {
-    const Eigen::MatrixXd P =
-        (nd.alpha * nd.alpha * S + nd.sigma * nd.sigma * Eigen::MatrixXd::Identity(S.rows(), S.rows()))
-            .inverse();
+    const Eigen::MatrixXd P = (nd.alpha * nd.alpha * S +
+                               nd.sigma * nd.sigma * Eigen::MatrixXd::Identity(S.rows(), S.rows()))
+                                  .inverse();
     const Eigen::MatrixXd centred = y.rowwise() - (nd.alpha * mu).transpose();
     out = nd.sigma * centred * P; // P symmetric
   }
@@ -238,12 +239,21 @@ TEST_CASE("gather / scatter_add: hand-checked values, transpose, errors", "[coll
   CHECK(s.cwiseProduct(X).sum() == Approx(g.cwiseProduct(Q).sum()).epsilon(1e-14));
 
   // Errors: built maps are checked once; calls check shapes.
-  CHECK_THAT(thrown([] { IndexMap(5, 2, {3, 5}); }),
-             Catch::Contains("argument 'indices' expected column indices in [0, 5) (piece 0, position 1), got 5"));
-  CHECK_THAT(thrown([] { IndexMap(5, 2, {3, 0, 1, 1}); }),
+  CHECK_THAT(
+      thrown([] {
+        IndexMap(5, 2, {3, 5});
+      }),
+      Catch::Contains(
+          "argument 'indices' expected column indices in [0, 5) (piece 0, position 1), got 5"));
+  CHECK_THAT(thrown([] {
+               IndexMap(5, 2, {3, 0, 1, 1});
+             }),
              Catch::Contains("piece 1 lists column 1 twice"));
   CHECK_THAT(thrown([] { IndexMap(5, 2, {3, 0, 1}); }), Catch::Contains("argument 'indices'"));
-  CHECK_THAT(thrown([] { IndexMap(5, 2, {3, 0}, {1.0, 2.0}); }), Catch::Contains("argument 'weights'"));
+  CHECK_THAT(thrown([] {
+               IndexMap(5, 2, {3, 0}, {1.0, 2.0});
+             }),
+             Catch::Contains("argument 'weights'"));
   State wrong(2, 4);
   CHECK_THAT(thrown([&] { backend.gather(wrong, map, pieces); }),
              Catch::Contains("argument 'big' expected rows of width D = 5"));
@@ -270,7 +280,8 @@ TEST_CASE("gather / scatter_add: hand-checked values, transpose, errors", "[coll
   CHECK(cs == wsum);
 }
 
-TEST_CASE("bookkeeping: degree-3 separator and cycles give the explicit weighted sum", "[collage]") {
+TEST_CASE("bookkeeping: degree-3 separator and cycles give the explicit weighted sum",
+          "[collage]") {
   // D = 9. Factors (width 3): F0 = (0,1,2), F1 = (1,2,3), F2 = (2,1,4), F3 = (4,5,6),
   // F4 = (6,7,8), F5 = (8,0,4). Separators: S = (1,2) in F0, F1, F2 (degree 3); singletons
   // (4) in F2, F3, F5 (degree 3), (0) in F0, F5, (6) in F3, F4, (8) in F4, F5 (degree 2).
@@ -298,9 +309,11 @@ TEST_CASE("bookkeeping: degree-3 separator and cycles give the explicit weighted
   State expected = State::Zero(4, 9);
   auto add = [&](LinearPiece& m, const std::vector<int>& idx, double c) {
     State y(4, static_cast<Eigen::Index>(idx.size())), e(4, static_cast<Eigen::Index>(idx.size()));
-    for (std::size_t k = 0; k < idx.size(); ++k) y.col(static_cast<Eigen::Index>(k)) = x.col(idx[k]);
+    for (std::size_t k = 0; k < idx.size(); ++k)
+      y.col(static_cast<Eigen::Index>(k)) = x.col(idx[k]);
     m.eps(y, nd, e);
-    for (std::size_t k = 0; k < idx.size(); ++k) expected.col(idx[k]) += c * e.col(static_cast<Eigen::Index>(k));
+    for (std::size_t k = 0; k < idx.size(); ++k)
+      expected.col(idx[k]) += c * e.col(static_cast<Eigen::Index>(k));
   };
   add(f, {0, 1, 2}, 1);
   add(f, {1, 2, 3}, 1);
@@ -332,7 +345,8 @@ TEST_CASE("bookkeeping: degree-3 separator and cycles give the explicit weighted
     }
     Vector g = Vector::Zero(m.param_size());
     m.vjp(y, nd, cot, d, nullptr, &g);
-    for (Eigen::Index k = 0; k < w; ++k) dx_expected.col(idx[static_cast<std::size_t>(k)]) += d.col(k);
+    for (Eigen::Index k = 0; k < w; ++k)
+      dx_expected.col(idx[static_cast<std::size_t>(k)]) += d.col(k);
     dp_expected.segment(offset, g.size()) += g;
   };
   const Eigen::Index o1 = f.param_size(), o2 = o1 + s2.param_size();
@@ -417,11 +431,12 @@ TEST_CASE("independent coordinates: the composed eps is the exact joint eps", "[
   };
   models::DiracMixture<double> first = piece_model({0, 1, 2}), second = piece_model({2, 3, 4}),
                                overlap = piece_model({2});
-  const CollageGraph graph =
-      CollageGraph::from_regions(5, {{{0, 1, 2}}, {{2, 3, 4}}, {{2}}}, {"left", "right", "overlap"});
+  const CollageGraph graph = CollageGraph::from_regions(5, {{{0, 1, 2}}, {{2, 3, 4}}, {{2}}},
+                                                        {"left", "right", "overlap"});
   CHECK(weights(graph.group(2)) == std::vector<double>{-1});
   const Backend64 backend;
-  Collage<Backend64, models::DiracMixture<double>> collage(backend, graph, {&first, &second, &overlap}, 3);
+  Collage<Backend64, models::DiracMixture<double>> collage(backend, graph,
+                                                           {&first, &second, &overlap}, 3);
   const State x = diffgrad::testing::test_batch<double>(3, 5) * 1.5;
   for (double t : {0.05, 0.3, 0.7, 0.99}) {
     const Node nd = vp_node(t);
@@ -431,8 +446,10 @@ TEST_CASE("independent coordinates: the composed eps is the exact joint eps", "[
     State expected(3, 5);
     for (Eigen::Index r = 0; r < 3; ++r)
       for (int k = 0; k < 5; ++k) {
-        const double lu = std::log(0.3) - std::pow(x(r, k) - nd.alpha * u[k], 2) / (2 * nd.sigma * nd.sigma);
-        const double lv = std::log(0.7) - std::pow(x(r, k) - nd.alpha * v[k], 2) / (2 * nd.sigma * nd.sigma);
+        const double lu =
+            std::log(0.3) - std::pow(x(r, k) - nd.alpha * u[k], 2) / (2 * nd.sigma * nd.sigma);
+        const double lv =
+            std::log(0.7) - std::pow(x(r, k) - nd.alpha * v[k], 2) / (2 * nd.sigma * nd.sigma);
         const double m = std::max(lu, lv), wu = std::exp(lu - m), wv = std::exp(lv - m);
         const double x0 = (wu * u[k] + wv * v[k]) / (wu + wv);
         expected(r, k) = (x(r, k) - nd.alpha * x0) / nd.sigma;
@@ -460,7 +477,8 @@ TEST_CASE("Gaussian chain: exact precision at sigma -> 0, Bethe (not exact) for 
   GaussianPiece factor{ar1(2, rho), Eigen::VectorXd::Zero(2)};
   GaussianPiece sep{Eigen::MatrixXd::Identity(1, 1), Eigen::VectorXd::Zero(1)};
   const Backend64 backend;
-  Collage<Backend64, GaussianPiece> collage(backend, models::chain_graph(2, 2, 1), {&factor, &sep}, 3);
+  Collage<Backend64, GaussianPiece> collage(backend, models::chain_graph(2, 2, 1), {&factor, &sep},
+                                            3);
 
   // sigma -> 0: P_Bethe = Sigma^{-1}, the tridiagonal matrix
   // [[1, -rho, 0], [-rho, 1 + rho^2, -rho], [0, -rho, 1]] / (1 - rho^2).
@@ -496,7 +514,8 @@ TEST_CASE("Gaussian chain: exact precision at sigma -> 0, Bethe (not exact) for 
     CHECK(P(0, 2) == 0.0);
     CHECK(exact(0, 2) == Approx(exact_02[i]).margin(1e-4));
     const double err = rel(P, exact);
-    std::printf("Gaussian chain rho = 0.8: sigma = %.1f  exact P_02 = %+.4f  Bethe P_02 = 0  rel. Frobenius error %.4f\n",
+    std::printf("Gaussian chain rho = 0.8: sigma = %.1f  exact P_02 = %+.4f  Bethe P_02 = 0  rel. "
+                "Frobenius error %.4f\n",
                 s, exact(0, 2), err);
     CHECK(err == Approx(rel_err[i]).epsilon(0.07)); // the quoted values have 2 digits
   }
@@ -504,8 +523,10 @@ TEST_CASE("Gaussian chain: exact precision at sigma -> 0, Bethe (not exact) for 
   // A longer chain with wider overlaps: AR(1) on 8 coordinates, windows of 4 overlapping by 2
   // (a junction tree: pieces two apart are disjoint, the process is Markov of order 1).
   const Eigen::MatrixXd S8 = ar1(8, 0.6);
-  GaussianPiece w4{ar1(4, 0.6), Eigen::VectorXd::Zero(4)}, w2{ar1(2, 0.6), Eigen::VectorXd::Zero(2)};
-  Collage<Backend64, GaussianPiece> long_chain(backend, models::chain_graph(3, 4, 2), {&w4, &w2}, 8);
+  GaussianPiece w4{ar1(4, 0.6), Eigen::VectorXd::Zero(4)},
+      w2{ar1(2, 0.6), Eigen::VectorXd::Zero(2)};
+  Collage<Backend64, GaussianPiece> long_chain(backend, models::chain_graph(3, 4, 2), {&w4, &w2},
+                                               8);
   const Eigen::MatrixXd P8 = composed_precision(long_chain, 8, tiny);
   CHECK(rel(P8, S8.inverse()) <= 1e-8);
 }
@@ -523,9 +544,11 @@ TEST_CASE("Gaussian Markov ring: the loop composition is approximate even at sig
   GaussianPiece piece{sub(S, {0, 1, 2}), Eigen::VectorXd::Zero(3)};
   GaussianPiece point{sub(S, {0}), Eigen::VectorXd::Zero(1)};
   const Backend64 backend;
-  Collage<Backend64, GaussianPiece> collage(backend, models::loop_graph({3, 3, 1, 1, 1}), {&piece, &point}, D);
+  Collage<Backend64, GaussianPiece> collage(backend, models::loop_graph({3, 3, 1, 1, 1}),
+                                            {&piece, &point}, D);
   const Eigen::MatrixXd P = composed_precision(collage, D, 1e-6);
-  // The Bethe precision at sigma = 0, written out: windows (0,1,2), (2,3,4), (4,5,0), points 2, 4, 0.
+  // The Bethe precision at sigma = 0, written out: windows (0,1,2), (2,3,4), (4,5,0), points 2, 4,
+  // 0.
   Eigen::MatrixXd bethe = Eigen::MatrixXd::Zero(D, D);
   add_block(bethe, S, {0, 1, 2}, 1, 0.0);
   add_block(bethe, S, {2, 3, 4}, 1, 0.0);
@@ -638,7 +661,8 @@ struct DenseEquivalent {
     for (std::size_t i = 0; i < idx.size(); ++i) {
       m(idx[i]) += c * piece.b(static_cast<Eigen::Index>(i));
       for (std::size_t j = 0; j < idx.size(); ++j)
-        M(idx[i], idx[j]) += c * piece.A(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j));
+        M(idx[i], idx[j]) +=
+            c * piece.A(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j));
     }
   }
   void eps(const State& x, const Node& nd, State& out) const {
@@ -648,7 +672,8 @@ struct DenseEquivalent {
 };
 } // namespace
 
-TEST_CASE("sampler + collage equals sampler + a hand-written equivalent model", "[collage][sampler]") {
+TEST_CASE("sampler + collage equals sampler + a hand-written equivalent model",
+          "[collage][sampler]") {
   // Chain of 4 windows of 4 overlapping by 2 (D = 10): windows (0..3), (2..5), (4..7), (6..9),
   // overlaps (2,3), (4,5), (6,7) with weight -1.
   LinearPiece window(4, 31), over(2, 32);
@@ -658,13 +683,15 @@ TEST_CASE("sampler + collage equals sampler + a hand-written equivalent model", 
   for (int s : {0, 2, 4, 6}) dense.add(window, {s, s + 1, s + 2, s + 3}, 1);
   for (int s : {2, 4, 6}) dense.add(over, {s, s + 1}, -1);
   const Backend64 backend;
-  Collage<Backend64, LinearPiece> collage(backend, models::chain_graph(4, 4, 2), {&window, &over}, 3);
+  Collage<Backend64, LinearPiece> collage(backend, models::chain_graph(4, 4, 2), {&window, &over},
+                                          3);
   const VPLinearSchedule schedule;
   const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 12, 1.0, 1e-3));
   const State x_T = diffgrad::testing::test_batch<double>(3, 10);
   auto run = [&](const auto& scheme, auto& model) {
     State x = x_T;
-    sample(scheme, backend, schedule, std::span<const Node>(nodes), model, x, SampleOptions{.seed = 4});
+    sample(scheme, backend, schedule, std::span<const Node>(nodes), model, x,
+           SampleOptions{.seed = 4});
     return x;
   };
   const State a1 = run(Ddim(), collage), b1 = run(Ddim(), dense);
@@ -679,17 +706,20 @@ TEST_CASE("gradient through a sampler with a collage model: identical across mem
           "[collage][gradient]") {
   TanhPiece window(3, 41), over(1, 42);
   const Backend64 backend;
-  Collage<Backend64, TanhPiece> collage(backend, models::loop_graph({3, 3, 1, 1, 1}), {&window, &over}, 2);
+  Collage<Backend64, TanhPiece> collage(backend, models::loop_graph({3, 3, 1, 1, 1}),
+                                        {&window, &over}, 2);
   const VPLinearSchedule schedule;
   const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 8, 1.0, 1e-3));
   const State x_T = diffgrad::testing::test_batch<double>(2, 6);
   const State w = diffgrad::testing::test_batch<double>(2, 6).reverse();
   auto grad = [&](MemoryMode memory) {
-    return gradient(DpmSolverMultistep(), backend, schedule, std::span<const Node>(nodes), collage, x_T, w,
+    return gradient(DpmSolverMultistep(), backend, schedule, std::span<const Node>(nodes), collage,
+                    x_T, w,
                     GradientOptions{.memory = memory, .wrt_cond = true, .wrt_params = true});
   };
   const auto r0 = grad(MemoryMode::store_all());
-  for (MemoryMode m : {MemoryMode::checkpoint(2), MemoryMode::checkpoint(5), MemoryMode::recompute()}) {
+  for (MemoryMode m :
+       {MemoryMode::checkpoint(2), MemoryMode::checkpoint(5), MemoryMode::recompute()}) {
     const auto r = grad(m);
     CHECK((r.grad_x - r0.grad_x).cwiseAbs().maxCoeff() == 0.0);
     CHECK((r.grad_params - r0.grad_params).cwiseAbs().maxCoeff() == 0.0);
@@ -733,7 +763,8 @@ TEST_CASE("cost: one model call per group per stage, counted passes, no allocati
   LinearPiece window(4, 51), over(2, 52);
   window.p *= 0.2;
   over.p *= 0.2;
-  Collage<Counting, LinearPiece> collage(backend, models::chain_graph(6, 4, 2), {&window, &over}, 3);
+  Collage<Counting, LinearPiece> collage(backend, models::chain_graph(6, 4, 2), {&window, &over},
+                                         3);
   const VPLinearSchedule schedule;
   const auto nodes = make_nodes(schedule, uniform_t_grid(schedule, 10, 1.0, 1e-3));
   const DpmSolverMultistep scheme;
@@ -746,8 +777,9 @@ TEST_CASE("cost: one model call per group per stage, counted passes, no allocati
              eigen_before = alloc_probe::eigen_heap_allocations.load();
   Eigen::internal::set_is_malloc_allowed(false);
   alloc_probe::counting = true;
-  const SampleResult result = run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
-                                         EpsField<decltype(collage)>{collage}, x, ws);
+  const SampleResult result =
+      run_scheme(scheme, backend, std::span<const Node>(nodes), NodeAtLambda(schedule),
+                 EpsField<decltype(collage)>{collage}, x, ws);
   alloc_probe::counting = false;
   Eigen::internal::set_is_malloc_allowed(true);
   const long allocations = alloc_probe::operator_new_calls.load() - new_before +
@@ -771,13 +803,17 @@ TEST_CASE("cost: one model call per group per stage, counted passes, no allocati
   (void)gradient(scheme, backend, schedule, std::span<const Node>(nodes), collage, x_T, w, {}, gws);
   window.vjps = 0;
   over.vjps = 0;
-  const long new_b = alloc_probe::operator_new_calls.load(), eigen_b = alloc_probe::eigen_heap_allocations.load();
+  const long new_b = alloc_probe::operator_new_calls.load(),
+             eigen_b = alloc_probe::eigen_heap_allocations.load();
   Eigen::internal::set_is_malloc_allowed(false);
   alloc_probe::counting = true;
-  const auto& r = gradient(scheme, backend, schedule, std::span<const Node>(nodes), collage, x_T, w, {}, gws);
+  const auto& r =
+      gradient(scheme, backend, schedule, std::span<const Node>(nodes), collage, x_T, w, {}, gws);
   alloc_probe::counting = false;
   Eigen::internal::set_is_malloc_allowed(true);
-  CHECK(alloc_probe::operator_new_calls.load() - new_b + alloc_probe::eigen_heap_allocations.load() - eigen_b == 0);
+  CHECK(alloc_probe::operator_new_calls.load() - new_b +
+            alloc_probe::eigen_heap_allocations.load() - eigen_b ==
+        0);
   CHECK(window.vjps == r.cost.vjps);
   CHECK(over.vjps == r.cost.vjps);
 
@@ -807,38 +843,63 @@ TEST_CASE("cost: one model call per group per stage, counted passes, no allocati
 
 TEST_CASE("errors: bad graphs, models and schedules", "[collage][errors]") {
   using models::CollageGraph;
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1, 4}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1, 4}}});
+             }),
              Catch::Contains("column indices in [0, 4)"));
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1, 1}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1, 1}}});
+             }),
              Catch::Contains("lists column 1 twice"));
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1, 2}, {2, 3}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1, 2}, {2, 3}}});
+             }),
              Catch::Contains("regions of one width per group"));
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1}, {1, 0}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1}, {1, 0}}});
+             }),
              Catch::Contains("expected distinct regions"));
   // Two factors meeting without a separator: coordinate 1 counted twice.
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(3, {{{0, 1}, {1, 2}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(3, {{{0, 1}, {1, 2}}});
+             }),
              Catch::Contains("got 2 for coordinate 1"));
   // A separator smaller than the intersection (1,2) of its factors: coordinate 2 counted twice.
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1, 2}, {1, 2, 3}}, {{1}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1, 2}, {1, 2, 3}}, {{1}}});
+             }),
              Catch::Contains("got 2 for coordinate 2"));
   // A separator inside no factor: it is a factor of its own, counted on top.
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1}, {2, 3}}, {{1, 2}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1}, {2, 3}}, {{1, 2}}});
+             }),
              Catch::Contains("counted exactly once"));
   // A coordinate in no region.
-  CHECK_THAT(thrown([] { CollageGraph::from_regions(4, {{{0, 1}, {1, 2}}, {{1}}}); }),
+  CHECK_THAT(thrown([] {
+               CollageGraph::from_regions(4, {{{0, 1}, {1, 2}}, {{1}}});
+             }),
              Catch::Contains("got 0 for coordinate 3 (it is in no region)"));
-  CHECK_THAT(thrown([] { models::chain_graph(3, 4, 3); }), Catch::Contains("argument 'shape.overlap'"));
-  CHECK_THAT(thrown([] { models::loop_graph({1, 4, 1, 1, 1}); }), Catch::Contains("argument 'shape.pieces'"));
+  CHECK_THAT(thrown([] { models::chain_graph(3, 4, 3); }),
+             Catch::Contains("argument 'shape.overlap'"));
+  CHECK_THAT(thrown([] {
+               models::loop_graph({1, 4, 1, 1, 1});
+             }),
+             Catch::Contains("argument 'shape.pieces'"));
 
   const Backend64 backend;
   LinearPiece w4(4, 1), w2(2, 2), w3(3, 3);
   const CollageGraph graph = models::chain_graph(3, 4, 2);
   using C = Collage<Backend64, LinearPiece>;
-  CHECK_THAT(thrown([&] { C(backend, graph, {&w4}); }), Catch::Contains("one model per group of the graph (2)"));
+  CHECK_THAT(thrown([&] { C(backend, graph, {&w4}); }),
+             Catch::Contains("one model per group of the graph (2)"));
   CHECK_THAT(thrown([&] { C(backend, graph, {&w4, nullptr}); }), Catch::Contains("got null"));
-  CHECK_THAT(thrown([&] { C(backend, graph, {&w4, &w3}); }),
-             Catch::Contains("expected a model of dimension 2 (the width of group 1 'overlaps') for group 1, got "
-                             "dimension 3"));
+  CHECK_THAT(
+      thrown([&] {
+        C(backend, graph, {&w4, &w3});
+      }),
+      Catch::Contains(
+          "expected a model of dimension 2 (the width of group 1 'overlaps') for group 1, got "
+          "dimension 3"));
   C collage(backend, graph, {&w4, &w2});
   State out;
   State same = State::Zero(2, 8);
@@ -887,7 +948,8 @@ TEST_CASE("exact reference pieces from crops of a data set", "[collage][mixture]
   marginal.eps(x, nd, e);
   double wsum = 0, x00 = 0, x02 = 0;
   for (int i = 0; i < 3; ++i) {
-    const double d2 = std::pow(x(0, 0) - nd.alpha * pts(i, 0), 2) + std::pow(x(0, 1) - nd.alpha * pts(i, 2), 2);
+    const double d2 =
+        std::pow(x(0, 0) - nd.alpha * pts(i, 0), 2) + std::pow(x(0, 1) - nd.alpha * pts(i, 2), 2);
     const double wi = std::exp(-d2 / (2 * nd.sigma * nd.sigma));
     wsum += wi;
     x00 += wi * pts(i, 0);
@@ -910,7 +972,8 @@ TEST_CASE("Gaussian chain through a sampler: output covariance = the ODE predict
   GaussianPiece factor{ar1(2, rho), Eigen::VectorXd::Zero(2)};
   GaussianPiece sep{Eigen::MatrixXd::Identity(1, 1), Eigen::VectorXd::Zero(1)};
   const Backend64 backend;
-  Collage<Backend64, GaussianPiece> collage(backend, models::chain_graph(2, 2, 1), {&factor, &sep}, 3);
+  Collage<Backend64, GaussianPiece> collage(backend, models::chain_graph(2, 2, 1), {&factor, &sep},
+                                            3);
   const VESchedule schedule(s_min, s_max, 0.0, 1.0);
   const Eigen::MatrixXd C_T = S + s_max * s_max * Eigen::MatrixXd::Identity(3, 3);
 
@@ -936,9 +999,10 @@ TEST_CASE("Gaussian chain through a sampler: output covariance = the ODE predict
     C += h / 6 * (k1 + 2 * k2 + 2 * k3 + k4);
   }
   const double corr_ode = C(0, 2) / std::sqrt(C(0, 0) * C(2, 2));
-  std::printf("Gaussian chain rho = 0.8 through the PF-ODE with the composed score: corr(x_1, x_3) = "
-              "%.4f (true %.4f), corr(x_1, x_2) = %.4f (true 0.8)\n",
-              corr_ode, rho * rho, C(0, 1) / std::sqrt(C(0, 0) * C(1, 1)));
+  std::printf(
+      "Gaussian chain rho = 0.8 through the PF-ODE with the composed score: corr(x_1, x_3) = "
+      "%.4f (true %.4f), corr(x_1, x_2) = %.4f (true 0.8)\n",
+      corr_ode, rho * rho, C(0, 1) / std::sqrt(C(0, 0) * C(1, 1)));
   CHECK(corr_ode == Approx(0.39).margin(0.01)); // "about 0.39 instead of 0.64"
 
   const State I = State::Identity(3, 3);
@@ -948,8 +1012,10 @@ TEST_CASE("Gaussian chain through a sampler: output covariance = the ODE predict
     sample(DpmSolverMultistep(), backend, schedule, std::span<const Node>(nodes), collage, x);
     const Eigen::MatrixXd J = Eigen::MatrixXd(x).transpose();
     const Eigen::MatrixXd C_out = J * C_T * J.transpose();
-    const double err_ode = rel(C_out, C), err_true = rel(C_out, S + s_min * s_min * Eigen::MatrixXd::Identity(3, 3));
-    std::printf("  DPM-Solver++(2M), %3d steps: rel. error of C_out vs the ODE prediction %.2e, vs the true "
+    const double err_ode = rel(C_out, C),
+                 err_true = rel(C_out, S + s_min * s_min * Eigen::MatrixXd::Identity(3, 3));
+    std::printf("  DPM-Solver++(2M), %3d steps: rel. error of C_out vs the ODE prediction %.2e, vs "
+                "the true "
                 "covariance %.3f\n",
                 steps, err_ode, err_true);
     CHECK(err_ode <= (steps == 50 ? 1e-2 : 1e-3));

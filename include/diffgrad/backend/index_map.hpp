@@ -19,11 +19,11 @@
 //
 // Every index is checked against D and for duplicates within its piece HERE, once; the
 // backend operations then only check shapes (O(1) per call).
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <utility>
 #include <vector>
-#include <cmath>
 
 #include "diffgrad/core/error.hpp"
 
@@ -83,8 +83,8 @@ public:
     for (double w : weights_) unit_weights_ = unit_weights_ && w == 1.0;
   }
 
-  std::int64_t dim() const { return dim_; }      ///< D: the width of a big row
-  std::int64_t width() const { return width_; }  ///< n: coordinates per piece
+  std::int64_t dim() const { return dim_; }       ///< D: the width of a big row
+  std::int64_t width() const { return width_; }   ///< n: coordinates per piece
   std::int64_t pieces() const { return pieces_; } ///< P
   std::span<const std::int64_t> indices() const { return indices_; }
   std::span<const double> weights() const { return weights_; }

@@ -88,8 +88,8 @@ public:
     if (names.empty())
       for (std::size_t g = 0; g < groups.size(); ++g) names.push_back(detail::concat("group ", g));
     if (names.size() != groups.size())
-      detail::throw_argument(where, "names", detail::concat("one name per group (", groups.size(), ")"),
-                             names.size());
+      detail::throw_argument(
+          where, "names", detail::concat("one name per group (", groups.size(), ")"), names.size());
 
     struct RegionInfo {
       std::size_t group, piece;
@@ -103,11 +103,10 @@ public:
       for (std::size_t p = 0; p < groups[g].size(); ++p) {
         const Region& r = groups[g][p];
         if (static_cast<std::int64_t>(r.size()) != width)
-          detail::throw_argument(
-              where, "groups",
-              detail::concat("regions of one width per group (group '", names[g], "' has width ",
-                             width, " from its region 0)"),
-              detail::concat("region ", p, " of width ", r.size()));
+          detail::throw_argument(where, "groups",
+                                 detail::concat("regions of one width per group (group '", names[g],
+                                                "' has width ", width, " from its region 0)"),
+                                 detail::concat("region ", p, " of width ", r.size()));
         // Range and duplicate checks with the IndexMap's messages.
         (void)IndexMap(dim, std::max<std::int64_t>(width, 1), r, {}, where);
         std::vector<std::int64_t> s = r;
@@ -137,8 +136,9 @@ public:
         if (!std::includes(s.sorted.begin(), s.sorted.end(), r.sorted.begin(), r.sorted.end()))
           continue;
         if (s.sorted.size() == r.sorted.size())
-          throw invalid_argument(detail::concat(where, ": argument 'groups' expected distinct regions, got ",
-                                                describe(r), " equal to ", describe(s)));
+          throw invalid_argument(
+              detail::concat(where, ": argument 'groups' expected distinct regions, got ",
+                             describe(r), " equal to ", describe(s)));
         above += s.count;
       }
       r.count = 1.0 - above;
@@ -149,8 +149,10 @@ public:
       for (std::size_t i : at[static_cast<std::size_t>(k)]) total += regions[i].count;
       if (total != 1.0)
         throw invalid_argument(detail::concat(
-            where, ": argument 'groups' expected every coordinate counted exactly once (sum of the ",
-            "counting numbers of the regions containing it = 1), got ", total, " for coordinate ", k,
+            where,
+            ": argument 'groups' expected every coordinate counted exactly once (sum of the ",
+            "counting numbers of the regions containing it = 1), got ", total, " for coordinate ",
+            k,
             at[static_cast<std::size_t>(k)].empty()
                 ? " (it is in no region)"
                 : " (are two factors intersecting without a separator for their intersection, or "
@@ -207,7 +209,8 @@ inline void check_strip(const StripShape& s, const char* where) {
                   static_cast<double>(s.pieces));
   detail::require(s.piece_width >= 1, where, "shape.piece_width", "a piece width >= 1",
                   static_cast<double>(s.piece_width));
-  detail::require(s.height >= 1, where, "shape.height", "a height >= 1", static_cast<double>(s.height));
+  detail::require(s.height >= 1, where, "shape.height", "a height >= 1",
+                  static_cast<double>(s.height));
   detail::require(s.channels >= 1, where, "shape.channels", "at least 1 channel",
                   static_cast<double>(s.channels));
   detail::require(s.overlap >= 0 && 2 * s.overlap <= s.piece_width, where, "shape.overlap",
@@ -217,12 +220,14 @@ inline void check_strip(const StripShape& s, const char* where) {
 }
 /// The coordinates of rows [r0, r0 + h) x columns (c0 + j) mod width, j < w, all channels.
 inline CollageGraph::Region block(std::int64_t height, std::int64_t width, std::int64_t channels,
-                                  std::int64_t r0, std::int64_t h, std::int64_t c0, std::int64_t w) {
+                                  std::int64_t r0, std::int64_t h, std::int64_t c0,
+                                  std::int64_t w) {
   CollageGraph::Region out;
   out.reserve(static_cast<std::size_t>(channels * h * w));
   for (std::int64_t ch = 0; ch < channels; ++ch)
     for (std::int64_t r = r0; r < r0 + h; ++r)
-      for (std::int64_t j = 0; j < w; ++j) out.push_back(ch * height * width + r * width + (c0 + j) % width);
+      for (std::int64_t j = 0; j < w; ++j)
+        out.push_back(ch * height * width + r * width + (c0 + j) % width);
   return out;
 }
 } // namespace collage_detail
@@ -239,8 +244,8 @@ inline CollageGraph strip_graph(const StripShape& s) {
   const std::int64_t width = strip_width(s), step = s.piece_width - s.overlap;
   std::vector<std::vector<CollageGraph::Region>> groups(2);
   for (std::int64_t p = 0; p < s.pieces; ++p)
-    groups[0].push_back(collage_detail::block(s.height, width, s.channels, 0, s.height, p * step,
-                                              s.piece_width));
+    groups[0].push_back(
+        collage_detail::block(s.height, width, s.channels, 0, s.height, p * step, s.piece_width));
   if (s.overlap > 0)
     for (std::int64_t p = 1; p < s.pieces; ++p)
       groups[1].push_back(
@@ -249,12 +254,15 @@ inline CollageGraph strip_graph(const StripShape& s) {
 }
 
 /// A 1-D chain of `pieces` windows of `piece_width` coordinates overlapping by `overlap`.
-inline CollageGraph chain_graph(std::int64_t pieces, std::int64_t piece_width, std::int64_t overlap) {
+inline CollageGraph chain_graph(std::int64_t pieces, std::int64_t piece_width,
+                                std::int64_t overlap) {
   return strip_graph({pieces, piece_width, overlap, 1, 1});
 }
 
 /// Width of the loop (columns) that loop_graph(shape) covers: pieces * (piece_width - overlap).
-inline std::int64_t loop_width(const StripShape& s) { return s.pieces * (s.piece_width - s.overlap); }
+inline std::int64_t loop_width(const StripShape& s) {
+  return s.pieces * (s.piece_width - s.overlap);
+}
 
 /// A 360-degree loop: as strip_graph, but the last piece wraps around to the first columns
 /// (columns mod loop_width). Seam rule: every seam, the wrap-around one included, subtracts
@@ -271,10 +279,10 @@ inline CollageGraph loop_graph(const StripShape& s) {
   const std::int64_t width = loop_width(s), step = s.piece_width - s.overlap;
   std::vector<std::vector<CollageGraph::Region>> groups(2);
   for (std::int64_t p = 0; p < s.pieces; ++p) {
-    groups[0].push_back(collage_detail::block(s.height, width, s.channels, 0, s.height, p * step,
-                                              s.piece_width));
-    groups[1].push_back(collage_detail::block(s.height, width, s.channels, 0, s.height,
-                                              (p + 1) * step, s.overlap));
+    groups[0].push_back(
+        collage_detail::block(s.height, width, s.channels, 0, s.height, p * step, s.piece_width));
+    groups[1].push_back(
+        collage_detail::block(s.height, width, s.channels, 0, s.height, (p + 1) * step, s.overlap));
   }
   return CollageGraph::from_regions(s.channels * s.height * width, groups, {"pieces", "overlaps"});
 }
@@ -308,9 +316,11 @@ inline CollageGraph grid_graph(const GridShape& g) {
     for (std::int64_t j = 0; j < g.cols; ++j) {
       groups[0].push_back(block(h, w, g.channels, i * sr, g.tile_height, j * sc, g.tile_width));
       if (g.overlap_cols > 0 && j + 1 < g.cols)
-        groups[1].push_back(block(h, w, g.channels, i * sr, g.tile_height, (j + 1) * sc, g.overlap_cols));
+        groups[1].push_back(
+            block(h, w, g.channels, i * sr, g.tile_height, (j + 1) * sc, g.overlap_cols));
       if (g.overlap_rows > 0 && i + 1 < g.rows)
-        groups[2].push_back(block(h, w, g.channels, (i + 1) * sr, g.overlap_rows, j * sc, g.tile_width));
+        groups[2].push_back(
+            block(h, w, g.channels, (i + 1) * sr, g.overlap_rows, j * sc, g.tile_width));
       if (g.overlap_rows > 0 && g.overlap_cols > 0 && i + 1 < g.rows && j + 1 < g.cols)
         groups[3].push_back(
             block(h, w, g.channels, (i + 1) * sr, g.overlap_rows, (j + 1) * sc, g.overlap_cols));
@@ -332,13 +342,14 @@ void require_same_schedule(const S0& reference, const S1& other, const char* arg
   };
   if (!close(reference.t_min(), other.t_min()) || !close(reference.t_max(), other.t_max()))
     detail::throw_argument(where, arg,
-                           detail::concat("the reference schedule's time range [", reference.t_min(),
-                                          ", ", reference.t_max(),
+                           detail::concat("the reference schedule's time range [",
+                                          reference.t_min(), ", ", reference.t_max(),
                                           "] (all pieces share one schedule)"),
                            detail::concat("[", other.t_min(), ", ", other.t_max(), "]"));
   constexpr int kSamples = 65;
   for (int i = 0; i < kSamples; ++i) {
-    const double t = reference.t_min() + (reference.t_max() - reference.t_min()) * i / (kSamples - 1);
+    const double t =
+        reference.t_min() + (reference.t_max() - reference.t_min()) * i / (kSamples - 1);
     const double a0 = reference.alpha(t), a1 = other.alpha(t), s0 = reference.sigma(t),
                  s1 = other.sigma(t), m0 = reference.model_time(t), m1 = other.model_time(t);
     if (!close(a0, a1) || !close(s0, s1) || !close(m0, m1))
@@ -359,29 +370,35 @@ template <class B, class Model> class Collage {
 public:
   using state_type = typename B::state_type;
   using vector_type = typename B::vector_type;
-  using map_type = decltype(std::declval<const B&>().make_index_map(std::declval<const IndexMap&>()));
+  using map_type =
+      decltype(std::declval<const B&>().make_index_map(std::declval<const IndexMap&>()));
 
   /// `models[g]` evaluates group g (null for an inactive group is allowed). Scratch is sized
   /// for `max_batch` samples. A model with dim() must have the group's width.
-  Collage(const B& backend, CollageGraph graph, std::vector<Model*> models, std::int64_t max_batch = 1)
+  Collage(const B& backend, CollageGraph graph, std::vector<Model*> models,
+          std::int64_t max_batch = 1)
       : backend_(&backend), graph_(std::move(graph)), models_(std::move(models)) {
     const char* where = "Collage";
     if (models_.size() != graph_.num_groups())
-      detail::throw_argument(where, "models",
-                             detail::concat("one model per group of the graph (", graph_.num_groups(), ")"),
-                             models_.size());
-    detail::require(max_batch >= 1, where, "max_batch", "a batch size >= 1", static_cast<double>(max_batch));
+      detail::throw_argument(
+          where, "models",
+          detail::concat("one model per group of the graph (", graph_.num_groups(), ")"),
+          models_.size());
+    detail::require(max_batch >= 1, where, "max_batch", "a batch size >= 1",
+                    static_cast<double>(max_batch));
     for (std::size_t g = 0; g < models_.size(); ++g) {
       const CollageGroup& group = graph_.group(g);
       if (!group.active) continue;
       if (models_[g] == nullptr)
-        throw invalid_argument(detail::concat(where, ": argument 'models' expected a model for group ", g,
+        throw invalid_argument(detail::concat(where,
+                                              ": argument 'models' expected a model for group ", g,
                                               " ('", group.name, "'), got null"));
       if constexpr (requires(const Model& m) { m.dim(); }) {
         if (static_cast<std::int64_t>(models_[g]->dim()) != group.width)
-          throw invalid_argument(detail::concat(
-              where, ": argument 'models' expected a model of dimension ", group.width, " (the width of group ",
-              g, " '", group.name, "') for group ", g, ", got dimension ", models_[g]->dim()));
+          throw invalid_argument(
+              detail::concat(where, ": argument 'models' expected a model of dimension ",
+                             group.width, " (the width of group ", g, " '", group.name,
+                             "') for group ", g, ", got dimension ", models_[g]->dim()));
       }
       // Groups served by the same model object (of one width) share ONE call: their pieces
       // are concatenated into one map (each keeps its counting number).
@@ -442,15 +459,17 @@ public:
 
   /// dx = sum_R c_R E_R J_R^T E_R^T a; dcond / dparams accumulate each model's VJP at its
   /// pieces' cotangents c_R E_R^T a (concatenated over distinct models, see the header).
-  void vjp(const state_type& x, const Node& n, const state_type& a, state_type& dx, vector_type* dcond,
-           vector_type* dparams) {
+  void vjp(const state_type& x, const Node& n, const state_type& a, state_type& dx,
+           vector_type* dcond, vector_type* dparams) {
     const char* where = "Collage::vjp";
     const std::int64_t rows = check_input(x, where, "x");
     if (B::batch(a) != rows || B::dim(a) != dim())
-      detail::throw_argument(where, "cotangent", detail::concat("shape ", rows, " x ", dim(), " (x's shape)"),
+      detail::throw_argument(where, "cotangent",
+                             detail::concat("shape ", rows, " x ", dim(), " (x's shape)"),
                              detail::concat(B::batch(a), " x ", B::dim(a)));
     if (&dx == &x || &dx == &a) // dx is zeroed before x and a are read
-      detail::throw_argument(where, "dx", "a state other than 'x' and 'cotangent'", "the same object");
+      detail::throw_argument(where, "dx", "a state other than 'x' and 'cotangent'",
+                             "the same object");
     if (B::batch(dx) != rows || B::dim(dx) != dim()) dx = backend_->make_state(rows, dim());
     if (dcond) check_vector_size(*dcond, cond_size(), where, "dcond");
     if (dparams) check_vector_size(*dparams, param_size(), where, "dparams");
@@ -461,10 +480,14 @@ public:
       backend_->gather(x, s.map, s.in);
       backend_->gather(a, s.map, s.cot, 1.0, PieceWeights::apply);
       if (!split) {
-        EpsVjp<Model>{*model}(static_cast<const state_type&>(s.in), n, static_cast<const state_type&>(s.cot),
-                              s.out, dcond, dparams);
+        EpsVjp<Model>{*model}(static_cast<const state_type&>(s.in), n,
+                              static_cast<const state_type&>(s.cot), s.out, dcond, dparams);
       } else {
-        if constexpr (requires(vector_type& v) { v.segment(0, 1); v.setZero(); }) {
+        if constexpr (requires(vector_type & v) {
+                        vector_type::Zero(1);
+                        v.segment(0, 1);
+                        v.setZero();
+                      }) {
           const std::size_t k = distinct_index(model);
           vector_type* dc = nullptr;
           vector_type* dp = nullptr;
@@ -479,10 +502,11 @@ public:
           EpsVjp<Model>{*model}(static_cast<const state_type&>(s.in), n,
                                 static_cast<const state_type&>(s.cot), s.out, dc, dp);
           if (dcond) dcond->segment(cond_offset_[k], cond_scratch_[k].size()) += cond_scratch_[k];
-          if (dparams) dparams->segment(param_offset_[k], param_scratch_[k].size()) += param_scratch_[k];
+          if (dparams)
+            dparams->segment(param_offset_[k], param_scratch_[k].size()) += param_scratch_[k];
         } else {
-          throw invalid_argument(
-              "Collage::vjp: several distinct piece models need host (Eigen) vectors for dcond / dparams");
+          throw invalid_argument("Collage::vjp: several distinct piece models need host (Eigen) "
+                                 "vectors for dcond / dparams");
         }
       }
       check_piece_output(s, s.out, "vjp dx");
@@ -499,7 +523,8 @@ public:
         *st = backend_->make_state(batch * m.pieces(), m.width());
     }
     batch_ = batch;
-    if constexpr (requires(vector_type& v, const Model& m) {
+    if constexpr (requires(vector_type & v, const Model& m) {
+                    vector_type::Zero(1);
                     v.setZero();
                     m.cond_size();
                     m.param_size();
@@ -531,7 +556,8 @@ private:
 
   std::int64_t check_input(const state_type& x, const char* where, const char* arg) {
     if (B::dim(x) != dim())
-      detail::throw_argument(where, arg, detail::concat("rows of width D = ", dim(), " (the graph's dim)"),
+      detail::throw_argument(where, arg,
+                             detail::concat("rows of width D = ", dim(), " (the graph's dim)"),
                              detail::concat(B::dim(x), " columns"));
     const auto rows = static_cast<std::int64_t>(B::batch(x));
     if (rows != batch_) reserve(rows);
@@ -541,10 +567,10 @@ private:
     const IndexMap& m = s.host;
     if (static_cast<std::int64_t>(B::batch(out)) != batch_ * m.pieces() ||
         static_cast<std::int64_t>(B::dim(out)) != m.width())
-      throw invalid_argument(detail::concat("Collage: the model of group ", s.group, " ('", s.name,
-                                            "') returned ", what, " of shape ", B::batch(out), " x ", B::dim(out),
-                                            ", expected ", batch_ * m.pieces(), " x ", m.width(),
-                                            " (batch x pieces stacked, piece width)"));
+      throw invalid_argument(detail::concat(
+          "Collage: the model of group ", s.group, " ('", s.name, "') returned ", what,
+          " of shape ", B::batch(out), " x ", B::dim(out), ", expected ", batch_ * m.pieces(),
+          " x ", m.width(), " (batch x pieces stacked, piece width)"));
   }
   template <class V>
   static void check_vector_size(const V& v, std::int64_t size, const char* where, const char* arg) {
@@ -552,7 +578,8 @@ private:
       detail::throw_argument(where, arg, detail::concat("length ", size), v.size());
   }
   std::size_t distinct_index(const Model* m) const {
-    return static_cast<std::size_t>(std::find(distinct_.begin(), distinct_.end(), m) - distinct_.begin());
+    return static_cast<std::size_t>(std::find(distinct_.begin(), distinct_.end(), m) -
+                                    distinct_.begin());
   }
 
   const B* backend_;
@@ -576,9 +603,10 @@ Eigen::Matrix<typename Matrix::Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::Ro
 crop_points(const Matrix& points, std::span<const std::int64_t> coords) {
   for (std::size_t k = 0; k < coords.size(); ++k)
     if (coords[k] < 0 || coords[k] >= points.cols())
-      detail::throw_argument("crop_points", "coords",
-                             detail::concat("column indices in [0, ", points.cols(), ") (position ", k, ")"),
-                             coords[k]);
+      detail::throw_argument(
+          "crop_points", "coords",
+          detail::concat("column indices in [0, ", points.cols(), ") (position ", k, ")"),
+          coords[k]);
   Eigen::Matrix<typename Matrix::Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> out(
       points.rows(), static_cast<Eigen::Index>(coords.size()));
   for (Eigen::Index r = 0; r < points.rows(); ++r)
@@ -593,12 +621,14 @@ crop_points(const Matrix& points, std::span<const std::int64_t> coords) {
 template <class Matrix>
 Eigen::Matrix<typename Matrix::Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>
 window_crops(const Matrix& strips, std::int64_t width, bool wrap = false) {
-  const auto n = static_cast<std::int64_t>(strips.rows()), len = static_cast<std::int64_t>(strips.cols());
+  const auto n = static_cast<std::int64_t>(strips.rows()),
+             len = static_cast<std::int64_t>(strips.cols());
   detail::require(width >= 1 && width <= len, "window_crops", "width",
                   detail::concat("a window width in [1, ", len, "] (the strips' length)"),
                   static_cast<double>(width));
   const std::int64_t per = wrap ? len : len - width + 1;
-  Eigen::Matrix<typename Matrix::Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> out(n * per, width);
+  Eigen::Matrix<typename Matrix::Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> out(
+      n * per, width);
   for (std::int64_t r = 0; r < n; ++r)
     for (std::int64_t o = 0; o < per; ++o)
       for (std::int64_t k = 0; k < width; ++k) out(r * per + o, k) = strips(r, (o + k) % len);

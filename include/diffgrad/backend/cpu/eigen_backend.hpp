@@ -205,7 +205,8 @@ public:
     if (pieces.rows() != rows * p_count || pieces.cols() != n) pieces.resize(rows * p_count, n);
     const std::int64_t* idx = map.indices().data();
     const double* w = map.weights().data();
-    const bool plain = scale == 1.0 && (piece_weights == PieceWeights::ignore || map.unit_weights());
+    const bool plain =
+        scale == 1.0 && (piece_weights == PieceWeights::ignore || map.unit_weights());
     for (index_type b = 0; b < rows; ++b) {
       const Scalar* src = big.data() + b * big.cols();
       for (index_type p = 0; p < p_count; ++p) {
@@ -240,7 +241,8 @@ public:
                              detail::concat(pieces.rows(), " x ", pieces.cols()));
     const std::int64_t* idx = map.indices().data();
     const double* w = map.weights().data();
-    const bool plain = scale == 1.0 && (piece_weights == PieceWeights::ignore || map.unit_weights());
+    const bool plain =
+        scale == 1.0 && (piece_weights == PieceWeights::ignore || map.unit_weights());
     for (index_type b = 0; b < rows; ++b) {
       Scalar* dst = big.data() + b * big.cols();
       for (index_type p = 0; p < p_count; ++p) {
