@@ -58,6 +58,8 @@ double cpu_dot(Precision p, const std::vector<double>& a, const std::vector<doub
 // --- cases.hpp on the CPU ----------------------------------------------------------------------
 /// structured_cases.hpp: the block (columns = false) or per-column scheme, sample + gradients.
 Parts cpu_structured(bool columns, const Problem& problem, Precision p);
+/// gddim_cases.hpp case `index` on EigenBackend<double> (cpu_reference_gddim.cpp).
+Parts cpu_gddim(int index);
 Parts cpu_sample_gaussian(int index, const Problem& problem, Precision p);
 Parts cpu_sample_dirac(int index, const Problem& problem);
 Parts cpu_sample_mlp(int index, const Problem& problem, Precision p, bool use_tanh);

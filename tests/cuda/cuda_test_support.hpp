@@ -32,6 +32,16 @@ struct Problem {
   std::uint64_t seed = 7; ///< Philox seed of stochastic schemes
 };
 
+/// The problem of the structured-coefficient cases (structured_cases.hpp): an even width
+/// (two halves [x | v]), a few steps.
+inline Problem structured_problem() {
+  Problem p;
+  p.batch = 5;
+  p.dim = 6;
+  p.steps = 6;
+  return p;
+}
+
 /// A fixed, non-symmetric batch of "noise" states (row-major batch x dim).
 inline std::vector<double> problem_x_T(int batch, int dim) {
   std::vector<double> x(static_cast<std::size_t>(batch) * static_cast<std::size_t>(dim));

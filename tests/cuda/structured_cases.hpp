@@ -99,14 +99,6 @@ template <Backend B> struct StructuredColumnScheme {
   }
 };
 
-/// The problem of the structured cases: even width (two halves), a few steps.
-inline Problem structured_problem() {
-  Problem p;
-  p.batch = 5;
-  p.dim = 6;
-  p.steps = 6;
-  return p;
-}
 inline constexpr std::uint64_t kStructuredRowOffset = 3;
 
 /// Sample and exact discrete gradient (store_all and checkpoint(2)) with the block scheme

@@ -496,6 +496,35 @@ TEST_CASE("ColumnCoeff lincomb functor == dense diagonal reference and EigenBack
   }
 }
 
+TEST_CASE("the CPU halves of the structured and gDDIM GPU cases run and are finite",
+          "[cuda][host][structured][gddim]") {
+  // The GPU tests compare against these; here (no device needed) they must at least run:
+  // a scheme that refuses its grid or width would otherwise only show up on a GPU machine.
+  const auto finite_parts = [](const testing::Parts& parts, std::size_t expected_parts,
+                               std::size_t elements) {
+    REQUIRE(parts.size() == expected_parts);
+    for (const auto& [name, v] : parts) {
+      INFO(name);
+      CHECK(v.size() == elements);
+      double norm = 0.0;
+      for (double e : v) norm += e * e;
+      CHECK(std::isfinite(norm));
+      CHECK(norm > 0.0);
+    }
+  };
+  const testing::Problem p = testing::structured_problem();
+  const auto elements = static_cast<std::size_t>(p.batch * p.dim);
+  // sample + (x0, grad_x, one dL/dxi per step) for two memory modes.
+  const std::size_t parts = 1 + 2 * (2 + static_cast<std::size_t>(p.steps));
+  for (bool columns : {false, true})
+    for (Precision prec : {Precision::f64, Precision::f32})
+      finite_parts(testing::cpu_structured(columns, p, prec), parts, elements);
+  for (int i = 0; i < 6; ++i) {
+    INFO("gDDIM case " << i);
+    finite_parts(testing::cpu_gddim(i), 1, i < 3 ? 5 * 6 : 5 * 16);
+  }
+}
+
 TEST_CASE("fill, dot and finite-check functors", "[cuda][host]") {
   AlignedHost<float> buf(11);
   dc::FillFunctor<float> fill{buf.ptr, 2.5f, 11};
