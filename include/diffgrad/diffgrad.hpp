@@ -8,6 +8,7 @@
 // models/cuda/*.cuh), which needs nvcc and is included separately from .cu files.
 #include "diffgrad/backend/coefficient.hpp"
 #include "diffgrad/backend/counting_backend.hpp"
+#include "diffgrad/backend/index_map.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/coeffs/adjoint_deis.hpp"
@@ -56,6 +57,7 @@
 #include "diffgrad/inversion/engine.hpp"
 #include "diffgrad/models/bdm_mixture.hpp"
 #include "diffgrad/models/cld_mixture.hpp"
+#include "diffgrad/models/collage.hpp"
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/gaussian.hpp"
 #include "diffgrad/models/gaussian_flow.hpp"
