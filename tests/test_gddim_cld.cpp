@@ -18,116 +18,26 @@
 #include <vector>
 
 #include "diffgrad/gddim/cld_schedule.hpp"
+#include "cld_reference.hpp"
 
 namespace {
 
 using diffgrad::gddim::CldParams;
 using diffgrad::gddim::CldSchedule;
 using diffgrad::gddim::Mat2;
-using ld = long double;
-using L2 = std::array<std::array<ld, 2>, 2>;
+using namespace cld_reference;
 
 double rel(const Mat2& a, const Mat2& b) { return (a - b).norm() / b.norm(); }
 
-Mat2 to_mat(const L2& a) {
-  Mat2 m;
-  m << static_cast<double>(a[0][0]), static_cast<double>(a[0][1]), static_cast<double>(a[1][0]),
-      static_cast<double>(a[1][1]);
-  return m;
-}
-L2 mul(const L2& a, const L2& b) {
-  L2 c{};
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) c[i][j] = a[i][0] * b[0][j] + a[i][1] * b[1][j];
-  return c;
-}
-L2 tr(const L2& a) { return {{{a[0][0], a[1][0]}, {a[0][1], a[1][1]}}}; }
-L2 inv(const L2& a) {
-  const ld d = a[0][0] * a[1][1] - a[0][1] * a[1][0];
-  return {{{a[1][1] / d, -a[0][1] / d}, {-a[1][0] / d, a[0][0] / d}}};
-}
 
-/// The CLD coefficients written from the parameters (not through the library).
-struct Ref {
-  CldParams p;
-  ld beta(ld t) const { return p.beta_0 + p.beta_1 * t; }
-  ld damping() const { return 2 * std::sqrt(static_cast<ld>(p.mass)); }
-  L2 F(ld t) const {
-    const ld b = beta(t);
-    return {{{0, b / p.mass}, {-b, -b * damping() / p.mass}}};
-  }
-  ld gg(ld t) const { return 2 * damping() * beta(t); } // (G G^T)_vv
-  L2 sigma0() const { return {{{p.eps, 0}, {0, static_cast<ld>(p.gamma) * p.mass + p.eps}}}; }
-  L2 r0() const {
-    const L2 s = sigma0();
-    const ld c = std::cos(static_cast<ld>(p.initial_angle)),
-             s_ = std::sin(static_cast<ld>(p.initial_angle));
-    const L2 l{{{std::sqrt(s[0][0]), 0}, {0, std::sqrt(s[1][1])}}};
-    return mul(l, L2{{{c, -s_}, {s_, c}}});
-  }
-};
 
-/// Adaptive Dormand-Prince 5(4) in long double; error per step in the max norm relative to
-/// max(|y|, |y_new|) + atol. Integrates from t0 to t1 (either direction), returns y(t1).
-template <std::size_t N>
-std::array<ld, N> dopri(const std::function<std::array<ld, N>(ld, const std::array<ld, N>&)>& f,
-                        ld t0, ld t1, std::array<ld, N> y, ld rtol = 1e-17L, ld atol = 1e-40L,
-                        ld h0 = 1e-9L) {
-  using V = std::array<ld, N>;
-  static constexpr ld c[7] = {0, 1.0L / 5, 3.0L / 10, 4.0L / 5, 8.0L / 9, 1, 1};
-  static constexpr ld a[7][6] = {
-      {0, 0, 0, 0, 0, 0},
-      {1.0L / 5, 0, 0, 0, 0, 0},
-      {3.0L / 40, 9.0L / 40, 0, 0, 0, 0},
-      {44.0L / 45, -56.0L / 15, 32.0L / 9, 0, 0, 0},
-      {19372.0L / 6561, -25360.0L / 2187, 64448.0L / 6561, -212.0L / 729, 0, 0},
-      {9017.0L / 3168, -355.0L / 33, 46732.0L / 5247, 49.0L / 176, -5103.0L / 18656, 0},
-      {35.0L / 384, 0, 500.0L / 1113, 125.0L / 192, -2187.0L / 6784, 11.0L / 84}};
-  static constexpr ld b4[7] = {
-      5179.0L / 57600, 0,        7571.0L / 16695, 393.0L / 640, -92097.0L / 339200,
-      187.0L / 2100,   1.0L / 40};
-  // Time is tracked as the elapsed span from t0 (exact: t0, t1 are doubles), so a short span
-  // is not eroded by rounding t0 + sum h at the magnitude of t0.
-  const ld dir = t1 >= t0 ? 1 : -1, span = t1 - t0;
-  ld e = 0, h = dir * std::min(h0, std::fabs(span));
-  while (dir * (span - e) > 0) {
-    if (dir * (e + h - span) > 0) h = span - e;
-    std::array<V, 7> k;
-    for (int s = 0; s < 7; ++s) {
-      V ys = y;
-      for (int j = 0; j < s; ++j)
-        for (std::size_t i = 0; i < N; ++i) ys[i] += h * a[s][j] * k[j][i];
-      k[s] = f(t0 + (e + c[s] * h), ys);
-    }
-    V y5 = y;
-    ld err = 0;
-    for (std::size_t i = 0; i < N; ++i) {
-      ld d = 0;
-      for (int s = 0; s < 7; ++s) {
-        const ld b5 = s < 6 ? a[6][s] : 0; // 5th-order weights = last stage row (FSAL)
-        y5[i] += h * b5 * k[s][i];
-        d += h * (b5 - b4[s]) * k[s][i];
-      }
-      err =
-          std::max(err, std::fabs(d) / (atol + rtol * std::max(std::fabs(y[i]), std::fabs(y5[i]))));
-    }
-    if (err <= 1) {
-      e += h;
-      y = y5;
-    }
-    const ld fac = err == 0 ? 5 : std::min<ld>(5, std::max<ld>(0.2L, 0.9L * std::pow(err, -0.2L)));
-    h *= fac;
-  }
-  return y;
-}
 
 using V3 = std::array<ld, 3>;
-using V4 = std::array<ld, 4>;
 
 /// Sigma_t from the Lyapunov ODE dSigma/dt = F Sigma + Sigma F^T + G G^T, Sigma(0) = Sigma_0.
 L2 lyapunov(const Ref& ref, ld t) {
   const L2 s0 = ref.sigma0();
-  const V3 y = dopri<3>(
+  const V3 y = dopri<V3>(
       [&](ld tau, const V3& s) {
         const L2 S{{{s[0], s[1]}, {s[1], s[2]}}}, FS = mul(ref.F(tau), S);
         return V3{2 * FS[0][0], FS[0][1] + FS[1][0], 2 * FS[1][1] + ref.gg(tau)};
@@ -136,8 +46,6 @@ L2 lyapunov(const Ref& ref, ld t) {
   return {{{y[0], y[1]}, {y[1], y[2]}}};
 }
 
-V4 flat(const L2& a) { return {a[0][0], a[0][1], a[1][0], a[1][1]}; }
-L2 unflat(const V4& y) { return {{{y[0], y[1]}, {y[2], y[3]}}}; }
 
 /// dR/dt = F R + 1/2 G G^T R^{-T}.
 L2 r_rate(const Ref& ref, ld tau, const L2& R) {
@@ -150,36 +58,10 @@ L2 r_rate(const Ref& ref, ld tau, const L2& R) {
 
 /// R_t from its ODE, started at R_0 (independent of the library's angle quadrature).
 L2 r_ode(const Ref& ref, ld t) {
-  return unflat(dopri<4>([&](ld tau, const V4& y) { return flat(r_rate(ref, tau, unflat(y))); }, 0,
+  return unflat(dopri<V4>([&](ld tau, const V4& y) { return flat(r_rate(ref, tau, unflat(y))); }, 0,
                          t, flat(ref.r0())));
 }
 
-/// Psi = exp(int_s^t F) by scaling and squaring a Taylor series, long double. F is affine in t,
-/// so int F = (t - s) (F(s) + F(t)) / 2 exactly; all F_t commute (multiples of one matrix).
-L2 expm_ref(const Ref& ref, ld t, ld s) {
-  L2 a = ref.F(s), b = ref.F(t);
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) a[i][j] = 0.5L * (t - s) * (a[i][j] + b[i][j]);
-  int sq = 0;
-  ld nrm = std::fabs(a[0][0]) + std::fabs(a[0][1]) + std::fabs(a[1][0]) + std::fabs(a[1][1]);
-  while (nrm > 0.125L) {
-    nrm /= 2;
-    ++sq;
-  }
-  const ld scale = std::ldexp(1.0L, -sq);
-  for (auto& row : a)
-    for (auto& v : row) v *= scale;
-  L2 e{{{1, 0}, {0, 1}}}, term = e;
-  for (int n = 1; n < 40; ++n) {
-    term = mul(term, a);
-    for (auto& row : term)
-      for (auto& v : row) v /= n;
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) e[i][j] += term[i][j];
-  }
-  for (int k = 0; k < sq; ++k) e = mul(e, e);
-  return e;
-}
 
 std::string message_of(const std::function<void()>& fn) {
   try {
@@ -366,7 +248,7 @@ TEST_CASE("CLD: C(t, s) keeps full relative accuracy on short steps", "[gddim][c
       V8 y{};
       const V4 r = flat(rs);
       for (int i = 0; i < 4; ++i) y[i] = r[i];
-      const V8 out = dopri<8>(
+      const V8 out = dopri<V8>(
           [&](ld tau, const V8& z) {
             const L2 R = unflat(V4{z[0], z[1], z[2], z[3]}), C = unflat(V4{z[4], z[5], z[6], z[7]});
             const V4 dr = flat(r_rate(ref, tau, R));
@@ -432,7 +314,7 @@ TEST_CASE("CLD: one deterministic gDDIM step is exact for a single data point", 
       const V2 msl = mean(s);
       const Eigen::Vector2d ms(static_cast<double>(msl[0]), static_cast<double>(msl[1]));
       const Eigen::Vector2d us = ms + rs * Eigen::Vector2d(0.3, -1.1);
-      const V2 ut = dopri<2>(rhs, s, t, V2{us[0], us[1]}, 1e-17L, 1e-40L, 1e-9L);
+      const V2 ut = dopri<V2>(rhs, s, t, V2{us[0], us[1]}, 1e-17L, 1e-40L, 1e-9L);
       const Eigen::Vector2d want(static_cast<double>(ut[0]), static_cast<double>(ut[1]));
       // gDDIM: eps from the exact score in the R parameterisation, eps = R_s^{-1}(u_s - m_s).
       const Eigen::Vector2d u0(x0, 0.0);
@@ -484,11 +366,10 @@ L2 psi_hat_ode(const CldSchedule& cld, const Ref& ref, double t, double s, doubl
     f[1][1] += c * ref.gg(tau) * si[1][1];
     return f;
   };
-  return unflat(dopri<4>([&](ld tau, const V4& y) { return flat(mul(fhat(tau), unflat(y))); }, s, t,
+  return unflat(dopri<V4>([&](ld tau, const V4& y) { return flat(mul(fhat(tau), unflat(y))); }, s, t,
                          V4{1, 0, 0, 1}, 1e-17L, 1e-40L, 1e-9L));
 }
 
-L2 to_l2(const Mat2& m) { return {{{m(0, 0), m(0, 1)}, {m(1, 0), m(1, 1)}}}; }
 
 } // namespace
 
@@ -553,7 +434,7 @@ TEST_CASE("CLD: stochastic gDDIM step (eps coefficient and covariance P)", "[gdd
     const double s = 0.3, t = s - h, l = 0.5;
     const ld c = 0.5L * (1 + static_cast<ld>(l) * l);
     using V7 = std::array<ld, 7>;
-    const V7 y = dopri<7>(
+    const V7 y = dopri<V7>(
         [&](ld tau, const V7& z) {
           const Mat2 sd = cld.covariance(static_cast<double>(tau));
           const L2 si = inv(to_l2(sd)), F = ref.F(tau);
@@ -670,7 +551,7 @@ TEST_CASE("CLD: N-step gDDIM is exact for one data point, the Cholesky variant i
   const Eigen::Vector2d u0(x0, 0.0);
   const Eigen::Vector2d uT =
       cld.transition(1.0, 0) * u0 + cld.sqrt_covariance(1.0) * Eigen::Vector2d(0.3, -1.1);
-  const V2 w = dopri<2>(rhs, 1.0, tmin, V2{uT[0], uT[1]}, 1e-17L, 1e-40L, 1e-9L);
+  const V2 w = dopri<V2>(rhs, 1.0, tmin, V2{uT[0], uT[1]}, 1e-17L, 1e-40L, 1e-9L);
   const Eigen::Vector2d want(static_cast<double>(w[0]), static_cast<double>(w[1]));
   std::printf("CLD N-step single point, rel 2-norm error at t_min (R_t | Cholesky L_t):\n");
   double worst_r = 0;
