@@ -161,24 +161,13 @@ Means digit_means() {
   return means;
 }
 
-std::vector<double> bdm_grid(double t_start, double t_end, int steps) {
-  std::vector<double> t(static_cast<std::size_t>(steps) + 1);
-  const double a = std::sqrt(t_start), b = std::sqrt(t_end);
-  for (int i = 0; i <= steps; ++i) {
-    const double r = a + (static_cast<double>(i) / steps) * (b - a);
-    t[static_cast<std::size_t>(i)] = r * r;
-  }
-  t.front() = t_start;
-  t.back() = t_end;
-  return t;
-}
 
 Quality bdm_run(const diffgrad::gddim::BdmSchedule<>& schedule, const Means& means, double std,
                 const diffgrad::gddim::BdmGddimOptions& o, int nfe, std::int64_t n) {
   using namespace diffgrad::gddim;
   const Backend backend;
   const BdmGddim<Backend> scheme(backend, schedule,
-                                 bdm_grid(schedule.vp().t_start(80.0), 1e-5, nfe), o);
+                                 bdm_quadratic_grid(schedule, nfe), o);
   diffgrad::models::BdmGaussianMixture<> model(schedule, means,
                                                Eigen::VectorXd::Constant(means.rows(), std),
                                                Eigen::VectorXd::Ones(means.rows()));

@@ -86,16 +86,7 @@ State sample_bdm_digits(const Args& a, const Means& data,
   using namespace diffgrad::gddim;
   const Backend backend;
   const BdmSchedule<> schedule(8, 8);
-  // The official BDM grid: quadratic in t from t_start (sigma/alpha = 80 at the DC term) to 1e-5.
-  const double t0 = std::sqrt(schedule.vp().t_start(80.0)), t1 = std::sqrt(1e-5);
-  std::vector<double> times(static_cast<std::size_t>(a.steps) + 1);
-  for (int i = 0; i <= a.steps; ++i) {
-    const double r = t0 + (t1 - t0) * i / a.steps;
-    times[static_cast<std::size_t>(i)] = r * r;
-  }
-  times.front() = t0 * t0;
-  times.back() = 1e-5;
-  const BdmGddim<Backend> scheme(backend, schedule, times, o);
+  const BdmGddim<Backend> scheme(backend, schedule, bdm_quadratic_grid(schedule, a.steps), o);
   diffgrad::models::BdmGaussianMixture<> model(schedule, data, Eigen::VectorXd::Zero(data.rows()),
                                                Eigen::VectorXd::Ones(data.rows()));
   diffgrad::SampleOptions so;

@@ -344,6 +344,38 @@ SampleResult sample_bdm(const BdmGddim<B>& scheme, const B& backend, Model& mode
   return r;
 }
 
+/// The official BDM grid, quadratic in t: t_i = (sqrt(t_start) + i/N (sqrt(t_end) -
+/// sqrt(t_start)))^2, i = 0..N, from t_start (default: where sigma/alpha = 80 for the DC term,
+/// the official sampler's start) down to t_end (default 1e-5); the ends are exact.
+template <class Vp>
+std::vector<double> bdm_quadratic_grid(const BdmSchedule<Vp>& schedule, int steps,
+                                       double t_start = -1.0, double t_end = 1e-5) {
+  const char* where = "gddim::bdm_quadratic_grid";
+  if (t_start < 0.0) {
+    if constexpr (requires { schedule.vp().t_start(80.0); })
+      t_start = schedule.vp().t_start(80.0);
+    else
+      diffgrad::detail::throw_argument(where, "t_start",
+                                       "a start time (this base schedule has no t_start(rho))",
+                                       t_start);
+  }
+  diffgrad::detail::require(steps >= 1, where, "steps", "at least 1 step", steps);
+  diffgrad::detail::require(std::isfinite(t_start) && t_start > schedule.t_min() &&
+                                t_start <= schedule.t_max(),
+                            where, "t_start", "a time in (t_min, t_max]", t_start);
+  diffgrad::detail::require(std::isfinite(t_end) && t_end >= schedule.t_min() && t_end < t_start,
+                            where, "t_end", "a time in [t_min, t_start)", t_end);
+  const double a = std::sqrt(t_start), b = std::sqrt(t_end);
+  std::vector<double> t(static_cast<std::size_t>(steps) + 1);
+  for (int i = 0; i <= steps; ++i) {
+    const double r = a + (static_cast<double>(i) / steps) * (b - a);
+    t[static_cast<std::size_t>(i)] = r * r;
+  }
+  t.front() = t_start;
+  t.back() = t_end;
+  return t;
+}
+
 /// The Philox "step" index of a drawn x_T: distinct from every sampling step's noise.
 inline constexpr std::uint64_t kBdmPriorStream = std::numeric_limits<std::uint64_t>::max();
 
