@@ -17,7 +17,7 @@
 // (ii)  seam quality vs steps: KL(sampled window law || true window law) for windows aligned
 //       with a piece and windows straddling a seam (shifted by half a step), and a single
 //       window sampled alone (the sampler's own error). Chain of 16 windows of 8 overlapping
-//       by 4, DDIM.
+//       by 4, DDIM; and the loop of 16 such windows (D = 64).
 // (iii) correlation vs lag on the same chain (D = 68): DiffCollage with DDIM at 25 steps and
 //       at 1000 steps (the PF-ODE limit), and replacement outpainting (window by window, the
 //       known half replaced by alpha_t y + sigma_t z at every step, fresh z), DDIM 25 / 200.
@@ -97,6 +97,20 @@ Matrix collage_covariance(int pieces, int width, int overlap, int steps) {
   const Backend backend;
   GaussianWindow window(ar1(width, kRho)), over(ar1(overlap, kRho));
   const auto graph = m::chain_graph(pieces, width, overlap);
+  const auto d = graph.dim();
+  m::Collage<Backend, GaussianWindow> collage(backend, graph, {&window, &over}, d);
+  const diffgrad::VPLinearSchedule schedule;
+  const auto nodes = grid(steps);
+  State x = State::Identity(d, d);
+  diffgrad::sample(diffgrad::Ddim(), backend, schedule, nodes, collage, x);
+  return x.transpose() * x;
+}
+
+/// The same on a loop of `pieces` windows (every seam, the wrap-around one included, alike).
+Matrix loop_covariance(int pieces, int width, int overlap, int steps) {
+  const Backend backend;
+  GaussianWindow window(ar1(width, kRho)), over(ar1(overlap, kRho));
+  const auto graph = m::loop_graph({pieces, width, overlap, 1, 1});
   const auto d = graph.dim();
   m::Collage<Backend, GaussianWindow> collage(backend, graph, {&window, &over}, d);
   const diffgrad::VPLinearSchedule schedule;
@@ -220,8 +234,8 @@ void table_seams() {
               "Carlo), averaged over the windows of each kind; 0 = exact.\n\n",
               kRho, pieces, width, overlap, width + (pieces - 1) * step, width);
   std::printf("| steps | one window alone | collage: piece-aligned windows | collage: "
-              "seam-straddling windows | collage: worst window |\n");
-  std::printf("|---:|---:|---:|---:|---:|\n");
+              "seam-straddling windows | collage: worst window | loop of 16: aligned / straddling |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|\n");
   const Matrix S = ar1(width, kRho);
   for (int steps : {5, 10, 25, 50, 100, 1000}) {
     const Matrix alone = collage_covariance(1, width, overlap, steps);
@@ -234,8 +248,21 @@ void table_seams() {
       if (s % step == 0) aligned += v, ++na;
       if (s % step == step / 2) straddling += v, ++ns;
     }
-    std::printf("| %d | %.4f | %.4f | %.4f | %.4f |\n", steps, kl(alone, S), aligned / na,
-                straddling / ns, worst);
+    // The loop: windows at every offset, wrapped (its law is invariant under rotation by a
+    // step, so the wrap-around seam is like every other seam).
+    const Matrix L = loop_covariance(pieces, width, overlap, steps);
+    const Eigen::Index n = L.rows();
+    double loop_aligned = 0, loop_straddling = 0;
+    for (Eigen::Index s = 0; s < n; ++s) {
+      Matrix w(width, width);
+      for (int i = 0; i < width; ++i)
+        for (int j = 0; j < width; ++j) w(i, j) = L((s + i) % n, (s + j) % n);
+      const double v = kl(w, S);
+      if (s % step == 0) loop_aligned += v / pieces;
+      if (s % step == step / 2) loop_straddling += v / pieces;
+    }
+    std::printf("| %d | %.4f | %.4f | %.4f | %.4f | %.4f / %.4f |\n", steps, kl(alone, S),
+                aligned / na, straddling / ns, worst, loop_aligned, loop_straddling);
   }
 }
 
