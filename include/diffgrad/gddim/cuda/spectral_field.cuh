@@ -341,6 +341,24 @@ SampleResult sample_bdm(const BdmGddim<::diffgrad::gpu::CudaBackend<Scalar>>& sc
   return r;
 }
 
+/// make_bdm_gradient_workspace for gpu::CudaBackend states (x_T: the pixel-space x_T's shape);
+/// the allocating gradient_bdm convenience of bdm_sampler.hpp finds it for device states.
+template <class Scalar, class Model>
+GradientWorkspace<::diffgrad::gpu::CudaBackend<Scalar>>
+make_bdm_gradient_workspace(const BdmGddim<::diffgrad::gpu::CudaBackend<Scalar>>& scheme,
+                            const ::diffgrad::gpu::CudaBackend<Scalar>& backend, Model& model,
+                            const ::diffgrad::gpu::DeviceState<Scalar>& x_T,
+                            const GradientOptions& options = {}) {
+  using B = ::diffgrad::gpu::CudaBackend<Scalar>;
+  if (!scheme.accepts_dim(x_T.dim()))
+    diffgrad::detail::throw_argument("make_bdm_gradient_workspace", "x_T",
+                                     diffgrad::detail::concat("rows of ", scheme.dim_requirement()),
+                                     diffgrad::detail::concat(x_T.dim(), " columns"));
+  return GradientWorkspace<B>::for_scheme(backend, scheme, scheme.num_steps(), x_T,
+                                          static_cast<std::int64_t>(model.cond_size()),
+                                          static_cast<std::int64_t>(model.param_size()), options);
+}
+
 /// gradient_bdm for gpu::CudaBackend states (the CPU overload's contract): the exact discrete
 /// gradient of loss(x_0) through the BDM sampler, x_0 the pixel-space sample from the
 /// pixel-space x_T. `loss`: a LossFunction on pixel device states, or a pixel-space cotangent
