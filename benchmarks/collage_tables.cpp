@@ -123,8 +123,8 @@ Matrix loop_covariance(int pieces, int width, int overlap, int steps) {
 /// Hand-written DDIM on one window of `width` with the exact model, where the first `known`
 /// columns are replaced at every step by alpha_t y + sigma_t z. `x` (rows: inputs) holds x_T
 /// on entry and the sample on exit; `y` the known values, `z[i]` step i's noise (rows x known).
-void ddim_replace(const GaussianWindow& model, const std::vector<diffgrad::Node>& nodes,
-                  State& x, const State& y, const std::vector<State>& z, int known) {
+void ddim_replace(const GaussianWindow& model, const std::vector<diffgrad::Node>& nodes, State& x,
+                  const State& y, const std::vector<State>& z, int known) {
   State eps(x.rows(), x.cols());
   for (std::size_t i = 0; i + 1 < nodes.size(); ++i) {
     const auto& s = nodes[i];
@@ -213,8 +213,7 @@ void table_time(int repeats) {
         const auto t0 = std::chrono::steady_clock::now();
         diffgrad::sample(diffgrad::DpmSolverMultistep(), backend, schedule, nodes, model, x);
         t_best = std::min(
-            t_best,
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+            t_best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       }
       return 1e3 * t_best / steps;
     };
@@ -233,8 +232,9 @@ void table_seams() {
               "KL(sampled law of an %d-coordinate window || true law), exact (no Monte "
               "Carlo), averaged over the windows of each kind; 0 = exact.\n\n",
               kRho, pieces, width, overlap, width + (pieces - 1) * step, width);
-  std::printf("| steps | one window alone | collage: piece-aligned windows | collage: "
-              "seam-straddling windows | collage: worst window | loop of 16: aligned / straddling |\n");
+  std::printf(
+      "| steps | one window alone | collage: piece-aligned windows | collage: "
+      "seam-straddling windows | collage: worst window | loop of 16: aligned / straddling |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|\n");
   const Matrix S = ar1(width, kRho);
   for (int steps : {5, 10, 25, 50, 100, 1000}) {
@@ -269,10 +269,11 @@ void table_seams() {
 void table_lags() {
   const int pieces = 16, width = 8, overlap = 4;
   std::printf("\n### (iii) Correlation vs lag: DiffCollage vs replacement outpainting\n\n");
-  std::printf("Same chain (D = 68). Mean over positions of corr(x_i, x_{i+k}) of the exact "
-              "output covariance; the error column is sampled - true. DDIM for both methods; "
-              "1000 steps is the PF-ODE limit of DiffCollage (outpainting: 200 steps, its exact "
-              "covariance needs one input row per replaced noise value). Lag 0: the mean variance.\n\n");
+  std::printf(
+      "Same chain (D = 68). Mean over positions of corr(x_i, x_{i+k}) of the exact "
+      "output covariance; the error column is sampled - true. DDIM for both methods; "
+      "1000 steps is the PF-ODE limit of DiffCollage (outpainting: 200 steps, its exact "
+      "covariance needs one input row per replaced noise value). Lag 0: the mean variance.\n\n");
   const Matrix c25 = collage_covariance(pieces, width, overlap, 25);
   const Matrix c1000 = collage_covariance(pieces, width, overlap, 1000);
   const Matrix o25 = outpaint_covariance(pieces, width, overlap, 25);
@@ -296,8 +297,8 @@ void table_lags() {
       std::snprintf(buf, sizeof buf, "%.3f (%+.3f)", v, v - t);
       return std::string(buf);
     };
-    std::printf("| %d | %.3f | %s | %s | %s | %s |\n", k, t, cell(c25).c_str(),
-                cell(c1000).c_str(), cell(o25).c_str(), cell(o200).c_str());
+    std::printf("| %d | %.3f | %s | %s | %s | %s |\n", k, t, cell(c25).c_str(), cell(c1000).c_str(),
+                cell(o25).c_str(), cell(o200).c_str());
   }
 }
 

@@ -141,8 +141,8 @@ int run(const Args& a) {
 
   // (b) the loop, drawn twice side by side.
   const m::StripShape loop_shape{a.loop_pieces, kWindow, kOverlap, kHeight, 1};
-  m::Collage<Backend, GaussianWindow> loop(backend, m::loop_graph(loop_shape),
-                                           {&window, &overlap}, a.batch);
+  m::Collage<Backend, GaussianWindow> loop(backend, m::loop_graph(loop_shape), {&window, &overlap},
+                                           a.batch);
   const int loop_w = static_cast<int>(m::loop_width(loop_shape));
   State loop_x(a.batch, loop.dim());
   backend.gaussian(loop_x, static_cast<std::uint64_t>(a.seed) + 1, 0);
@@ -201,8 +201,8 @@ int run(const Args& a) {
     for (Eigen::Index b = 0; b < guided_T.rows(); ++b) {
       const double norm = g.grad_x.row(b).norm();
       if (norm > 0)
-        guided_T.row(b) -= 0.05 * std::sqrt(static_cast<double>(strip.dim())) / norm *
-                           g.grad_x.row(b);
+        guided_T.row(b) -=
+            0.05 * std::sqrt(static_cast<double>(strip.dim())) / norm * g.grad_x.row(b);
     }
   }
   State guided_x = guided_T;
@@ -228,8 +228,7 @@ int run(const Args& a) {
   examples::ImageGrid grid(kHeight, strip_w, 1, 4, -2.5, 2.5);
   grid.set_title("DIFFCOLLAGE: GAUSSIAN TEXTURE, EXACT 8X8 WINDOW MODEL");
   grid.add_row(strip_x, "A STRIP " + std::to_string(a.strip_pieces) + " WINDOWS");
-  if (2 * loop_w == strip_w)
-    grid.add_row(loop_twice, "B LOOP X2, SEAM MID");
+  if (2 * loop_w == strip_w) grid.add_row(loop_twice, "B LOOP X2, SEAM MID");
   grid.add_row(strip_x, "C BEFORE GUIDANCE");
   grid.add_row(guided_x, "C AFTER: COLS " + std::to_string(c0) + "-" + std::to_string(c1 - 1));
   grid.write(a.out);
@@ -260,8 +259,7 @@ int main(int argc, char** argv) {
   cli.option("--loop-pieces", a.loop_pieces, "windows in the loop (12: width 48)", 2, 10000);
   cli.option("--iterations", a.iterations, "guidance steps on x_T", 0, 10000);
   cli.option("--rho-row", a.rho_row, "texture correlation between neighbouring rows", 0.0, 0.99);
-  cli.option("--rho-col", a.rho_col, "texture correlation between neighbouring columns", 0.0,
-             0.99);
+  cli.option("--rho-col", a.rho_col, "texture correlation between neighbouring columns", 0.0, 0.99);
   cli.option("--out", a.out, "PNG file");
   if (!cli.parse(argc, argv)) return 2;
   return examples::run_main("collage", [&] { return run(a); });
