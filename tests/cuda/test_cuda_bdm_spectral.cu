@@ -6,8 +6,11 @@
 //  - forward then inverse, in place, is the identity (1e-14 / 2e-6);
 //  - sample_bdm and gradient_bdm on CudaBackend<double> with the device Dirac mixture against
 //    the CPU overloads with the CPU Dirac mixture (bdm_spectral_cases.hpp): float64 within
-//    1e-11 (sample) / 1e-10 (gradients) relative; the DCT's rounding differs from Eigen's
-//    by ulps, which the steps and the softmax carry but do not blow up.
+//    1e-12 relative (the issue's CPU-vs-GPU tolerance). The DCT's rounding differs from
+//    Eigen's by ulps; on the CPU, a 1e-12 relative perturbation of the inputs moves these
+//    samples by ~1e-14 and the gradients by ~5e-12, so ulp-level differences stay far below.
+//    (The isotropic mixture is not BDM's exact denoiser, so the samples are not near its
+//    points; only the agreement is tested here.)
 #include <catch2/catch.hpp>
 
 #include <cstdio>
@@ -112,7 +115,7 @@ TEST_CASE("BDM sampler with a pixel-space device model (sample_bdm) on the GPU =
     const std::string name = bdm_sample_case_name(i);
     const Parts gpu =
         bdm_spectral_sample_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i);
-    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_sample(i), 1e-11, name));
+    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_sample(i), agreement_tolerance(Precision::f64), name));
   }
 }
 
@@ -123,7 +126,7 @@ TEST_CASE("BDM exact gradients with a pixel-space device model (gradient_bdm) on
     const std::string name = bdm_gradient_case_name(i);
     const Parts gpu =
         bdm_spectral_gradient_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i);
-    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_gradient(i), 1e-10, name));
+    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_gradient(i), agreement_tolerance(Precision::f64), name));
   }
 }
 
