@@ -41,7 +41,7 @@ public:
     add(name, &value, help, Range{static_cast<double>(lo), static_cast<double>(hi)});
   }
   void option(const char* name, std::uint64_t& value, const char* help) {
-    add(name, &value, help, Range{});
+    add(name, &value, help, Range{0, 0});
   }
   void option(const char* name, double& value, const char* help,
               double lo = -std::numeric_limits<double>::max(),
@@ -102,16 +102,19 @@ public:
 private:
   using Target = std::variant<int*, std::uint64_t*, double*, std::string*, bool*>;
   /// Inclusive bounds of a numeric option (int: exact in a double; uint64: its whole range).
+  // No default member initializers: clang refuses them in a default argument of the enclosing
+  // class (add()'s `range`) while that class is still being defined.
   struct Range {
-    double lo = 0, hi = 0;
+    double lo, hi;
   };
   struct Option {
     std::string name, help, default_text;
     Target target;
-    Range range{};
+    Range range{0, 0};
   };
 
-  template <class T> void add(const char* name, T* value, const char* help, Range range = {}) {
+  template <class T>
+  void add(const char* name, T* value, const char* help, Range range = Range{0, 0}) {
     std::ostringstream def;
     if constexpr (std::is_same_v<T, bool>)
       def << (*value ? "on" : "off");
