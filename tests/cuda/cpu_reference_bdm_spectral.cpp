@@ -51,7 +51,8 @@ std::vector<double> cpu_channel_dct(const std::vector<double>& in, int batch, in
                                     int height, int width, bool inverse) {
   const gddim::ChannelDct dct(height, width, channels);
   const EigenIO64 io;
-  const gddim::ImageBatch x = io.state(EigenBackend<double>{}, in, batch, channels * height * width);
+  const gddim::ImageBatch x =
+      io.state(EigenBackend<double>{}, in, batch, channels * height * width);
   gddim::ImageBatch y;
   if (inverse)
     dct.inverse(x, y);

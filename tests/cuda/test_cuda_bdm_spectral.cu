@@ -113,9 +113,9 @@ TEST_CASE("BDM sampler with a pixel-space device model (sample_bdm) on the GPU =
               kBdmBatch, kBdmChannels, kBdmHeight, kBdmWidth);
   for (int i = 0; i < kBdmSampleCases; ++i) {
     const std::string name = bdm_sample_case_name(i);
-    const Parts gpu =
-        bdm_spectral_sample_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i);
-    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_sample(i), agreement_tolerance(Precision::f64), name));
+    const Parts gpu = bdm_spectral_sample_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i);
+    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_sample(i),
+                                      agreement_tolerance(Precision::f64), name));
   }
 }
 
@@ -124,9 +124,9 @@ TEST_CASE("BDM exact gradients with a pixel-space device model (gradient_bdm) on
   const gpu::CudaBackend<double> backend;
   for (int i = 0; i < kBdmGradientCases; ++i) {
     const std::string name = bdm_gradient_case_name(i);
-    const Parts gpu =
-        bdm_spectral_gradient_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i);
-    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_gradient(i), agreement_tolerance(Precision::f64), name));
+    const Parts gpu = bdm_spectral_gradient_case(backend, CudaIO<double>{}, MakeDiracGpu{}, i);
+    print_agreement(name, check_parts(gpu, cpu_bdm_spectral_gradient(i),
+                                      agreement_tolerance(Precision::f64), name));
   }
 }
 

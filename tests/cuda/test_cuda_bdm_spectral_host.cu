@@ -80,7 +80,8 @@ TEST_CASE("device DCT bookkeeping (channel_dct_gemms) == CPU ChannelDct, referen
     const std::vector<double> dw = csd::row_major_dct<double>(s.width);
     const std::vector<double> x = sample_batch(size);
     const diffgrad::gddim::ChannelDct cpu(s.height, s.width, s.channels);
-    const diffgrad::gddim::ImageBatch x_cpu = Eigen::Map<const diffgrad::gddim::ImageBatch>(x.data(), s.batch, dim);
+    const diffgrad::gddim::ImageBatch x_cpu =
+        Eigen::Map<const diffgrad::gddim::ImageBatch>(x.data(), s.batch, dim);
     for (const bool inverse : {false, true}) {
       INFO((inverse ? "inverse" : "forward"));
       diffgrad::gddim::ImageBatch expected;
@@ -110,9 +111,10 @@ TEST_CASE("device DCT bookkeeping: forward then inverse is the identity", "[cuda
   ReferenceBlas blas;
   REQUIRE(csd::channel_dct_gemms(blas, false, batch * channels, h, w, dh.data(), dw.data(),
                                  x.data(), scratch.data(), y.data()));
-  REQUIRE(csd::channel_dct_gemms(blas, true, batch * channels, h, w, dh.data(), dw.data(),
-                                 y.data(), scratch.data(), back.data()));
-  const diffgrad::gddim::ImageBatch x_map = Eigen::Map<const diffgrad::gddim::ImageBatch>(x.data(), batch, size / batch);
+  REQUIRE(csd::channel_dct_gemms(blas, true, batch * channels, h, w, dh.data(), dw.data(), y.data(),
+                                 scratch.data(), back.data()));
+  const diffgrad::gddim::ImageBatch x_map =
+      Eigen::Map<const diffgrad::gddim::ImageBatch>(x.data(), batch, size / batch);
   CHECK(max_relative(back, x_map) <= 1e-14);
   // Orthonormal: the transform keeps the squared norm (so standard normal noise stays so).
   double nx = 0.0, ny = 0.0;

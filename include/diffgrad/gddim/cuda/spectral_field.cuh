@@ -73,15 +73,14 @@ bool channel_dct_gemms(Blas& blas, bool inverse, std::int64_t images, std::int64
   //    Column-major: Z^T (W x N H) = op(D_W)^T M^T; the memory of row-major D_W read
   //    column-major is D_W^T, so op(D_W)^T = D_W (forward) is op T on that memory, and
   //    op(D_W)^T = D_W^T (inverse) is op N. M^T is `in` as stored (op N, ld W).
-  if (!blas.gemm(/*transa=*/!inverse, /*transb=*/false, w, images * h, w, dw, w, in, w, scratch,
-                 w))
+  if (!blas.gemm(/*transa=*/!inverse, /*transb=*/false, w, images * h, w, dw, w, in, w, scratch, w))
     return false;
   // 2. Row-major Y_n (H x W) = op(D_H) Z_n  (forward D_H, inverse D_H^T). Column-major:
   //    Y_n^T (W x H) = Z_n^T op(D_H)^T; Z_n^T is the stored Z_n (op N, ld W, stride H W);
   //    D_H's memory is column-major D_H^T, so op(D_H)^T = D_H^T (forward) is op N and
   //    op(D_H)^T = D_H (inverse) is op T; stride 0 (one matrix for every image).
-  return blas.gemm_strided_batched(/*transa=*/false, /*transb=*/inverse, w, h, h, scratch, w,
-                                   h * w, dh, h, std::int64_t{0}, out, w, h * w, images);
+  return blas.gemm_strided_batched(/*transa=*/false, /*transb=*/inverse, w, h, h, scratch, w, h * w,
+                                   dh, h, std::int64_t{0}, out, w, h * w, images);
 }
 
 /// channel_dct_gemms' BLAS on cuBLAS (double or float).
@@ -135,7 +134,8 @@ template <class Scalar> std::vector<Scalar> row_major_dct(std::int64_t n) {
 template <class Scalar>
 void fit(::diffgrad::gpu::DeviceState<Scalar>& s, std::int64_t batch, std::int64_t dim,
          cudaStream_t stream) {
-  if (s.batch() != batch || s.dim() != dim) s = ::diffgrad::gpu::DeviceState<Scalar>(batch, dim, stream);
+  if (s.batch() != batch || s.dim() != dim)
+    s = ::diffgrad::gpu::DeviceState<Scalar>(batch, dim, stream);
 }
 
 } // namespace cuda_spectral_detail
@@ -207,8 +207,8 @@ private:
     if (in.size() == 0) return;
     cuda_spectral_detail::CublasCalls calls{blas_->get()};
     if (!cuda_spectral_detail::channel_dct_gemms(calls, inverse, in.batch() * c_, h_, w_,
-                                                 dh_.data(), dw_.data(), in.data(),
-                                                 scratch_.data(), out.data()))
+                                                 dh_.data(), dw_.data(), in.data(), scratch_.data(),
+                                                 out.data()))
       ::diffgrad::gpu::check(CUBLAS_STATUS_EXECUTION_FAILED, where, "cuBLAS GEMM");
   }
 
@@ -229,7 +229,8 @@ public:
   CudaSpectralEpsField(Model& model, const CudaChannelDct<Scalar>& dct,
                        const ::diffgrad::gpu::CudaBackend<Scalar>& backend, std::int64_t batch = 1)
       : model_(model), dct_(dct), stream_(backend.stream()),
-        pix_in_(batch, dct.size(), backend.stream()), pix_out_(batch, dct.size(), backend.stream()) {
+        pix_in_(batch, dct.size(), backend.stream()),
+        pix_out_(batch, dct.size(), backend.stream()) {
     dct.reserve(batch);
   }
 
