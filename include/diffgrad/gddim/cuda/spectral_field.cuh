@@ -86,38 +86,41 @@ bool channel_dct_gemms(Blas& blas, bool inverse, std::int64_t images, std::int64
 /// channel_dct_gemms' BLAS on cuBLAS (double or float).
 struct CublasCalls {
   cublasHandle_t handle;
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS; ///< of the last call (for the error message)
   static cublasOperation_t op(bool t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
   static int i(std::int64_t v) { return static_cast<int>(v); }
 
   bool gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const double* a,
             std::int64_t lda, const double* b, std::int64_t ldb, double* c, std::int64_t ldc) {
     const double one = 1.0, zero = 0.0;
-    return cublasDgemm(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda), b, i(ldb), &zero,
-                       c, i(ldc)) == CUBLAS_STATUS_SUCCESS;
+    status = cublasDgemm(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda), b, i(ldb),
+                         &zero, c, i(ldc));
+    return status == CUBLAS_STATUS_SUCCESS;
   }
   bool gemm(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const float* a,
             std::int64_t lda, const float* b, std::int64_t ldb, float* c, std::int64_t ldc) {
     const float one = 1.0f, zero = 0.0f;
-    return cublasSgemm(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda), b, i(ldb), &zero,
-                       c, i(ldc)) == CUBLAS_STATUS_SUCCESS;
+    status = cublasSgemm(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda), b, i(ldb),
+                         &zero, c, i(ldc));
+    return status == CUBLAS_STATUS_SUCCESS;
   }
   bool gemm_strided_batched(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k,
                             const double* a, std::int64_t lda, std::int64_t sa, const double* b,
                             std::int64_t ldb, std::int64_t sb, double* c, std::int64_t ldc,
                             std::int64_t sc, std::int64_t count) {
     const double one = 1.0, zero = 0.0;
-    return cublasDgemmStridedBatched(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda), sa,
-                                     b, i(ldb), sb, &zero, c, i(ldc), sc,
-                                     i(count)) == CUBLAS_STATUS_SUCCESS;
+    status = cublasDgemmStridedBatched(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda),
+                                       sa, b, i(ldb), sb, &zero, c, i(ldc), sc, i(count));
+    return status == CUBLAS_STATUS_SUCCESS;
   }
   bool gemm_strided_batched(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k,
                             const float* a, std::int64_t lda, std::int64_t sa, const float* b,
                             std::int64_t ldb, std::int64_t sb, float* c, std::int64_t ldc,
                             std::int64_t sc, std::int64_t count) {
     const float one = 1.0f, zero = 0.0f;
-    return cublasSgemmStridedBatched(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda), sa,
-                                     b, i(ldb), sb, &zero, c, i(ldc), sc,
-                                     i(count)) == CUBLAS_STATUS_SUCCESS;
+    status = cublasSgemmStridedBatched(handle, op(ta), op(tb), i(m), i(n), i(k), &one, a, i(lda),
+                                       sa, b, i(ldb), sb, &zero, c, i(ldc), sc, i(count));
+    return status == CUBLAS_STATUS_SUCCESS;
   }
 };
 
@@ -209,7 +212,7 @@ private:
     if (!cuda_spectral_detail::channel_dct_gemms(calls, inverse, in.batch() * c_, h_, w_,
                                                  dh_.data(), dw_.data(), in.data(), scratch_.data(),
                                                  out.data()))
-      ::diffgrad::gpu::check(CUBLAS_STATUS_EXECUTION_FAILED, where, "cuBLAS GEMM");
+      ::diffgrad::gpu::check(calls.status, where, "cuBLAS GEMM (DCT)");
   }
 
   cudaStream_t stream_;
