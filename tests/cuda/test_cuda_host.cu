@@ -16,10 +16,12 @@
 #include <vector>
 
 #include "cpu_reference.hpp"
+#include "cpu_reference_collage.hpp"
 #include "cuda_test_support.hpp"
 #include "diffgrad/backend/counting_backend.hpp"
 #include "diffgrad/backend/cuda/cublas.cuh"
 #include "diffgrad/backend/cuda/cuda_backend.cuh"
+#include "diffgrad/backend/cuda/index_map.cuh"
 #include "diffgrad/backend/cuda/launch.cuh"
 #include "diffgrad/backend/cuda/lincomb.cuh"
 #include "diffgrad/backend/cuda/reduce.cuh"
@@ -823,4 +825,193 @@ TEST_CASE("argument checks fire on the host, before any device call", "[cuda][ho
                     Catch::Contains("CudaBackend::copy") && Catch::Contains("cudaMemcpyAsync") &&
                         Catch::Contains("cudaErrorInvalidValue"));
   CHECK(dc::device_count() >= 0); // never throws, also without a driver
+}
+
+// --- index maps: the Collage combinator's gather / scatter_add (index_map.cuh) ---------------
+
+namespace {
+
+/// Index maps exercising what the kernels must get right: overlapping chain pieces with an
+/// uncovered column, a cycle whose last piece wraps (indices not increasing within a piece),
+/// five pieces all covering one column at different positions with non-unit weights, and
+/// width-1 pieces on a single column.
+std::vector<IndexMap> index_map_cases() {
+  return {
+      IndexMap(11, 4, {0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9}, {1.0, -0.5, 1.0}),
+      IndexMap(9, 4, {0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 0}),
+      IndexMap(5, 3, {2, 0, 4, 1, 2, 3, 4, 3, 2, 2, 1, 0, 0, 4, 2},
+               {0.3, -1.7, 2.5, 1.0 / 3.0, 0.1}),
+      IndexMap(1, 1, {0, 0, 0}, {0.7, 1.0, -2.0}),
+  };
+}
+
+/// The host view of a map: its own arrays and the inverse of invert_index_map.
+struct HostIndexMap {
+  dc::InverseIndexMap inverse;
+  dc::IndexMapView view;
+  explicit HostIndexMap(const IndexMap& map) : inverse(dc::invert_index_map(map)) {
+    view.indices = map.indices().data();
+    view.weights = map.weights().data();
+    view.offsets = inverse.offsets.data();
+    view.positions = inverse.positions.data();
+    view.entry_pieces = inverse.pieces.data();
+    view.dim = map.dim();
+    view.width = map.width();
+    view.pieces = map.pieces();
+  }
+};
+
+template <class Scalar>
+std::vector<double> run_gather_functor(const IndexMap& map, const std::vector<double>& big,
+                                       int batch, double scale, PieceWeights weights) {
+  const HostIndexMap host(map);
+  std::vector<Scalar> x(big.begin(), big.end());
+  for (std::size_t i = 0; i < big.size(); ++i) x[i] = static_cast<Scalar>(big[i]);
+  std::vector<Scalar> pieces(static_cast<std::size_t>(batch * map.pieces() * map.width()),
+                             Scalar(-99));
+  dc::run_for_each_on_host(dc::GatherFunctor<Scalar>{pieces.data(), x.data(), host.view, scale,
+                                                     weights == PieceWeights::apply},
+                           static_cast<std::int64_t>(pieces.size()));
+  return std::vector<double>(pieces.begin(), pieces.end());
+}
+
+template <class Scalar>
+std::vector<double> run_scatter_functor(const IndexMap& map, const std::vector<double>& pieces,
+                                        const std::vector<double>& big, int batch, double scale,
+                                        PieceWeights weights) {
+  const HostIndexMap host(map);
+  std::vector<Scalar> src(pieces.size()), x(big.size());
+  for (std::size_t i = 0; i < pieces.size(); ++i) src[i] = static_cast<Scalar>(pieces[i]);
+  for (std::size_t i = 0; i < big.size(); ++i) x[i] = static_cast<Scalar>(big[i]);
+  dc::run_for_each_on_host(dc::ScatterAddFunctor<Scalar>{x.data(), src.data(), host.view, scale,
+                                                         weights == PieceWeights::apply},
+                           static_cast<std::int64_t>(batch) * map.dim());
+  return std::vector<double>(x.begin(), x.end());
+}
+
+/// Inputs rounded to the precision, so the dense references below see the exact operands.
+std::vector<double> rounded(std::vector<double> v, Precision p) {
+  if (p == Precision::f32)
+    for (double& x : v) x = static_cast<double>(static_cast<float>(x));
+  return v;
+}
+
+} // namespace
+
+TEST_CASE("invert_index_map: per column, the piece elements landing on it in increasing p",
+          "[cuda][host][collage]") {
+  // Map 3 of index_map_cases: column 2 is position 0 of piece 0, 1 of piece 1, 2 of piece 2,
+  // 0 of piece 3 and 2 of piece 4 (flat positions p * 3 + k: 0, 4, 8, 9, 14).
+  const IndexMap map(5, 3, {2, 0, 4, 1, 2, 3, 4, 3, 2, 2, 1, 0, 0, 4, 2});
+  const dc::InverseIndexMap inv = dc::invert_index_map(map);
+  // Column counts: 0 -> 3, 1 -> 2, 2 -> 5, 3 -> 2, 4 -> 3.
+  CHECK(inv.offsets == std::vector<std::int64_t>{0, 3, 5, 10, 12, 15});
+  const std::vector<std::int64_t> column2(inv.positions.begin() + 5, inv.positions.begin() + 10);
+  CHECK(column2 == std::vector<std::int64_t>{0, 4, 8, 9, 14});
+  const std::vector<std::int64_t> pieces2(inv.pieces.begin() + 5, inv.pieces.begin() + 10);
+  CHECK(pieces2 == std::vector<std::int64_t>{0, 1, 2, 3, 4});
+  // Column 0: piece 0 position 1, piece 3 position 2, piece 4 position 0.
+  CHECK(std::vector<std::int64_t>(inv.positions.begin(), inv.positions.begin() + 3) ==
+        std::vector<std::int64_t>{1, 11, 12});
+}
+
+TEST_CASE("gather / scatter_add functors == EigenBackend bit for bit and the dense formula",
+          "[cuda][host][collage]") {
+  // Also against dense references in double (u: the unit roundoff of the precision): a
+  // gathered value rounds c_p and c_p x, so it is within 3u (relative); a scattered element
+  // sums up to P + 1 terms with up to two roundings each, so it is within (P + 3) u times
+  // |big| + sum |terms|. Bounds that any wrong index, weight or scale violates.
+  for (Precision p : {Precision::f64, Precision::f32}) {
+    const double u = unit_roundoff(p);
+    for (const IndexMap& map : index_map_cases()) {
+      for (int batch : {1, 3}) {
+        const auto dim = static_cast<std::size_t>(map.dim());
+        const auto n = static_cast<std::size_t>(map.width());
+        const auto pc = static_cast<std::size_t>(map.pieces());
+        const auto rows = static_cast<std::size_t>(batch);
+        const auto big = rounded(host_values(rows * dim, 0.4), p);
+        const auto pieces = rounded(host_values(rows * pc * n, 1.1), p);
+        for (double scale : {1.0, 0.7, -1.3}) {
+          for (PieceWeights weights : {PieceWeights::ignore, PieceWeights::apply}) {
+            INFO((p == Precision::f64 ? "double" : "float")
+                 << ", D = " << dim << ", n = " << n << ", P = " << pc << ", batch " << batch
+                 << ", scale " << scale << ", weights "
+                 << (weights == PieceWeights::apply ? "applied" : "ignored"));
+            const auto c = [&](std::size_t piece) {
+              return weights == PieceWeights::apply
+                         ? scale * map.weight(static_cast<std::int64_t>(piece))
+                         : scale;
+            };
+            // gather
+            const auto got_g = p == Precision::f64
+                                   ? run_gather_functor<double>(map, big, batch, scale, weights)
+                                   : run_gather_functor<float>(map, big, batch, scale, weights);
+            CHECK(testing::bitwise_mismatches(
+                      got_g, testing::cpu_gather(p, map, big, batch, scale, weights)) == 0);
+            std::size_t gather_violations = 0;
+            for (std::size_t b = 0; b < rows; ++b)
+              for (std::size_t q = 0; q < pc; ++q)
+                for (std::size_t k = 0; k < n; ++k) {
+                  const auto col = static_cast<std::size_t>(
+                      map.index(static_cast<std::int64_t>(q), static_cast<std::int64_t>(k)));
+                  const double ref = c(q) * big[b * dim + col];
+                  const double got = got_g[(b * pc + q) * n + k];
+                  if (std::abs(got - ref) > 3.0 * u * std::abs(ref)) ++gather_violations;
+                }
+            CHECK(gather_violations == 0);
+            // scatter_add
+            const auto got_s =
+                p == Precision::f64
+                    ? run_scatter_functor<double>(map, pieces, big, batch, scale, weights)
+                    : run_scatter_functor<float>(map, pieces, big, batch, scale, weights);
+            CHECK(testing::bitwise_mismatches(
+                      got_s,
+                      testing::cpu_scatter_add(p, map, pieces, big, batch, scale, weights)) == 0);
+            std::vector<double> ref = big, magnitude(big.size());
+            for (std::size_t i = 0; i < big.size(); ++i) magnitude[i] = std::abs(big[i]);
+            for (std::size_t b = 0; b < rows; ++b)
+              for (std::size_t q = 0; q < pc; ++q)
+                for (std::size_t k = 0; k < n; ++k) {
+                  const auto col = static_cast<std::size_t>(
+                      map.index(static_cast<std::int64_t>(q), static_cast<std::int64_t>(k)));
+                  const double term = c(q) * pieces[(b * pc + q) * n + k];
+                  ref[b * dim + col] += term;
+                  magnitude[b * dim + col] += std::abs(term);
+                }
+            std::size_t scatter_violations = 0;
+            for (std::size_t i = 0; i < ref.size(); ++i)
+              if (std::abs(got_s[i] - ref[i]) > (static_cast<double>(pc) + 3.0) * u * magnitude[i])
+                ++scatter_violations;
+            CHECK(scatter_violations == 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("scatter_add functor leaves columns no piece covers untouched, NaN included",
+          "[cuda][host][collage]") {
+  // Map 1 of index_map_cases covers columns 0..9 of 11: column 10 keeps its bits, even NaN.
+  const IndexMap map(11, 4, {0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8, 9});
+  std::vector<double> big(11, 1.0);
+  big[10] = std::numeric_limits<double>::quiet_NaN();
+  const auto got = run_scatter_functor<double>(map, std::vector<double>(12, 0.5), big, 1, 1.0,
+                                               PieceWeights::apply);
+  CHECK(std::isnan(got[10]));
+  CHECK(got[0] == 1.5);
+  CHECK(got[3] == 2.0); // pieces 0 and 1 overlap on column 3
+}
+
+TEST_CASE("CudaBackend gather / scatter_add: argument checks on the host, before any device call",
+          "[cuda][host][collage][errors]") {
+  const dc::CudaBackend<double> backend;
+  const auto empty = backend.make_index_map(IndexMap{}); // P = 0: no upload
+  CHECK(empty.pieces() == 0);
+  dc::DeviceState<double> big, pieces;
+  CHECK_THROWS_WITH(backend.gather(big, empty, pieces), Catch::Contains("CudaBackend::gather") &&
+                                                            Catch::Contains("'map'") &&
+                                                            Catch::Contains("a built IndexMap"));
+  CHECK_THROWS_WITH(backend.scatter_add(pieces, empty, 1.0, big),
+                    Catch::Contains("CudaBackend::scatter_add") && Catch::Contains("'map'"));
 }

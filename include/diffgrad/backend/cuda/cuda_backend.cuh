@@ -21,7 +21,10 @@
 //  - the float backend draws noise in double and rounds once;
 //  - structured coefficients (backend/coefficient.hpp): lincomb over spans of Block2 and
 //    ColumnCoeff terms (structured_lincomb.cuh), ColumnCoeff tables in device memory made by
-//    make_coefficients before the step loop.
+//    make_coefficients before the step loop;
+//  - index maps (backend/index_map.hpp, the Collage combinator): make_index_map uploads a map
+//    and its inverse once; gather and scatter_add (index_map.cuh) give EigenBackend's bits,
+//    scatter_add without atomics.
 // A backend is cheap to copy; copies share the reduction scratch, so one backend (and its
 // copies) must be used from one host thread at a time, like CountingBackend.
 #include <cuda_runtime.h>
@@ -39,9 +42,11 @@
 #include "diffgrad/backend/cuda/config.cuh"
 #include "diffgrad/backend/cuda/device_buffer.cuh"
 #include "diffgrad/backend/cuda/error.cuh"
+#include "diffgrad/backend/cuda/index_map.cuh"
 #include "diffgrad/backend/cuda/lincomb.cuh"
 #include "diffgrad/backend/cuda/reduce.cuh"
 #include "diffgrad/backend/cuda/structured_lincomb.cuh"
+#include "diffgrad/backend/index_map.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/core/error.hpp"
 
@@ -162,6 +167,52 @@ public:
   /// The table's device pointer (for ColumnCoeff::values; not readable on the host).
   static const double* coefficient_data(const coefficient_table& table) { return table.data(); }
 
+  /// An IndexMap (backend/index_map.hpp) in device memory, with its inverse (CSR by column)
+  /// for the atomic-free scatter_add: uploaded once, synchronously, before the step loop.
+  /// Copies share the device memory.
+  using index_map_type = DeviceIndexMap;
+  index_map_type make_index_map(const IndexMap& map) const { return index_map_type(map, stream_); }
+
+  /// pieces(b*P + p, k) = scale [* w_p] * big(b, map.index(p, k)), as EigenBackend::gather
+  /// (same bits). `pieces` takes the shape (B*P) x n (reallocated only if it has another
+  /// shape); it must not be `big` itself.
+  void gather(const state_type& big, const index_map_type& map, state_type& pieces,
+              double scale = 1.0, PieceWeights piece_weights = PieceWeights::ignore) const {
+    const char* where = "CudaBackend::gather";
+    check_index_map_big(big, map, where);
+    if (&big == &pieces)
+      diffgrad::detail::throw_argument(where, "pieces", "a state other than 'big'",
+                                       "the same object");
+    const index_type rows = big.batch();
+    if (pieces.batch() != rows * map.pieces() || pieces.dim() != map.width())
+      pieces = state_type(rows * map.pieces(), map.width(), stream_);
+    check(gpu::gather(pieces.data(), big.data(), rows, map.view(), scale,
+                      piece_weights == PieceWeights::apply, stream_),
+          where, "kernel launch");
+  }
+
+  /// big(b, map.index(p, k)) += scale [* w_p] * pieces(b*P + p, k), as
+  /// EigenBackend::scatter_add (same bits: each big element adds its contributions in turn,
+  /// in increasing p; no atomics). `big` keeps its shape: B x D with B*P = pieces rows.
+  void scatter_add(const state_type& pieces, const index_map_type& map, double scale,
+                   state_type& big, PieceWeights piece_weights = PieceWeights::apply) const {
+    const char* where = "CudaBackend::scatter_add";
+    check_index_map_big(big, map, where);
+    if (&big == &pieces)
+      diffgrad::detail::throw_argument(where, "pieces", "a state other than 'big'",
+                                       "the same object");
+    const index_type rows = big.batch(), p_count = map.pieces(), n = map.width();
+    if (pieces.batch() != rows * p_count || pieces.dim() != n)
+      diffgrad::detail::throw_argument(
+          where, "pieces",
+          diffgrad::detail::concat("shape (B*P) x n = ", rows * p_count, " x ", n, " (B = ", rows,
+                                   " rows of 'big', P = ", p_count, " pieces of width ", n, ")"),
+          diffgrad::detail::concat(pieces.batch(), " x ", pieces.dim()));
+    check(gpu::scatter_add(big.data(), pieces.data(), rows, map.view(), scale,
+                           piece_weights == PieceWeights::apply, stream_),
+          where, "kernel launch");
+  }
+
   /// dst = src (dst is reallocated when its shape differs).
   void copy(state_type& dst, const state_type& src) const {
     if (&dst == &src) return;
@@ -208,6 +259,19 @@ private:
   /// global element row_offset * dim (unsigned arithmetic, as EigenBackend's).
   static NoiseParams to_params(const NoiseTerm& n, index_type dim) {
     return NoiseParams{n.coeff, n.seed, n.step, n.row_offset * static_cast<std::uint64_t>(dim)};
+  }
+
+  /// The big state of a gather / scatter_add has rows of the map's width D (O(1) check).
+  static void check_index_map_big(const state_type& big, const index_map_type& map,
+                                  const char* where) {
+    if (map.pieces() == 0)
+      diffgrad::detail::throw_argument(where, "map", "a built IndexMap (P >= 1 pieces)",
+                                       "an empty map");
+    if (big.dim() != map.dim())
+      diffgrad::detail::throw_argument(
+          where, "big",
+          diffgrad::detail::concat("rows of width D = ", map.dim(), " (the map's dim)"),
+          diffgrad::detail::concat(big.dim(), " columns"));
   }
 
   static void require_same_shape(const state_type& a, const state_type& b, const char* where,
