@@ -4,7 +4,9 @@
 
 #include <cstddef>
 
+#include "collage_cases.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
+#include "diffgrad/models/dirac_mixture.hpp"
 
 namespace diffgrad::testing {
 namespace {
@@ -56,6 +58,27 @@ std::vector<double> cpu_scatter_add(Precision p, const IndexMap& map,
                                     PieceWeights weights) {
   return p == Precision::f64 ? scatter_as<double>(map, pieces, big, batch, scale, weights)
                              : scatter_as<float>(map, pieces, big, batch, scale, weights);
+}
+
+Parts cpu_collage_case(const CollageProblem& cp) {
+  using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const auto make_dirac = [](const EigenBackend<double>&, const std::vector<double>& points, int k,
+                             int width, const std::vector<double>& weights,
+                             const std::vector<double>& cond) {
+    models::DiracMixture<double> m(Eigen::Map<const RowMatrix>(points.data(), k, width),
+                                   Eigen::Map<const Eigen::VectorXd>(weights.data(), k));
+    m.set_cond(Eigen::Map<const Eigen::VectorXd>(cond.data(), k));
+    return m;
+  };
+  struct EigenIO64 {
+    using State = EigenBackend<double>::state_type;
+    State state(const EigenBackend<double>&, const std::vector<double>& v, int batch,
+                int dim) const {
+      return to_state<double>(v, batch, dim);
+    }
+    std::vector<double> host(const State& s) const { return to_host(s); }
+  };
+  return collage_case(EigenBackend<double>{}, EigenIO64{}, make_dirac, cp);
 }
 
 } // namespace diffgrad::testing

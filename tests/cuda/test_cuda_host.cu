@@ -1015,3 +1015,20 @@ TEST_CASE("CudaBackend gather / scatter_add: argument checks on the host, before
   CHECK_THROWS_WITH(backend.scatter_add(pieces, empty, 1.0, big),
                     Catch::Contains("CudaBackend::scatter_add") && Catch::Contains("'map'"));
 }
+
+TEST_CASE("the CPU half of the Collage GPU case runs and is finite", "[cuda][host][collage]") {
+  // collage_cases.hpp on EigenBackend: every part present, of the right size, finite, and
+  // the gradient's x0 is the DDIM sample (same scheme, grid and x_T).
+  const testing::CollageProblem cp;
+  const testing::Parts parts = testing::cpu_collage_case(cp);
+  REQUIRE(parts.size() == 8);
+  const auto size = static_cast<std::size_t>(cp.batch * cp.dim());
+  for (const auto& [name, values] : parts) {
+    INFO(name);
+    CHECK(values.size() == (name == "gradient loss" ? 1 : size));
+    for (double v : values) CHECK(std::isfinite(v));
+  }
+  CHECK(parts[2].first == "DDIM sample");
+  CHECK(parts[5].first == "gradient x0");
+  CHECK(testing::bitwise_mismatches(parts[2].second, parts[5].second) == 0);
+}
