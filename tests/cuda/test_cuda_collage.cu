@@ -112,7 +112,9 @@ TEST_CASE("CudaBackend gather / scatter_add == EigenBackend bit for bit (float)"
 TEST_CASE("scatter_add after gather with equal scale and weights is the transpose (adjoint)",
           "[gpu][collage]") {
   // <gather(x), y> = <x, scatter_add(y)> for scatter into zero: the identity the composed
-  // model's VJP relies on; checked on device results with dot in double (relative 1e-12).
+  // model's VJP relies on; checked on device results with dot in double. The 120 products
+  // cancel (sum of |products| ~ 21 |sum|, computed on the CPU), and the two sums round in
+  // different orders, so the tolerance is 1e-11 relative (rounding: <= ~1e-13).
   const gpu::CudaBackend<double> backend;
   const CudaIO<double> io;
   const IndexMap map = loop_map(6, 5, 3);
@@ -128,7 +130,8 @@ TEST_CASE("scatter_add after gather with equal scale and weights is the transpos
   auto sy = backend.make_state(batch, map.dim());
   backend.scatter_add(y, dm, 0.8, sy, PieceWeights::apply);
   const double lhs = backend.dot(gx, y), rhs = backend.dot(x, sy);
-  CHECK(std::abs(lhs - rhs) <= 1e-12 * std::abs(lhs));
+  CHECK(std::abs(lhs) > 1.0); // the identity is not checked on a vanishing sum
+  CHECK(std::abs(lhs - rhs) <= 1e-11 * std::abs(lhs));
 }
 
 TEST_CASE("CudaBackend gather / scatter_add refuse wrong shapes with a clear error",

@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 #include <typeinfo>
+#include <utility>
 #include <vector>
 
 #include "cpu_reference.hpp"
@@ -46,6 +47,11 @@ static_assert(BackendFor<dc::CudaBackend<float>, ColumnCoeff>);
 static_assert(BackendFor<CountingBackend<dc::CudaBackend<double>>, Block2>);
 static_assert(BackendFor<CountingBackend<dc::CudaBackend<float>>, ColumnCoeff>);
 static_assert(std::is_copy_constructible_v<dc::CudaBackend<double>::coefficient_table>);
+static_assert(std::is_same_v<dc::CudaBackend<float>::index_map_type, dc::DeviceIndexMap>);
+static_assert(
+    std::is_same_v<decltype(std::declval<const CountingBackend<dc::CudaBackend<double>>&>()
+                                .make_index_map(std::declval<const IndexMap&>())),
+                   dc::DeviceIndexMap>);
 static_assert(std::is_nothrow_move_constructible_v<dc::DeviceState<float>>);
 static_assert(std::is_copy_constructible_v<dc::DeviceState<double>>);
 
