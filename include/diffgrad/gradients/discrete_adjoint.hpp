@@ -378,16 +378,9 @@ private:
   void advance(int i, State& target) {
     const Plan plan = checked_plan(i);
     run_stages(plan, i, plan.num_stages);
-    int n = gather_terms(plan.output, i, ring_, ws_.x, ws_.e, ws_.u, ws_.ue, terms_);
-    BasicNoiseTerm<Coeff> noise{plan.noise, opt_.seed, static_cast<std::uint64_t>(i),
-                                opt_.row_offset};
-    if (!is_zero(plan.noise) && !ws_.given_noise.empty()) {
-      if (n == kMaxLincombTerms)
-        throw std::logic_error("diffgrad: no room for the given-noise term in a step plan");
-      terms_[static_cast<std::size_t>(n++)] =
-          Term{plan.noise, &ws_.given_noise[static_cast<std::size_t>(i)]};
-      noise.coeff = Coeff{};
-    }
+    int n = 0;
+    const auto noise =
+        gather_output_terms(plan, i, ring_, ws_, opt_.seed, opt_.row_offset, terms_, n);
     backend_.lincomb(target, std::span<const Term>(terms_.data(), static_cast<std::size_t>(n)),
                      noise);
     ++cost_.forward_steps;

@@ -101,6 +101,30 @@ int gather_terms(const BasicCombo<Coeff>& c, int i, int ring, std::vector<State>
   return n;
 }
 
+/// The terms of step i's output lincomb (plan.output) and its noise, for every engine that
+/// advances a step (Stepper, the discrete adjoint): Philox noise keyed by (seed, i, global
+/// element), or, when the workspace holds caller-given noise states, given_noise[i] as one
+/// more term. `ws` is any workspace with the engine's buffers (x, e, u, ue, given_noise).
+/// Writes the term count to n and returns the noise term of the lincomb.
+template <class Plan, class Ws, class State>
+BasicNoiseTerm<typename Plan::coeff_type>
+gather_output_terms(const Plan& plan, int i, int ring, Ws& ws, std::uint64_t seed,
+                    std::uint64_t row_offset,
+                    std::array<LinTerm<State, typename Plan::coeff_type>, kMaxLincombTerms>& terms,
+                    int& n) {
+  using Coeff = typename Plan::coeff_type;
+  n = gather_terms(plan.output, i, ring, ws.x, ws.e, ws.u, ws.ue, terms);
+  BasicNoiseTerm<Coeff> noise{plan.noise, seed, static_cast<std::uint64_t>(i), row_offset};
+  if (!is_zero(plan.noise) && !ws.given_noise.empty()) {
+    if (n == kMaxLincombTerms)
+      throw std::logic_error("diffgrad: no room for the given-noise term in a step plan");
+    terms[static_cast<std::size_t>(n++)] =
+        LinTerm<State, Coeff>{plan.noise, &ws.given_noise[static_cast<std::size_t>(i)]};
+    noise.coeff = Coeff{};
+  }
+  return noise;
+}
+
 /// Schemes with structured coefficients constrain the state width (a Block2 plan needs two
 /// halves; a ColumnCoeff table has one entry per column): they say so through
 /// accepts_dim(dim) and dim_requirement(). Scalar schemes accept any width.

@@ -99,17 +99,9 @@ public:
                        BasicNoiseTerm<Coeff>{});
       return false;
     }
-    int n = detail::gather_terms(plan_.output, step_, ws_.ring(), ws_.x, ws_.e, ws_.u, ws_.ue,
-                                 terms_);
-    BasicNoiseTerm<Coeff> noise{plan_.noise, options_.seed, static_cast<std::uint64_t>(step_),
-                                options_.row_offset};
-    if (!is_zero(plan_.noise) && !ws_.given_noise.empty()) {
-      if (n == kMaxLincombTerms)
-        throw std::logic_error("diffgrad: no room for the given-noise term in a step plan");
-      terms_[static_cast<std::size_t>(n++)] =
-          Term{plan_.noise, &ws_.given_noise[static_cast<std::size_t>(step_)]};
-      noise.coeff = Coeff{};
-    }
+    int n = 0;
+    const auto noise = detail::gather_output_terms(plan_, step_, ws_.ring(), ws_, options_.seed,
+                                                   options_.row_offset, terms_, n);
     backend_.lincomb(ws_.x[slot(step_ + 1)],
                      std::span<const Term>(terms_.data(), static_cast<std::size_t>(n)), noise);
     ++step_;
