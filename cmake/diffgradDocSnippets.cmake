@@ -8,6 +8,10 @@
 # dependency, so editing, adding or removing a block (or a docs/*.md file) is picked up by the
 # next build. Compiler errors point into the Markdown file (#line), e.g. docs/cuda.md:31.
 #
+# Optional components: a ```cpp block directly below a <!-- component: torch --> (or mpi) marker
+# needs that component; it is compiled (not run) against diffgrad::<component> when the
+# component's target exists, and counted as skipped otherwise.
+#
 # Not compiled: a block directly below a <!-- BEGIN <path> --> marker is a verbatim copy of the
 # file <path>, which is built as it is (tests/packaging checks the copy is identical).
 #
@@ -27,6 +31,8 @@ set(_diffgrad_doc_dir "${CMAKE_CURRENT_BINARY_DIR}/doc_snippets")
 set(_diffgrad_doc_compile_only "")
 set(_diffgrad_doc_cuda "")
 set(_diffgrad_doc_runnable "")
+set(_diffgrad_doc_component_torch "")
+set(_diffgrad_doc_component_mpi "")
 set(_diffgrad_doc_skipped 0)
 set(_fence "```")
 
@@ -89,7 +95,9 @@ foreach(_doc IN LISTS _diffgrad_doc_files)
     file(COPY_FILE "${_source}.new" "${_source}" ONLY_IF_DIFFERENT)
     file(REMOVE "${_source}.new")
 
-    if(_language STREQUAL "cuda")
+    if(_before MATCHES "<!-- component: (torch|mpi) -->\n${_fence}cpp\n$")
+      list(APPEND _diffgrad_doc_component_${CMAKE_MATCH_1} "${_source}")
+    elseif(_language STREQUAL "cuda")
       list(APPEND _diffgrad_doc_cuda "${_source}")
     elseif(_body MATCHES "(^|\n)int main\\(")
       list(APPEND _diffgrad_doc_runnable "${_doc}|${_block}|${_first_code_line}|${_source}")
@@ -102,7 +110,7 @@ endforeach()
 # Generated files of blocks that no longer exist would otherwise stay behind.
 file(GLOB _stale "${_diffgrad_doc_dir}/*.cpp" "${_diffgrad_doc_dir}/*.cu")
 foreach(_file IN LISTS _stale)
-  string(FIND "${_diffgrad_doc_compile_only};${_diffgrad_doc_runnable};${_diffgrad_doc_cuda}" "${_file}" _known)
+  string(FIND "${_diffgrad_doc_compile_only};${_diffgrad_doc_runnable};${_diffgrad_doc_cuda};${_diffgrad_doc_component_torch};${_diffgrad_doc_component_mpi}" "${_file}" _known)
   if(_known EQUAL -1)
     file(REMOVE "${_file}")
   endif()
@@ -152,9 +160,31 @@ if(_diffgrad_doc_cuda)
   endif()
 endif()
 
+foreach(_component torch mpi)
+  if(NOT _diffgrad_doc_component_${_component})
+    continue()
+  endif()
+  list(LENGTH _diffgrad_doc_component_${_component} _n)
+  if(TARGET diffgrad_${_component})
+    add_library(diffgrad_doc_snippets_${_component} OBJECT ${_diffgrad_doc_component_${_component}})
+    target_link_libraries(diffgrad_doc_snippets_${_component} PRIVATE diffgrad_${_component})
+    diffgrad_target_warnings(diffgrad_doc_snippets_${_component})
+    target_compile_options(diffgrad_doc_snippets_${_component} PRIVATE -O0)
+    add_test(NAME "docs: every ${_component} block of docs/ compiles"
+             COMMAND ${CMAKE_COMMAND} --build ${CMAKE_BINARY_DIR}
+                     --target diffgrad_doc_snippets_${_component})
+    set_tests_properties("docs: every ${_component} block of docs/ compiles"
+                         PROPERTIES LABELS "docs;${_component}" RESOURCE_LOCK diffgrad_build_tree)
+  else()
+    math(EXPR _diffgrad_doc_skipped "${_diffgrad_doc_skipped} + ${_n}")
+    message(STATUS "diffgrad: ${_n} ${_component} block(s) of the docs not compiled "
+                   "(diffgrad::${_component} is not built)")
+  endif()
+endforeach()
+
 list(LENGTH _diffgrad_doc_runnable _n_run)
 list(LENGTH _diffgrad_doc_compile_only _n_compile)
 list(LENGTH _diffgrad_doc_cuda _n_cuda)
 message(STATUS "diffgrad: docs check: ${_n_compile} C++ blocks compiled, ${_n_run} compiled and "
-               "run, ${_n_cuda} CUDA; ${_diffgrad_doc_skipped} verbatim copies of files built "
-               "elsewhere")
+               "run, ${_n_cuda} CUDA; ${_diffgrad_doc_skipped} skipped (verbatim copies of files "
+               "built elsewhere, blocks of components not built)")
