@@ -4,9 +4,16 @@
 //
 // Network (B samples at once, every layer one GEMM):
 //   input  h_0 = [ x (d) | sin(omega_j tau), j < F | cos(omega_j tau), j < F | z (c) ]
-//          tau = time_scale * t,  omega_j = pi 2^j;  z is the shared conditioning vector
+//          tau = time_scale * t;  z is the shared conditioning vector
+//          omega_j = pi 2^j (TimeEmbedding::dyadic, the default), or F frequencies equally
+//          spaced in [frequency_min, frequency_max] (TimeEmbedding::linear: the Path
+//          Integral Sampler's embedding, 0.1 .. 100; its learnable phase is not modelled)
 //   hidden h_{l+1} = act(h_l W_l^T + b_l)          act = tanh or SiLU (a sigmoid(a))
-//   output y = h_L W_L^T + b_L                      (size d, linear)
+//   output y = h_L W_L^T + b_L                      (size output_dim, default d; linear)
+// The output size may differ from the input's (output_dim), and the input may be time alone
+// (dim = 0, output_dim >= 1: a network of t only, e.g. PIS-Grad's NN2(t)); such a network
+// is read through eps/velocity/drift all the same, with outputs of B x output_dim. VJPs take
+// a cotangent of the output's shape and return dx of the input's (B x d).
 // Parameters live in ONE flat vector, layer after layer: W_0 (row-major, n_1 x n_0, i.e.
 // torch.nn.Linear's weight), b_0, W_1, b_1, ..., W_L, b_L, the order of a torch
 // nn.Sequential's state_dict. Exact VJPs (manual backprop) w.r.t. x, z and the parameters.
@@ -34,15 +41,22 @@ namespace diffgrad::models {
 
 enum class Activation { tanh, silu };
 
+/// How t becomes the sin/cos input features (header comment).
+enum class TimeEmbedding { dyadic, linear };
+
 inline const char* activation_name(Activation a) { return a == Activation::tanh ? "tanh" : "silu"; }
 
 struct MlpConfig {
-  int dim = 2;                     ///< d: state dimension (input x and output)
+  int dim = 2;                     ///< d: state dimension (input x; 0: a network of t alone)
   int cond_dim = 0;                ///< c: length of the conditioning vector z
   int time_frequencies = 4;        ///< F: sin/cos features at omega_j = pi 2^j, j < F
   double time_scale = 1.0;         ///< tau = time_scale * t (use 1e-3 for t in [0, 1000])
   std::vector<int> hidden{64, 64}; ///< widths of the hidden layers (may be empty: linear)
   Activation activation = Activation::silu;
+  int output_dim = 0; ///< output size; 0 means d (an eps / velocity / drift network)
+  TimeEmbedding time_embedding = TimeEmbedding::dyadic;
+  double frequency_min = 0.1;   ///< TimeEmbedding::linear: the lowest omega
+  double frequency_max = 100.0; ///< TimeEmbedding::linear: the highest omega
 };
 
 template <class Scalar> class Mlp {
@@ -65,6 +79,8 @@ public:
 
   const MlpConfig& config() const { return config_; }
   std::int64_t dim() const { return config_.dim; }
+  /// The output size (config.output_dim, or d when that is 0).
+  std::int64_t output_dim() const { return out_dim(config_); }
   std::int64_t cond_size() const { return config_.cond_dim; }
   std::int64_t param_size() const { return param_size_; }
   std::int64_t input_size() const { return widths_.front(); }
@@ -108,13 +124,22 @@ public:
     }
   }
 
+  /// The frequency omega_j of time feature j (TimeEmbedding in the header comment).
+  double frequency(int j) const {
+    const int f = config_.time_frequencies;
+    if (config_.time_embedding == TimeEmbedding::dyadic) return std::numbers::pi * std::ldexp(1.0, j);
+    if (f == 1) return config_.frequency_min;
+    return config_.frequency_min +
+           (config_.frequency_max - config_.frequency_min) * static_cast<double>(j) / (f - 1);
+  }
+
   /// The time features [sin(omega_j tau) | cos(omega_j tau)], tau = time_scale * t.
   Eigen::VectorXd time_features(double t) const {
     const int f = config_.time_frequencies;
     Eigen::VectorXd feat(2 * f);
     const double tau = config_.time_scale * t;
     for (int j = 0; j < f; ++j) {
-      const double omega = std::numbers::pi * std::ldexp(1.0, j);
+      const double omega = frequency(j);
       feat(j) = std::sin(omega * tau);
       feat(f + j) = std::cos(omega * tau);
     }
@@ -138,23 +163,44 @@ public:
                     vector_type* dcond, vector_type* dparams) const {
     backward(x, t, a, dx, dcond, dparams, "Mlp::velocity_vjp");
   }
+  /// The same network read as an SDE drift f(x, t) (sde/sde.hpp: DifferentiableDriftModel).
+  void drift(const state_type& x, double t, state_type& out) const {
+    forward(x, t, out, "Mlp::drift");
+  }
+  void drift_vjp(const state_type& x, double t, const state_type& a, state_type& dx,
+                 vector_type* dparams) const {
+    backward(x, t, a, dx, nullptr, dparams, "Mlp::drift_vjp");
+  }
 
   /// Writes the network as text:
-  ///   diffgrad-mlp 1
+  ///   diffgrad-mlp 1                  (2 when output_dim or the time embedding is not default)
   ///   dim <d>
   ///   cond_dim <c>
   ///   time_frequencies <F>
   ///   time_scale <s>
+  ///   output_dim <n>                   (version 2 only)
+  ///   time_embedding dyadic            (version 2 only; or: linear <omega_min> <omega_max>)
   ///   activation <tanh|silu>
   ///   hidden <L> <n_1> ... <n_L>
   ///   params <P>
   ///   <P values, one per line, 17 significant digits, in the flat layout>
+  /// A network with the defaults is written as version 1, byte for byte as before.
   void save(std::ostream& os) const {
     os.precision(std::numeric_limits<double>::max_digits10);
-    os << "diffgrad-mlp 1\n"
+    const bool v2 = out_dim(config_) != config_.dim ||
+                    config_.time_embedding != TimeEmbedding::dyadic;
+    os << "diffgrad-mlp " << (v2 ? 2 : 1) << "\n"
        << "dim " << config_.dim << "\ncond_dim " << config_.cond_dim << "\ntime_frequencies "
-       << config_.time_frequencies << "\ntime_scale " << config_.time_scale << "\nactivation "
-       << activation_name(config_.activation) << "\nhidden " << config_.hidden.size();
+       << config_.time_frequencies << "\ntime_scale " << config_.time_scale;
+    if (v2) {
+      os << "\noutput_dim " << out_dim(config_) << "\ntime_embedding ";
+      if (config_.time_embedding == TimeEmbedding::dyadic)
+        os << "dyadic";
+      else
+        os << "linear " << config_.frequency_min << ' ' << config_.frequency_max;
+    }
+    os << "\nactivation " << activation_name(config_.activation) << "\nhidden "
+       << config_.hidden.size();
     for (int w : config_.hidden) os << ' ' << w;
     os << "\nparams " << param_size_ << '\n';
     for (Eigen::Index i = 0; i < param_size_; ++i) os << static_cast<double>(params_(i)) << '\n';
@@ -178,8 +224,8 @@ public:
     };
     std::string word;
     int version = 0;
-    if (!(is >> word >> version) || word != "diffgrad-mlp" || version != 1)
-      fail("the header 'diffgrad-mlp 1'", word);
+    if (!(is >> word >> version) || word != "diffgrad-mlp" || (version != 1 && version != 2))
+      fail("the header 'diffgrad-mlp 1' or 'diffgrad-mlp 2'", word);
     MlpConfig config;
     const auto read_key = [&](const char* key, auto& value) {
       if (!(is >> word) || word != key) fail(std::string("the key '") + key + "'", word);
@@ -189,6 +235,18 @@ public:
     read_key("cond_dim", config.cond_dim);
     read_key("time_frequencies", config.time_frequencies);
     read_key("time_scale", config.time_scale);
+    if (version == 2) {
+      read_key("output_dim", config.output_dim);
+      std::string emb;
+      read_key("time_embedding", emb);
+      if (emb == "linear") {
+        config.time_embedding = TimeEmbedding::linear;
+        if (!(is >> config.frequency_min >> config.frequency_max))
+          fail("two frequencies after 'time_embedding linear'", "unreadable text");
+      } else if (emb != "dyadic") {
+        fail("time_embedding 'dyadic' or 'linear'", emb);
+      }
+    }
     std::string act;
     read_key("activation", act);
     if (act == "tanh")
@@ -249,7 +307,16 @@ private:
                                      std::vector<Eigen::Index>& offsets) {
     namespace d = diffgrad::detail;
     const char* where = "Mlp";
-    d::require(config.dim >= 1, where, "config.dim", ">= 1", config.dim);
+    d::require(config.output_dim >= 0, where, "config.output_dim", ">= 0 (0: the same as dim)",
+               config.output_dim);
+    d::require(config.dim >= 1 || (config.dim == 0 && config.output_dim >= 1), where,
+               "config.dim", ">= 1 (or 0 with output_dim >= 1: a network of t alone)",
+               config.dim);
+    d::require(config.time_embedding == TimeEmbedding::dyadic ||
+                   (std::isfinite(config.frequency_min) && std::isfinite(config.frequency_max) &&
+                    config.frequency_min <= config.frequency_max),
+               where, "config.frequency_max",
+               "finite frequencies with frequency_min <= frequency_max", config.frequency_max);
     d::require(config.cond_dim >= 0, where, "config.cond_dim", ">= 0", config.cond_dim);
     d::require(config.time_frequencies >= 0 && config.time_frequencies <= 60, where,
                "config.time_frequencies", "0..60", config.time_frequencies);
@@ -266,12 +333,14 @@ private:
                                   std::numeric_limits<int>::max()),
                         d::concat(config.dim, " + 2 * ", config.time_frequencies, " + ",
                                   config.cond_dim, " = ", input));
+    d::require(input >= 1, where, "config",
+               "an input width dim + 2 time_frequencies + cond_dim >= 1", 0.0);
     widths.assign(1, input);
     for (int w : config.hidden) {
       d::require(w >= 1, where, "config.hidden", "widths >= 1", w);
       widths.push_back(w);
     }
-    widths.push_back(config.dim);
+    widths.push_back(out_dim(config));
     offsets.clear();
     // The flat parameter vector must be addressable: its byte size fits std::ptrdiff_t.
     constexpr std::int64_t max_params =
@@ -293,6 +362,9 @@ private:
     return total;
   }
 
+  static std::int64_t out_dim(const MlpConfig& c) {
+    return c.output_dim > 0 ? c.output_dim : c.dim;
+  }
   std::size_t num_layers() const { return widths_.size() - 1; }
   weight_map weight(std::size_t l) const {
     return weight_map(params_.data() + offsets_[l], widths_[l + 1], widths_[l]);
@@ -337,7 +409,7 @@ private:
     check(x, where);
     run_forward(x, t);
     const std::size_t last = num_layers() - 1;
-    out.resize(x.rows(), config_.dim);
+    out.resize(x.rows(), widths_.back());
     out.noalias() = act_[last] * weight(last).transpose();
     out.rowwise() += bias(last).transpose();
   }
@@ -345,7 +417,12 @@ private:
   void backward(const state_type& x, double t, const state_type& a, state_type& dx,
                 vector_type* dcond, vector_type* dparams, const char* where) const {
     check(x, where);
-    impl::require_same_shape(a, x, where, "cotangent");
+    if (a.rows() != x.rows() || a.cols() != widths_.back())
+      diffgrad::detail::throw_argument(
+          where, "cotangent",
+          diffgrad::detail::concat("shape ", x.rows(), " x ", widths_.back(),
+                                   " (batch x output size)"),
+          diffgrad::detail::concat(a.rows(), " x ", a.cols()));
     if (dcond) impl::require_size(*dcond, config_.cond_dim, where, "dcond");
     if (dparams) impl::require_size(*dparams, param_size_, where, "dparams");
     run_forward(x, t);
