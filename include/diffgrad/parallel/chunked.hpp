@@ -187,7 +187,7 @@ ChunkedReport sample_chunked(const Scheme& scheme, const B& backend, const S& sc
     chunk = x.middleRows(info.local_row, info.rows);
     SampleOptions o = options;
     o.row_offset = impl::chunk_row_offset(options.row_offset, info);
-    const SampleResult r = sample(scheme, backend, schedule, nodes, model, chunk, o);
+    const SampleResult r = diffgrad::sample(scheme, backend, schedule, nodes, model, chunk, o);
     x.middleRows(info.local_row, info.rows) = chunk;
     report.model_evals += r.model_evals;
     report.steps_taken = r.steps_taken;
@@ -225,7 +225,7 @@ ChunkedReport invert_chunked(const M& method, const B& backend, const S& schedul
   LatentPair<State> pair;
   report.chunks_run = impl::for_each_chunk(chunks, range, [&](const ChunkInfo& info) {
     chunk = x0.middleRows(info.local_row, info.rows);
-    const InversionReport r = invert(method, backend, schedule, nodes, model, chunk, pair, options);
+    const InversionReport r = diffgrad::invert(method, backend, schedule, nodes, model, chunk, pair, options);
     latent.first.middleRows(info.local_row, info.rows) = pair.first;
     latent.second.middleRows(info.local_row, info.rows) = pair.second;
     report.model_evals += r.model_evals;
@@ -256,7 +256,7 @@ ChunkedReport generate_chunked(const M& method, const B& backend, const S& sched
   report.chunks_run = impl::for_each_chunk(chunks, range, [&](const ChunkInfo& info) {
     pair.first = latent.first.middleRows(info.local_row, info.rows);
     pair.second = latent.second.middleRows(info.local_row, info.rows);
-    const GenerateReport r = generate(method, backend, schedule, nodes, model, pair, chunk, options);
+    const GenerateReport r = diffgrad::generate(method, backend, schedule, nodes, model, pair, chunk, options);
     x.middleRows(info.local_row, info.rows) = chunk;
     report.model_evals += r.model_evals;
     report.steps_taken = r.steps_taken;
@@ -310,19 +310,19 @@ ChunkedGradientResult<B> gradient_chunked(const Scheme& scheme, const B& backend
     GradientOptions o = options;
     o.row_offset = impl::chunk_row_offset(options.row_offset, info);
     GradientWorkspace<B>& ws = workspaces.get(info.rows == chunks.chunk_rows(), [&] {
-      return make_gradient_workspace(scheme, backend, nodes, model, chunk, o);
+      return diffgrad::make_gradient_workspace(scheme, backend, nodes, model, chunk, o);
     });
     const GradientResult<B>* r = nullptr;
     if constexpr (is_cotangent) {
       cotangent = loss.middleRows(info.local_row, info.rows);
-      r = &gradient(scheme, backend, schedule, nodes, model, chunk, cotangent, o, ws);
+      r = &diffgrad::gradient(scheme, backend, schedule, nodes, model, chunk, cotangent, o, ws);
     } else if constexpr (ChunkLoss<std::remove_reference_t<Loss>, B>) {
       auto chunk_loss = [&loss, &info](const B& b, const State& x0, State& grad) -> double {
         return static_cast<double>(loss(b, x0, grad, info));
       };
-      r = &gradient(scheme, backend, schedule, nodes, model, chunk, chunk_loss, o, ws);
+      r = &diffgrad::gradient(scheme, backend, schedule, nodes, model, chunk, chunk_loss, o, ws);
     } else {
-      r = &gradient(scheme, backend, schedule, nodes, model, chunk, loss, o, ws);
+      r = &diffgrad::gradient(scheme, backend, schedule, nodes, model, chunk, loss, o, ws);
     }
     out.x0.middleRows(info.local_row, info.rows) = r->x0;
     out.grad_x.middleRows(info.local_row, info.rows) = r->grad_x;
