@@ -173,7 +173,9 @@ TEST_CASE("RowChunks: bad input is refused by name") {
   CHECK_THAT(thrown([&] { (void)c.shard(0, 0); }), Catch::Contains("argument 'workers'"));
   CHECK_THAT(thrown([&] { (void)c.chunk(3); }),
              Catch::Contains("argument 'k' expected a chunk index in [0, 3), got 3"));
-  CHECK_THAT(thrown([&] { (void)c.rows_of({2, 4}); }),
+  CHECK_THAT(thrown([&] {
+               (void)c.rows_of({2, 4});
+             }),
              Catch::Contains("argument 'chunks' expected a chunk range within [0, 3), got [2, 4)"));
 
   // A shard state that does not hold its chunks' rows.
@@ -285,10 +287,9 @@ TEST_CASE("gradient_chunked: per-row results equal the whole batch bit for bit; 
         GradientOptions ok = o;
         ok.row_offset = o.row_offset + static_cast<std::uint64_t>(rows.begin);
         const State chunk = x_T.middleRows(rows.begin, rows.rows);
-        const auto r = gradient(scheme, Backend64{}, schedule(), nodes, model, chunk,
-                                SquaredDistanceLoss<Backend64>(
-                                    target.middleRows(rows.begin, rows.rows)),
-                                ok);
+        const auto r =
+            gradient(scheme, Backend64{}, schedule(), nodes, model, chunk,
+                     SquaredDistanceLoss<Backend64>(target.middleRows(rows.begin, rows.rows)), ok);
         params += r.grad_params;
         cond += r.grad_cond;
         loss += r.loss;
@@ -324,9 +325,9 @@ TEST_CASE("gradient_chunked over shards reassembles the single-process run (MLP,
       const ChunkRange shard = chunks.shard(rank, 2);
       const RowRange rows = chunks.rows_of(shard);
       const State cot = cotangent.middleRows(rows.begin, rows.rows);
-      const auto part = parallel::gradient_chunked(scheme, Backend64{}, schedule(), nodes, model,
-                                                   x_T.middleRows(rows.begin, rows.rows), cot,
-                                                   chunks, shard, o);
+      const auto part =
+          parallel::gradient_chunked(scheme, Backend64{}, schedule(), nodes, model,
+                                     x_T.middleRows(rows.begin, rows.rows), cot, chunks, shard, o);
       CHECK(same_bits(part.x0, all.x0.middleRows(rows.begin, rows.rows)));
       CHECK(same_bits(part.grad_x, all.grad_x.middleRows(rows.begin, rows.rows)));
       params.insert(params.end(), part.param_partials.begin(), part.param_partials.end());

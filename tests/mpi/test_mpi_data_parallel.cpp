@@ -62,7 +62,8 @@ models::Mlp<double> mlp() {
 /// rank draws its rows of the same global x_T.
 State draw_x_T(RowRange rows, std::int64_t dim, std::uint64_t base_offset) {
   State x = State::Zero(rows.rows, dim);
-  Backend64{}.lincomb(x, NoiseTerm{1.0, 1234, 99, base_offset + static_cast<std::uint64_t>(rows.begin)});
+  Backend64{}.lincomb(
+      x, NoiseTerm{1.0, 1234, 99, base_offset + static_cast<std::uint64_t>(rows.begin)});
   return x;
 }
 
@@ -89,8 +90,10 @@ TEST_CASE("mpi: draws of x_T per rank are the rows of the global draw") {
     const State global = draw_x_T({0, l.batch}, 3, 5);
     CHECK(same_bits(draw_x_T(rows, 3, 5), global.middleRows(rows.begin, rows.rows)));
     const State gathered = mpi::gather_rows(comm, chunks, draw_x_T(rows, 3, 5));
-    if (comm.is_root()) CHECK(same_bits(gathered, global));
-    else CHECK(gathered.size() == 0);
+    if (comm.is_root())
+      CHECK(same_bits(gathered, global));
+    else
+      CHECK(gathered.size() == 0);
   }
 }
 
@@ -112,7 +115,8 @@ TEST_CASE("mpi: sampling on 1 or 2 ranks gives the single-process bits (DDIM eta
 
       const RowRange rows = mpi::local_rows(comm, chunks);
       State x = draw_x_T(rows, 3, o.row_offset);
-      const auto report = mpi::sample(comm, scheme, Backend64{}, schedule(), nodes, model, x, chunks, o);
+      const auto report =
+          mpi::sample(comm, scheme, Backend64{}, schedule(), nodes, model, x, chunks, o);
       CHECK(report.chunks_run == mpi::local_chunks(comm, chunks).count());
       CHECK(same_bits(x, reference.middleRows(rows.begin, rows.rows)));
       const State all = mpi::gather_rows(comm, chunks, x);
@@ -218,9 +222,9 @@ TEST_CASE("mpi: a bad input on one rank is an error on every rank") {
   if (comm.rank() == comm.size() - 1)
     CHECK_THAT(message, Catch::Contains("sample_chunked: argument 'x' expected"));
   else
-    CHECK_THAT(message, Catch::Contains("mpi::sample: rank " + std::to_string(comm.size() - 1) +
-                                        " of " + std::to_string(comm.size()) +
-                                        " refused its input"));
+    CHECK_THAT(message,
+               Catch::Contains("mpi::sample: rank " + std::to_string(comm.size() - 1) + " of " +
+                               std::to_string(comm.size()) + " refused its input"));
   // Ranks that disagree on the partition.
   if (comm.size() > 1) {
     const RowChunks mine(7, comm.rank() == 0 ? 3 : 4);

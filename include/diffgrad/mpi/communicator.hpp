@@ -33,8 +33,8 @@ inline void check(int rc, const char* call) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   if (MPI_Error_string(rc, text, &length) != MPI_SUCCESS) length = 0;
-  throw mpi_error(diffgrad::detail::concat("diffgrad::mpi: ", call, " failed: ",
-                                           std::string(text, static_cast<std::size_t>(length))));
+  throw mpi_error(diffgrad::detail::concat(
+      "diffgrad::mpi: ", call, " failed: ", std::string(text, static_cast<std::size_t>(length))));
 }
 
 /// Initialises MPI (MPI_THREAD_FUNNELED) unless it already is, and finalises it on

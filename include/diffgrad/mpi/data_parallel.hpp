@@ -141,12 +141,10 @@ template <Backend B> struct DistributedGradientResult {
 /// ChunkLoss sees global row indices). options.progress cannot stop a distributed gradient
 /// (every rank must reach the exchange): it is refused.
 template <class Scheme, Backend B, class S, class Model, class Loss>
-DistributedGradientResult<B> gradient(const Communicator& comm, const Scheme& scheme,
-                                      const B& backend, const S& schedule,
-                                      std::span<const Node> nodes, Model& model,
-                                      const typename B::state_type& x_T, Loss&& loss,
-                                      const RowChunks& chunks,
-                                      const GradientOptions& options = {}) {
+DistributedGradientResult<B>
+gradient(const Communicator& comm, const Scheme& scheme, const B& backend, const S& schedule,
+         std::span<const Node> nodes, Model& model, const typename B::state_type& x_T, Loss&& loss,
+         const RowChunks& chunks, const GradientOptions& options = {}) {
   using Vector = typename B::vector_type;
   using Scalar = typename Vector::Scalar;
   static_assert(std::is_same_v<Scalar, double> || std::is_same_v<Scalar, float>,

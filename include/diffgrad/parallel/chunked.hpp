@@ -74,13 +74,14 @@ concept ChunkLoss = Backend<B> &&
 /// dL/dcond, dL/dtheta and L summed over chunk partials in chunk order: the ONE reduction
 /// rule of the single-process and the distributed runs (the same code, so the same bits).
 /// `partials` are in ascending chunk order; `size` is the length of each (0: empty result).
-template <class Vector> Vector reduce_in_chunk_order(std::span<const Vector> partials,
-                                                     std::int64_t size) {
+template <class Vector>
+Vector reduce_in_chunk_order(std::span<const Vector> partials, std::int64_t size) {
   Vector sum = Vector::Zero(static_cast<Eigen::Index>(size));
   for (const Vector& p : partials) {
     if (static_cast<std::int64_t>(p.size()) != size)
       diffgrad::detail::throw_argument("reduce_in_chunk_order", "partials",
-                             diffgrad::detail::concat("partials of length ", size), p.size());
+                                       diffgrad::detail::concat("partials of length ", size),
+                                       p.size());
     sum += p; // element-wise: each element's sum is p_0 + p_1 + ... in this order
   }
   return sum;
@@ -104,14 +105,14 @@ struct ChunkedReport {
 template <Backend B> struct ChunkedGradientResult {
   using state_type = typename B::state_type;
   using vector_type = typename B::vector_type;
-  ChunkRange chunks;                  ///< the chunks this result holds
-  state_type x0;                      ///< the samples of their rows
-  state_type grad_x;                  ///< dL/dx_T of their rows
-  std::vector<state_type> grad_noise; ///< dL/dxi_i of their rows, per step (wrt_noise)
-  std::vector<double> chunk_loss;     ///< L of each chunk (chunk order)
+  ChunkRange chunks;                       ///< the chunks this result holds
+  state_type x0;                           ///< the samples of their rows
+  state_type grad_x;                       ///< dL/dx_T of their rows
+  std::vector<state_type> grad_noise;      ///< dL/dxi_i of their rows, per step (wrt_noise)
+  std::vector<double> chunk_loss;          ///< L of each chunk (chunk order)
   std::vector<vector_type> cond_partials;  ///< dL/dcond of each chunk (wrt_cond)
   std::vector<vector_type> param_partials; ///< dL/dtheta of each chunk (wrt_params)
-  double loss = 0.0;       ///< reduce_in_chunk_order(chunk_loss)
+  double loss = 0.0;                       ///< reduce_in_chunk_order(chunk_loss)
   vector_type grad_cond;   ///< reduce_in_chunk_order(cond_partials) (empty unless wrt_cond)
   vector_type grad_params; ///< reduce_in_chunk_order(param_partials) (empty unless wrt_params)
   GradientCost cost;       ///< summed over chunks (peaks: the largest chunk's)
@@ -225,7 +226,8 @@ ChunkedReport invert_chunked(const M& method, const B& backend, const S& schedul
   LatentPair<State> pair;
   report.chunks_run = impl::for_each_chunk(chunks, range, [&](const ChunkInfo& info) {
     chunk = x0.middleRows(info.local_row, info.rows);
-    const InversionReport r = diffgrad::invert(method, backend, schedule, nodes, model, chunk, pair, options);
+    const InversionReport r =
+        diffgrad::invert(method, backend, schedule, nodes, model, chunk, pair, options);
     latent.first.middleRows(info.local_row, info.rows) = pair.first;
     latent.second.middleRows(info.local_row, info.rows) = pair.second;
     report.model_evals += r.model_evals;
@@ -241,8 +243,8 @@ template <ReversibleMethod M, Backend B, class S, class Model>
 ChunkedReport generate_chunked(const M& method, const B& backend, const S& schedule,
                                std::span<const Node> nodes, Model& model,
                                const LatentPair<typename B::state_type>& latent,
-                               typename B::state_type& x, const RowChunks& chunks,
-                               ChunkRange range, const GenerateOptions& options = {}) {
+                               typename B::state_type& x, const RowChunks& chunks, ChunkRange range,
+                               const GenerateOptions& options = {}) {
   using State = typename B::state_type;
   static_assert(RowSliceableState<State>,
                 "diffgrad::parallel::generate_chunked: the backend's state must be a row-major "
@@ -256,7 +258,8 @@ ChunkedReport generate_chunked(const M& method, const B& backend, const S& sched
   report.chunks_run = impl::for_each_chunk(chunks, range, [&](const ChunkInfo& info) {
     pair.first = latent.first.middleRows(info.local_row, info.rows);
     pair.second = latent.second.middleRows(info.local_row, info.rows);
-    const GenerateReport r = diffgrad::generate(method, backend, schedule, nodes, model, pair, chunk, options);
+    const GenerateReport r =
+        diffgrad::generate(method, backend, schedule, nodes, model, pair, chunk, options);
     x.middleRows(info.local_row, info.rows) = chunk;
     report.model_evals += r.model_evals;
     report.steps_taken = r.steps_taken;
@@ -275,10 +278,10 @@ ChunkedReport generate_chunked(const M& method, const B& backend, const S& sched
 ///   - a LossFunction that works on any number of rows (applied to each chunk).
 /// The global loss must be a sum over rows (see ChunkLoss).
 template <class Scheme, Backend B, class S, class Model, class Loss>
-ChunkedGradientResult<B> gradient_chunked(const Scheme& scheme, const B& backend,
-                                          const S& schedule, std::span<const Node> nodes,
-                                          Model& model, const typename B::state_type& x_T,
-                                          Loss&& loss, const RowChunks& chunks, ChunkRange range,
+ChunkedGradientResult<B> gradient_chunked(const Scheme& scheme, const B& backend, const S& schedule,
+                                          std::span<const Node> nodes, Model& model,
+                                          const typename B::state_type& x_T, Loss&& loss,
+                                          const RowChunks& chunks, ChunkRange range,
                                           const GradientOptions& options = {}) {
   using State = typename B::state_type;
   using Vector = typename B::vector_type;
@@ -339,8 +342,7 @@ ChunkedGradientResult<B> gradient_chunked(const Scheme& scheme, const B& backend
     out.cost.vjps += r->cost.vjps;
     out.cost.forward_steps += r->cost.forward_steps;
     out.cost.peak_checkpoints = std::max(out.cost.peak_checkpoints, r->cost.peak_checkpoints);
-    out.cost.peak_stored_states =
-        std::max(out.cost.peak_stored_states, r->cost.peak_stored_states);
+    out.cost.peak_stored_states = std::max(out.cost.peak_stored_states, r->cost.peak_stored_states);
     out.cancelled = r->cancelled;
     return !r->cancelled;
   });
@@ -355,11 +357,10 @@ ChunkedGradientResult<B> gradient_chunked(const Scheme& scheme, const B& backend
 
 /// All chunks (a single process).
 template <class Scheme, Backend B, class S, class Model, class Loss>
-ChunkedGradientResult<B> gradient_chunked(const Scheme& scheme, const B& backend,
-                                          const S& schedule, std::span<const Node> nodes,
-                                          Model& model, const typename B::state_type& x_T,
-                                          Loss&& loss, const RowChunks& chunks,
-                                          const GradientOptions& options = {}) {
+ChunkedGradientResult<B>
+gradient_chunked(const Scheme& scheme, const B& backend, const S& schedule,
+                 std::span<const Node> nodes, Model& model, const typename B::state_type& x_T,
+                 Loss&& loss, const RowChunks& chunks, const GradientOptions& options = {}) {
   return gradient_chunked(scheme, backend, schedule, nodes, model, x_T, std::forward<Loss>(loss),
                           chunks, chunks.all(), options);
 }

@@ -44,9 +44,11 @@ public:
   /// batch is allowed and gives one chunk).
   RowChunks(std::int64_t batch, std::int64_t chunk_rows) : batch_(batch), chunk_rows_(chunk_rows) {
     if (batch < 1)
-      diffgrad::detail::throw_argument("RowChunks", "batch", "a global batch of at least 1 row", batch);
+      diffgrad::detail::throw_argument("RowChunks", "batch", "a global batch of at least 1 row",
+                                       batch);
     if (chunk_rows < 1)
-      diffgrad::detail::throw_argument("RowChunks", "chunk_rows", "at least 1 row per chunk", chunk_rows);
+      diffgrad::detail::throw_argument("RowChunks", "chunk_rows", "at least 1 row per chunk",
+                                       chunk_rows);
     count_ = batch / chunk_rows + (batch % chunk_rows != 0 ? 1 : 0);
   }
 
@@ -79,10 +81,12 @@ public:
   /// The chunks of worker `rank` of `workers`: contiguous, in order, the first
   /// (count() % workers) workers one chunk more. A worker beyond count() owns none.
   ChunkRange shard(int rank, int workers) const {
-    if (workers < 1) diffgrad::detail::throw_argument("RowChunks::shard", "workers", "at least 1 worker", workers);
+    if (workers < 1)
+      diffgrad::detail::throw_argument("RowChunks::shard", "workers", "at least 1 worker", workers);
     if (rank < 0 || rank >= workers)
       diffgrad::detail::throw_argument("RowChunks::shard", "rank",
-                             diffgrad::detail::concat("a rank in [0, ", workers, ")"), rank);
+                                       diffgrad::detail::concat("a rank in [0, ", workers, ")"),
+                                       rank);
     const std::int64_t base = count_ / workers, extra = count_ % workers;
     const std::int64_t r = rank;
     const std::int64_t first = r * base + (r < extra ? r : extra);
@@ -92,15 +96,16 @@ public:
   /// Throws unless `range` lies within [0, count()) with first <= last.
   void check_range(ChunkRange range, const char* where) const {
     if (range.first < 0 || range.last < range.first || range.last > count_)
-      diffgrad::detail::throw_argument(where, "chunks",
-                             diffgrad::detail::concat("a chunk range within [0, ", count_, ")"),
-                             diffgrad::detail::concat("[", range.first, ", ", range.last, ")"));
+      diffgrad::detail::throw_argument(
+          where, "chunks", diffgrad::detail::concat("a chunk range within [0, ", count_, ")"),
+          diffgrad::detail::concat("[", range.first, ", ", range.last, ")"));
   }
 
 private:
   void check_chunk(std::int64_t k, const char* where) const {
     if (k < 0 || k >= count_)
-      diffgrad::detail::throw_argument(where, "k", diffgrad::detail::concat("a chunk index in [0, ", count_, ")"), k);
+      diffgrad::detail::throw_argument(
+          where, "k", diffgrad::detail::concat("a chunk index in [0, ", count_, ")"), k);
   }
 
   std::int64_t batch_;
