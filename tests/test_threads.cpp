@@ -535,3 +535,83 @@ TEST_CASE("BDIA inversion and regeneration give the same bits on 1, 2 and 3 thre
     }
   }
 }
+
+namespace {
+
+/// eps, x0_hat-free VJP (dx, dcond, dparams) of a mixture model on T threads.
+struct ModelOutputs {
+  State eps, dx;
+  Vector dcond, dparams;
+};
+
+template <class Model> ModelOutputs model_outputs(Model& model, const State& x, const State& cot) {
+  const Node node{0.4, 0.8, 0.6, 0.0, 0.4};
+  ModelOutputs o;
+  model.eps(x, node, o.eps);
+  o.dcond = Vector::Zero(model.cond_size());
+  o.dparams = Vector::Zero(model.param_size());
+  model.vjp(x, node, cot, o.dx, &o.dcond, &o.dparams);
+  return o;
+}
+
+template <class Model> void check_model_threads(const std::string& name, Model model) {
+  INFO(name);
+  const Eigen::Index batch = 201, dim = model.dim(); // 4 row blocks, the last one partial
+  const State x = pattern(batch, dim, 0.7), cot = pattern(batch, dim, 1.9);
+  ModelOutputs ref;
+  for (const int threads : kThreadCounts) {
+    INFO("threads " << threads);
+    model.set_num_threads(threads);
+    REQUIRE(model.num_threads() == threads);
+    const Backend64 same(threads); // the model shares the process-wide pool of this size
+    if (same.thread_pool() != nullptr) same.thread_pool()->reset_participation();
+    ModelOutputs o = model_outputs(model, x, cot);
+    require_all_participated(same);
+    // Steady state: a second call with the same shapes does not allocate.
+    AllocationWindow window;
+    model_outputs(model, x, cot);
+    CHECK(window.stop() <= 4); // the returned ModelOutputs' four buffers, nothing inside
+    if (threads == 1) {
+      ref = o;
+      // Row blocks against one sample at a time (a batch of one row is one block): relative
+      // 1e-12 (the GEMM and the one-row product round differently); the batch sums likewise.
+      Vector dcond = Vector::Zero(model.cond_size()), dparams = Vector::Zero(model.param_size());
+      double worst = 0.0;
+      for (Eigen::Index r = 0; r < batch; ++r) {
+        const ModelOutputs one = model_outputs(model, State(x.row(r)), State(cot.row(r)));
+        worst = std::max(worst, (one.eps.row(0) - o.eps.row(r)).norm() / o.eps.row(r).norm());
+        worst = std::max(worst, (one.dx.row(0) - o.dx.row(r)).norm() / o.dx.row(r).norm());
+        dcond += one.dcond;
+        dparams += one.dparams;
+      }
+      CHECK(worst < 1e-12);
+      CHECK((dcond - o.dcond).norm() <= 1e-12 * o.dcond.norm());
+      CHECK((dparams - o.dparams).norm() <= 1e-12 * o.dparams.norm());
+    } else {
+      CHECK(same_bits(o.eps, ref.eps));
+      CHECK(same_bits(o.dx, ref.dx));
+      CHECK(same_bits(o.dcond, ref.dcond));
+      CHECK(same_bits(o.dparams, ref.dparams));
+    }
+  }
+}
+
+Eigen::MatrixXd mixture_points(Eigen::Index k, Eigen::Index dim) {
+  Eigen::MatrixXd p(k, dim);
+  for (Eigen::Index i = 0; i < k; ++i)
+    for (Eigen::Index j = 0; j < dim; ++j)
+      p(i, j) = std::sin(1.1 * static_cast<double>(i) + 0.3 * static_cast<double>(j));
+  return p;
+}
+
+} // namespace
+
+TEST_CASE("Mixture models: fixed row and component blocks give the same bits on 1, 2, 3 threads",
+          "[threads][models]") {
+  // 70 components: 3 component blocks (32, 32, 6); d = 33 (odd).
+  const Eigen::MatrixXd points = mixture_points(70, 33);
+  check_model_threads("DiracMixture", models::DiracMixture<double>(points));
+  Eigen::VectorXd stds(70);
+  for (Eigen::Index k = 0; k < 70; ++k) stds(k) = 0.1 + 0.01 * static_cast<double>(k % 5);
+  check_model_threads("GaussianMixture", models::GaussianMixture<double>(points, stds));
+}

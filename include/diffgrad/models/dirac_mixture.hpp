@@ -14,6 +14,13 @@
 // exactly, so far-away points and tiny sigma give underflow to 0 (never Inf - Inf = NaN).
 // Rounding: the GEMM form carries an absolute logit error of about
 // u (|x| + alpha |y|)^2 / (2 sigma^2) (u = unit roundoff), the price of the matrix product.
+//
+// Threads (docs/threading.md): the batch is evaluated in fixed blocks of kRowBlock rows (one
+// GEMM per block) and the batch sums of the parameter/conditioning VJP in fixed blocks of
+// kComponentBlock points (one GEMM over the whole batch per block). The blocks do not depend on
+// the thread count, so eps, x0_hat and the VJPs have the same bits on 1 or T threads (a batch
+// of at most kRowBlock rows and at most kComponentBlock points is one block: the single-GEMM
+// evaluation of earlier versions).
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -22,17 +29,40 @@
 #include <numbers>
 
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/detail/thread_pool.hpp"
 #include "diffgrad/schedule/node.hpp"
 
 namespace diffgrad::models {
 
 namespace impl {
 
+/// Rows per block of a mixture's batch evaluation, and points (components) per block of its
+/// batch sums: fixed, so the result does not depend on how many threads run the blocks.
+inline constexpr Eigen::Index kRowBlock = 64;
+inline constexpr Eigen::Index kComponentBlock = 32;
+
+/// body(begin, count) for the fixed blocks of `block` items covering [0, total), run on the
+/// threads of `threads` (inline when there is one block or one thread).
+template <class Body>
+void for_fixed_blocks(const diffgrad::detail::ThreadHandle& threads, Eigen::Index total,
+                      Eigen::Index block, Body&& body) {
+  const Eigen::Index blocks = (total + block - 1) / block;
+  const auto run = [&](std::int64_t b0, std::int64_t b1) {
+    for (std::int64_t b = b0; b < b1; ++b) {
+      const Eigen::Index begin = static_cast<Eigen::Index>(b) * block;
+      body(begin, std::min(block, total - begin));
+    }
+  };
+  if (blocks <= 1)
+    run(0, blocks);
+  else
+    threads.parallel_for(blocks, run);
+}
+
 /// Checks a node for a model that divides by sigma: sigma > 0 and finite, alpha finite.
 inline void require_noisy_node(const Node& n, const char* where) {
   if (!(n.sigma > 0.0) || !std::isfinite(n.sigma))
-    diffgrad::detail::throw_argument(where, "node.sigma", "a positive finite noise level",
-                                     n.sigma);
+    diffgrad::detail::throw_argument(where, "node.sigma", "a positive finite noise level", n.sigma);
   diffgrad::detail::require(std::isfinite(n.alpha), where, "node.alpha", "a finite number",
                             n.alpha);
 }
@@ -81,18 +111,28 @@ public:
   using vector_type = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
   using points_view = Eigen::Map<const matrix_type>;
 
-  /// weights() = w (B x K) and x0_hat() = w Y (B x d) for the batch x.
+  /// weights() = w (B x K) and x0_hat() = w Y (B x d) for the batch x, in fixed row blocks
+  /// on the threads of `threads`.
   void forward(const state_type& x, const points_view& y, const vector_type& log_prior,
-               double alpha, double sigma) {
+               double alpha, double sigma, const diffgrad::detail::ThreadHandle& threads = {}) {
     const auto batch = x.rows(), k = y.rows();
     resize(batch, k, y.cols());
     y_sq_norm_.noalias() = Scalar(alpha * alpha) * y.rowwise().squaredNorm();
-    w_.noalias() = Scalar(-2.0 * alpha) * (x * y.transpose());  // the one GEMM: x_b . y_i
+    for_fixed_blocks(threads, batch, kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+      forward_rows(x, y, log_prior, alpha, sigma, r0, rows);
+    });
+  }
+
+  /// Rows [r0, r0 + rows) of forward().
+  void forward_rows(const state_type& x, const points_view& y, const vector_type& log_prior,
+                    double alpha, double sigma, Eigen::Index r0, Eigen::Index rows) {
+    w_.middleRows(r0, rows).noalias() =
+        Scalar(-2.0 * alpha) * (x.middleRows(r0, rows) * y.transpose()); // the GEMM: x_b . y_i
     // The softmax one row at a time: a row of K logits stays in cache for all its passes.
     const Scalar inv_two_var = finite_scalar<Scalar>(0.5 / (sigma * sigma));
-    for (Eigen::Index b = 0; b < batch; ++b) {
+    for (Eigen::Index b = r0; b < r0 + rows; ++b) {
       auto w = w_.row(b);
-      w += y_sq_norm_.transpose();  // q_i = alpha^2 |y_i|^2 - 2 alpha x.y_i
+      w += y_sq_norm_.transpose(); // q_i = alpha^2 |y_i|^2 - 2 alpha x.y_i
       const Scalar q_min = w.minCoeff();
       w = log_prior.transpose() - (w.array() - q_min).matrix() * inv_two_var;
       const Scalar w_max = w.maxCoeff();
@@ -103,7 +143,7 @@ public:
       row_max_(b) = w_max;
       row_sum_(b) = w_sum;
     }
-    x0_.noalias() = w_ * y;
+    x0_.middleRows(r0, rows).noalias() = w_.middleRows(r0, rows) * y;
   }
 
   const matrix_type& weights() const { return w_; }
@@ -114,7 +154,8 @@ public:
     const Eigen::VectorXd min_sq_dist =
         (row_min_.template cast<double>() + x.rowwise().squaredNorm().template cast<double>())
             .cwiseMax(0.0);
-    return row_max_.template cast<double>() + row_sum_.template cast<double>().array().log().matrix() -
+    return row_max_.template cast<double>() +
+           row_sum_.template cast<double>().array().log().matrix() -
            min_sq_dist / (2.0 * sigma * sigma);
   }
 
@@ -122,22 +163,34 @@ public:
   ///   dx += (alpha/sigma^2) dR Y,  dlog_prior += colsum(dR),
   ///   dY += w^T c + (alpha/sigma^2) dR^T x - (alpha^2/sigma^2) diag(colsum dR) Y,
   /// with dR = w .* (c Y^T - (c . x0_hat) 1^T) the cotangent of the logits.
+  /// Per-row terms in fixed row blocks, then the batch sums in fixed blocks of points (each a
+  /// sum over the whole batch), both on the threads of `threads`.
   void backward(const state_type& x, const points_view& y, double alpha, double sigma,
                 const state_type& c, state_type& dx, vector_type* dlog_prior,
-                Eigen::Map<matrix_type>* dpoints) {
-    dr_.noalias() = c * y.transpose();
-    cx0_ = c.cwiseProduct(x0_).rowwise().sum();
-    dr_ = w_.cwiseProduct(dr_.colwise() - cx0_);
+                Eigen::Map<matrix_type>* dpoints,
+                const diffgrad::detail::ThreadHandle& threads = {}) {
     const Scalar a_over_var = finite_scalar<Scalar>(alpha / (sigma * sigma));
-    dx.noalias() += a_over_var * (dr_ * y);
-    if (dlog_prior || dpoints) col_sum_ = dr_.colwise().sum().transpose();
-    if (dlog_prior) *dlog_prior += col_sum_;
-    if (dpoints) {
-      dpoints->noalias() += w_.transpose() * c;
-      dpoints->noalias() += a_over_var * (dr_.transpose() * x);
-      const Scalar a2_over_var = finite_scalar<Scalar>(alpha * alpha / (sigma * sigma));
-      *dpoints -= (a2_over_var * col_sum_).asDiagonal() * y;
-    }
+    for_fixed_blocks(threads, x.rows(), kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+      auto dr = dr_.middleRows(r0, rows);
+      const auto c_rows = c.middleRows(r0, rows);
+      dr.noalias() = c_rows * y.transpose();
+      cx0_.segment(r0, rows) = c_rows.cwiseProduct(x0_.middleRows(r0, rows)).rowwise().sum();
+      dr = w_.middleRows(r0, rows).cwiseProduct(dr.colwise() - cx0_.segment(r0, rows));
+      dx.middleRows(r0, rows).noalias() += a_over_var * (dr * y);
+    });
+    if (!dlog_prior && !dpoints) return;
+    const Scalar a2_over_var = finite_scalar<Scalar>(alpha * alpha / (sigma * sigma));
+    for_fixed_blocks(threads, y.rows(), kComponentBlock, [&](Eigen::Index k0, Eigen::Index n) {
+      auto col_sum = col_sum_.segment(k0, n);
+      col_sum = dr_.middleCols(k0, n).colwise().sum().transpose();
+      if (dlog_prior) dlog_prior->segment(k0, n) += col_sum;
+      if (dpoints) {
+        auto dp = dpoints->middleRows(k0, n);
+        dp.noalias() += w_.middleCols(k0, n).transpose() * c;
+        dp.noalias() += a_over_var * (dr_.middleCols(k0, n).transpose() * x);
+        dp -= (a2_over_var * col_sum).asDiagonal() * y.middleRows(k0, n);
+      }
+    });
   }
 
 private:
@@ -176,7 +229,8 @@ public:
       : k_(points.rows()), dim_(points.cols()), params_(points.size()),
         cond_(vector_type::Zero(points.rows())) {
     if (k_ < 1 || dim_ < 1)
-      diffgrad::detail::throw_argument("DiracMixture", "points", "at least one point of dimension >= 1",
+      diffgrad::detail::throw_argument("DiracMixture", "points",
+                                       "at least one point of dimension >= 1",
                                        diffgrad::detail::concat(k_, " x ", dim_));
     impl::require_size(weights, k_, "DiracMixture", "weights");
     for (Eigen::Index i = 0; i < k_; ++i)
@@ -184,11 +238,20 @@ public:
                                 "DiracMixture", "weights", "positive finite weights",
                                 static_cast<double>(weights(i)));
     if (!points.allFinite())
-      throw invalid_argument("DiracMixture: argument 'points' expected finite coordinates, got NaN or Inf");
+      throw invalid_argument(
+          "DiracMixture: argument 'points' expected finite coordinates, got NaN or Inf");
     Eigen::Map<matrix_type>(params_.data(), k_, dim_) = points;
     const double total = weights.template cast<double>().sum();
-    log_weights_ = (weights.template cast<double>() / total).array().log().matrix().template cast<Scalar>();
+    log_weights_ =
+        (weights.template cast<double>() / total).array().log().matrix().template cast<Scalar>();
   }
+
+  /// Threads for eps / x0_hat / the VJPs (fixed row and point blocks: the same bits for
+  /// every count). Default: DIFFGRAD_NUM_THREADS, as EigenBackend. Shares the process-wide
+  /// pool of that size with every backend of the same count.
+  void set_num_threads(int threads) { threads_ = diffgrad::detail::ThreadHandle(threads); }
+  void set_threads(const diffgrad::detail::ThreadHandle& threads) { threads_ = threads; }
+  int num_threads() const { return threads_.threads(); }
 
   std::int64_t dim() const { return dim_; }
   std::int64_t num_points() const { return k_; }
@@ -236,20 +299,20 @@ public:
   /// The VJP of f(x) = c_x x + c_x0 x0_hat(x) (eps, x0_hat, a flow velocity, ... are all of
   /// this form): dx = c_x a + (d x0_hat/dx)^T (c_x0 a), *dcond/*dparams += likewise.
   /// `a` may alias `dx`.
-  void linear_vjp(const state_type& x, const Node& n, const state_type& a, double c_x,
-                  double c_x0, state_type& dx, vector_type* dcond, vector_type* dparams,
+  void linear_vjp(const state_type& x, const Node& n, const state_type& a, double c_x, double c_x0,
+                  state_type& dx, vector_type* dcond, vector_type* dparams,
                   const char* where = "DiracMixture::linear_vjp") const {
     impl::require_same_shape(a, x, where, "cotangent");
     if (dcond) impl::require_size(*dcond, k_, where, "dcond");
     if (dparams) impl::require_size(*dparams, k_ * dim_, where, "dparams");
     forward(x, n, where);
-    cotangent_ = a * impl::finite_scalar<Scalar>(c_x0);  // read a before dx is written
+    cotangent_ = a * impl::finite_scalar<Scalar>(c_x0); // read a before dx is written
     dx = a * impl::finite_scalar<Scalar>(c_x);
     if (dparams) {
       Eigen::Map<matrix_type> dy(dparams->data(), k_, dim_);
-      post_.backward(x, points(), n.alpha, n.sigma, cotangent_, dx, dcond, &dy);
+      post_.backward(x, points(), n.alpha, n.sigma, cotangent_, dx, dcond, &dy, threads_);
     } else {
-      post_.backward(x, points(), n.alpha, n.sigma, cotangent_, dx, dcond, nullptr);
+      post_.backward(x, points(), n.alpha, n.sigma, cotangent_, dx, dcond, nullptr, threads_);
     }
   }
 
@@ -273,8 +336,8 @@ public:
     const Eigen::VectorXd prior = effective_log_prior().template cast<double>();
     const double m = prior.maxCoeff();
     const double log_norm = m + std::log((prior.array() - m).exp().sum());
-    const double gauss = 0.5 * static_cast<double>(dim_) *
-                         std::log(2.0 * std::numbers::pi * n.sigma * n.sigma);
+    const double gauss =
+        0.5 * static_cast<double>(dim_) * std::log(2.0 * std::numbers::pi * n.sigma * n.sigma);
     return (post_.log_sum_exp(x, n.sigma).array() - log_norm - gauss).matrix();
   }
 
@@ -304,10 +367,11 @@ private:
     check_shapes(x, where);
     impl::require_noisy_node(n, where);
     log_prior_ = log_weights_ + cond_;
-    post_.forward(x, points(), log_prior_, n.alpha, n.sigma);
+    post_.forward(x, points(), log_prior_, n.alpha, n.sigma, threads_);
   }
 
   Eigen::Index k_, dim_;
+  diffgrad::detail::ThreadHandle threads_{diffgrad::detail::threads_from_environment()};
   vector_type params_, cond_, log_weights_;
   mutable vector_type log_prior_;
   mutable impl::DiracPosterior<Scalar> post_;

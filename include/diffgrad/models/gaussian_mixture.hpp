@@ -1,6 +1,7 @@
 #pragma once
 // Exact eps of an isotropic Gaussian mixture: data ~ sum_k pi_k N(m_k, s_k^2 I). Diffused,
-// x_t | k ~ N(alpha m_k, v_k I) with v_k = alpha^2 s_k^2 + sigma^2, so with e_k = (x - alpha m_k)/v_k
+// x_t | k ~ N(alpha m_k, v_k I) with v_k = alpha^2 s_k^2 + sigma^2, so with e_k = (x - alpha
+// m_k)/v_k
 //   r_k = l_k - (d/2) log v_k - |x - alpha m_k|^2 / (2 v_k),   w = softmax(r),  l = log pi + z,
 //   eps = -sigma grad log p_t = sigma sum_k w_k e_k,
 //   d eps/dx = sigma [ (sum_k w_k / v_k) I - Cov_w(e) ]   (symmetric).
@@ -9,6 +10,9 @@
 // (m_k[j] at k*d + j). The stds s_k are fixed at construction.
 // Evaluation is GEMM-shaped (|x - alpha m_k|^2 = |x|^2 - 2 alpha x.m_k + alpha^2 |m_k|^2 with one
 // matrix product for the batch, clamped at 0) and the softmax is shifted by its row maximum.
+// Threads (docs/threading.md): as DiracMixture, fixed blocks of impl::kRowBlock rows (one GEMM
+// each) and, for the batch sums of the VJP, of impl::kComponentBlock components: the same bits
+// for every thread count.
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
@@ -55,6 +59,11 @@ public:
     log_weights_ = (weights / weights.sum()).array().log().matrix().template cast<Scalar>();
   }
 
+  /// Threads (fixed blocks: the same bits for every count); default DIFFGRAD_NUM_THREADS.
+  void set_num_threads(int threads) { threads_ = diffgrad::detail::ThreadHandle(threads); }
+  void set_threads(const diffgrad::detail::ThreadHandle& threads) { threads_ = threads; }
+  int num_threads() const { return threads_.threads(); }
+
   std::int64_t dim() const { return dim_; }
   std::int64_t num_components() const { return k_; }
   std::int64_t cond_size() const { return k_; }
@@ -79,8 +88,14 @@ public:
     forward(x, n, "GaussianMixture::eps");
     // eps = sigma [ (sum_k p_k) x - alpha p M ] with p = w ./ v.
     const auto sigma = static_cast<Scalar>(n.sigma);
-    out = sigma * (x.array().colwise() * p_sum_.array()).matrix();
-    out.noalias() -= Scalar(n.sigma * n.alpha) * (p_ * means());
+    if (out.rows() != x.rows() || out.cols() != x.cols()) out.resize(x.rows(), x.cols());
+    impl::for_fixed_blocks(
+        threads_, x.rows(), impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+          auto o = out.middleRows(r0, rows);
+          o = sigma * (x.middleRows(r0, rows).array().colwise() * p_sum_.segment(r0, rows).array())
+                          .matrix();
+          o.noalias() -= Scalar(n.sigma * n.alpha) * (p_.middleRows(r0, rows) * means());
+        });
   }
 
   /// dx = (d eps/dx)^T a; *dcond += (d eps/dz)^T a, *dparams += (d eps/dM)^T a (batch sums).
@@ -93,31 +108,52 @@ public:
     forward(x, n, where);
     const auto m = means();
     const auto alpha = static_cast<Scalar>(n.alpha), sigma = static_cast<Scalar>(n.sigma);
-    // c . e_k = (c . x - alpha c . m_k)/v_k; the logits' cotangent is
-    // dR = sigma w .* (c.e - (c.ebar) 1^T), ebar = sum_k w_k e_k.
-    ce_.noalias() = (-alpha) * (a * m.transpose());
-    cx_ = a.cwiseProduct(x).rowwise().sum();
-    ce_.colwise() += cx_;
-    ce_ = ce_.array().rowwise() * inv_var_.transpose().array();
-    cebar_ = w_.cwiseProduct(ce_).rowwise().sum();
-    dr_ = sigma * w_.cwiseProduct(ce_.colwise() - cebar_);
-    // q_k = dR_k / v_k; sum_k dR_k e_k = (sum_k q_k) x - alpha q M.
-    q_ = dr_.array().rowwise() * inv_var_.transpose().array();
-    q_sum_ = q_.rowwise().sum();
-    // dx = sigma (sum_k p_k) a - sum_k dR_k e_k  (a is read before dx is written: may alias).
-    tmp_ = (sigma * (a.array().colwise() * p_sum_.array()) -
-            x.array().colwise() * q_sum_.array()).matrix();
-    tmp_.noalias() += alpha * (q_ * m);
-    dx = tmp_;
-    if (dcond) *dcond += dr_.colwise().sum().transpose();
-    if (dparams) {
-      // dm_k = -sigma alpha (p^T a)_k + alpha [ (q^T x)_k - alpha (sum_b q_bk) m_k ].
-      Eigen::Map<matrix_type> dm(dparams->data(), k_, dim_);
-      dm.noalias() -= (sigma * alpha) * (p_.transpose() * a);
-      dm.noalias() += alpha * (q_.transpose() * x);
-      col_sum_ = (alpha * alpha) * q_.colwise().sum().transpose();
-      dm -= col_sum_.asDiagonal() * m;
+    impl::for_fixed_blocks(
+        threads_, x.rows(), impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+          const auto a_rows = a.middleRows(r0, rows);
+          const auto x_rows = x.middleRows(r0, rows);
+          auto ce = ce_.middleRows(r0, rows);
+          auto dr = dr_.middleRows(r0, rows);
+          auto q = q_.middleRows(r0, rows);
+          auto cx = cx_.segment(r0, rows), cebar = cebar_.segment(r0, rows),
+               q_sum = q_sum_.segment(r0, rows);
+          // c . e_k = (c . x - alpha c . m_k)/v_k; the logits' cotangent is
+          // dR = sigma w .* (c.e - (c.ebar) 1^T), ebar = sum_k w_k e_k.
+          ce.noalias() = (-alpha) * (a_rows * m.transpose());
+          cx = a_rows.cwiseProduct(x_rows).rowwise().sum();
+          ce.colwise() += cx;
+          ce = ce.array().rowwise() * inv_var_.transpose().array();
+          cebar = w_.middleRows(r0, rows).cwiseProduct(ce).rowwise().sum();
+          dr = sigma * w_.middleRows(r0, rows).cwiseProduct(ce.colwise() - cebar);
+          // q_k = dR_k / v_k; sum_k dR_k e_k = (sum_k q_k) x - alpha q M.
+          q = dr.array().rowwise() * inv_var_.transpose().array();
+          q_sum = q.rowwise().sum();
+          // dx = sigma (sum_k p_k) a - sum_k dR_k e_k, in tmp_ (dx is written after every read of
+          // a).
+          auto t = tmp_.middleRows(r0, rows);
+          t = (sigma * (a_rows.array().colwise() * p_sum_.segment(r0, rows).array()) -
+               x_rows.array().colwise() * q_sum.array())
+                  .matrix();
+          t.noalias() += alpha * (q * m);
+        });
+    if (dcond || dparams) {
+      // Batch sums, in fixed blocks of components (each a sum over the whole batch).
+      impl::for_fixed_blocks(
+          threads_, k_, impl::kComponentBlock, [&](Eigen::Index k0, Eigen::Index kn) {
+            if (dcond) dcond->segment(k0, kn) += dr_.middleCols(k0, kn).colwise().sum().transpose();
+            if (dparams) {
+              // dm_k = -sigma alpha (p^T a)_k + alpha [ (q^T x)_k - alpha (sum_b q_bk) m_k ].
+              Eigen::Map<matrix_type> dm_all(dparams->data(), k_, dim_);
+              auto dm = dm_all.middleRows(k0, kn);
+              dm.noalias() -= (sigma * alpha) * (p_.middleCols(k0, kn).transpose() * a);
+              dm.noalias() += alpha * (q_.middleCols(k0, kn).transpose() * x);
+              auto col_sum = col_sum_.segment(k0, kn);
+              col_sum = (alpha * alpha) * q_.middleCols(k0, kn).colwise().sum().transpose();
+              dm -= col_sum.asDiagonal() * m.middleRows(k0, kn);
+            }
+          });
     }
+    dx = tmp_; // last: `a` may alias dx, and the batch sums above read a
   }
 
   /// E[x0 | x_t = x] = sum_k w_k (m_k + (alpha s_k^2 / v_k)(x - alpha m_k)).
@@ -134,7 +170,8 @@ public:
     out = w_;
   }
 
-  /// log p_t(x) per sample in double: logsumexp_k(log pi_k - (d/2) log(2 pi v_k) - |x - alpha m_k|^2/(2 v_k)).
+  /// log p_t(x) per sample in double: logsumexp_k(log pi_k - (d/2) log(2 pi v_k) - |x - alpha
+  /// m_k|^2/(2 v_k)).
   Eigen::VectorXd log_density(const state_type& x, const Node& n) const {
     forward(x, n, "GaussianMixture::log_density");
     const Eigen::VectorXd prior = log_prior_.template cast<double>();
@@ -170,20 +207,29 @@ private:
     shifted_prior_ = log_prior_ - half_log_var_;
     neg_half_inv_var_ = Scalar(-0.5) * inv_var_;
     const auto alpha = static_cast<Scalar>(n.alpha);
-    sq_dist_.noalias() = (Scalar(-2) * alpha) * (x * m.transpose());
-    x_sq_ = x.rowwise().squaredNorm();
     m_sq_ = (alpha * alpha) * m.rowwise().squaredNorm();
-    sq_dist_.colwise() += x_sq_;
-    sq_dist_.rowwise() += m_sq_.transpose();
-    sq_dist_ = sq_dist_.cwiseMax(Scalar(0));
-    w_ = sq_dist_.array().rowwise() * neg_half_inv_var_.transpose().array();
-    w_.rowwise() += shifted_prior_.transpose();
-    row_max_ = w_.rowwise().maxCoeff();
-    w_ = (w_.colwise() - row_max_).array().exp().matrix();
-    row_sum_ = w_.rowwise().sum();
-    w_ = w_.array().colwise() / row_sum_.array();
-    p_ = w_.array().rowwise() * inv_var_.transpose().array();
-    p_sum_ = p_.rowwise().sum();
+    impl::for_fixed_blocks(
+        threads_, batch, impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+          const auto x_rows = x.middleRows(r0, rows);
+          auto sq_dist = sq_dist_.middleRows(r0, rows);
+          auto w = w_.middleRows(r0, rows);
+          auto p = p_.middleRows(r0, rows);
+          auto x_sq = x_sq_.segment(r0, rows), row_max = row_max_.segment(r0, rows),
+               row_sum = row_sum_.segment(r0, rows);
+          sq_dist.noalias() = (Scalar(-2) * alpha) * (x_rows * m.transpose());
+          x_sq = x_rows.rowwise().squaredNorm();
+          sq_dist.colwise() += x_sq;
+          sq_dist.rowwise() += m_sq_.transpose();
+          sq_dist = sq_dist.cwiseMax(Scalar(0));
+          w = sq_dist.array().rowwise() * neg_half_inv_var_.transpose().array();
+          w.rowwise() += shifted_prior_.transpose();
+          row_max = w.rowwise().maxCoeff();
+          w = (w.colwise() - row_max).array().exp().matrix();
+          row_sum = w.rowwise().sum();
+          w = w.array().colwise() / row_sum.array();
+          p = w.array().rowwise() * inv_var_.transpose().array();
+          p_sum_.segment(r0, rows) = p.rowwise().sum();
+        });
   }
 
   void resize(Eigen::Index batch) const {
@@ -191,12 +237,13 @@ private:
     for (vector_type* v : {&x_sq_, &row_max_, &row_sum_, &p_sum_, &cx_, &cebar_, &q_sum_})
       v->resize(batch);
     tmp_.resize(batch, dim_);
-    for (vector_type* v : {&m_sq_, &inv_var_, &half_log_var_, &col_sum_, &shifted_prior_,
-                           &neg_half_inv_var_})
+    for (vector_type* v :
+         {&m_sq_, &inv_var_, &half_log_var_, &col_sum_, &shifted_prior_, &neg_half_inv_var_})
       v->resize(k_);
   }
 
   Eigen::Index k_, dim_;
+  diffgrad::detail::ThreadHandle threads_{diffgrad::detail::threads_from_environment()};
   Eigen::VectorXd stds_;
   vector_type params_, cond_, log_weights_;
   mutable vector_type log_prior_, m_sq_, inv_var_, half_log_var_, col_sum_, shifted_prior_,
