@@ -5,6 +5,11 @@
 // the running-cost columns against the Gaussian log-density ratio of the path, computed
 // here; exact discrete gradients (x_0, theta, with running costs in the loss) against finite
 // differences; identical gradients across memory modes; no noise stored; divergence errors.
+// Eigen heap allocations are counted (tests/alloc_probe.hpp must precede every Eigen include;
+// the define also keeps this file off the shared precompiled header).
+#define EIGEN_RUNTIME_NO_MALLOC
+#include "alloc_probe.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -287,20 +292,26 @@ TEST_CASE("SDE gradients with running costs: finite differences, memory modes, n
   }
   CHECK(r.cost.peak_stored_states <= steps); // store_all: one state per reversed step
 
-  // Noise never stored: a checkpointed workspace has the same size for 12 and 96 steps.
-  const auto workspace_doubles = [&](int n) {
+  // Noise never stored: a checkpointed workspace makes the same number of (equal-sized)
+  // state buffers for 12 and for 96 steps (counted as Eigen heap allocations), and the
+  // snapshots it holds never exceed the budget.
+  const auto workspace_buffers = [&](int n) {
     SdeScheme<Backend> s(backend, diffgrad::sde::uniform_times(n, 0.0, 1.5), 0.7, d,
                          {.running_costs = true});
     GradientOptions o = opts;
     o.memory = MemoryMode::checkpoint(4);
+    const long before = alloc_probe::eigen_heap_allocations.load();
+    Eigen::internal::set_is_malloc_allowed(false);
     auto ws = diffgrad::sde::make_sde_gradient_workspace(s, backend, model, start, o);
-    std::int64_t total = 0;
-    for (const auto* v : {&ws.x, &ws.e, &ws.u, &ws.ue, &ws.x_bar, &ws.e_bar, &ws.u_bar,
-                          &ws.ue_bar, &ws.snap_x, &ws.snap_e, &ws.result.grad_noise})
-      for (const State& st : *v) total += st.size();
-    return total;
+    Eigen::internal::set_is_malloc_allowed(true);
+    const long made = alloc_probe::eigen_heap_allocations.load() - before;
+    const auto& q = diffgrad::sde::sde_gradient(s, backend, model, start, loss, o, ws);
+    CHECK(q.cost.peak_stored_states <= 4);
+    return made;
   };
-  CHECK(workspace_doubles(12) == workspace_doubles(96));
+  const long small = workspace_buffers(12), large = workspace_buffers(96);
+  CHECK(small > 0);
+  CHECK(small == large);
 }
 
 TEST_CASE("SDE layer: divergence is reported with its step and sample", "[sde][errors]") {

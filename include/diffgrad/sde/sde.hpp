@@ -83,6 +83,11 @@ void require_finite_rows(const State& s, int step, const Node& n, std::uint64_t 
 /// Shared state of the two adapters: the scheme, the model and the noise they regenerate.
 template <Backend B, class Model> struct DriftAdapterBase {
   using State = typename B::state_type;
+  DriftAdapterBase(const SdeScheme<B>& scheme_, Model& model_, std::uint64_t seed_ = 0,
+                   std::uint64_t row_offset_ = 0, std::span<const State> given_noise_ = {},
+                   bool check_finite_ = true)
+      : scheme(scheme_), model(model_), seed(seed_), row_offset(row_offset_),
+        given_noise(given_noise_), check_finite(check_finite_) {}
   const SdeScheme<B>& scheme;
   Model& model;
   std::uint64_t seed = 0;
@@ -112,6 +117,7 @@ protected:
 /// field(u, node, out) for the engine: out = f (or [f | k | m] with running costs).
 template <Backend B, class Model> struct DriftField : DriftAdapterBase<B, Model> {
   using State = typename B::state_type;
+  using DriftAdapterBase<B, Model>::DriftAdapterBase;
   void operator()(const State& u, const Node& n, State& out) const {
     const auto& s = this->scheme;
     if (!s.running_costs()) {
@@ -146,6 +152,7 @@ template <Backend B, class Model> struct DriftField : DriftAdapterBase<B, Model>
 /// vjp(u, node, cotangent, dx, dcond, dparams) for the discrete adjoint.
 template <Backend B, class Model> struct DriftVjp : DriftAdapterBase<B, Model> {
   using State = typename B::state_type;
+  using DriftAdapterBase<B, Model>::DriftAdapterBase;
   template <class Vector>
   void operator()(const State& u, const Node& n, const State& cot, State& dx, Vector*,
                   Vector* dparams) const {
@@ -180,15 +187,13 @@ template <Backend B, class Model>
 DriftField<B, Model> drift_field(const SdeScheme<B>& scheme, Model& model, std::uint64_t seed,
                                  std::uint64_t row_offset = 0, bool check_finite = true,
                                  std::span<const typename B::state_type> given_noise = {}) {
-  DriftField<B, Model> f{{scheme, model, seed, row_offset, given_noise, check_finite}};
-  return f;
+  return DriftField<B, Model>(scheme, model, seed, row_offset, given_noise, check_finite);
 }
 template <Backend B, class Model>
 DriftVjp<B, Model> drift_vjp(const SdeScheme<B>& scheme, Model& model, std::uint64_t seed,
                              std::uint64_t row_offset = 0, bool check_finite = true,
                              std::span<const typename B::state_type> given_noise = {}) {
-  DriftVjp<B, Model> f{{scheme, model, seed, row_offset, given_noise, check_finite}};
-  return f;
+  return DriftVjp<B, Model>(scheme, model, seed, row_offset, given_noise, check_finite);
 }
 
 /// x (B x d) -> [x | 0 | 0] (B x width) for a scheme with running costs; a copy otherwise.
