@@ -7,7 +7,9 @@ schedule, uniform log-SNR grid from t = 1 to 1e-3, written by the C++ driver), s
 L = <w, x_0>, gradients with respect to x_T and all MLP parameters.
 
     torch:     x = x_T (requires_grad); N times: x = c_x x + c_e model(x, t_i);  L.backward()
-               with c_x = alpha_t/alpha_s, c_e = -sigma_t expm1(lambda_t - lambda_s)
+               with c_x = alpha_t/alpha_s, c_e = -sigma_t expm1(lambda_t - lambda_s); also with
+               torch.utils.checkpoint (non-reentrant) around every step, and around segments of
+               ceil(sqrt(N)) steps: torch's own answers to the memory of a long graph
     diffgrad:  build/benchmarks/compare_gradient: gradient(Ddim(), ...) with wrt_params, memory
                store_all (every state) or checkpoint (5 stored states, binomial)
 
@@ -35,7 +37,7 @@ import compare_common as cc
 BATCH, DIM = 512, 64
 
 
-def torch_child(weights, xfile, wfile, nodefile, reps, gradfile, paramfile, threads):
+def torch_child(weights, xfile, wfile, nodefile, reps, gradfile, paramfile, threads, mode):
     torch.set_num_threads(threads)
     model = cc.MlpTwin.load(weights, torch.float64)
     x_T = cc.read_matrix(xfile)
@@ -45,16 +47,32 @@ def torch_child(weights, xfile, wfile, nodefile, reps, gradfile, paramfile, thre
     for s, t in zip(nodes[:-1], nodes[1:]):
         coeffs.append((t[0] / s[0], -t[1] * math.expm1(t[2] - s[2]), s[3]))
 
-    def gradient():
-        model.zero_grad(set_to_none=True)
-        x0 = x_T.clone().requires_grad_(True)
-        x = x0
-        for c_x, c_e, model_t in coeffs:
+    def run_steps(x, first, last):
+        for c_x, c_e, model_t in coeffs[first:last]:
             x = c_x * x + c_e * model(x, model_t)
+        return x
+
+    # Steps per torch.utils.checkpoint segment (0: no checkpointing).
+    segment = {"plain": 0, "ckpt_step": 1,
+               "ckpt_sqrt": math.ceil(math.sqrt(len(coeffs)))}[mode]
+
+    def gradient(x_start=x_T):
+        model.zero_grad(set_to_none=True)
+        x0 = x_start.clone().requires_grad_(True)
+        if segment == 0:
+            x = run_steps(x0, 0, len(coeffs))
+        else:
+            x = x0
+            for first in range(0, len(coeffs), segment):
+                x = torch.utils.checkpoint.checkpoint(
+                    run_steps, x, first, min(first + segment, len(coeffs)), use_reentrant=False)
         loss = (w * x).sum()
         loss.backward()
         return x0.grad, torch.cat([p.grad.reshape(-1) for p in model.net.parameters()])
 
+    # Warm-up on one row, outside the measurement: the first checkpointed call loads code
+    # (torch.utils.checkpoint's machinery) whose memory is not the gradient's.
+    gradient(x_T[:1])
     meter = cc.PeakMeter()
     gx, gp = gradient()
     peak = meter.growth_mib()
@@ -75,12 +93,13 @@ def rel(a, b):
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         a = sys.argv[2:]
-        torch_child(a[0], a[1], a[2], a[3], int(a[4]), a[5], a[6], int(a[7]))
+        torch_child(a[0], a[1], a[2], a[3], int(a[4]), a[5], a[6], int(a[7]), a[8])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", default="10,25,50,100")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch's intra-op threads and diffgrad's backend threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # the children set it too; this is for the header line
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="diffgrad_cmp_"))
@@ -103,15 +122,26 @@ def main():
         cc.driver("compare_gradient", "--write-nodes", nodefile, "--steps", steps)
         tg, tp = tmp / "tg.txt", tmp / "tp.txt"
         t = cc.in_child(pathlib.Path(__file__), weights, xfile, wfile, nodefile, args.reps, tg, tp,
-                        args.threads)
+                        args.threads, "plain")
         ref_x, ref_p = cc.read_matrix(tg), cc.read_matrix(tp)
         print(f"| {steps} | torch autograd | {t['seconds']:.3f} | 1.00 | {t['peak_mib']:.1f} | 1.0 "
               f"| (graph) | - | - |", flush=True)
+        for mode, name in (("ckpt_step", "torch autograd, checkpoint every step"),
+                           ("ckpt_sqrt", f"torch autograd, checkpoint "
+                                         f"{math.ceil(math.sqrt(steps))}-step segments")):
+            cg, cp = tmp / "cg.txt", tmp / "cp.txt"
+            c = cc.in_child(pathlib.Path(__file__), weights, xfile, wfile, nodefile, args.reps,
+                            cg, cp, args.threads, mode)
+            print(f"| {steps} | {name} | {c['seconds']:.3f} | {c['seconds'] / t['seconds']:.2f} | "
+                  f"{c['peak_mib']:.1f} | {t['peak_mib'] / c['peak_mib']:.1f} | (segments) | "
+                  f"{rel(cc.read_matrix(cg), ref_x):.1e} | {rel(cc.read_matrix(cp), ref_p):.1e} |",
+                  flush=True)
         for memory in ("store_all", "checkpoint"):
             dg, dp = tmp / "dg.txt", tmp / "dp.txt"
             r = cc.driver("compare_gradient", "--weights", weights, "--x", xfile, "--w", wfile,
                           "--steps", steps, "--memory", memory, "--snapshots", 5, "--reps",
-                          args.reps, "--out-grad", dg, "--out-grad-params", dp)
+                          args.reps, "--out-grad", dg, "--out-grad-params", dp,
+                          "--threads", args.threads)
             name = "diffgrad exact, store all" if memory == "store_all" else \
                 "diffgrad exact, checkpoint (5)"
             print(f"| {steps} | {name} | {r['seconds']:.3f} | {r['seconds'] / t['seconds']:.2f} | "

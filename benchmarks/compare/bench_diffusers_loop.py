@@ -11,15 +11,21 @@ compat::ddim_setup on the scheduler's own alphas_cumprod table. For each dtype a
                 x = scheduler.step(eps, t, x).prev_sample          (torch.no_grad)
     diffgrad:   build/benchmarks/compare_sampler (diffgrad::sample, workspace built per call)
 
+    plain torch: the same DDIM update written as a user would without diffusers: coefficients
+                precomputed, x.mul_(c_x).add_(eps, alpha=c_e) in place (torch.no_grad); the
+                fastest torch loop around the same model, so it isolates the model's own speed
+
 model "mlp" times the whole loop; model "none" returns one constant tensor (diffgrad: a no-op
 model), so only the schedulers' own per-step work is timed. Times are medians of --reps runs
 after one warm-up, per step. In float64 the scheduler's alphas_cumprod (float32 values) is
 upcast so diffusers computes in float64 (as gen_diffusers_reference.py does); float32 runs are
-diffusers as users run it. Threads: torch uses --threads (default 1); diffgrad is single-threaded.
+diffusers as users run it. Threads: --threads (default 1) for torch's intra-op threads and for
+diffgrad's backend threads alike.
 
     benchmarks/compare/.venv/bin/python benchmarks/compare/bench_diffusers_loop.py
 """
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -48,6 +54,32 @@ def diffusers_loop(model, scheduler, x_T, steps, dtype, reps):
     return statistics.median(times) / steps, out
 
 
+def plain_torch_loop(model, scheduler, x_T, steps, dtype, reps):
+    """DDIM (eta = 0) with host-precomputed coefficients and an in-place update."""
+    scheduler.set_timesteps(steps)
+    a = scheduler.alphas_cumprod.to(torch.float64)
+    stride = scheduler.config.num_train_timesteps // steps
+    plan = []
+    for t in scheduler.timesteps.tolist():
+        a_t = a[t].item()
+        a_prev = a[t - stride].item() if t - stride >= 0 else float(scheduler.final_alpha_cumprod)
+        c_x = math.sqrt(a_prev / a_t)
+        c_e = math.sqrt(1.0 - a_prev) - math.sqrt(a_prev) * math.sqrt(1.0 - a_t) / math.sqrt(a_t)
+        plan.append((float(t), c_x, c_e))
+    times, out = [], None
+    with torch.no_grad():
+        for r in range(reps + 1):  # run 0 is the warm-up
+            start = time.perf_counter()
+            x = x_T.to(dtype, copy=True)  # the loop updates x in place
+            for t, c_x, c_e in plan:
+                eps = model(x, t)
+                x.mul_(c_x).add_(eps, alpha=c_e)
+            if r > 0:
+                times.append(time.perf_counter() - start)
+            out = x
+    return statistics.median(times) / steps, out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50)
@@ -63,9 +95,9 @@ def main():
 
     print(f"# diffusers DDIMScheduler loop vs diffgrad, {args.steps} steps, MLP 64-128-128-64\n")
     print(f"Environment: {cc.environment()}\n")
-    print("| dtype | B | B*d | model | diffusers ms/step | diffgrad ms/step | diffusers / diffgrad "
-          "| max abs diff / max abs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dtype | B | B*d | model | diffusers ms/step | plain torch ms/step | diffgrad ms/step | "
+          "diffusers / diffgrad | plain torch / diffgrad | max abs diff / max abs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         scheduler = DDIMScheduler(clip_sample=False)
@@ -86,18 +118,29 @@ def main():
             for kind in ("mlp", "none"):
                 py_step, py_out = diffusers_loop(model if kind == "mlp" else None, scheduler, x_T,
                                                  args.steps, dtype, reps)
+                plain = "-"
+                if kind == "mlp":
+                    plain_step, plain_out = plain_torch_loop(model, scheduler, x_T, args.steps,
+                                                             dtype, reps)
+                    plain = plain_step
                 r = cc.driver("compare_sampler", "--weights", weights, "--alphas", alphas, "--x",
                               xfile, "--steps", args.steps, "--dtype",
                               "f32" if dtype == torch.float32 else "f64", "--reps", reps, "--model",
-                              kind, "--out", outfile)
+                              kind, "--out", outfile, "--threads", args.threads)
                 agree = "-"
                 if kind == "mlp":
                     cpp_out = cc.read_matrix(outfile)
                     ref = py_out.to(torch.float64)
                     agree = f"{((cpp_out - ref).abs().max() / ref.abs().max()).item():.1e}"
+                    plain_diff = ((plain_out.to(torch.float64) - ref).abs().max() /
+                                  ref.abs().max()).item()
+                    agree += f" (plain torch vs diffusers {plain_diff:.1e})"
                 cpp_step = r["seconds_per_step"]
+                plain_ms = f"{1e3 * plain:.4f}" if plain != "-" else "-"
+                plain_ratio = f"{plain / cpp_step:.2f}" if plain != "-" else "-"
                 print(f"| {dtype_name} | {batch} | {batch * 64} | {kind} | {1e3 * py_step:.4f} | "
-                      f"{1e3 * cpp_step:.4f} | {py_step / cpp_step:.1f} | {agree} |", flush=True)
+                      f"{plain_ms} | {1e3 * cpp_step:.4f} | {py_step / cpp_step:.1f} | "
+                      f"{plain_ratio} | {agree} |", flush=True)
     print(f"\nLoad average after the run: {cc.load_average()}")
 
 

@@ -11,6 +11,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import pathlib
 import platform
 import subprocess
@@ -157,8 +158,21 @@ def environment():
                 cpu = line.split(":", 1)[1].strip()
                 break
     return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), diffusers "
+            f"{torch.__version__} ({torch.get_num_threads()} threads; {torch_kernels()}), diffusers "
             f"{diffusers.__version__}, torchdiffeq {tde}; load average {load}")
+
+
+def torch_kernels():
+    """The BLAS torch was built with and the vector kernels it dispatches to, from its own
+    build configuration, plus the BLAS-related environment variables that were set."""
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", config)
+    capability = re.search(r"CPU capability usage: (\S+)", config)
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+           if k.startswith(("OPENBLAS_", "MKL_", "OMP_"))]
+    text = (f"BLAS {blas.group(1) if blas else 'unknown'}, kernels "
+            f"{capability.group(1) if capability else 'unknown'}")
+    return text + (f", env {' '.join(env)}" if env else ", no OPENBLAS_/MKL_/OMP_ variables set")
 
 
 def load_average():

@@ -5,7 +5,7 @@
 //   compare_gradient --write-nodes F --steps N
 //       writes the N + 1 nodes as a matrix (alpha sigma lambda model_t per row) and exits
 //   compare_gradient --weights F --x F --w F --steps N [--memory store_all|checkpoint|recompute]
-//                    [--snapshots 5] [--reps 3] [--out-grad F] [--out-grad-params F]
+//                    [--snapshots 5] [--reps 3] [--out-grad F] [--out-grad-params F] [--threads T]
 //       peak memory of the first gradient (workspace built inside the measurement), then the
 //       median time of --reps more; prints one JSON line
 #include <chrono>
@@ -38,7 +38,7 @@ int main(int argc, char** argv) {
       driver::write_matrix(a.str("write-nodes"), m);
       return 0;
     }
-    const Backend backend;
+    const Backend backend(a.integer("threads", 1)); // backend threads (docs/threading.md)
     auto model = diffgrad::models::Mlp<double>::load(a.str("weights"));
     const State x_T = driver::read_matrix(a.str("x"));
     const State w = driver::read_matrix(a.str("w"));

@@ -5,7 +5,7 @@
 //   compare_sampler --init-weights F [--dim 64 --hidden 128 --time-scale 0.001 --seed 7]
 //       writes a freshly initialised MLP (models/mlp.hpp save format) and exits
 //   compare_sampler --weights F --alphas F --x F --steps N [--dtype f32|f64] [--reps 5]
-//                   [--model mlp|none] [--spacing leading|trailing|linspace] [--out F]
+//                   [--model mlp|none] [--spacing leading|trailing|linspace] [--out F] [--threads T]
 //       samples from x_T (--x, a matrix file) --reps times after one warm-up run; prints
 //       {"seconds_per_step": median, ...}; writes the sample to --out
 // The model "none" does nothing (its output buffer keeps its contents), for the loop's own
@@ -38,7 +38,7 @@ diffgrad::compat::TimestepSpacing spacing(const std::string& s) {
 template <class Scalar> int run(const driver::Args& a) {
   using Backend = diffgrad::EigenBackend<Scalar>;
   using State = typename Backend::state_type;
-  const Backend backend;
+  const Backend backend(a.integer("threads", 1)); // backend threads (docs/threading.md)
   const driver::Matrix table = driver::read_matrix(a.str("alphas"));
   const auto schedule = diffgrad::DiscreteSchedule::from_alphas_cumprod(
       std::vector<double>(table.data(), table.data() + table.size()),
