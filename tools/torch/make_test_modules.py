@@ -7,7 +7,9 @@ Run with the interpreter whose torch matches the LibTorch the tests link against
 
     /usr/bin/python3 tools/torch/make_test_modules.py [output directory]
 
-Deterministic: fixed seeds, one thread. Files written:
+Deterministic: fixed seeds, one thread, PYTHONHASHSEED=0 (the script re-executes itself with
+it); two runs from the same checkout write identical files (TorchScript also records the
+script's absolute path in the .pt debug info). Files written:
   convnet_f64.pt, convnet_f32.pt   forward(x [B,1,4,4], t [B] float, cond [B,3] float) -> eps
   classnet_f64.pt                  forward(sample [B,1,4,4], timestep [B] int64,
                                            class_labels [B] int64) -> (eps,)   (diffusers-like)
@@ -103,6 +105,11 @@ def vp_linear_node(t, beta_min=0.1, beta_max=20.0):
 
 
 def main():
+    # TorchScript writes a module's constants in set order, which depends on Python's string
+    # hash seed: fix it, so the .pt archives are reproduced byte for byte too.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "torch", "data")
     os.makedirs(out_dir, exist_ok=True)
