@@ -58,6 +58,7 @@ std::uint64_t checksum(const double* data, std::size_t count) {
 struct Settings {
   std::string mode = "sample";
   std::string scheme = "sde-dpm2";
+  std::string exchange = "chain";
   int batch = 8192;
   int dim = 2;
   int chunk = 256;
@@ -112,7 +113,9 @@ template <class Scheme> int run(const Settings& s, const Scheme& scheme) {
     result = x_T;
     mpi::sample(comm, scheme, backend, schedule, nodes, model, result, chunks, sopt);
   } else {
-    auto g = mpi::gradient(comm, scheme, backend, schedule, nodes, model, x_T, loss, chunks, gopt);
+    const auto exchange = s.exchange == "chain" ? mpi::Exchange::chain : mpi::Exchange::allgather;
+    auto g = mpi::gradient(comm, scheme, backend, schedule, nodes, model, x_T, loss, chunks, gopt,
+                           exchange);
     result = std::move(g.local.grad_x);
     grad_params = std::move(g.grad_params);
     bytes_sent = g.exchange.bytes_sent;
@@ -137,8 +140,9 @@ template <class Scheme> int run(const Settings& s, const Scheme& scheme) {
                   static_cast<unsigned long long>(
                       checksum(grad_params.data(), static_cast<std::size_t>(grad_params.size()))),
                   static_cast<long long>(grad_params.size()));
-      std::printf("exchanged per gradient: rank 0 sent %lld bytes, received %lld bytes\n",
-                  static_cast<long long>(bytes_sent), static_cast<long long>(bytes_received));
+      std::printf("exchanged per gradient (%s): rank 0 sent %lld bytes, received %lld bytes\n",
+                  s.exchange.c_str(), static_cast<long long>(bytes_sent),
+                  static_cast<long long>(bytes_received));
     }
     std::printf("wall time: %.3f s (max over ranks)\n", seconds);
     if (s.check) {
@@ -172,6 +176,7 @@ int main(int argc, char** argv) {
                                   "same bits for any number of ranks");
   cli.option("--mode", s.mode, "sample | gradient (dL/dtheta of the MLP through the sampler)");
   cli.option("--scheme", s.scheme, "ddim | ddim-eta1 | dpm2m | sde-dpm2");
+  cli.option("--exchange", s.exchange, "chain | allgather: how gradient partials are combined");
   cli.option("--batch", s.batch, "global batch (rows)", 1);
   cli.option("--dim", s.dim, "state dimension", 1, 1 << 20);
   cli.option("--chunk", s.chunk, "rows per fixed chunk", 1);
@@ -185,6 +190,9 @@ int main(int argc, char** argv) {
     if (s.mode != "sample" && s.mode != "gradient")
       throw std::runtime_error("option '--mode': expected sample or gradient, got '" + s.mode +
                                "'");
+    if (s.exchange != "chain" && s.exchange != "allgather")
+      throw std::runtime_error("option '--exchange': expected chain or allgather, got '" +
+                               s.exchange + "'");
     if (s.scheme == "ddim") return run(s, diffgrad::Ddim());
     if (s.scheme == "ddim-eta1") return run(s, diffgrad::Ddim(1.0));
     if (s.scheme == "dpm2m")

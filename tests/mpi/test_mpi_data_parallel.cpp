@@ -186,19 +186,35 @@ TEST_CASE("mpi: x_T and parameter gradients on 1 or 2 ranks give the single-proc
 
       const RowRange rows = mpi::local_rows(comm, chunks);
       const State x_T = x_T_all.middleRows(rows.begin, rows.rows);
+      for (const mpi::Exchange exchange : {mpi::Exchange::chain, mpi::Exchange::allgather}) {
+        INFO((exchange == mpi::Exchange::chain ? "chain" : "allgather"));
+        const auto g = mpi::gradient(comm, scheme, Backend64{}, schedule(), nodes, model, x_T, loss,
+                                     chunks, o, exchange);
+        CHECK(same_bits(g.local.x0, reference.x0.middleRows(rows.begin, rows.rows)));
+        CHECK(same_bits(g.local.grad_x, reference.grad_x.middleRows(rows.begin, rows.rows)));
+        CHECK(same_bits(g.grad_params, reference.grad_params));
+        CHECK(same_bits(g.grad_cond, reference.grad_cond));
+        CHECK(g.loss == reference.loss);
+        CHECK(g.chunk_loss == reference.chunk_loss);
+        // Payload bytes: P = cond + params values; one loss per chunk is all-gathered.
+        const std::int64_t p = model.cond_size() + model.param_size();
+        const std::int64_t mine = mpi::local_chunks(comm, chunks).count();
+        const std::int64_t all = chunks.count();
+        const int rank = comm.rank(), last = comm.size() - 1;
+        CHECK(g.exchange.values_per_chunk == 1 + p);
+        if (exchange == mpi::Exchange::allgather) {
+          CHECK(g.exchange.bytes_sent == mine * (1 + p) * 8);
+          CHECK(g.exchange.bytes_received == all * (1 + p) * 8);
+        } else {
+          // Forward to the next rank, or (the last) broadcast the total; receive the prefix
+          // from the previous rank and the broadcast total.
+          CHECK(g.exchange.bytes_sent == mine * 8 + (last > 0 ? p * 8 : 0));
+          CHECK(g.exchange.bytes_received ==
+                all * 8 + (rank > 0 ? p * 8 : 0) + (rank < last ? p * 8 : 0));
+        }
+      }
       const auto g =
           mpi::gradient(comm, scheme, Backend64{}, schedule(), nodes, model, x_T, loss, chunks, o);
-      CHECK(same_bits(g.local.x0, reference.x0.middleRows(rows.begin, rows.rows)));
-      CHECK(same_bits(g.local.grad_x, reference.grad_x.middleRows(rows.begin, rows.rows)));
-      CHECK(same_bits(g.grad_params, reference.grad_params));
-      CHECK(same_bits(g.grad_cond, reference.grad_cond));
-      CHECK(g.loss == reference.loss);
-      CHECK(g.chunk_loss == reference.chunk_loss);
-      // The exchange: 1 + cond + params doubles per chunk, every chunk received once.
-      const std::int64_t values = 1 + model.cond_size() + model.param_size();
-      CHECK(g.exchange.values_per_chunk == values);
-      CHECK(g.exchange.bytes_received == chunks.count() * values * 8);
-      CHECK(g.exchange.bytes_sent == mpi::local_chunks(comm, chunks).count() * values * 8);
       const State grad_x_all = mpi::gather_rows(comm, chunks, g.local.grad_x);
       if (comm.is_root()) CHECK(same_bits(grad_x_all, reference.grad_x));
     }

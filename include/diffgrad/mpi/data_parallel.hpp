@@ -13,11 +13,12 @@
 //                          {.wrt_params = true});          // g.grad_params on every rank
 //   State all = mpi::gather_rows(comm, chunks, x);           // the whole batch on rank 0
 //
-// Sampling and inversion need no communication. A gradient exchanges only per-chunk partials
-// (the loss, dL/dcond, dL/dtheta of each chunk: 1 + cond_size + param_size doubles per chunk,
-// one MPI_Allgatherv) and every rank sums them in global chunk order with the single-process
-// rule (parallel::reduce_in_chunk_order): the result equals the single-process chunked run,
-// and therefore the 1-rank run, bit for bit, for any number of ranks.
+// Sampling and inversion need no communication. A gradient exchanges only sums of per-chunk
+// partials (the loss, dL/dcond, dL/dtheta), combined in global chunk order with the
+// single-process rule (parallel::reduce_in_chunk_order): by default a chain of running sums
+// (O(cond + params) bytes per rank), or an all-gather of every chunk's partial (Exchange).
+// The result equals the single-process chunked run, and so the 1-rank run, bit for bit, for
+// any number of ranks.
 //
 // Every function here is collective: call it on every rank of `comm`, with the same chunks
 // and options. Inputs are checked on every rank and the outcome agreed (mpi::agree), so a bad
@@ -116,11 +117,27 @@ parallel::ChunkedReport generate(const Communicator& comm, const M& method, cons
   return report;
 }
 
-/// What one distributed gradient exchanged (this rank's view).
+/// How a distributed gradient combines the per-chunk partials of dL/dcond and dL/dtheta.
+/// Both give the single-process bits; they differ in bytes and in depth.
+enum class Exchange {
+  /// The running sum travels rank 0 -> 1 -> ... -> last (each rank adds its chunks in
+  /// order: a prefix continued is the sequential sum), then the last rank broadcasts it.
+  /// Per rank O(P) bytes (P = cond + params values): at most P sent, P received and the
+  /// broadcast; ranks - 1 sequential hops. The default.
+  chain,
+  /// One MPI_Allgatherv of every chunk's partials, then every rank sums all chunks in order.
+  /// Per rank (chunks * P) values received: one collective, no sequential hops; for small
+  /// models on many ranks.
+  allgather,
+};
+
+/// What one distributed gradient exchanged (this rank's view, payload bytes only).
 struct ExchangeStats {
-  std::int64_t values_per_chunk = 0; ///< 1 + cond_size + param_size (wanted ones only)
-  std::int64_t bytes_sent = 0;       ///< this rank's partials: local chunks * values * 8
-  std::int64_t bytes_received = 0;   ///< every rank's partials, this rank's included
+  Exchange method = Exchange::chain;
+  std::int64_t values_per_chunk = 0; ///< 1 + cond_size + param_size (the wanted ones)
+  std::int64_t bytes_sent = 0;       ///< payload this rank sent (its root part of a broadcast)
+  std::int64_t bytes_received = 0;   ///< payload this rank received (its own block included
+                                     ///< for allgather)
 };
 
 /// A distributed gradient: this rank's per-row results, and the global sums (on every rank).
@@ -134,17 +151,58 @@ template <Backend B> struct DistributedGradientResult {
   ExchangeStats exchange;
 };
 
+namespace impl {
+
+/// [dcond | dtheta] of one chunk (or a running sum) as doubles: exact for float and double.
+template <class Vector>
+void pack(std::vector<double>& out, const Vector* cond, const Vector* params) {
+  if (cond)
+    for (Eigen::Index i = 0; i < cond->size(); ++i) out.push_back(static_cast<double>((*cond)(i)));
+  if (params)
+    for (Eigen::Index i = 0; i < params->size(); ++i)
+      out.push_back(static_cast<double>((*params)(i)));
+}
+template <class Vector>
+void unpack(const double* p, std::int64_t cond_size, std::int64_t param_size, Vector& cond,
+            Vector& params) {
+  using Scalar = typename Vector::Scalar;
+  cond = Eigen::Map<const Eigen::VectorXd>(p, cond_size).template cast<Scalar>();
+  params = Eigen::Map<const Eigen::VectorXd>(p + cond_size, param_size).template cast<Scalar>();
+}
+
+/// Every rank's block of `per_rank(r)` values at offset `first(r)`, gathered on every rank.
+template <class Count, class First>
+std::vector<double> allgather(const Communicator& comm, const std::vector<double>& send,
+                              std::int64_t total, Count&& per_rank, First&& first) {
+  std::vector<int> counts(static_cast<std::size_t>(comm.size()));
+  std::vector<int> offsets(static_cast<std::size_t>(comm.size()));
+  for (int r = 0; r < comm.size(); ++r) {
+    counts[static_cast<std::size_t>(r)] = static_cast<int>(per_rank(r));
+    offsets[static_cast<std::size_t>(r)] = static_cast<int>(first(r));
+  }
+  std::vector<double> all(static_cast<std::size_t>(total));
+  check(MPI_Allgatherv(send.data(), static_cast<int>(send.size()), MPI_DOUBLE, all.data(),
+                       counts.data(), offsets.data(), MPI_DOUBLE, comm.get()),
+        "MPI_Allgatherv");
+  return all;
+}
+
+} // namespace impl
+
 /// Exact gradient over the global batch: this rank's chunks through the chunked driver
-/// (per-row results in result.local), then one MPI_Allgatherv of the per-chunk partials
-/// (as doubles: exact for float and double scalars) and the chunk-ordered sums on every
-/// rank. `loss` as for parallel::gradient_chunked (a cotangent holds this rank's rows; a
-/// ChunkLoss sees global row indices). options.progress cannot stop a distributed gradient
-/// (every rank must reach the exchange): it is refused.
+/// (per-row results in result.local), then the per-chunk partials are combined in global
+/// chunk order (`exchange`: a chain of running sums, or an all-gather of every partial) and
+/// the chunk losses all-gathered: every rank gets the loss, dL/dcond and dL/dtheta of the
+/// single-process chunked run, bit for bit. `loss` as for parallel::gradient_chunked (a
+/// cotangent holds this rank's rows; a ChunkLoss sees global row indices).
+/// options.progress cannot stop a distributed gradient (every rank must reach the exchange):
+/// it is refused.
 template <class Scheme, Backend B, class S, class Model, class Loss>
 DistributedGradientResult<B>
 gradient(const Communicator& comm, const Scheme& scheme, const B& backend, const S& schedule,
          std::span<const Node> nodes, Model& model, const typename B::state_type& x_T, Loss&& loss,
-         const RowChunks& chunks, const GradientOptions& options = {}) {
+         const RowChunks& chunks, const GradientOptions& options = {},
+         Exchange exchange = Exchange::chain) {
   using Vector = typename B::vector_type;
   using Scalar = typename Vector::Scalar;
   static_assert(std::is_same_v<Scalar, double> || std::is_same_v<Scalar, float>,
@@ -153,67 +211,103 @@ gradient(const Communicator& comm, const Scheme& scheme, const B& backend, const
   const ChunkRange mine = local_chunks(comm, chunks);
   const auto cond_size = options.wrt_cond ? static_cast<std::int64_t>(model.cond_size()) : 0;
   const auto param_size = options.wrt_params ? static_cast<std::int64_t>(model.param_size()) : 0;
-  const std::int64_t per_chunk = 1 + cond_size + param_size;
+  const std::int64_t values = cond_size + param_size; // per partial, the loss apart
 
   DistributedGradientResult<B> out;
-  std::vector<double> send;
+  out.exchange.method = exchange;
+  out.exchange.values_per_chunk = 1 + values;
   agree(comm, "mpi::gradient", [&] {
     if (options.progress)
       throw diffgrad::invalid_argument(
           "mpi::gradient: argument 'options.progress' expected empty (a distributed gradient "
           "cannot be stopped on one rank), got a callback");
-    mpi_count(chunks.count() * per_chunk, "mpi::gradient", "chunk partials");
+    if (exchange != Exchange::chain && exchange != Exchange::allgather)
+      diffgrad::detail::throw_argument("mpi::gradient", "exchange", "Exchange::chain or allgather",
+                                       static_cast<int>(exchange));
+    mpi_count(chunks.count() * (exchange == Exchange::allgather ? values + 1 : 1), "mpi::gradient",
+              "chunk partials");
     out.local = parallel::gradient_chunked(scheme, backend, schedule, nodes, model, x_T,
                                            std::forward<Loss>(loss), chunks, mine, options);
-    // Pack [loss, dcond..., dtheta...] per local chunk, chunk after chunk.
-    send.reserve(static_cast<std::size_t>(mine.count() * per_chunk));
+  });
+  const Vector* no_vector = nullptr;
+  std::int64_t sent = 0, received = 0;
+
+  // The chunk losses (one double per chunk), in global chunk order on every rank.
+  out.chunk_loss = impl::allgather(
+      comm, out.local.chunk_loss, chunks.count(),
+      [&](int r) { return chunks.shard(r, comm.size()).count(); },
+      [&](int r) { return chunks.shard(r, comm.size()).first; });
+  sent += mine.count() * 8;
+  received += chunks.count() * 8;
+  out.loss = parallel::reduce_in_chunk_order(std::span<const double>(out.chunk_loss));
+
+  if (values > 0 && exchange == Exchange::allgather) {
+    std::vector<double> send;
+    send.reserve(static_cast<std::size_t>(mine.count() * values));
     for (std::int64_t j = 0; j < mine.count(); ++j) {
       const auto u = static_cast<std::size_t>(j);
-      send.push_back(out.local.chunk_loss[u]);
-      if (options.wrt_cond)
-        for (Eigen::Index i = 0; i < out.local.cond_partials[u].size(); ++i)
-          send.push_back(static_cast<double>(out.local.cond_partials[u](i)));
-      if (options.wrt_params)
-        for (Eigen::Index i = 0; i < out.local.param_partials[u].size(); ++i)
-          send.push_back(static_cast<double>(out.local.param_partials[u](i)));
+      impl::pack(send, options.wrt_cond ? &out.local.cond_partials[u] : no_vector,
+                 options.wrt_params ? &out.local.param_partials[u] : no_vector);
     }
-  });
-
-  // Every rank's block lands at its first chunk: the buffer is in global chunk order.
-  std::vector<int> counts(static_cast<std::size_t>(comm.size()));
-  std::vector<int> offsets(static_cast<std::size_t>(comm.size()));
-  for (int r = 0; r < comm.size(); ++r) {
-    const ChunkRange s = chunks.shard(r, comm.size());
-    counts[static_cast<std::size_t>(r)] = static_cast<int>(s.count() * per_chunk);
-    offsets[static_cast<std::size_t>(r)] = static_cast<int>(s.first * per_chunk);
-  }
-  std::vector<double> all(static_cast<std::size_t>(chunks.count() * per_chunk));
-  check(MPI_Allgatherv(send.data(), static_cast<int>(send.size()), MPI_DOUBLE, all.data(),
-                       counts.data(), offsets.data(), MPI_DOUBLE, comm.get()),
-        "MPI_Allgatherv");
-
-  // Unpack into per-chunk partials and sum them with the single-process rule.
-  std::vector<Vector> cond_parts, param_parts;
-  out.chunk_loss.resize(static_cast<std::size_t>(chunks.count()));
-  for (std::int64_t k = 0; k < chunks.count(); ++k) {
-    const double* p = all.data() + k * per_chunk;
-    out.chunk_loss[static_cast<std::size_t>(k)] = p[0];
+    const std::vector<double> all = impl::allgather(
+        comm, send, chunks.count() * values,
+        [&](int r) { return chunks.shard(r, comm.size()).count() * values; },
+        [&](int r) { return chunks.shard(r, comm.size()).first * values; });
+    sent += static_cast<std::int64_t>(send.size()) * 8;
+    received += static_cast<std::int64_t>(all.size()) * 8;
+    std::vector<Vector> cond_parts(static_cast<std::size_t>(chunks.count()));
+    std::vector<Vector> param_parts(static_cast<std::size_t>(chunks.count()));
+    for (std::int64_t k = 0; k < chunks.count(); ++k)
+      impl::unpack(all.data() + k * values, cond_size, param_size,
+                   cond_parts[static_cast<std::size_t>(k)],
+                   param_parts[static_cast<std::size_t>(k)]);
     if (options.wrt_cond)
-      cond_parts.push_back(
-          Eigen::Map<const Eigen::VectorXd>(p + 1, cond_size).template cast<Scalar>());
+      out.grad_cond =
+          parallel::reduce_in_chunk_order(std::span<const Vector>(cond_parts), cond_size);
     if (options.wrt_params)
-      param_parts.push_back(
-          Eigen::Map<const Eigen::VectorXd>(p + 1 + cond_size, param_size).template cast<Scalar>());
+      out.grad_params =
+          parallel::reduce_in_chunk_order(std::span<const Vector>(param_parts), param_size);
+  } else if (values > 0) {
+    // The chain: receive the prefix sum of the chunks before ours, continue it, pass it on.
+    Vector cond = Vector::Zero(static_cast<Eigen::Index>(cond_size));
+    Vector params = Vector::Zero(static_cast<Eigen::Index>(param_size));
+    std::vector<double> buffer;
+    buffer.reserve(static_cast<std::size_t>(values));
+    constexpr int tag = 0x6467; // "dg"
+    if (comm.rank() > 0) {
+      buffer.resize(static_cast<std::size_t>(values));
+      check(MPI_Recv(buffer.data(), static_cast<int>(values), MPI_DOUBLE, comm.rank() - 1, tag,
+                     comm.get(), MPI_STATUS_IGNORE),
+            "MPI_Recv");
+      received += values * 8;
+      impl::unpack(buffer.data(), cond_size, param_size, cond, params);
+    }
+    parallel::accumulate_in_chunk_order(cond, std::span<const Vector>(out.local.cond_partials));
+    parallel::accumulate_in_chunk_order(params, std::span<const Vector>(out.local.param_partials));
+    buffer.clear();
+    impl::pack(buffer, &cond, &params);
+    const int last = comm.size() - 1;
+    if (comm.rank() < last) {
+      check(MPI_Send(buffer.data(), static_cast<int>(values), MPI_DOUBLE, comm.rank() + 1, tag,
+                     comm.get()),
+            "MPI_Send");
+      sent += values * 8;
+    }
+    check(MPI_Bcast(buffer.data(), static_cast<int>(values), MPI_DOUBLE, last, comm.get()),
+          "MPI_Bcast");
+    if (comm.rank() == last)
+      sent += comm.size() > 1 ? values * 8 : 0;
+    else
+      received += values * 8;
+    impl::unpack(buffer.data(), cond_size, param_size, cond, params);
+    if (options.wrt_cond) out.grad_cond = std::move(cond);
+    if (options.wrt_params) out.grad_params = std::move(params);
+  } else {
+    out.grad_cond = Vector::Zero(0);
+    out.grad_params = Vector::Zero(0);
   }
-  out.loss = parallel::reduce_in_chunk_order(std::span<const double>(out.chunk_loss));
-  if (options.wrt_cond)
-    out.grad_cond = parallel::reduce_in_chunk_order(std::span<const Vector>(cond_parts), cond_size);
-  if (options.wrt_params)
-    out.grad_params =
-        parallel::reduce_in_chunk_order(std::span<const Vector>(param_parts), param_size);
-  out.exchange.values_per_chunk = per_chunk;
-  out.exchange.bytes_sent = static_cast<std::int64_t>(send.size() * sizeof(double));
-  out.exchange.bytes_received = static_cast<std::int64_t>(all.size() * sizeof(double));
+  out.exchange.bytes_sent = sent;
+  out.exchange.bytes_received = received;
   return out;
 }
 

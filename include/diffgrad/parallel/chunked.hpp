@@ -71,19 +71,27 @@ concept ChunkLoss = Backend<B> &&
   { loss(backend, x0, grad, info) } -> std::convertible_to<double>;
 };
 
-/// dL/dcond, dL/dtheta and L summed over chunk partials in chunk order: the ONE reduction
-/// rule of the single-process and the distributed runs (the same code, so the same bits).
-/// `partials` are in ascending chunk order; `size` is the length of each (0: empty result).
+/// Adds partials to `sum` in the order given: sum = (((sum + p_0) + p_1) + ...), element by
+/// element. Continuing a sum is the same as summing in one go, so a prefix computed on one
+/// rank and continued on the next gives the bits of the single-process sum.
 template <class Vector>
-Vector reduce_in_chunk_order(std::span<const Vector> partials, std::int64_t size) {
-  Vector sum = Vector::Zero(static_cast<Eigen::Index>(size));
+void accumulate_in_chunk_order(Vector& sum, std::span<const Vector> partials) {
   for (const Vector& p : partials) {
-    if (static_cast<std::int64_t>(p.size()) != size)
-      diffgrad::detail::throw_argument("reduce_in_chunk_order", "partials",
-                                       diffgrad::detail::concat("partials of length ", size),
+    if (p.size() != sum.size())
+      diffgrad::detail::throw_argument("accumulate_in_chunk_order", "partials",
+                                       diffgrad::detail::concat("partials of length ", sum.size()),
                                        p.size());
     sum += p; // element-wise: each element's sum is p_0 + p_1 + ... in this order
   }
+}
+
+/// dL/dcond, dL/dtheta and L summed over chunk partials in chunk order, starting from zero:
+/// the ONE reduction rule of the single-process and the distributed runs (the same code, so
+/// the same bits). `partials` are in ascending chunk order; `size` is the length of each.
+template <class Vector>
+Vector reduce_in_chunk_order(std::span<const Vector> partials, std::int64_t size) {
+  Vector sum = Vector::Zero(static_cast<Eigen::Index>(size));
+  accumulate_in_chunk_order(sum, partials);
   return sum;
 }
 inline double reduce_in_chunk_order(std::span<const double> partials) {
