@@ -16,6 +16,7 @@
 // Also here: a parameter-free linear drift f = c(t) x (the fixed drift of a VP/OU or VE
 // diffusion baseline, trained with the same loss and networks as DiffFlow).
 #include <Eigen/Core>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <functional>
@@ -58,6 +59,38 @@ public:
 private:
   std::function<double(double)> c_;
   vector_type params_;
+};
+
+/// c * F(x, t) for a TimeField F: puts a network's O(1) output on the scale the chain needs
+/// (DiffFlow's drift must move the data O(1) within a short horizon T, i.e. f = O(1/T); with
+/// c = 1/T the network itself stays O(1) and Adam's step size means the same thing).
+template <TimeField Net> class ScaledField {
+public:
+  using state_type = typename Net::state_type;
+  using vector_type = typename Net::vector_type;
+  using Scalar = typename state_type::Scalar;
+  ScaledField(Net& net, double scale) : net_(net), c_(scale) {
+    diffgrad::detail::require(std::isfinite(scale), "ScaledField", "scale", "a finite number", scale);
+  }
+  void velocity(const state_type& x, double t, state_type& out) const {
+    net_.velocity(x, t, out);
+    out *= Scalar(c_);
+  }
+  void velocity_vjp(const state_type& x, double t, const state_type& a, state_type& dx,
+                    vector_type* dcond, vector_type* dparams) const {
+    scaled_ = Scalar(c_) * a;
+    net_.velocity_vjp(x, t, scaled_, dx, dcond, dparams);
+  }
+  std::int64_t param_size() const { return net_.param_size(); }
+  vector_type& params() { return net_.params(); }
+  const vector_type& params() const { return net_.params(); }
+  double scale() const { return c_; }
+  Net& net() { return net_; }
+
+private:
+  Net& net_;
+  double c_;
+  mutable state_type scaled_;
 };
 
 } // namespace diffgrad::diffflow
