@@ -8,8 +8,9 @@
 //
 // (as root, OpenMPI also wants --allow-run-as-root; more ranks than cores: --oversubscribe.)
 // The batch is cut into fixed chunks of --chunk rows; each rank draws ITS rows of x_T (noise
-// keyed by the global row) and runs its whole chunks; a gradient exchanges one partial per
-// chunk (1 + cond + params doubles) and sums them in chunk order on every rank. The wall time
+// keyed by the global row) and runs its whole chunks; a gradient combines its per-chunk
+// partials in chunk order (--exchange chain: running sums passed rank to rank, cond + params
+// doubles per rank; allgather: every chunk's partial to every rank). The wall time
 // of the call (max over ranks, after a barrier) and the bytes exchanged are printed too, so
 // the same program is the 1-vs-2-rank benchmark. --check makes rank 0 recompute the whole
 // batch in one process and fail (exit 1) unless the bits agree.
