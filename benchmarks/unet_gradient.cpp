@@ -110,9 +110,8 @@ int main(int argc, char** argv) {
     for (Eigen::Index i = 0; i < labels.size(); ++i)
       label_values.push_back(static_cast<std::int64_t>(labels.data()[i]));
 
-    Net net = Net::load(a.str("model"),
-                        {.sample_shape = {1, 8, 8},
-                         .time_input = diffgrad::models::TorchTimeInput::integer});
+    Net net = Net::load(a.str("model"), {.sample_shape = {1, 8, 8},
+                                         .time_input = diffgrad::models::TorchTimeInput::integer});
     net.set_cond(torch::tensor(label_values, torch::kLong));
 
     const std::string scheme = a.str("scheme", "ddim");
