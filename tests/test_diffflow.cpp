@@ -226,6 +226,12 @@ TEST_CASE("DiffFlow memory modes give identical bits; noise is never stored", "[
   LossOptions o;
   o.seed = 21;
   CHECK(flow.loss(power_grid(12, 0.01, 0.4, 0.9, 0.5), x0, o).loss == a.value.loss);
+  CHECK(a.value.nll_bound == a.value.loss); // constant g
+  // Varying g: the bound adds d log(g_N / g_0) (the sum of d log(g_{i+1} / g_i) telescopes).
+  Grid varying = power_grid(4, 0.01, 0.4, 0.9, 1.0);
+  varying.g = {0.3, 0.5, 0.7, 1.1, 1.9};
+  const auto vv = flow.loss(varying, x0, o);
+  CHECK(std::abs(vv.nll_bound - vv.loss - 2 * std::log(1.9 / 0.3)) <= 1e-12 * std::abs(vv.loss));
 
   // Workspace size: store-all holds N + 1 states plus a fixed number of work states, so going
   // from N = 10 to N = 30 adds exactly 20 states; stored noise would add 20 more.

@@ -51,6 +51,9 @@ struct LossValue {
   double prior_term = 0.0;     ///< mean of -log N(x_N; 0, I)
   double backward_term = 0.0;  ///< mean of sum_i |eta_i|^2 / 2
   double forward_term = 0.0;   ///< mean of sum_i |xi_i|^2 / 2 (subtracted)
+  /// loss + d sum_i log(g_{i+1} / g_i): in expectation an upper bound of the backward chain's
+  /// NLL of the data (E[L] = KL(paths) + H(data) - d log(g_N / g_0)); equals loss for constant g
+  double nll_bound = 0.0;
   Eigen::VectorXd per_sample;  ///< L_b
 };
 
@@ -251,6 +254,7 @@ private:
     v.prior_term = prior.mean();
     v.backward_term = back.mean();
     v.forward_term = fwd.mean();
+    v.nll_bound = v.loss + d * std::log(grid.g.back() / grid.g.front());
     return v;
   }
 
