@@ -234,6 +234,28 @@ TEST_CASE("torch adapter: states reach the network without copies", "[torch]") {
     for (int r = 0; r < 3; ++r) CHECK(std::abs(dc(r) - 0.25 * a.row(r).sum()) <= 1e-15 * 4);
     CHECK(!cond.requires_grad());  // the user's tensor is left as it was
   }
+  SECTION("callable: 0-d time tensor, shared conditioning, flat layout") {
+    std::vector<std::int64_t> time_dims, cond_sizes;
+    TorchNoiseModel<float> net(
+        [&](const at::Tensor& x, const at::Tensor& t, const at::Tensor& c) {
+          time_dims.push_back(t.dim());
+          cond_sizes.push_back(c.size(0));
+          return x * t + c.sum();
+        },
+        {}, {.time_per_sample = false});
+    net.set_cond(torch::tensor({1.0f, 2.0f}), TorchCondLayout::shared);
+    TorchNoiseModel<float>::state_type out;
+    for (int rows : {1, 3}) {  // any batch size: the shared tensor has no batch dimension
+      const TorchNoiseModel<float>::state_type x = TorchNoiseModel<float>::state_type::Ones(rows, 5);
+      net.eps(x, 0.5, out);
+      CHECK(out.rows() == rows);
+      CHECK((out.array() - 3.5f).abs().maxCoeff() == 0.0f);
+      CHECK(net.last_input().sizes() == c10::IntArrayRef({rows, 5}));
+    }
+    CHECK(time_dims == std::vector<std::int64_t>{0, 0});
+    CHECK(cond_sizes == std::vector<std::int64_t>{2, 2});
+    CHECK(net.cond_size() == 2);
+  }
 }
 
 TEST_CASE("torch adapter: bad input gives diffgrad errors naming the argument", "[torch]") {

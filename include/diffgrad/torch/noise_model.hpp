@@ -70,7 +70,7 @@ enum class TorchCondLayout {
 struct TorchModelOptions {
   /// Per-sample input layout, e.g. {1, 8, 8} for B x 1 x 8 x 8; its product must be the
   /// state width d. Empty: the flat layout {d}.
-  std::vector<std::int64_t> sample_shape;
+  std::vector<std::int64_t> sample_shape{};
   TorchTimeInput time_input = TorchTimeInput::floating;
   /// t as a length-B tensor (true, diffusers' UNets accept this) or a 0-d tensor (false).
   bool time_per_sample = true;
@@ -240,14 +240,17 @@ public:
       at::Tensor cond = cond_for(x.rows(), where);
       if (want_cond) cond = cond.detach().requires_grad_(true);  // an alias, no data copy
       const at::Tensor y = call(xt, t, cond, where);
-      const at::Tensor cotangent = torch_interop::view_of(a, y.sizes().vec());
+      const at::Tensor cotangent = torch_interop::view_of(a, y.sizes());
 
-      std::vector<at::Tensor> inputs{xt};
-      if (want_cond) inputs.push_back(cond);
-      if (want_params) inputs.insert(inputs.end(), params_.begin(), params_.end());
+      // The inputs to differentiate, in a member vector (its capacity is kept across calls).
+      grad_inputs_.clear();
+      grad_inputs_.push_back(xt);
+      if (want_cond) grad_inputs_.push_back(cond);
+      if (want_params) grad_inputs_.insert(grad_inputs_.end(), params_.begin(), params_.end());
       const std::vector<at::Tensor> grads =
-          torch::autograd::grad({y}, inputs, {cotangent}, /*retain_graph=*/false,
+          torch::autograd::grad({y}, grad_inputs_, {cotangent}, /*retain_graph=*/false,
                                 /*create_graph=*/false, /*allow_unused=*/true);
+      grad_inputs_.clear();  // drop the handles to this call's tensors
 
       if (grads[0].defined())
         torch_interop::copy_to(grads[0], dx, x.rows(), x.cols());
@@ -413,6 +416,7 @@ private:
   at::Tensor time_;
   std::int64_t time_rows_ = -1;
   std::vector<std::int64_t> shape_;
+  std::vector<at::Tensor> grad_inputs_;
   at::Tensor last_input_;
 };
 

@@ -54,7 +54,7 @@ inline std::vector<std::int64_t> batch_shape(std::int64_t rows,
 /// never writes through such a view (the network must not modify its inputs in place).
 template <class Scalar, int Options>
 at::Tensor view_of(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Options>& m,
-                   const std::vector<std::int64_t>& shape) {
+                   c10::IntArrayRef shape) {
   static_assert(Options & Eigen::RowMajor, "view_of needs a row-major matrix (B x d, rows "
                                            "are samples)");
   // Row-major B x d is contiguous with strides {d, 1}; a view to the network's layout is
