@@ -24,6 +24,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+#if defined(__unix__)
+#include <sys/wait.h>
+#include <unistd.h>
+#endif
 
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/detail/philox.hpp"
@@ -238,6 +242,29 @@ TEST_CASE("Nested and concurrent calls run inline; exceptions reach the caller",
   pool.parallel_for(3, [&](std::int64_t, std::int64_t) { ++after; });
   CHECK(after.load() == 3);
 }
+
+#if defined(__unix__)
+TEST_CASE("A forked child runs the pool's work inline instead of waiting for absent workers",
+          "[threads][pool][fork]") {
+  const Backend64 backend(3);
+  const State a = pattern(kBatch, kDim, 0.1);
+  State expected;
+  backend.lincomb(expected, NoiseTerm{0.5, 2, 1, kRowOffset}, term(1.0, a)); // workers started
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::alarm(20); // a hang would end the child by SIGALRM: the parent then reports failure
+    State out;
+    backend.lincomb(out, NoiseTerm{0.5, 2, 1, kRowOffset}, term(1.0, a));
+    const bool ok = same_bits(out, expected) && backend.thread_pool()->participation_mask() != 0;
+    ::_exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+#endif
 
 TEST_CASE("Thread counts: constructor, set_num_threads, environment syntax, shared pools",
           "[threads][config]") {

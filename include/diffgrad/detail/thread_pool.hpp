@@ -19,7 +19,9 @@
 //   - nesting: a call from inside a parallel_for (on a worker or on the calling participant),
 //     from inside an OpenMP parallel region (when compiled with OpenMP), or while another thread
 //     is using the same pool runs the whole range inline on the calling thread. The result is
-//     the same either way; only the speed differs.
+//     the same either way; only the speed differs;
+//   - fork(): a child process has no workers (only the forking thread survives), so in a child
+//     every call runs inline and the destructor detaches instead of joining (POSIX only).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -38,6 +40,10 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#define DIFFGRAD_POOL_HAS_GETPID 1
+#endif
 
 namespace diffgrad::detail {
 
@@ -54,7 +60,7 @@ public:
   static constexpr int kMaxThreads = 64;
 
   /// A pool of `threads` participants (the caller and threads - 1 workers), 1..kMaxThreads.
-  explicit ThreadPool(int threads) : size_(threads) {
+  explicit ThreadPool(int threads) : size_(threads), owner_pid_(current_pid()) {
     if (threads < 1 || threads > kMaxThreads)
       throw_argument("ThreadPool", "threads", concat("1..", kMaxThreads), threads);
     workers_.reserve(static_cast<std::size_t>(threads - 1));
@@ -63,6 +69,10 @@ public:
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
   ~ThreadPool() {
+    if (forked()) { // the workers do not exist in this process: joining would wait forever
+      for (std::thread& t : workers_) t.detach();
+      return;
+    }
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
@@ -79,7 +89,7 @@ public:
   /// Runs inline (one call body(0, count)) when T = 1, count <= 1, or when nested (see above).
   template <class Body> void parallel_for(std::int64_t count, Body&& body) {
     if (count <= 0) return;
-    if (size_ == 1 || count == 1 || must_run_inline() || busy_.exchange(true)) {
+    if (size_ == 1 || count == 1 || must_run_inline() || forked() || busy_.exchange(true)) {
       run_inline(count, body);
       return;
     }
@@ -125,6 +135,16 @@ private:
   template <class B> static void* erase(B& body) {
     return const_cast<void*>(static_cast<const void*>(std::addressof(body)));
   }
+
+  static long current_pid() {
+#if defined(DIFFGRAD_POOL_HAS_GETPID)
+    return static_cast<long>(::getpid());
+#else
+    return 0;
+#endif
+  }
+  /// True in a child process forked after the pool started its workers.
+  bool forked() const { return current_pid() != owner_pid_; }
 
   static bool must_run_inline() {
     if (inside_parallel_region()) return true;
@@ -189,6 +209,7 @@ private:
   }
 
   int size_;
+  long owner_pid_;
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_, done_;
