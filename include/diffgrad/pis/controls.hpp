@@ -137,7 +137,8 @@ private:
 /// The optimal control of a Gaussian mixture sum_k w_k N(m_k, s_k^2 I) (times Z), unit
 /// system as above: u_unit = sum_k r_k(tau, x) (m_k - kappa_k x) / (T_u - kappa_k tau),
 /// r_k proportional to w_k N(x; (tau / T_u) m_k, v_k I), v_k = (tau/T_u)^2 s_k^2 +
-/// tau (T_u - tau) / T_u, kappa_k = 1 - s_k^2 / T_u. The "ground truth" control of PIS's
+/// tau (T_u - tau) / T_u, kappa_k = 1 - s_k^2 / T_u (at tau = 0 its limit, r_k proportional
+/// to w_k exp(x.m_k / T_u + s_k^2 |x|^2 / (2 T_u^2))). The "ground truth" control of PIS's
 /// mixture experiment. Not differentiable (no VJP): for sampling and Z estimates.
 class MixtureOptimalControl {
 public:
@@ -149,6 +150,14 @@ public:
     Matrix logr(x.rows(), k_count);
     for (Eigen::Index k = 0; k < k_count; ++k) {
       const double s2 = target_.stddev(k) * target_.stddev(k);
+      if (tau == 0.0) {
+        // The limit tau -> 0 (v_k -> 0 for every k): phi_0's component k is
+        // int e^{x.y/Tu} N(y; m_k, s_k^2) dy, so r_k ~ w_k exp(x.m_k/Tu + s_k^2 |x|^2/(2 Tu^2)).
+        logr.col(k) = (x * target_.means().row(k).transpose() / tu_).array() +
+                      (std::log(target_.weight(k)) +
+                       s2 * x.rowwise().squaredNorm().array() / (2.0 * tu_ * tu_));
+        continue;
+      }
       const double v = rho * rho * s2 + tau * (tu_ - tau) / tu_;
       logr.col(k) = (std::log(target_.weight(k)) - 0.5 * static_cast<double>(d) * std::log(v)) -
                     ((x.rowwise() - rho * target_.means().row(k)).rowwise().squaredNorm() /
