@@ -18,6 +18,19 @@ if(DIFFGRAD_ENABLE_MPI)
   # Installed and exported as diffgrad::mpi (the export name drops the prefix).
   set_target_properties(diffgrad_mpi PROPERTIES EXPORT_NAME mpi)
   target_link_libraries(diffgrad_mpi INTERFACE diffgrad::diffgrad MPI::MPI_CXX)
+
+  # mpiexec flags for the MPI tests and examples: Open MPI refuses to run as root and to start
+  # more ranks than cores without these; MPICH's mpiexec does not know them.
+  if(NOT DEFINED DIFFGRAD_MPIEXEC_EXTRA_FLAGS)
+    set(_diffgrad_mpiexec_flags "")
+    execute_process(COMMAND ${MPIEXEC_EXECUTABLE} --version
+                    OUTPUT_VARIABLE _diffgrad_mpiexec_version ERROR_QUIET)
+    if(_diffgrad_mpiexec_version MATCHES "Open MPI|OpenRTE")
+      set(_diffgrad_mpiexec_flags --allow-run-as-root --oversubscribe)
+    endif()
+    set(DIFFGRAD_MPIEXEC_EXTRA_FLAGS "${_diffgrad_mpiexec_flags}" CACHE STRING
+        "Extra mpiexec flags for diffgrad's MPI tests and examples")
+  endif()
 else()
   message(STATUS "diffgrad: diffgrad::mpi is not built (MPI not found or DIFFGRAD_ENABLE_MPI=OFF)")
 endif()

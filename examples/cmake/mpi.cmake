@@ -9,18 +9,8 @@ if(TARGET diffgrad_mpi AND NOT TARGET sample_mpi)
   target_include_directories(sample_mpi PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
   diffgrad_target_warnings(sample_mpi)
 
-  # OpenMPI refuses to run as root and to start more ranks than cores without these flags;
-  # MPICH's mpiexec does not know them (tests/mpi/CMakeLists.txt sets the same cache entry).
-  if(NOT DEFINED DIFFGRAD_MPIEXEC_EXTRA_FLAGS)
-    set(_diffgrad_mpiexec_flags "")
-    execute_process(COMMAND ${MPIEXEC_EXECUTABLE} --version
-                    OUTPUT_VARIABLE _diffgrad_mpiexec_version ERROR_QUIET)
-    if(_diffgrad_mpiexec_version MATCHES "Open MPI|OpenRTE")
-      set(_diffgrad_mpiexec_flags --allow-run-as-root --oversubscribe)
-    endif()
-    set(DIFFGRAD_MPIEXEC_EXTRA_FLAGS "${_diffgrad_mpiexec_flags}" CACHE STRING
-        "Extra mpiexec flags for diffgrad's MPI tests and examples")
-  endif()
+  # DIFFGRAD_MPIEXEC_EXTRA_FLAGS: cmake/diffgradMpi.cmake (Open MPI: --allow-run-as-root
+  # --oversubscribe).
   foreach(_diffgrad_mode sample gradient)
     add_test(NAME "example: sample_mpi ${_diffgrad_mode} (2 ranks)"
              COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} 2 ${MPIEXEC_PREFLAGS}
