@@ -19,6 +19,7 @@
 #include "diffgrad/flow/sample_flow.hpp"
 #include "diffgrad/gddim/bdm_sampler.hpp"
 #include "diffgrad/gddim/cld_sampler.hpp"
+#include "diffgrad/gradients/gradient.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
@@ -428,4 +429,120 @@ TEST_CASE("gDDIM block and per-frequency plans: one fused pass per step, no allo
     INFO("BDM, order " << o.order << ", stochasticity " << l);
     check_structured_costs(scheme, plain_scheme, scheme.nodes(), 6, l > 0);
   }
+}
+
+// ---------------------------------------------------------------------------------------
+// Exact gradients (gradients/reverse_stepper.hpp): model calls, stored and allocated
+// vectors, no heap allocation in the run once the workspace exists.
+
+namespace {
+
+/// eps = 0.3 x + 0.1 and its VJP dx = 0.3 a, element by element (never allocates).
+struct NonAllocatingLinearModel {
+  std::int64_t cond_size() const { return 0; }
+  std::int64_t param_size() const { return 0; }
+  int evals = 0, vjps = 0;
+  void eps(const State& x, const Node&, State& out) {
+    ++evals;
+    for (Eigen::Index r = 0; r < x.rows(); ++r)
+      for (Eigen::Index c = 0; c < x.cols(); ++c) out(r, c) = 0.3 * x(r, c) + 0.1;
+  }
+  void vjp(const State&, const Node&, const State& a, State& dx, Inner::vector_type*,
+           Inner::vector_type*) {
+    ++vjps;
+    for (Eigen::Index r = 0; r < a.rows(); ++r)
+      for (Eigen::Index c = 0; c < a.cols(); ++c) dx(r, c) = 0.3 * a(r, c);
+  }
+};
+
+struct GradientCounts {
+  std::int64_t evals, vjps, stored, workspace_states, heap_allocations;
+};
+
+/// One gradient of `scheme` over n steps on a CountingBackend: the workspace's state
+/// allocations, then the run's model calls (counted by the model), stored vectors and heap
+/// allocations (counted by the probe).
+template <class Scheme>
+GradientCounts count_gradient(const Scheme& scheme, int n, const GradientOptions& options) {
+  const VPLinearSchedule schedule;
+  const std::vector<Node> nodes = make_nodes(schedule, uniform_t_grid(schedule, n, 1.0, 1e-3));
+  const State x_T = diffgrad::testing::test_batch<double>(3, 5);
+  const State cotangent = x_T.reverse();
+  NonAllocatingLinearModel model;
+  const Counting backend;
+  const BackendCounts before = backend.counts();
+  auto ws =
+      make_gradient_workspace(scheme, backend, std::span<const Node>(nodes), model, x_T, options);
+  const std::int64_t made = (backend.counts() - before).make_state;
+  AllocationWindow window;
+  const auto& r = gradient(scheme, backend, schedule, std::span<const Node>(nodes), model, x_T,
+                           cotangent, options, ws);
+  window.stop();
+  CHECK(r.cost.model_evals == model.evals);
+  CHECK(r.cost.vjps == model.vjps);
+  CHECK(r.cost.peak_stored_states <= ws.snapshot_buffers());
+  return {model.evals, model.vjps, r.cost.peak_stored_states, made,
+          window.new_calls + window.eigen_allocations};
+}
+
+/// The workspace's fixed working set for history h and s stages: (h + 1) states and model
+/// outputs, 2 (s - 1) stage buffers, (h + 2) + (h + 1) cotangent rings, 2 (s - 1) stage
+/// cotangents, the VJP buffer, x0 and dL/dx_T.
+std::int64_t working_set(int h, int s) {
+  return 2 * (h + 1) + 2 * (s - 1) + (2 * h + 3) + 2 * (s - 1) + 3;
+}
+
+} // namespace
+
+TEST_CASE("Exact gradients: N - 1 stored vectors under store_all, model calls per the cost "
+          "formulas, no allocation in the run",
+          "[counting][adjoint]") {
+  const int n = 12;
+  const GradientOptions store_all;
+  GradientOptions keep;
+  keep.keep_stages = true;
+  GradientOptions recompute;
+  recompute.memory = MemoryMode::recompute();
+
+  // DDIM: one stage, no history.
+  const auto ddim = count_gradient(Ddim(), n, store_all);
+  CHECK(ddim.evals == n);
+  CHECK(ddim.vjps == n);
+  CHECK(ddim.stored == n - 1);
+  CHECK(ddim.workspace_states == working_set(0, 1) + (n - 1));
+  CHECK(ddim.heap_allocations == 0);
+#ifdef DIFFGRAD_TEST_HAS_DPM_MULTISTEP
+  // DPM-Solver++ 2M / 3M read x_{i-1-j} and e_{i-1-j}, but reversing step i needs only x_i:
+  // store_all keeps one vector per step (before: 1 + 2H per step, 239 for 3M at N = 50).
+  for (int order : {2, 3}) {
+    INFO("DPM-Solver++ " << order << "M");
+    const DpmSolverMultistep scheme(order, SolverPrediction::data);
+    const auto g = count_gradient(scheme, n, store_all);
+    CHECK(g.evals == n);
+    CHECK(g.vjps == n);
+    CHECK(g.stored == n - 1);
+    CHECK(g.workspace_states == working_set(order - 1, 1) + (n - 1));
+    CHECK(g.heap_allocations == 0);
+    // recompute: x_T only, re-advanced from (no history at step 0): N (N - 1)/2 + 1 calls.
+    const auto r = count_gradient(scheme, n, recompute);
+    CHECK(r.evals == n * (n - 1) / 2 + 1);
+    CHECK(r.stored == 1);
+    CHECK(r.heap_allocations == 0);
+  }
+#endif
+  // A 3-stage singlestep scheme: S N forward calls plus (S - 1) N stage recomputations, or
+  // none with keep_stages, which stores the S - 1 stage inputs of every step as well.
+  const DpmSolverSinglestep singlestep(3, SolverPrediction::data);
+  const auto plain = count_gradient(singlestep, n, store_all);
+  CHECK(plain.evals == 3 * n + 2 * n);
+  CHECK(plain.vjps == 3 * n);
+  CHECK(plain.stored == n - 1);
+  CHECK(plain.workspace_states == working_set(0, 3) + (n - 1));
+  CHECK(plain.heap_allocations == 0);
+  const auto kept = count_gradient(singlestep, n, keep);
+  CHECK(kept.evals == 3 * n);
+  CHECK(kept.vjps == 3 * n);
+  CHECK(kept.stored == 3 * (n - 1));
+  CHECK(kept.workspace_states == working_set(0, 3) + 3 * (n - 1));
+  CHECK(kept.heap_allocations == 0);
 }

@@ -793,10 +793,12 @@ TEST_CASE("gradients are identical across memory modes; costs match the binomial
   }
 }
 
-TEST_CASE("multistep checkpoints carry their history; the count is exact",
+TEST_CASE("store_all keeps one vector per step; re-advanced checkpoints carry their history",
           "[adjoint][checkpoint]") {
-  // DPM-Solver++ 3M reads x_{i-1}, x_{i-2}, e_{i-1}, e_{i-2} (data predictions of two earlier
-  // steps): a snapshot of step i >= 2 holds 5 vectors. store_all keeps steps 0 .. N - 2.
+  // Reversing a single-stage step needs only x_i (the VJP point): store_all never re-advances,
+  // so it keeps x_0 .. x_{N-2} (x_{N-1} is the working state) whatever the history, N - 1
+  // vectors. (Before: DPM-Solver++ 3M kept x_i, x_{i-1}, x_{i-2}, e_{i-1}, e_{i-2} per step,
+  // 1 + 3 + 5 (N - 3).)
   const int n = 10;
   const auto grid = diffusion_grid(n);
   auto model = diffgrad::testing::gaussian_problem<double>(3);
@@ -804,11 +806,23 @@ TEST_CASE("multistep checkpoints carry their history; the count is exact",
   const auto r = gradient(DpmSolverMultistep(3, SolverPrediction::data), Backend64{}, vp_schedule(),
                           grid.nodes, model, x_T, x_T);
   CHECK(r.cost.peak_checkpoints == n - 1);
-  CHECK(r.cost.peak_stored_states == 1 + 3 + 5 * (n - 3)); // steps 0, 1, 2..N-2
-  // Noise-prediction multistep reads only e_{i-1-j}: 1 + 2 vectors per snapshot.
+  CHECK(r.cost.peak_stored_states == n - 1);
   const auto q = gradient(DpmSolverMultistep(3, SolverPrediction::noise), Backend64{},
                           vp_schedule(), grid.nodes, model, x_T, x_T);
-  CHECK(q.cost.peak_stored_states == 1 + 2 + 3 * (n - 3));
+  CHECK(q.cost.peak_stored_states == n - 1);
+  // recompute: the one snapshot x_T is re-advanced from, and has no history: 1 vector.
+  const auto c =
+      gradient(DpmSolverMultistep(3, SolverPrediction::data), Backend64{}, vp_schedule(),
+               grid.nodes, model, x_T, x_T, GradientOptions{.memory = MemoryMode::recompute()});
+  CHECK(c.cost.peak_stored_states == 1);
+  // checkpoint(2) at N = 10 (t = 20): x_T plus one snapshot that is re-advanced from at a
+  // step >= 2, which carries x_{i-1}, x_{i-2}, e_{i-1}, e_{i-2}: 1 + 5 vectors at most.
+  const auto k =
+      gradient(DpmSolverMultistep(3, SolverPrediction::data), Backend64{}, vp_schedule(),
+               grid.nodes, model, x_T, x_T, GradientOptions{.memory = MemoryMode::checkpoint(2)});
+  CHECK(k.cost.peak_checkpoints == 2);
+  CHECK(k.cost.peak_stored_states == 6);
+  CHECK((k.grad_x.array() == r.grad_x.array()).all());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@
 //
 // The model is a DifferentiableNoiseModel (eps + vjp) or a DifferentiableVelocityModel
 // (velocity + velocity_vjp); flow schemes (FlowEuler, FlowHeun) use gradient_flow, which
-// takes flow times like sample_flow and always calls the velocity. The loss is a LossFunction (gradients/loss.hpp) or a state,
-// the cotangent dL/dx_0. For repeated calls (optimisation loops) build a workspace once
-// with make_gradient_workspace and pass it: nothing is allocated after that.
+// takes flow times like sample_flow and always calls the velocity. The loss is a LossFunction
+// (gradients/loss.hpp) or a state, the cotangent dL/dx_0. For repeated calls (optimisation loops)
+// build a workspace once with make_gradient_workspace and pass it: nothing is allocated after that.
+// Users who own the loop (batched or remote model calls) drive the same engine themselves
+// with ReverseStepper (gradients/reverse_stepper.hpp): same workspace, same bits.
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -18,6 +20,7 @@
 #include "diffgrad/flow/sample_flow.hpp"
 #include "diffgrad/gradients/discrete_adjoint.hpp"
 #include "diffgrad/gradients/loss.hpp"
+#include "diffgrad/gradients/reverse_stepper.hpp"
 #include "diffgrad/gradients/vjp_call.hpp"
 #include "diffgrad/solvers/model_call.hpp"
 
@@ -53,8 +56,8 @@ GradientWorkspace<B> make_gradient_workspace(const Scheme& scheme, const B& back
                                              const GradientOptions& options = {}) {
   detail::require(nodes.size() >= 2, "make_gradient_workspace", "nodes", "at least 2 nodes",
                   static_cast<double>(nodes.size()));
-  return GradientWorkspace<B>::for_scheme(backend, scheme, static_cast<int>(nodes.size()) - 1,
-                                          x_T, static_cast<std::int64_t>(model.cond_size()),
+  return GradientWorkspace<B>::for_scheme(backend, scheme, static_cast<int>(nodes.size()) - 1, x_T,
+                                          static_cast<std::int64_t>(model.cond_size()),
                                           static_cast<std::int64_t>(model.param_size()), options);
 }
 
@@ -87,9 +90,8 @@ GradientResult<B> gradient(const Scheme& scheme, const B& backend, const S& sche
 template <class Scheme, Backend B, class Model, class LossOrCotangent>
 const GradientResult<B>& gradient_flow(const Scheme& scheme, const B& backend,
                                        std::span<const double> times, Model& model,
-                                       const typename B::state_type& x_T,
-                                       LossOrCotangent&& loss, const GradientOptions& options,
-                                       GradientWorkspace<B>& ws) {
+                                       const typename B::state_type& x_T, LossOrCotangent&& loss,
+                                       const GradientOptions& options, GradientWorkspace<B>& ws) {
   using State = typename B::state_type;
   static_assert(DifferentiableVelocityModel<Model, State, typename B::vector_type>,
                 "diffgrad::gradient_flow: the model must provide velocity(x, t, out), "
