@@ -289,6 +289,22 @@ TEST_CASE("torch adapter: bad input gives diffgrad errors naming the argument", 
   // Files.
   CHECK_THROWS_WITH(TorchNoiseModel<double>::load(data_path("missing.pt"), {}),
                     Catch::Contains("'path'") && Catch::Contains("missing.pt"));
+  // Devices: Debian's LibTorch has no CUDA, so tensors on the "meta" device (shape and dtype,
+  // no data) stand in for any non-CPU tensor.
+  const auto meta = torch::TensorOptions().dtype(torch::kDouble).device(torch::kMeta);
+  CHECK_THROWS_WITH(net.set_cond(torch::zeros({2, 3}, meta)),
+                    Catch::Contains("'cond'") && Catch::Contains("CPU") && Catch::Contains("meta"));
+  CHECK_THROWS_WITH(TorchNoiseModel<double>(
+                        [](const at::Tensor& x, const at::Tensor&, const at::Tensor&) { return x; },
+                        {{"w", torch::zeros({2}, meta)}}, {}),
+                    Catch::Contains("'parameters'") && Catch::Contains("'w' on meta"));
+  TorchNoiseModel<double> elsewhere(
+      [meta](const at::Tensor& x, const at::Tensor&, const at::Tensor&) {
+        return torch::empty(x.sizes(), meta);
+      },
+      {}, {});
+  CHECK_THROWS_WITH(elsewhere.eps(State::Zero(2, 4), 0.5, out),
+                    Catch::Contains("module output") && Catch::Contains("CPU"));
   // A network whose output has the wrong shape.
   TorchNoiseModel<double> summing(
       [](const at::Tensor& x, const at::Tensor&, const at::Tensor&) { return x.sum(1); }, {}, {});
