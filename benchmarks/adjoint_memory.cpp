@@ -64,7 +64,7 @@ void row(const char* name, const Scheme& scheme, int steps, bool keep_stages) {
                                static_cast<double>(g.cost.vjps), g.grad_x(0, 0)};
   });
   const double vector_mib = static_cast<double>(kBatch * kDim * 8) / (1024.0 * 1024.0);
-  std::printf("| %-28s | %4d | %6.0f | %6.0f | %6.0f | %8.1f | %8.1f |\n",
+  std::printf("| %-42s | %4d | %6.0f | %6.0f | %6.0f | %8.1f | %8.1f |\n",
               (std::string(name) + (keep_stages ? ", keep_stages" : "")).c_str(), steps,
               r.payload[0], r.payload[1], r.payload[2], r.payload[0] * vector_mib,
               static_cast<double>(r.peak_growth_bytes) / (1024.0 * 1024.0));
@@ -77,9 +77,9 @@ int main() {
   std::printf("state: %lld x %lld doubles (%.3f MiB); store_all\n\n",
               static_cast<long long>(kBatch), static_cast<long long>(kDim),
               static_cast<double>(kBatch * kDim * 8) / (1024.0 * 1024.0));
-  std::printf("| %-28s | %4s | %6s | %6s | %6s | %8s | %8s |\n", "scheme", "N", "stored", "evals",
+  std::printf("| %-42s | %4s | %6s | %6s | %6s | %8s | %8s |\n", "scheme", "N", "stored", "evals",
               "vjps", "MiB", "peak RSS");
-  std::printf("|%s|%s|%s|%s|%s|%s|%s|\n", std::string(30, '-').c_str(),
+  std::printf("|%s|%s|%s|%s|%s|%s|%s|\n", std::string(44, '-').c_str(),
               "------:", "-------:", "-------:", "-------:", "---------:", "---------:");
   for (int steps : {50, 200}) {
     row("DDIM", diffgrad::Ddim(), steps, false);
