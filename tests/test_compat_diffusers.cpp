@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -166,6 +167,19 @@ TEST_CASE("compat: bad timestep arguments are rejected with the argument named")
   compat::DdimSchedulerConfig config;
   config.steps_offset = 200; // 9 * 100 + 200 > 999
   CHECK_THROWS_WITH(compat::ddim_setup(schedule, config, 10), Catch::Contains("steps_offset"));
+  // Offsets that would overflow int arithmetic (found by fuzz/fuzz_scheduler_numbers) and
+  // negative ones are refused by name, for both timestep families; the largest valid offset
+  // still works.
+  for (const int offset : {std::numeric_limits<int>::max(), std::numeric_limits<int>::max() - 58,
+                           -1, std::numeric_limits<int>::min()}) {
+    CHECK_THROWS_WITH(compat::ddim_timesteps(10, compat::TimestepSpacing::leading, offset),
+                      Catch::Contains("steps_offset"));
+    CHECK_THROWS_WITH(compat::multistep_timesteps(10, compat::TimestepSpacing::leading, offset),
+                      Catch::Contains("steps_offset"));
+  }
+  CHECK(compat::ddim_timesteps(10, compat::TimestepSpacing::leading, 99).front() == 999);
+  CHECK(compat::multistep_timesteps(10, compat::TimestepSpacing::leading, 99).front() == 999);
+  CHECK_THROWS(compat::ddim_timesteps(10, compat::TimestepSpacing::leading, 100));
   config = {};
   config.num_train_timesteps = 500;
   CHECK_THROWS_WITH(compat::ddim_setup(schedule, config, 10),

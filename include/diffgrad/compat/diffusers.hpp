@@ -101,6 +101,26 @@ inline void check_inference_steps(int num_inference_steps, int num_train_timeste
                             num_inference_steps);
 }
 
+/// "leading" spacing: k * ratio + steps_offset for k = k_first .. k_last (decreasing), computed
+/// in 64 bits so that no offset can overflow; every timestep must index the table
+/// (0 <= t < num_train_timesteps), which also bounds steps_offset (diffusers would index out of
+/// its alphas_cumprod table instead).
+inline std::vector<int> leading_timesteps(int k_first, int k_last, int ratio, int steps_offset,
+                                          int num_train_timesteps, const char* where) {
+  const std::int64_t top = static_cast<std::int64_t>(k_first) * ratio + steps_offset;
+  diffgrad::detail::require(steps_offset >= 0 && top < num_train_timesteps, where, "steps_offset",
+                            diffgrad::detail::concat(
+                                "0 <= steps_offset <= ", num_train_timesteps - 1 - static_cast<std::int64_t>(k_first) * ratio,
+                                " (so that the first timestep ", k_first, " * ", ratio,
+                                " + steps_offset indexes the ", num_train_timesteps,
+                                "-entry table)"),
+                            steps_offset);
+  std::vector<int> out;
+  out.reserve(static_cast<std::size_t>(k_first - k_last + 1));
+  for (int k = k_first; k >= k_last; --k) out.push_back(k * ratio + steps_offset);
+  return out;
+}
+
 /// round(arange(last, 0, -N/n)) - 1 (diffusers' trailing spacing). Entries below 0 (the -1
 /// that numpy's arange yields for some n) are kept only with `wrap`.
 inline std::vector<int> trailing_timesteps(int last, int N, int n, bool wrap) {
@@ -144,12 +164,8 @@ inline std::vector<int> ddim_timesteps(int num_inference_steps, TimestepSpacing 
   case TimestepSpacing::linspace:
     return detail::reversed_rounded(detail::np_linspace(0.0, N - 1.0, n),
                                     static_cast<std::size_t>(n), 0);
-  case TimestepSpacing::leading: {
-    std::vector<int> out;
-    const int ratio = N / n;
-    for (int k = n - 1; k >= 0; --k) out.push_back(k * ratio + steps_offset);
-    return out;
-  }
+  case TimestepSpacing::leading:
+    return detail::leading_timesteps(n - 1, 0, N / n, steps_offset, N, "compat::ddim_timesteps");
   case TimestepSpacing::trailing: return detail::trailing_timesteps(N, N, n, trailing_wrap);
   }
   diffgrad::detail::throw_argument("compat::ddim_timesteps", "spacing",
@@ -187,12 +203,9 @@ inline std::vector<int> multistep_timesteps(int num_inference_steps, TimestepSpa
   case TimestepSpacing::linspace:
     return detail::reversed_rounded(detail::np_linspace(0.0, last - 1.0, n + 1),
                                     static_cast<std::size_t>(n), 0);
-  case TimestepSpacing::leading: {
-    std::vector<int> out;
-    const int ratio = last / (n + 1);
-    for (int k = n; k >= 1; --k) out.push_back(k * ratio + steps_offset);
-    return out;
-  }
+  case TimestepSpacing::leading:
+    return detail::leading_timesteps(n, 1, last / (n + 1), steps_offset, N,
+                                     "compat::multistep_timesteps");
   case TimestepSpacing::trailing: return detail::trailing_timesteps(last, N, n, trailing_wrap);
   }
   diffgrad::detail::throw_argument("compat::multistep_timesteps", "spacing",
