@@ -48,9 +48,10 @@ struct Setup {
 
 /// Denoising score matching for the VP baseline (the usual way a diffusion model is trained):
 /// per iteration `groups` times t ~ U(t0, 1), each shared by batch/groups samples (Mlp takes one
-/// t per call), x_t = alpha x_0 + sigma eps, loss |sigma s(x_t, t) + eps|^2 / 2 (weight sigma^2).
-template <class Score, class Alpha>
-double train_dsm(Score& score, Alpha&& alpha_of, double t0, const Setup& s, int groups) {
+/// t per call), x_t = alpha x_0 + sigma eps, loss |eps_hat(x_t, t) - eps|^2 / 2 for the noise
+/// network eps_hat (score s = -eps_hat / sigma): the usual epsilon-prediction objective.
+template <class EpsNet, class Alpha>
+double train_dsm(EpsNet& score, Alpha&& alpha_of, double t0, const Setup& s, int groups) {
   diffgrad::Adam adam({.learning_rate = s.lr});
   const int per = std::max(1, s.batch / groups);
   State x0, eps(per, 2), xt, out, a, dx;
@@ -73,7 +74,7 @@ double train_dsm(Score& score, Alpha&& alpha_of, double t0, const Setup& s, int 
           eps(b, c) = diffgrad::detail::gaussian(s.seed + 4, key, static_cast<std::uint64_t>(2 * b + c));
       xt = alpha * x0.middleRows(k * per, per) + sigma * eps;
       score.velocity(xt, t, out);
-      a = (sigma * (sigma * out + eps)) / static_cast<double>(per * groups);
+      a = (out - eps) / static_cast<double>(per * groups); // out = eps_hat, s = -eps_hat / sigma
       score.velocity_vjp(xt, t, a, dx, nullptr, &grad);
     }
     adam.step(score.params(), grad);
@@ -134,6 +135,8 @@ int main(int argc, char** argv) {
     cli.option("--nll-samples", s.nll_samples, "held-out points", 2);
     cli.option("--ode-steps", s.ode_steps, "RK4 steps of the PF-ODE", 1, 1000000);
     cli.option("--seed", s.seed, "seed");
+    std::string models = "diffflow,vp,dsm";
+    cli.option("--models", models, "rows to run: any of diffflow, vp, dsm (comma separated)");
     if (!cli.parse(argc, argv)) return 2;
     s.toy.toy = parse_toy(toy);
 
@@ -147,31 +150,35 @@ int main(int argc, char** argv) {
       return c;
     };
     std::vector<Row> rows;
-    {
+    const auto wanted = [&](const char* m) { return models.find(m) != std::string::npos; };
+    if (wanted("diffflow")) {
       const double t0 = 0.001, t1 = 0.05;
       Net drift_net(config(1.0 / t1), 2 * s.seed + 1), score(config(1.0 / t1), 2 * s.seed + 2);
       ScaledField drift(drift_net, 1.0 / (t1 - t0));
       rows.push_back(run("DiffFlow (learned f, g = 0.2, T = 0.05)", drift, score,
                          PowerTimeGrid(s.steps, t0, t1, 0.9), constant_diffusion(0.2), s));
     }
-    {
+    if (wanted("vp")) {
       const double b0 = 0.1, b1 = 20.0;
       const auto beta = [=](double t) { return b0 + (b1 - b0) * t; };
+      const auto alpha = [=](double t) { return std::exp(-0.5 * (b0 * t + 0.5 * (b1 - b0) * t * t)); };
       LinearDrift<double> drift([=](double t) { return -0.5 * beta(t); });
-      Net score(config(1.0), 2 * s.seed + 2);
-      rows.push_back(run("VP baseline (f = -beta x/2, g = sqrt(beta), T = 1)", drift, score,
+      Net eps(config(1.0), 2 * s.seed + 2);
+      ScaledField score(eps, [=](double t) { return -1.0 / std::sqrt(1.0 - alpha(t) * alpha(t)); });
+      rows.push_back(run("VP baseline, path-KL loss (f = -beta x/2, g = sqrt(beta), T = 1)", drift, score,
                          PowerTimeGrid(s.steps, 1e-3, 1.0, 1.0),
                          [=](double t) { return std::sqrt(beta(t)); }, s));
     }
-    {
+    if (wanted("dsm")) {
       const double b0 = 0.1, b1 = 20.0, t0 = 1e-3;
       const auto beta = [=](double t) { return b0 + (b1 - b0) * t; };
       const auto alpha = [=](double t) { return std::exp(-0.5 * (b0 * t + 0.5 * (b1 - b0) * t * t)); };
       LinearDrift<double> drift([=](double t) { return -0.5 * beta(t); });
-      Net score(config(1.0), 2 * s.seed + 2);
+      Net eps(config(1.0), 2 * s.seed + 2);
+      ScaledField score(eps, [=](double t) { return -1.0 / std::sqrt(1.0 - alpha(t) * alpha(t)); });
       std::fprintf(stderr, "VP baseline, denoising score matching: training %d iterations...\n",
                    s.iterations);
-      const double secs = train_dsm(score, alpha, t0, s, 16);
+      const double secs = train_dsm(eps, alpha, t0, s, 16);
       Setup none = s;
       none.iterations = 0;
       const DiffusionFn g = [=](double t) { return std::sqrt(beta(t)); };

@@ -61,35 +61,41 @@ private:
   vector_type params_;
 };
 
-/// c * F(x, t) for a TimeField F: puts a network's O(1) output on the scale the chain needs
-/// (DiffFlow's drift must move the data O(1) within a short horizon T, i.e. f = O(1/T); with
-/// c = 1/T the network itself stays O(1) and Adam's step size means the same thing).
+/// c(t) F(x, t) for a TimeField F, c a constant or a function of t. A constant puts a
+/// network's O(1) output on the scale the chain needs (DiffFlow's drift must move the data O(1)
+/// within a short horizon T, i.e. f = O(1/T); with c = 1/T the network stays O(1) and Adam's
+/// step means the same thing); c(t) = -1/sigma(t) turns a noise-prediction network into a
+/// score (the usual parameterisation of a VP diffusion).
 template <TimeField Net> class ScaledField {
 public:
   using state_type = typename Net::state_type;
   using vector_type = typename Net::vector_type;
   using Scalar = typename state_type::Scalar;
-  ScaledField(Net& net, double scale) : net_(net), c_(scale) {
+  ScaledField(Net& net, double scale) : net_(net), c_([scale](double) { return scale; }) {
     diffgrad::detail::require(std::isfinite(scale), "ScaledField", "scale", "a finite number", scale);
+  }
+  ScaledField(Net& net, std::function<double(double)> scale) : net_(net), c_(std::move(scale)) {
+    if (!c_)
+      diffgrad::detail::throw_argument("ScaledField", "scale", "a callable c(t)", "an empty function");
   }
   void velocity(const state_type& x, double t, state_type& out) const {
     net_.velocity(x, t, out);
-    out *= Scalar(c_);
+    out *= Scalar(c_(t));
   }
   void velocity_vjp(const state_type& x, double t, const state_type& a, state_type& dx,
                     vector_type* dcond, vector_type* dparams) const {
-    scaled_ = Scalar(c_) * a;
+    scaled_ = Scalar(c_(t)) * a;
     net_.velocity_vjp(x, t, scaled_, dx, dcond, dparams);
   }
   std::int64_t param_size() const { return net_.param_size(); }
   vector_type& params() { return net_.params(); }
   const vector_type& params() const { return net_.params(); }
-  double scale() const { return c_; }
+  double scale(double t) const { return c_(t); }
   Net& net() { return net_; }
 
 private:
   Net& net_;
-  double c_;
+  std::function<double(double)> c_;
   mutable state_type scaled_;
 };
 
