@@ -39,6 +39,7 @@
 #include "diffgrad/inversion/engine.hpp"
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/gaussian_mixture.hpp"
+#include "diffgrad/models/mlp.hpp"
 #include "diffgrad/schedule/time_grid.hpp"
 #include "diffgrad/schedule/vp_linear.hpp"
 #include "diffgrad/solvers/ddim.hpp"
@@ -641,4 +642,54 @@ TEST_CASE("Mixture models: fixed row and component blocks give the same bits on 
   Eigen::VectorXd stds(70);
   for (Eigen::Index k = 0; k < 70; ++k) stds(k) = 0.1 + 0.01 * static_cast<double>(k % 5);
   check_model_threads("GaussianMixture", models::GaussianMixture<double>(points, stds));
+}
+
+namespace {
+
+/// The Mlp's eps and VJP on T threads (once it offers set_num_threads): fixed row blocks and
+/// fixed blocks of output neurons, so the same bits for every T.
+template <class Model> void check_mlp_threads(Model model) {
+  if constexpr (requires(Model& m) { m.set_num_threads(2); }) {
+    const Eigen::Index batch = 201, dim = 33;
+    const State x = pattern(batch, dim, 0.4), cot = pattern(batch, dim, 2.4);
+    State ref_eps, ref_dx;
+    Vector ref_dcond, ref_dparams;
+    for (const int threads : kThreadCounts) {
+      INFO("threads " << threads);
+      model.set_num_threads(threads);
+      const Backend64 same(threads);
+      if (same.thread_pool() != nullptr) same.thread_pool()->reset_participation();
+      State eps, dx;
+      Vector dcond = Vector::Zero(model.cond_size()), dparams = Vector::Zero(model.param_size());
+      model.eps(x, 0.3, eps);
+      model.vjp(x, 0.3, cot, dx, &dcond, &dparams);
+      require_all_participated(same);
+      if (threads == 1) {
+        ref_eps = eps;
+        ref_dx = dx;
+        ref_dcond = dcond;
+        ref_dparams = dparams;
+      } else {
+        CHECK(same_bits(eps, ref_eps));
+        CHECK(same_bits(dx, ref_dx));
+        CHECK(same_bits(dcond, ref_dcond));
+        CHECK(same_bits(dparams, ref_dparams));
+      }
+    }
+  } else {
+    WARN("models::Mlp has no set_num_threads yet: its threading is not tested");
+  }
+}
+
+} // namespace
+
+TEST_CASE("Mlp: row blocks give the same bits on 1, 2 and 3 threads", "[threads][models][mlp]") {
+  models::MlpConfig config;
+  config.dim = 33;
+  config.cond_dim = 3;
+  config.hidden = {70, 40};
+  config.activation = models::Activation::tanh;
+  check_mlp_threads(models::Mlp<double>(config, 11));
+  config.activation = models::Activation::silu;
+  check_mlp_threads(models::Mlp<double>(config, 12));
 }
