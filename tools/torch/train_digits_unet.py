@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import pathlib
 import platform
 import sys
@@ -159,6 +158,7 @@ def main():
             log_lines.append(line)
             print(line, flush=True)
     train_s = time.time() - t_start
+    last = losses[-250:]
 
     # Held-out-style evaluation: a fixed batch of all images at fixed (k, noise), no label drop.
     unet.eval()
@@ -171,7 +171,7 @@ def main():
         eval_uncond = torch.nn.functional.mse_loss(
             unet(xt, k, class_labels=torch.full_like(y_all, NULL_CLASS)).sample, noise).item()
     log_lines.append(f"# training time {train_s:.1f} s; final loss (mean of the last 250 steps) "
-                     f"{sum(losses[-250:]) / 250:.6f}")
+                     f"{sum(last) / len(last):.6f}")
     log_lines.append(f"# eval: all {x_all.shape[0]} images, fixed k and noise (seed 12345): "
                      f"mse conditional {eval_loss:.6f}, unconditional {eval_uncond:.6f}")
     print("\n".join(log_lines[-2:]), flush=True)
@@ -227,7 +227,7 @@ def main():
                       "class_labels": "int64 [B], 0..9 digit, 10 = unconditional",
                       "returns": "eps, same dtype/shape as sample"},
         "training": vars(args) | {"parameters": n_params, "train_seconds": round(train_s, 1),
-                                  "final_loss_last250": sum(losses[-250:]) / 250,
+                                  "final_loss_last250": sum(last) / len(last),
                                   "eval_mse_conditional": eval_loss,
                                   "eval_mse_unconditional": eval_uncond},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
