@@ -6,7 +6,7 @@
 //     samples of the backward chain (lambda = 1) and of the probability-flow ODE (lambda = 0).
 // Ctrl-C stops training early (the run then evaluates what it has).
 //
-//   diffflow --toy two_rings --iterations 3000 --out diffflow.png
+//   diffflow --toy two_rings --iterations 2000 --out diffflow.png
 #include <Eigen/Core>
 #include <atomic>
 #include <cmath>
@@ -94,10 +94,10 @@ int main(int argc, char** argv) {
                       "Train DiffFlow (learned forward drift + backward score, exact stochastic "
                       "adjoint) on a 2-D toy; print the PF-ODE NLL; write a labelled PNG.");
     std::string toy = "two_rings", out = examples::default_output_path("diffflow.png");
-    int iterations = 3000, batch = 256, steps = 30, hidden = 64, samples = 4000, nll_samples = 1000,
+    int iterations = 2000, batch = 256, steps = 30, hidden = 64, samples = 4000, nll_samples = 1000,
         substeps = 4;
     double drift_scale = 1.0, score_scale = 1.0;
-    double lr = 3e-3, g = 0.2, t_start = 0.001, t_end = 0.05, exponent = 0.9;
+    double lr = 5e-3, g = 0.2, t_start = 0.001, t_end = 0.05, exponent = 0.9;
     std::uint64_t seed = 1;
     bool fixed_grid = false;
     cli.option("--toy", toy, "two_rings or checkerboard");
