@@ -39,7 +39,7 @@ class Panels {
 public:
   static constexpr int kSize = 300, kPad = 10, kTitle = 22, kCaption = 18;
   Panels(int count, double extent)
-      : count_(count), extent_(extent), width_(count * (kSize + kPad) + kPad),
+      : extent_(extent), width_(count * (kSize + kPad) + kPad),
         height_(kTitle + kSize + kPad + kCaption),
         px_(static_cast<std::size_t>(width_ * height_ * 3), 255) {
     for (int p = 0; p < count; ++p) {
@@ -80,7 +80,6 @@ private:
     const auto i = static_cast<std::size_t>((y * width_ + x) * 3);
     px_[i] = px_[i + 1] = px_[i + 2] = v;
   }
-  int count_;
   double extent_;
   int width_, height_;
   std::vector<std::uint8_t> px_;
