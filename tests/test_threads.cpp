@@ -279,6 +279,17 @@ TEST_CASE("Thread counts: constructor, set_num_threads, environment syntax, shar
   two.set_num_threads(3);
   CHECK(two.num_threads() == 3);
   CHECK(copy.num_threads() == 2);
+  // Below the thresholds a pass runs inline: no dispatch to the workers.
+  const State small = pattern(10, 100, 0.2);
+  State out;
+  const std::int64_t before = two.thread_pool()->dispatches();
+  two.lincomb(out, NoiseTerm{1.0, 1, 1, 3}, term(1.0, small));
+  two.lincomb(out, term(1.0, small), term(2.0, small));
+  CHECK(two.dot(small, small) > 0.0);
+  CHECK(two.thread_pool()->dispatches() == before);
+  const State large = pattern(70, 1000, 0.2); // 70000 elements: above both thresholds
+  two.lincomb(out, term(1.0, large), term(2.0, large));
+  CHECK(two.thread_pool()->dispatches() == before + 1);
   CHECK_THROWS_AS(Backend64(0), invalid_argument);
   CHECK_THROWS_AS(Backend64(65), invalid_argument);
   CHECK(detail::hardware_threads() >= 1);
@@ -649,7 +660,7 @@ namespace {
 /// The Mlp's eps and VJP on T threads (once it offers set_num_threads): fixed row blocks and
 /// fixed blocks of output neurons, so the same bits for every T.
 template <class Model> void check_mlp_threads(Model model) {
-  if constexpr (requires(Model& m) { m.set_num_threads(2); }) {
+  if constexpr (requires(Model & m) { m.set_num_threads(2); }) {
     const Eigen::Index batch = 201, dim = 33;
     const State x = pattern(batch, dim, 0.4), cot = pattern(batch, dim, 2.4);
     State ref_eps, ref_dx;
