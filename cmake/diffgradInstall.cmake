@@ -1,5 +1,6 @@
 # Install rules (DIFFGRAD_INSTALL): headers, the CMake package (find_package(diffgrad CONFIG),
-# components diffgrad::diffgrad and, on request, diffgrad::cuda), a pkg-config file and the
+# components diffgrad::diffgrad and, on request, diffgrad::cuda, diffgrad::torch and
+# diffgrad::mpi: diffgradConfig.cmake.in), a pkg-config file and the
 # license. Everything goes under share/ and include/: the library is header-only, so one
 # install serves every architecture.
 include(GNUInstallDirs)

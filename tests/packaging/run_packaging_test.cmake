@@ -1,5 +1,6 @@
 # cmake -P script behind the packaging tests (see CMakeLists.txt beside it).
-# Inputs: MODE (find_package | add_subdirectory | find_package_cuda), DIFFGRAD_SOURCE_DIR,
+# Inputs: MODE (find_package | add_subdirectory | find_package_cuda | find_package_components),
+# COMPONENTS (comma-separated, for find_package_components), DIFFGRAD_SOURCE_DIR,
 # CONSUMER_SOURCE_DIR, WORK_DIR (scratch, wiped first), GENERATOR, CXX_COMPILER,
 # EXPECTED_VERSION; CUDA_COMPILER for find_package_cuda; PKG_CONFIG (optional) for
 # find_package, which then also compiles the consumer with `pkg-config --cflags diffgrad`.
@@ -27,7 +28,7 @@ file(MAKE_DIRECTORY "${WORK_DIR}")
 # Only the consumer's own code, nothing of diffgrad's tests/examples/benchmarks.
 set(_common -G "${GENERATOR}" "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}" -DCMAKE_BUILD_TYPE=Release)
 
-if(MODE STREQUAL "find_package" OR MODE STREQUAL "find_package_cuda")
+if(MODE MATCHES "^find_package")
   # Install from a tree configured as on a machine without Catch2 and without CUDA: the tests
   # are on (so the Catch2 detection runs and must only skip them), CUDA is off. The install
   # must still offer the cuda component (find_package_cuda uses it).
@@ -70,6 +71,17 @@ if(MODE STREQUAL "find_package_cuda")
            "-DCMAKE_CUDA_COMPILER=${CUDA_COMPILER}" "-DCMAKE_PREFIX_PATH=${_prefix}")
   run_step("build the CUDA consumer" ${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
   message(STATUS "packaging (${MODE}): built; not run (no GPU needed)")
+  return()
+endif()
+
+if(MODE STREQUAL "find_package_components")
+  # COMPONENTS comes comma-separated (a list would be split by the test's command line).
+  string(REPLACE "," ";" _components "${COMPONENTS}")
+  run_step("configure the components consumer (find_package(diffgrad COMPONENTS ${_components}))"
+           ${CMAKE_COMMAND} -S "${CONSUMER_SOURCE_DIR}" -B "${WORK_DIR}/consumer-build" ${_common}
+           "-DCMAKE_PREFIX_PATH=${_prefix}" "-DCOMPONENTS=${_components}")
+  run_step("build the components consumer" ${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-build")
+  run_step("run the components consumer" "${WORK_DIR}/consumer-build/diffgrad_components_consumer")
   return()
 endif()
 
