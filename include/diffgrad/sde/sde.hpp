@@ -31,6 +31,7 @@
 #include <concepts>
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -143,8 +144,7 @@ template <Backend B, class Model> struct DriftField : DriftAdapterBase<B, Model>
       out.col(d + 1) =
           Scalar(c / sd) * (this->f_.array() * this->xi_.array()).rowwise().sum().matrix();
     } else {
-      static_assert(detail::host_eigen_state<State>,
-                    "diffgrad::sde: running-cost columns need host Eigen states for now");
+      throw std::logic_error("diffgrad::sde: running-cost columns need host Eigen states for now");
     }
   }
 };
@@ -179,6 +179,8 @@ template <Backend B, class Model> struct DriftVjp : DriftAdapterBase<B, Model> {
       dx.resize(rows, s.width());
       dx.leftCols(d) = this->dx_;
       dx.rightCols(s.width() - d).setZero(); // the rates do not read the cost columns
+    } else {
+      throw std::logic_error("diffgrad::sde: running-cost columns need host Eigen states for now");
     }
   }
 };
