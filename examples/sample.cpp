@@ -7,13 +7,19 @@
 //            so the distance to the nearest training image measures the sampler's error;
 //   mlp      a small MLP (models/mlp.hpp) fitted here in a few seconds to the mixture's eps
 //            on the chosen schedule (regression with exact targets, Adam through the MLP's
-//            exact parameter VJP), then sampled like any network.
+//            exact parameter VJP), then sampled like any network;
+//   torch[:FILE]  the learned class-conditional digits UNet of data/models (a diffusers
+//            UNet2DModel in TorchScript) through the LibTorch adapter, one class label per row
+//            (--labels); it runs on its own training table with diffusers-compatible nodes
+//            (compat/diffusers.hpp: the network takes the integer timestep). Needs an example
+//            built with LibTorch (examples/common/torch_model.hpp).
 // Prints the time, the nearest-image distance and what a linear classifier reads in the
 // samples; writes a PNG grid. Exits non-zero if a sample is not finite, so ctest runs it.
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <fstream>
@@ -28,6 +34,7 @@
 #include "common/linear_classifier.hpp"
 #include "common/main_guard.hpp"
 #include "common/progress.hpp"
+#include "common/torch_model.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/gradients/optimizer.hpp"
 #include "diffgrad/models/dirac_mixture.hpp"
@@ -71,6 +78,7 @@ struct Args {
   int train_iters = 300;
   int hidden = 128;
   std::string save_mlp;
+  std::string labels = "cycle";
   std::string out = examples::default_output_path("sample.png");
   std::string data = examples::default_digits_path();
 };
@@ -216,6 +224,10 @@ SkipMlp fit_mlp(const S& schedule, const Mixture& mixture, const examples::Digit
   return model;
 }
 
+int report(const Args& a, const std::string& description, const State& images,
+           const examples::Digits& digits, const examples::LinearClassifier& classifier,
+           int model_evals, double seconds, const std::vector<std::int64_t>& labels, int columns);
+
 template <class S>
 int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& digits,
         const examples::LinearClassifier& classifier) {
@@ -245,7 +257,8 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
       std::printf("saved the MLP to %s (format: models/mlp.hpp, Mlp::save)\n", a.save_mlp.c_str());
     }
   } else if (a.model != "mixture") {
-    throw std::runtime_error("unknown --model '" + a.model + "'; one of: mixture, mlp");
+    throw std::runtime_error("unknown --model '" + a.model +
+                             "'; one of: mixture, mlp, torch, torch:FILE");
   }
 
   diffgrad::SampleResult result;
@@ -265,6 +278,19 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
 
   // Samples end at alpha(t_min) * data: divide it out before comparing with the images.
   const State images = x / nodes.back().alpha;
+  const std::string description = a.model + " model, " + a.sampler + " sampler, " + a.schedule +
+                                  " schedule, " + a.grid + " grid";
+  return report(a, description, images, digits, classifier, result.model_evals, seconds, {},
+                std::min(a.batch, 16));
+}
+
+/// Prints the time, the nearest-image distance and the classifier's reading of `images`
+/// (one sample per row, pixels in [-1, 1]), writes the PNG grid; 1 if a sample is not finite.
+/// `labels`: the class label each row was asked for (torch model), or empty.
+int report(const Args& a, const std::string& description, const State& images,
+           const examples::Digits& digits, const examples::LinearClassifier& classifier,
+           int model_evals, double seconds, const std::vector<std::int64_t>& labels,
+           int columns) {
   double mean_nearest = 0, worst_nearest = 0;
   for (Eigen::Index b = 0; b < images.rows(); ++b) {
     const double d =
@@ -274,19 +300,29 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
     worst_nearest = std::max(worst_nearest, d);
   }
   std::array<int, 10> histogram{};
-  for (int p : classifier.predict(images)) ++histogram[static_cast<std::size_t>(p)];
+  const auto predicted = classifier.predict(images);
+  for (int p : predicted) ++histogram[static_cast<std::size_t>(p)];
 
-  std::printf("%s model, %s sampler, %s schedule, %s grid, %d steps, %d samples: %d model calls "
-              "in %.3f s (%.2f ms per call)\n",
-              a.model.c_str(), a.sampler.c_str(), a.schedule.c_str(), a.grid.c_str(), a.steps,
-              a.batch, result.model_evals, seconds, 1e3 * seconds / result.model_evals);
+  std::printf("%s, %d steps, %d samples: %d model calls in %.3f s (%.2f ms per call)\n",
+              description.c_str(), a.steps, a.batch, model_evals, seconds,
+              1e3 * seconds / model_evals);
   std::printf("RMS pixel distance to the nearest training image (pixels in [-1, 1]): mean %.4f, "
               "worst %.4f\n",
               mean_nearest, worst_nearest);
   std::printf("classifier reads the samples as:");
   for (int c = 0; c < 10; ++c) std::printf("  %d: %d", c, histogram[static_cast<std::size_t>(c)]);
   std::printf("\n");
-  examples::ImageGrid grid(digits.rows, digits.cols, std::min(a.batch, 16));
+  int asked = 0, agreed = 0;
+  for (std::size_t b = 0; b < labels.size() && b < predicted.size(); ++b)
+    if (labels[b] >= 0 && labels[b] <= 9) {
+      ++asked;
+      if (predicted[b] == labels[b]) ++agreed;
+    }
+  if (asked > 0)
+    std::printf("classifier reads the requested digit in %d of %d class-conditional samples "
+                "(%.0f%%)\n",
+                agreed, asked, 100.0 * agreed / asked);
+  examples::ImageGrid grid(digits.rows, digits.cols, columns);
   grid.add_row(images);
   grid.write(a.out);
   std::printf("wrote %s\n", a.out.c_str());
@@ -297,6 +333,88 @@ int run(const Args& a, const S& schedule, bool is_vp, const examples::Digits& di
   return 0;
 }
 
+#ifdef DIFFGRAD_EXAMPLES_WITH_TORCH
+/// Row b's class label for the UNet: --labels cycle (b mod 10: a column per digit), uncond
+/// (10, the network's unconditional label) or one digit 0..9 for every row.
+std::vector<std::int64_t> unet_labels(const Args& a) {
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(a.batch));
+  for (std::size_t b = 0; b < labels.size(); ++b) {
+    if (a.labels == "cycle")
+      labels[b] = static_cast<std::int64_t>(b % 10);
+    else if (a.labels == "uncond")
+      labels[b] = 10;
+    else
+      labels[b] = a.labels[0] - '0';
+  }
+  return labels;
+}
+
+/// Calls f(scheme, nodes) with the sampler named `name` as diffusers' scheduler of that name
+/// sets it up on the network's training table (compat/diffusers.hpp): the nodes sit at
+/// diffusers' integer timesteps, the network's time input.
+template <class F>
+void with_unet_sampler(const std::string& name, const diffgrad::DiscreteSchedule& schedule,
+                       int steps, F&& f) {
+  namespace compat = diffgrad::compat;
+  if (name == "ddim" || name == "ddpm") {
+    compat::DdimSchedulerConfig config; // DDIMScheduler(clip_sample=False), as in training
+    config.clip_sample = false;
+    const auto setup = compat::ddim_setup(schedule, config, steps, name == "ddpm" ? 1.0 : 0.0);
+    return f(setup.scheme, setup.nodes);
+  }
+  if (name == "dpm2m" || name == "dpm3m" || name == "dpm++2m" || name == "dpm++3m") {
+    compat::DpmSolverMultistepSchedulerConfig config; // DPMSolverMultistepScheduler()
+    config.solver_order = name[name.size() - 2] - '0';
+    config.algorithm_type = name.rfind("dpm++", 0) == 0 ? diffgrad::DpmAlgorithm::dpmsolver_pp
+                                                        : diffgrad::DpmAlgorithm::dpmsolver;
+    const auto setup = compat::dpm_solver_multistep_setup(schedule, config, steps);
+    return f(setup.scheme, setup.nodes);
+  }
+  throw std::runtime_error("option '--sampler': the torch model runs diffusers' schedulers "
+                           "(integer timesteps): expected one of ddim, ddpm, dpm2m, dpm3m, "
+                           "dpm++2m, dpm++3m, got '" +
+                           name + "'");
+}
+
+/// Samples the digits UNet in the file's dtype (float64 or float32) and reports in double.
+template <class Scalar>
+int run_torch(const Args& a, const std::string& path, const examples::Digits& digits,
+              const examples::LinearClassifier& classifier) {
+  using TorchBackend = diffgrad::EigenBackend<Scalar>;
+  auto net = examples::load_digits_unet<Scalar>(path);
+  const auto labels = unet_labels(a);
+  examples::set_digit_labels(net, labels);
+  const auto schedule = examples::digits_unet_schedule();
+  const TorchBackend backend;
+  auto x = backend.make_state(a.batch, digits.dim());
+  backend.gaussian(x, static_cast<std::uint64_t>(a.seed), 0); // x_T ~ N(0, I), as diffusers
+  State images;
+  diffgrad::SampleResult result;
+  double seconds = 0;
+  with_unet_sampler(a.sampler, schedule, a.steps, [&](const auto& scheme, const auto& nodes) {
+    examples::ProgressBar bar("sampling", a.steps);
+    diffgrad::SampleOptions options;
+    options.seed = static_cast<std::uint64_t>(a.seed) + 1000;
+    const auto start = Clock::now();
+    result = diffgrad::sample(scheme, backend, schedule, nodes, net, x, options, bar.observer());
+    seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    images = x.template cast<double>() / nodes.back().alpha;
+  });
+  const std::string description =
+      std::string("torch model (") + path + ", " + (sizeof(Scalar) == 4 ? "float32" : "float64") +
+      ", labels " + a.labels + "), " + a.sampler +
+      " sampler, diffusers' nodes on the training table";
+  return report(a, description, images, digits, classifier, result.model_evals, seconds, labels,
+                a.labels == "cycle" ? std::min(a.batch, 10) : std::min(a.batch, 16));
+}
+
+int run_torch(const Args& a, const std::string& path, const examples::Digits& digits,
+              const examples::LinearClassifier& classifier) {
+  return examples::torch_file_is_float32(path) ? run_torch<float>(a, path, digits, classifier)
+                                               : run_torch<double>(a, path, digits, classifier);
+}
+#endif
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -306,7 +424,9 @@ int main(int argc, char** argv) {
                                 "the exact mixture model of the data\nor from a small MLP fitted "
                                 "to it. Samplers:\n  ") +
                         kSamplers);
-  cli.option("--model", a.model, "mixture (exact eps of the data) or mlp (fitted here)");
+  cli.option("--model", a.model,
+             "mixture (exact eps of the data), mlp (fitted here), or torch[:FILE] (the learned "
+             "digits UNet, default data/models/digits_unet_f64.pt; needs LibTorch)");
   cli.option("--sampler", a.sampler, "sampler name (list above)");
   cli.option("--schedule", a.schedule, "vp-linear, vp-cosine, subvp, discrete, ve or edm");
   cli.option("--grid", a.grid, "uniform-t, uniform-lambda, quadratic-t or karras");
@@ -316,6 +436,8 @@ int main(int argc, char** argv) {
   cli.option("--train-iters", a.train_iters, "MLP: Adam steps of the fit", 0);
   cli.option("--hidden", a.hidden, "MLP: width of its two hidden layers", 1, 65536);
   cli.option("--save-mlp", a.save_mlp, "MLP: save the fitted network to this file");
+  cli.option("--labels", a.labels,
+             "torch: class label per row: cycle (row b gets b mod 10), uncond, or a digit 0..9");
   cli.option("--out", a.out, "PNG file of the samples");
   cli.option("--data", a.data, "digits data file");
   if (!cli.parse(argc, argv)) return 2;
@@ -324,10 +446,33 @@ int main(int argc, char** argv) {
                  "sample: need --steps >= 1, --batch >= 1, --train-iters >= 0, --hidden >= 1\n");
     return 2;
   }
+  std::string torch_path;
+  const bool torch_model = examples::is_torch_model(a.model, torch_path);
+  if (torch_model) {
+    if (const auto refusal = examples::torch_unavailable_message("sample"); !refusal.empty()) {
+      std::fprintf(stderr, "%s\n", refusal.c_str());
+      return 2;
+    }
+    if (a.labels != "cycle" && a.labels != "uncond" &&
+        !(a.labels.size() == 1 && a.labels[0] >= '0' && a.labels[0] <= '9')) {
+      std::fprintf(stderr,
+                   "sample: option '--labels': expected cycle, uncond or a digit 0..9, got '%s'\n",
+                   a.labels.c_str());
+      return 2;
+    }
+    if (a.schedule != "vp-linear" || a.grid != "uniform-lambda") {
+      std::fprintf(stderr, "sample: options '--schedule' and '--grid' do not apply to the torch "
+                           "model (it runs on its training table at diffusers' timesteps)\n");
+      return 2;
+    }
+  }
   return examples::run_main("sample", [&] {
     const auto digits = examples::load_digits(a.data);
     examples::LinearClassifier classifier(digits.dim(), 10);
     classifier.fit(digits.images, digits.labels);
+#ifdef DIFFGRAD_EXAMPLES_WITH_TORCH
+    if (torch_model) return run_torch(a, torch_path, digits, classifier);
+#endif
     int code = 0;
     with_schedule(a.schedule, [&](const auto& schedule, bool is_vp) {
       code = run(a, schedule, is_vp, digits, classifier);
