@@ -222,6 +222,25 @@ TEST_CASE("Running-cost columns are the exact log-density ratio of the Euler cha
   }
 }
 
+TEST_CASE("Running costs with given noise equal those with the same noise from Philox",
+          "[sde][costs]") {
+  const Backend backend;
+  const int d = 2, batch = 3, steps = 5;
+  TanhDrift model;
+  model.theta << 0.6, 0.9, -0.3, -0.5;
+  SdeScheme<Backend> scheme(backend, diffgrad::sde::uniform_times(steps, 0.0, 1.0), 0.8, d,
+                            {.running_costs = true});
+  std::vector<State> noise(static_cast<std::size_t>(steps), State(batch, d + 2));
+  for (int i = 0; i < steps; ++i)
+    backend.gaussian(noise[static_cast<std::size_t>(i)], 13, static_cast<std::uint64_t>(i));
+  State a = diffgrad::sde::augment(scheme, State::Constant(batch, d, 0.4));
+  State b = a;
+  diffgrad::sde::simulate(scheme, backend, model, a, {.seed = 13});
+  diffgrad::sde::simulate(scheme, backend, model, b, {.seed = 999}, std::span<const State>(noise));
+  CHECK((a - b).cwiseAbs().maxCoeff() < 1e-14);
+  CHECK(a.col(d + 1).cwiseAbs().maxCoeff() > 0.0);
+}
+
 TEST_CASE("SDE gradients with running costs: finite differences, memory modes, no noise stored",
           "[sde][gradient]") {
   const Backend backend;
