@@ -20,6 +20,13 @@
 // states held, peak resident-memory growth (each mode runs in a forked child), and the loss
 // and target-hit rate at the end. guide.png shows the samples before and after, one row per
 // mode. Exits non-zero if the exact mode fails to lower the loss, so ctest runs it.
+//
+// --model torch[:FILE] runs the same loop on the learned digits UNet of data/models (a diffusers
+// UNet2DModel in TorchScript, float64, through the LibTorch adapter; examples built with
+// LibTorch only): guidance toward a digit through a real network. The network is called with
+// the unconditional label 10 by default (--label), so the guidance alone steers it; its label
+// is an integer input, so only x_T is optimised. Nodes: the integer timesteps
+// round(999 (N - i) / N), i = 0..N, of its training table (the network's time input).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -28,6 +35,8 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/cli.hpp"
@@ -37,6 +46,7 @@
 #include "common/main_guard.hpp"
 #include "common/memory.hpp"
 #include "common/progress.hpp"
+#include "common/torch_model.hpp"
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/fisher/df_ea.hpp"
 #include "diffgrad/gradients/adjoint_deis.hpp"
@@ -55,7 +65,7 @@ namespace {
 using Backend = diffgrad::EigenBackend<double>;
 using State = Backend::state_type;
 using Vector = Backend::vector_type;
-using Model = diffgrad::models::DiracMixture<double>;
+using Mixture = diffgrad::models::DiracMixture<double>;
 using Clock = std::chrono::steady_clock;
 
 struct Args {
@@ -75,15 +85,25 @@ struct Args {
   int seed = 1;
   std::string grid = "uniform-lambda";
   std::string modes = "exact,checkpoint,bdia,adjoint,dfea";
+  std::string model = "mixture";
+  int label = 10; // the torch model's class label (10 = unconditional)
   std::string out = examples::default_output_path("guide.png");
   std::string data = examples::default_digits_path();
 };
 
-struct Setup {
+/// The problem: the model (the exact mixture, or the learned UNet), its schedule and nodes,
+/// the classifier, the start x_T. Every mode runs through the same code for both models.
+template <class ModelType, class ScheduleType> struct Setup {
+  using Model = ModelType;
+  using Schedule = ScheduleType;
+  /// The mixture's class logits z reweight its points (differentiable conditioning); the
+  /// UNet's class label is an integer input: x_T only.
+  static constexpr bool has_class_logits = std::is_same_v<Model, Mixture>;
   const Args& args;
   const Backend backend{};
-  const diffgrad::VPLinearSchedule schedule{};
+  const Schedule schedule;
   std::vector<diffgrad::Node> nodes;
+  std::string grid_name; // how the nodes were chosen (printed)
   examples::Digits digits;
   examples::LinearClassifier classifier{64, 10};
   Model model;
@@ -91,12 +111,12 @@ struct Setup {
   Eigen::MatrixXd class_of_point; // K x 10 one-hot: z = class_of_point * class_logits
   State exact_start_grad;         // dL/dx_T at the start (z = 0), exact, for comparison
 
-  explicit Setup(const Args& a)
-      : args(a), digits(examples::load_digits(a.data)), model(digits.images) {
-    nodes = diffgrad::make_nodes(schedule,
-                                 a.grid == "uniform-t"
-                                     ? diffgrad::uniform_t_grid(schedule, a.steps, 1.0, 1e-3)
-                                     : diffgrad::uniform_lambda_grid(schedule, a.steps, 1.0, 1e-3));
+  /// make_model(digits) -> Model.
+  template <class MakeModel>
+  Setup(const Args& a, Schedule s, std::vector<diffgrad::Node> n, std::string grid,
+        MakeModel&& make_model)
+      : args(a), schedule(std::move(s)), nodes(std::move(n)), grid_name(std::move(grid)),
+        digits(examples::load_digits(a.data)), model(make_model(digits)) {
     x_T = backend.make_state(a.batch, digits.dim());
     backend.gaussian(x_T, static_cast<std::uint64_t>(a.seed), 0);
     class_of_point = Eigen::MatrixXd::Zero(digits.size(), 10);
@@ -105,7 +125,7 @@ struct Setup {
   }
 
   void set_class_logits(const Eigen::VectorXd& c) {
-    model.set_cond((class_of_point * c).cast<double>());
+    if constexpr (has_class_logits) model.set_cond((class_of_point * c).cast<double>());
   }
   double loss(const State& x0, State* grad) const {
     return classifier.cross_entropy(x0, args.target, grad);
@@ -133,14 +153,15 @@ struct ModeOutcome {
 };
 
 /// The mode's gradient oracle and the sampler its samples come from.
-class Mode {
+template <class S> class Mode {
 public:
-  Mode(std::string name, Setup& s) : name_(std::move(name)), s_(s) {}
+  using Model = typename S::Model;
+  Mode(std::string name, S& s) : name_(std::move(name)), s_(s) {}
   const std::string& name() const { return name_; }
 
   ModeOutcome run() {
     const Args& a = s_.args;
-    const bool with_z = !a.no_z && name_ != "dfea";
+    const bool with_z = !a.no_z && name_ != "dfea" && S::has_class_logits;
     State x_T = s_.x_T;
     Eigen::VectorXd logits = Eigen::VectorXd::Zero(10);
     diffgrad::Adam adam_x({.learning_rate = a.lr});
@@ -289,7 +310,7 @@ private:
   }
 
   std::string name_;
-  Setup& s_;
+  S& s_;
   Gradient g_;
   State grad_x0_;
   std::optional<diffgrad::GradientWorkspace<Backend>> ws_;
@@ -351,7 +372,28 @@ int main(int argc, char** argv) {
   cli.option("--modes", a.modes, "comma-separated subset of exact,checkpoint,bdia,adjoint,dfea");
   cli.option("--out", a.out, "PNG file: initial samples, then one row per mode");
   cli.option("--data", a.data, "digits data file");
+  cli.option("--model", a.model,
+             "mixture (the exact digits model) or torch[:FILE] (the learned digits UNet, "
+             "float64; default data/models/digits_unet_f64.pt; needs LibTorch)");
+  cli.option("--label", a.label,
+             "torch model: the class label it is called with (10 = unconditional)", 0, 10);
   if (!cli.parse(argc, argv)) return 2;
+  std::string torch_path;
+  if (examples::is_torch_model(a.model, torch_path)) {
+    if (const auto refusal = examples::torch_unavailable_message("guide"); !refusal.empty()) {
+      std::fprintf(stderr, "%s\n", refusal.c_str());
+      return 2;
+    }
+    if (a.grid != "uniform-lambda") {
+      std::fprintf(stderr, "guide: option '--grid' does not apply to the torch model (it runs "
+                           "at integer timesteps of its training table)\n");
+      return 2;
+    }
+  } else if (a.model != "mixture") {
+    std::fprintf(stderr, "guide: option '--model': expected mixture, torch or torch:FILE, got '%s'\n",
+                 a.model.c_str());
+    return 2;
+  }
   if (a.grid != "uniform-lambda" && a.grid != "uniform-t") {
     std::fprintf(stderr, "guide: option '--grid': expected uniform-lambda or uniform-t, got '%s'\n",
                  a.grid.c_str());
@@ -371,9 +413,9 @@ int main(int argc, char** argv) {
 
 namespace {
 
-int run(const Args& a) {
+/// The whole example on one Setup (either model); `model_line` describes the model.
+template <class S> int run_setup(const Args& a, S& s, const std::string& model_line) {
   {
-    Setup s(a);
     const double acc = s.classifier.fit(s.digits.images, s.digits.labels);
     s.exact_start_grad =
         diffgrad::gradient(
@@ -388,18 +430,18 @@ int run(const Args& a) {
     diffgrad::sample(diffgrad::Ddim(), s.backend, s.schedule, s.nodes, s.model, before);
     const double forward_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     const auto pred = s.classifier.predict(before);
-    std::printf("exact digits model: %lld images of 8x8; linear classifier train accuracy %.3f\n",
-                static_cast<long long>(s.digits.size()), acc);
+    std::printf("%s; linear classifier train accuracy %.3f\n", model_line.c_str(), acc);
     std::printf("steer %d samples toward digit %d: DDIM, %d steps (%s grid); %d Adam "
                 "iterations; optimising x_T%s\n",
-                a.batch, a.target, a.steps, a.grid.c_str(), a.iterations, a.no_z ? "" : " and z");
+                a.batch, a.target, a.steps, s.grid_name.c_str(), a.iterations,
+                a.no_z || !S::has_class_logits ? "" : " and z");
     std::printf("before: loss %.4f, classified as", s.loss(before, nullptr));
     for (int p : pred) std::printf(" %d", p);
     std::printf("  (one DDIM sampling run: %.2f ms)\n\n", 1e3 * forward_seconds);
 
     examples::ImageGrid grid(s.digits.rows, s.digits.cols, a.batch);
     grid.set_title("target " + std::to_string(a.target) + ", DDIM " + std::to_string(a.steps) +
-                   " steps, " + a.grid + "; hit = share classified as " + std::to_string(a.target));
+                   " steps, " + s.grid_name + "; hit = share classified as " + std::to_string(a.target));
     {
       const double hit = s.hit_rate(before);
       char label[64];
@@ -412,7 +454,7 @@ int run(const Args& a) {
                 "loss", "hit");
     bool ok = true;
     for (const auto& name : split(a.modes)) {
-      Mode mode(name, s);
+      Mode<S> mode(name, s);
       const auto iso = examples::run_isolated([&] { return pack(mode.run()); });
       const ModeOutcome m = unpack(iso.payload, batch, dim);
       const double per_iter = m.seconds / a.iterations;
@@ -446,6 +488,46 @@ int run(const Args& a) {
     }
     return 0;
   }
+}
+
+int run(const Args& a) {
+  std::string torch_path;
+  if (examples::is_torch_model(a.model, torch_path)) {
+#ifdef DIFFGRAD_EXAMPLES_WITH_TORCH
+    // The gradient path stays in float64: the float64 network (a trace bakes in its dtype).
+    if (examples::torch_file_is_float32(torch_path))
+      throw std::runtime_error("option '--model': guide differentiates in float64 and needs the "
+                               "float64 network (e.g. data/models/digits_unet_f64.pt), got the "
+                               "float32 file '" +
+                               torch_path + "'");
+    auto schedule = examples::digits_unet_schedule();
+    auto nodes = examples::integer_timestep_nodes(schedule, a.steps);
+    using Net = diffgrad::models::TorchNoiseModel<double>;
+    Setup<Net, diffgrad::DiscreteSchedule> s(
+        a, std::move(schedule), std::move(nodes), "integer timesteps 999..0",
+        [&](const examples::Digits&) {
+          Net net = examples::load_digits_unet<double>(torch_path);
+          examples::set_digit_labels(net, std::vector<std::int64_t>(
+                                              static_cast<std::size_t>(a.batch), a.label));
+          return net;
+        });
+    const std::string line = "learned digits UNet (" + torch_path + ", float64, class label " +
+                             std::to_string(a.label) +
+                             (a.label == 10 ? " = unconditional" : "") + ")";
+    return run_setup(a, s, line);
+#endif
+  }
+  const diffgrad::VPLinearSchedule schedule;
+  auto nodes = diffgrad::make_nodes(schedule,
+                                    a.grid == "uniform-t"
+                                        ? diffgrad::uniform_t_grid(schedule, a.steps, 1.0, 1e-3)
+                                        : diffgrad::uniform_lambda_grid(schedule, a.steps, 1.0, 1e-3));
+  Setup<Mixture, diffgrad::VPLinearSchedule> s(
+      a, schedule, std::move(nodes), a.grid,
+      [](const examples::Digits& digits) { return Mixture(digits.images); });
+  const std::string line = "exact digits model: " + std::to_string(s.digits.size()) +
+                           " images of 8x8";
+  return run_setup(a, s, line);
 }
 
 } // namespace
