@@ -66,7 +66,8 @@ for t in "${targets[@]}"; do
   elapsed=$(( $(date +%s) - start ))
   execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}' | tail -1)
   cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | awk '{print $2}')
-  crashes=$(grep -cE '^==[0-9]+==ERROR|deadly signal|invariant violated|Test unit written' "$log" || true)
+  # One saved input per crash, timeout or out-of-memory (libFuzzer stops at the first).
+  crashes=$(grep -c 'Test unit written to' "$log" || true)
   sanitizer=$(grep -cE 'ERROR: (AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer)|runtime error:' "$log" || true)
   printf '%-20s %12s %8s %10s %6s %s\n' "$t" "${execs:-?}" "$crashes" "$sanitizer" "${cov:-?}" "$elapsed"
   if [[ $rc -ne 0 || $crashes -ne 0 || $sanitizer -ne 0 ]]; then
