@@ -67,8 +67,7 @@ public:
   std::int64_t cond_size() const { return mixture_.num_points(); }
   int calls() const { return calls_; }
 
-  void eps_rows(const State& x, const diffgrad::Node& n, const State& cond_rows,
-                State& out) const {
+  void eps_rows(const State& x, const diffgrad::Node& n, const State& cond_rows, State& out) const {
     ++calls_;
     const auto y = mixture_.points();
     const double a = n.alpha, s = n.sigma;
@@ -83,8 +82,8 @@ public:
       l = (l.array() - l.maxCoeff()).exp().matrix();
       l /= l.sum();
     }
-    out.noalias() = logits_ * y;               // x0_hat
-    out = (x - a * out) / s;                   // eps = (x - alpha x0_hat) / sigma
+    out.noalias() = logits_ * y; // x0_hat
+    out = (x - a * out) / s;     // eps = (x - alpha x0_hat) / sigma
   }
 
 private:

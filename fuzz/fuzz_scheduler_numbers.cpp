@@ -40,8 +40,8 @@ double pick_double(FuzzedDataProvider& p, double lo, double hi) {
   case 0: return p.ConsumeFloatingPointInRange<double>(lo, hi);
   case 1: return p.ConsumeFloatingPoint<double>();
   case 2: {
-    const double specials[] = {0.0, -0.0, 1.0, -1.0, NAN, INFINITY, -INFINITY, 1e-300, 1e300,
-                               0.9999999999999999};
+    const double specials[] = {0.0,      -0.0,      1.0,    -1.0,  NAN,
+                               INFINITY, -INFINITY, 1e-300, 1e300, 0.9999999999999999};
     return specials[p.ConsumeIntegralInRange<int>(0, 9)];
   }
   default: {
@@ -141,10 +141,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       compat::DpmSolverSinglestepSchedulerConfig c;
       c.num_train_timesteps = t.num_train_timesteps;
       c.solver_order = order;
-      c.algorithm_type = algorithm == DpmAlgorithm::sde_dpmsolver ? DpmAlgorithm::dpmsolver
-                         : algorithm == DpmAlgorithm::sde_dpmsolver_pp
-                             ? DpmAlgorithm::dpmsolver_pp
-                             : algorithm;
+      c.algorithm_type = algorithm == DpmAlgorithm::sde_dpmsolver      ? DpmAlgorithm::dpmsolver
+                         : algorithm == DpmAlgorithm::sde_dpmsolver_pp ? DpmAlgorithm::dpmsolver_pp
+                                                                       : algorithm;
       c.solver_type = solver_type;
       c.lower_order_final = flag_a;
       c.use_karras_sigmas = flag_c;

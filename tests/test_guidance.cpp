@@ -193,20 +193,18 @@ TEST_CASE("CFG VJP on a per-row model: one batched call, vs two calls and finite
   CHECK(aliased == dx);
 
   // Against central differences (relative, fd_check's measure), x / cond / params.
-  const auto checks = testing::check_model_vjp(
-      [&](const State& in, State& out) { cfg.eps(in, n, out); },
-      [&](const State& in, const State& cot, State& dxo, Vector* dc, Vector* dp) {
-        cfg.vjp(in, n, cot, dxo, dc, dp);
-      },
-      x, &cfg.cond(), &model.params());
+  const auto checks =
+      testing::check_model_vjp([&](const State& in, State& out) { cfg.eps(in, n, out); },
+                               [&](const State& in, const State& cot, State& dxo, Vector* dc,
+                                   Vector* dp) { cfg.vjp(in, n, cot, dxo, dc, dp); },
+                               x, &cfg.cond(), &model.params());
   CHECK(checks.x.fd_error <= 1e-7);
   CHECK(checks.cond.fd_error <= 1e-7);
   CHECK(checks.params.fd_error <= 1e-7);
   CHECK(checks.x.dot_product_error <= 1e-9);
 }
 
-TEST_CASE("CFG on batch-conditioned models: two calls, model conditioning restored",
-          "[guidance]") {
+TEST_CASE("CFG on batch-conditioned models: two calls, model conditioning restored", "[guidance]") {
   using Mixture = models::DiracMixture<double>;
   Mixture mixture(mixture_points());
   const Vector own = (Vector(4) << 0.1, 0.2, 0.3, 0.4).finished();
@@ -238,12 +236,11 @@ TEST_CASE("CFG on batch-conditioned models: two calls, model conditioning restor
 
   // VJPs vs finite differences (the mixture's points are its parameters).
   cfg.set_guidance_scale(2.5);
-  const auto checks = testing::check_model_vjp(
-      [&](const State& in, State& o) { cfg.eps(in, n, o); },
-      [&](const State& in, const State& cot, State& dxo, Vector* dc, Vector* dp) {
-        cfg.vjp(in, n, cot, dxo, dc, dp);
-      },
-      x, &cfg.cond(), &mixture.params());
+  const auto checks =
+      testing::check_model_vjp([&](const State& in, State& o) { cfg.eps(in, n, o); },
+                               [&](const State& in, const State& cot, State& dxo, Vector* dc,
+                                   Vector* dp) { cfg.vjp(in, n, cot, dxo, dc, dp); },
+                               x, &cfg.cond(), &mixture.params());
   CHECK(checks.x.fd_error <= 1e-7);
   CHECK(checks.cond.fd_error <= 1e-7);
   CHECK(checks.params.fd_error <= 1e-7);
@@ -263,12 +260,11 @@ TEST_CASE("CFG on batch-conditioned models: two calls, model conditioning restor
   mlp.set_cond(Vector::Zero(2));
   mlp.eps(x, n.model_t, eu);
   CHECK(out == State(eu + 3.0 * (ec - eu)));
-  const auto mlp_checks = testing::check_model_vjp(
-      [&](const State& in, State& o) { mlp_cfg.eps(in, n, o); },
-      [&](const State& in, const State& cot, State& dxo, Vector* dc, Vector* dp) {
-        mlp_cfg.vjp(in, n, cot, dxo, dc, dp);
-      },
-      x, &mlp_cfg.cond(), &mlp.params());
+  const auto mlp_checks =
+      testing::check_model_vjp([&](const State& in, State& o) { mlp_cfg.eps(in, n, o); },
+                               [&](const State& in, const State& cot, State& dxo, Vector* dc,
+                                   Vector* dp) { mlp_cfg.vjp(in, n, cot, dxo, dc, dp); },
+                               x, &mlp_cfg.cond(), &mlp.params());
   CHECK(mlp_checks.x.fd_error <= 1e-7);
   CHECK(mlp_checks.cond.fd_error <= 1e-7);
   CHECK(mlp_checks.params.fd_error <= 1e-7);
@@ -347,7 +343,8 @@ TEST_CASE("CFG: gradient through DDIM vs finite differences", "[guidance]") {
                                  [&] { return sampled_loss(x_T); });
   const Eigen::VectorXd g_p = fd([&](Eigen::Index k, double s) { model.theta(k) += s; },
                                  model.param_size(), [&] { return sampled_loss(x_T); });
-  const Eigen::VectorXd exact_x = Eigen::Map<const Eigen::VectorXd>(r.grad_x.data(), r.grad_x.size());
+  const Eigen::VectorXd exact_x =
+      Eigen::Map<const Eigen::VectorXd>(r.grad_x.data(), r.grad_x.size());
   CHECK((exact_x - g_x).norm() <= 1e-7 * g_x.norm());
   CHECK((r.grad_cond - g_c).norm() <= 1e-7 * g_c.norm());
   CHECK((r.grad_params - g_p).norm() <= 1e-7 * g_p.norm());
@@ -376,16 +373,15 @@ TEST_CASE("CFG: clear errors", "[guidance][errors]") {
              Contains("'cond'") && Contains("length 2") && Contains("got 3"));
   CHECK_THAT(message([&] { ClassifierFreeGuidance(model, c, Vector::Zero(1), 2.0); }),
              Contains("'null_cond'") && Contains("length 2"));
-  CHECK_THAT(message([&] {
-               ClassifierFreeGuidance(model, c, Vector::Constant(2, nan), 2.0);
-             }),
+  CHECK_THAT(message([&] { ClassifierFreeGuidance(model, c, Vector::Constant(2, nan), 2.0); }),
              Contains("'null_cond'") && Contains("finite"));
   ClassifierFreeGuidance cfg(model, c, null_c, 2.0);
   CHECK_THAT(message([&] { cfg.set_guidance_scale(nan); }), Contains("guidance_scale"));
   CHECK(cfg.guidance_scale() == 2.0);
   State dx;
-  CHECK_THAT(message([&] { cfg.vjp(test_x(2, 3), node_at(0.5), test_x(3, 3), dx, nullptr, nullptr); }),
-             Contains("'cotangent'") && Contains("shape 2 x 3") && Contains("got 3 x 3"));
+  CHECK_THAT(
+      message([&] { cfg.vjp(test_x(2, 3), node_at(0.5), test_x(3, 3), dx, nullptr, nullptr); }),
+      Contains("'cotangent'") && Contains("shape 2 x 3") && Contains("got 3 x 3"));
   Vector short_dcond = Vector::Zero(1);
   CHECK_THAT(message([&] {
                cfg.vjp(test_x(2, 3), node_at(0.5), test_x(2, 3), dx, &short_dcond, nullptr);

@@ -41,6 +41,8 @@
 
 namespace diffgrad::models {
 
+// (clang-format 14 mangles concept definitions.)
+// clang-format off
 /// A noise model whose conditioning is given per row:
 ///   eps_rows(x, node, cond_rows, out): x is B x d, cond_rows is B x cond_size() (row b
 ///   conditions x's row b), out becomes B x d.
@@ -75,6 +77,7 @@ concept BatchConditionedNoiseModel =
       { m.cond() } -> std::convertible_to<const Vector&>;
       { m.cond_size() } -> std::convertible_to<std::int64_t>;
     };
+// clang-format on
 
 // ---- the arithmetic, shared by the combinator and hand-written loops ------------------------
 
@@ -91,10 +94,10 @@ template <class State, class Vector>
 void stack_conditioning(const Vector& cond, const Vector& null_cond, Eigen::Index batch,
                         State& rows) {
   if (cond.size() != null_cond.size())
-    diffgrad::detail::throw_argument("models::stack_conditioning", "null_cond",
-                                     diffgrad::detail::concat("length ", cond.size(),
-                                                              " (the conditioning's)"),
-                                     null_cond.size());
+    diffgrad::detail::throw_argument(
+        "models::stack_conditioning", "null_cond",
+        diffgrad::detail::concat("length ", cond.size(), " (the conditioning's)"),
+        null_cond.size());
   rows.resize(2 * batch, cond.size());
   rows.topRows(batch).rowwise() = cond.transpose();
   rows.bottomRows(batch).rowwise() = null_cond.transpose();
@@ -141,17 +144,11 @@ public:
   }
 
   std::int64_t cond_size() const { return static_cast<std::int64_t>(model_.cond_size()); }
-  std::int64_t param_size() const
-    requires requires(const Model& m) { m.param_size(); }
-  {
-    return static_cast<std::int64_t>(model_.param_size());
-  }
+  std::int64_t param_size() const requires requires(const Model& m) { m.param_size(); }
+  { return static_cast<std::int64_t>(model_.param_size()); }
   /// The wrapped model's parameters (for optimisers and finite-difference checks).
-  decltype(auto) params()
-    requires requires(Model& m) { m.params(); }
-  {
-    return model_.params();
-  }
+  decltype(auto) params() requires requires(Model& m) { m.params(); }
+  { return model_.params(); }
 
   /// The conditioning guided toward (the one differentiated: dcond is d/dc).
   const vector_type& cond() const { return cond_; }
@@ -200,9 +197,8 @@ public:
   /// the batch). dcond / dparams may be null. `a` may alias `dx`.
   void vjp(const state_type& x, const Node& n, const state_type& a, state_type& dx,
            vector_type* dcond, vector_type* dparams) const
-    requires(DifferentiableRowConditionedNoiseModel<Model, state_type, vector_type> ||
-             DifferentiableNoiseModel<Model, state_type, vector_type>)
-  {
+      requires(DifferentiableRowConditionedNoiseModel<Model, state_type, vector_type> ||
+               DifferentiableNoiseModel<Model, state_type, vector_type>) {
     const char* where = "ClassifierFreeGuidance::vjp";
     check_cond(where);
     require_shape(a, x, where, "cotangent");
@@ -267,8 +263,7 @@ private:
 
   void require_cond_length(const vector_type& c, const char* where, const char* arg) const {
     require_length(c, cond_size(), where, arg);
-    if (!c.allFinite())
-      diffgrad::detail::throw_argument(where, arg, "finite values", "NaN or Inf");
+    if (!c.allFinite()) diffgrad::detail::throw_argument(where, arg, "finite values", "NaN or Inf");
   }
   void check_cond(const char* where) const {
     // The wrapped model may have been reconfigured since construction.
@@ -294,8 +289,8 @@ private:
   vector_type cond_, null_cond_;
   double guidance_scale_ = 1.0;
   // Scratch of the last call (resized only when the batch size changes).
-  mutable state_type x2_, c2_, e2_, a2_, dx2_, dc2_;      // one batched call
-  mutable state_type ec_, eu_, ac_, au_, dxc_, dxu_;      // two calls
+  mutable state_type x2_, c2_, e2_, a2_, dx2_, dc2_; // one batched call
+  mutable state_type ec_, eu_, ac_, au_, dxc_, dxu_; // two calls
   mutable vector_type saved_cond_;
 };
 
@@ -304,7 +299,6 @@ private:
 template <class Model, class Scalar>
 ClassifierFreeGuidance(Model&, const Eigen::Matrix<Scalar, Eigen::Dynamic, 1>&,
                        const std::type_identity_t<Eigen::Matrix<Scalar, Eigen::Dynamic, 1>>&,
-                       double)
-    -> ClassifierFreeGuidance<Model, Scalar>;
+                       double) -> ClassifierFreeGuidance<Model, Scalar>;
 
 } // namespace diffgrad::models
