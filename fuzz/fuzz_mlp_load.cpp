@@ -22,7 +22,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       diffgrad::fuzz::finding("mlp_load", "param_size() inconsistent with the input");
     Mlp::state_type x = Mlp::state_type::Constant(1, net.dim(), 0.5), out;
     net.eps(x, 0.5, out);
-    if (out.rows() != 1 || out.cols() != net.dim())
+    if (out.rows() != 1 || out.cols() != net.output_dim())
       diffgrad::fuzz::finding("mlp_load", "eps output of the wrong shape");
     std::ostringstream saved;
     net.save(saved);

@@ -286,6 +286,16 @@ TEST_CASE("torch adapter: bad input gives diffgrad errors naming the argument", 
   labelled.set_cond(torch::tensor({3, 7}, torch::kLong));
   CHECK_THROWS_WITH(labelled.eps(State::Zero(2, 16), 416.5, out),
                     Catch::Contains("'t'") && Catch::Contains("416.5"));
+  // A layout whose extents' product overflows int64 (found by reading the adapter under
+  // UBSan): refused at construction, naming the option, instead of overflowing per call.
+  const auto identity = [](const at::Tensor& x, const at::Tensor&, const at::Tensor&) {
+    return x;
+  };
+  CHECK_THROWS_WITH(TorchNoiseModel<double>(identity, {},
+                                            {.sample_shape = {std::int64_t{1} << 62, 4}}),
+                    Catch::Contains("'options.sample_shape'") && Catch::Contains("int64"));
+  CHECK_THROWS_WITH(TorchNoiseModel<double>(identity, {}, {.sample_shape = {4, 0}}),
+                    Catch::Contains("'options.sample_shape'") && Catch::Contains("positive"));
   // Files.
   CHECK_THROWS_WITH(TorchNoiseModel<double>::load(data_path("missing.pt"), {}),
                     Catch::Contains("'path'") && Catch::Contains("missing.pt"));

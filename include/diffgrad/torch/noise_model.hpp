@@ -294,9 +294,17 @@ private:
 
   void init(NamedParameters named) {
     const char* where = "TorchNoiseModel";
-    for (std::int64_t s : options_.sample_shape)
+    // The product is formed once, here, with overflow checks (input_view compares it with
+    // the state's width on every call).
+    sample_numel_ = 1;
+    for (std::int64_t s : options_.sample_shape) {
       detail::require(s > 0, where, "options.sample_shape", "positive extents",
                       static_cast<double>(s));
+      if (!detail::checked_mul(sample_numel_, s, sample_numel_))
+        detail::throw_argument(where, "options.sample_shape",
+                               "extents whose product fits in int64",
+                               torch_interop::shape_string(options_.sample_shape));
+    }
     param_size_ = 0;
     for (auto& [name, p] : named) {
       if (!p.defined())
@@ -328,8 +336,7 @@ private:
     if (options_.sample_shape.empty()) {
       shape_.push_back(d);
     } else {
-      std::int64_t product = 1;
-      for (std::int64_t s : options_.sample_shape) product *= s;
+      const std::int64_t product = sample_numel_;
       if (product != d)
         detail::throw_argument(
             where, arg,
@@ -411,6 +418,7 @@ private:
   std::vector<std::string> param_names_;
   std::vector<at::Tensor> params_;
   std::int64_t param_size_ = 0;
+  std::int64_t sample_numel_ = 1; ///< product of options.sample_shape (checked in init)
   at::Tensor cond_;
   TorchCondLayout cond_layout_ = TorchCondLayout::per_row;
   at::Tensor time_;
