@@ -20,6 +20,10 @@
 // The deterministic initialiser draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's Linear
 // default) from Philox keyed by the seed, counter = parameter index.
 // Save/load: a text format (see save()) that round-trips doubles exactly.
+// Threads (docs/threading.md): eps and the VJPs run in fixed blocks of impl::kRowBlock rows
+// (single-threaded GEMMs per block) and the parameter VJP's batch sums in fixed blocks of
+// impl::kComponentBlock output neurons per layer, so the bits do not depend on the thread
+// count (set_num_threads, default DIFFGRAD_NUM_THREADS).
 #include <Eigen/Core>
 #include <cmath>
 #include <cstddef>
@@ -34,6 +38,7 @@
 
 #include "diffgrad/core/error.hpp"
 #include "diffgrad/detail/philox.hpp"
+#include "diffgrad/detail/thread_pool.hpp"
 #include "diffgrad/models/dirac_mixture.hpp" // shape checks shared by the reference models
 #include "diffgrad/schedule/node.hpp"
 
@@ -145,6 +150,11 @@ public:
     }
     return feat;
   }
+
+  /// Threads for eval and VJPs (fixed blocks: the same bits for every count).
+  void set_num_threads(int threads) { threads_ = diffgrad::detail::ThreadHandle(threads); }
+  void set_threads(const diffgrad::detail::ThreadHandle& threads) { threads_ = threads; }
+  int num_threads() const { return threads_.threads(); }
 
   /// The network output at model time t: eps for a noise model.
   void eps(const state_type& x, double t, state_type& out) const { forward(x, t, out, "Mlp::eps"); }
@@ -395,14 +405,19 @@ private:
       in.middleCols(d, f).rowwise() = feat.transpose();
     }
     if (c > 0) in.rightCols(c).rowwise() = cond_.transpose();
-    for (std::size_t l = 0; l + 1 < layers; ++l) {
-      pre_[l].noalias() = act_[l] * weight(l).transpose();
-      pre_[l].rowwise() += bias(l).transpose();
-      if (config_.activation == Activation::tanh)
-        act_[l + 1] = pre_[l].array().tanh().matrix();
-      else
-        act_[l + 1] = (pre_[l].array() / (Scalar(1) + (-pre_[l].array()).exp())).matrix();
-    }
+    impl::for_fixed_blocks(threads_, batch, impl::kRowBlock,
+                           [&](Eigen::Index r0, Eigen::Index rows) {
+                             for (std::size_t l = 0; l + 1 < layers; ++l) {
+                               auto pre = pre_[l].middleRows(r0, rows);
+                               pre.noalias() = act_[l].middleRows(r0, rows) * weight(l).transpose();
+                               pre.rowwise() += bias(l).transpose();
+                               if (config_.activation == Activation::tanh)
+                                 act_[l + 1].middleRows(r0, rows) = pre.array().tanh().matrix();
+                               else
+                                 act_[l + 1].middleRows(r0, rows) =
+                                     (pre.array() / (Scalar(1) + (-pre.array()).exp())).matrix();
+                             }
+                           });
   }
 
   void forward(const state_type& x, double t, state_type& out, const char* where) const {
@@ -410,8 +425,12 @@ private:
     run_forward(x, t);
     const std::size_t last = num_layers() - 1;
     out.resize(x.rows(), widths_.back());
-    out.noalias() = act_[last] * weight(last).transpose();
-    out.rowwise() += bias(last).transpose();
+    impl::for_fixed_blocks(
+        threads_, x.rows(), impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+          auto o = out.middleRows(r0, rows);
+          o.noalias() = act_[last].middleRows(r0, rows) * weight(last).transpose();
+          o.rowwise() += bias(last).transpose();
+        });
   }
 
   void backward(const state_type& x, double t, const state_type& a, state_type& dx,
@@ -429,33 +448,44 @@ private:
     const std::size_t layers = num_layers();
     for (std::size_t l = 0; l < layers; ++l) grad_[l].resize(x.rows(), widths_[l + 1]);
     grad_[layers - 1] = a; // cotangent of the (linear) output layer's pre-activation
-    for (std::size_t l = layers; l-- > 0;) {
-      const auto& g = grad_[l];
-      if (dparams) {
-        Eigen::Map<matrix_type> dw(dparams->data() + offsets_[l], widths_[l + 1], widths_[l]);
-        dw.noalias() += g.transpose() * act_[l];
-        Eigen::Map<vector_type>(dparams->data() + bias_offset(l), widths_[l + 1]) +=
-            g.colwise().sum().transpose();
-      }
-      if (l == 0) break;
-      // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
-      auto& prev = grad_[l - 1];
-      prev.noalias() = g * weight(l);
-      if (config_.activation == Activation::tanh) {
-        prev.array() *= (Scalar(1) - act_[l].array().square());
-      } else {
-        const auto s = (Scalar(1) / (Scalar(1) + (-pre_[l - 1].array()).exp()));
-        prev.array() *= s * (Scalar(1) + pre_[l - 1].array() * (Scalar(1) - s));
-      }
-    }
     const Eigen::Index d = config_.dim, c = config_.cond_dim;
     const auto w0 = weight(0);
-    if (dcond && c > 0) *dcond += (grad_[0].colwise().sum() * w0.rightCols(c)).transpose();
     dx.resize(x.rows(), d);
-    dx.noalias() = grad_[0] * w0.leftCols(d);
+    // Per-row cotangents, layer by layer, in fixed row blocks; dx last (a may alias it, and a
+    // was copied into grad_ above).
+    impl::for_fixed_blocks(
+        threads_, x.rows(), impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+          for (std::size_t l = layers - 1; l > 0; --l) {
+            // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
+            auto prev = grad_[l - 1].middleRows(r0, rows);
+            prev.noalias() = grad_[l].middleRows(r0, rows) * weight(l);
+            if (config_.activation == Activation::tanh) {
+              prev.array() *= (Scalar(1) - act_[l].middleRows(r0, rows).array().square());
+            } else {
+              const auto pre = pre_[l - 1].middleRows(r0, rows).array();
+              const auto s = (Scalar(1) / (Scalar(1) + (-pre).exp()));
+              prev.array() *= s * (Scalar(1) + pre * (Scalar(1) - s));
+            }
+          }
+          dx.middleRows(r0, rows).noalias() = grad_[0].middleRows(r0, rows) * w0.leftCols(d);
+        });
+    // Batch sums over fixed blocks of each layer's output neurons (each a GEMM over the batch).
+    if (dparams) {
+      for (std::size_t l = 0; l < layers; ++l) {
+        impl::for_fixed_blocks(
+            threads_, widths_[l + 1], impl::kComponentBlock, [&](Eigen::Index j0, Eigen::Index n) {
+              Eigen::Map<matrix_type> dw(dparams->data() + offsets_[l], widths_[l + 1], widths_[l]);
+              dw.middleRows(j0, n).noalias() += grad_[l].middleCols(j0, n).transpose() * act_[l];
+              Eigen::Map<vector_type>(dparams->data() + bias_offset(l) + j0, n) +=
+                  grad_[l].middleCols(j0, n).colwise().sum().transpose();
+            });
+      }
+    }
+    if (dcond && c > 0) *dcond += (grad_[0].colwise().sum() * w0.rightCols(c)).transpose();
   }
 
   MlpConfig config_;
+  diffgrad::detail::ThreadHandle threads_{diffgrad::detail::threads_from_environment()};
   std::vector<Eigen::Index> widths_, offsets_;
   Eigen::Index param_size_ = 0;
   vector_type params_, cond_;
