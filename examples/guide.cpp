@@ -292,10 +292,12 @@ private:
         std::fprintf(stderr,
                      "\nguide: warning: %s: %d of %zu steps exceed the stability bound |h| <= "
                      "%.3f (largest |h| = %.2f, at step %d: the adjoint is multiplied by %.1f "
-                     "there instead of shrinking); expect a wrong gradient. Use --grid "
-                     "uniform-lambda or more --steps (docs/gradients_continuous.md).\n",
+                     "there instead of shrinking); expect a wrong gradient. Use %smore --steps "
+                     "(docs/gradients_continuous.md).\n",
                      r.method, r.steps_beyond, s_.nodes.size() - 1, r.bound, r.max_abs_h,
-                     r.max_step, r.factor_at_max);
+                     r.max_step, r.factor_at_max,
+                     // the torch model's nodes are its integer timesteps: no --grid choice
+                     S::has_class_logits ? "--grid uniform-lambda or " : "");
       };
       const auto cost =
           diffgrad::adjoint_deis(s_.backend, s_.model, s_.nodes, cache.states(), grad_x0_,
