@@ -28,7 +28,13 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-cxx="${CXX:-clang++}"
+# An absolute path: CMake compares it with the cached compiler, and a mere spelling difference
+# (clang++ vs /usr/bin/clang++) makes it wipe the cache and drop this run's -D options.
+cxx="$(command -v "${CXX:-clang++}" || true)"
+if [[ -z "$cxx" ]]; then
+  echo "run_fuzzers.sh: no ${CXX:-clang++} on PATH (libFuzzer needs clang; Debian: clang libclang-rt-dev)" >&2
+  exit 2
+fi
 build="${BUILD_DIR:-$root/build-fuzz}"
 nice_level="${NICE:-10}"
 jobs="${JOBS:-1}"

@@ -40,6 +40,7 @@ int main(int argc, char** argv) {
     }
     const Backend backend(a.integer("threads", 1)); // backend threads (docs/threading.md)
     auto model = diffgrad::models::Mlp<double>::load(a.str("weights"));
+    model.set_threads(backend.threads()); // the MLP splits rows over the same threads
     const State x_T = driver::read_matrix(a.str("x"));
     const State w = driver::read_matrix(a.str("w"));
     diffgrad::GradientOptions opt;

@@ -66,6 +66,7 @@ template <class Scalar> int run(const driver::Args& a) {
   };
   if (model_kind == "mlp") {
     auto model = diffgrad::models::Mlp<Scalar>::load(a.str("weights"));
+    model.set_threads(backend.threads()); // the MLP splits rows over the same threads
     time_runs(model);
   } else if (model_kind == "none") {
     NoModel<State> model;

@@ -3,7 +3,7 @@
 # COMPONENTS (comma-separated, for find_package_components), DIFFGRAD_SOURCE_DIR,
 # CONSUMER_SOURCE_DIR, WORK_DIR (scratch, wiped first), GENERATOR, CXX_COMPILER,
 # EXPECTED_VERSION; CUDA_COMPILER for find_package_cuda; PKG_CONFIG (optional) for
-# find_package, which then also compiles the consumer with `pkg-config --cflags diffgrad`.
+# find_package, which then also compiles the consumer with `pkg-config --cflags --libs diffgrad`.
 cmake_minimum_required(VERSION 3.21)
 
 foreach(_var MODE DIFFGRAD_SOURCE_DIR CONSUMER_SOURCE_DIR WORK_DIR GENERATOR CXX_COMPILER
@@ -92,14 +92,14 @@ run_step("build the consumer" ${CMAKE_COMMAND} --build "${WORK_DIR}/consumer-bui
 run_step("run the consumer" "${WORK_DIR}/consumer-build/diffgrad_consumer")
 message(STATUS "${last_output}")
 
-# pkg-config: the same program compiled with nothing but `pkg-config --cflags diffgrad`.
+# pkg-config: the same program compiled with nothing but `pkg-config --cflags --libs diffgrad`.
 if(MODE STREQUAL "find_package" AND PKG_CONFIG)
   execute_process(COMMAND ${CMAKE_COMMAND} -E env "PKG_CONFIG_PATH=${_prefix}/share/pkgconfig"
-                          "${PKG_CONFIG}" --cflags diffgrad
+                          "${PKG_CONFIG}" --cflags --libs diffgrad
                   RESULT_VARIABLE _rc OUTPUT_VARIABLE _cflags ERROR_VARIABLE _err
                   OUTPUT_STRIP_TRAILING_WHITESPACE)
   if(NOT _rc EQUAL 0)
-    message(FATAL_ERROR "packaging: pkg-config --cflags diffgrad failed:\n${_err}")
+    message(FATAL_ERROR "packaging: pkg-config --cflags --libs diffgrad failed:\n${_err}")
   endif()
   separate_arguments(_cflags UNIX_COMMAND "${_cflags}")
   run_step("compile the consumer with pkg-config's flags (${_cflags})"
