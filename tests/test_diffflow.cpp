@@ -207,21 +207,26 @@ TEST_CASE("DiffFlow memory modes give identical bits; noise is never stored", "[
   models::Mlp<double> drift(small_mlp(2, 1.0), 1), score(small_mlp(2, 1.0), 2);
   const Mat x0 = gaussian_batch(4, 2, 1.0, 8);
   DiffFlow flow(drift, score);
-  const auto run = [&](int n, int k, Workspace<double>& ws) {
+  const auto run = [&](int n, MemoryMode memory, Workspace<double>& ws) {
     LossOptions o;
     o.seed = 21;
-    o.checkpoint_every = k;
+    o.memory = memory;
     return flow.gradient(power_grid(n, 0.01, 0.4, 0.9, 0.5), x0, o, ws);
   };
   Workspace<double> w1, w3, w7;
-  const auto a = run(12, 1, w1), b = run(12, 3, w3), c = run(12, 7, w7);
+  const auto a = run(12, MemoryMode::store_all(), w1), b = run(12, MemoryMode::checkpoint(3), w3),
+             c = run(12, MemoryMode::recompute(), w7);
   CHECK(a.value.loss == b.value.loss);
   CHECK(a.drift == b.drift);
   CHECK(a.score == b.score);
   CHECK(a.x0 == b.x0);
+  CHECK(a.value.loss == c.value.loss);
   CHECK(a.drift == c.drift);
   CHECK(a.score == c.score);
   CHECK(a.x0 == c.x0);
+  // Recompute re-runs the chain from z_0 for every step: more model calls, the same VJPs.
+  CHECK(c.cost.model_evals > a.cost.model_evals);
+  CHECK(c.cost.vjps == a.cost.vjps);
   // The loss without a workspace is the same number.
   LossOptions o;
   o.seed = 21;
@@ -233,20 +238,71 @@ TEST_CASE("DiffFlow memory modes give identical bits; noise is never stored", "[
   const auto vv = flow.loss(varying, x0, o);
   CHECK(std::abs(vv.nll_bound - vv.loss - 2 * std::log(1.9 / 0.3)) <= 1e-12 * std::abs(vv.loss));
 
-  // Workspace size: store-all holds N + 1 states plus a fixed number of work states, so going
-  // from N = 10 to N = 30 adds exactly 20 states; stored noise would add 20 more.
-  const auto bd = static_cast<std::size_t>(x0.size());
-  Workspace<double> s10, s30, c30;
-  run(10, 1, s10);
-  run(30, 1, s30);
-  CHECK(s30.states_held() - s10.states_held() == 20 * bd);
-  CHECK(s10.kept.size() == 11);
-  CHECK(s10.states_held() <= (11 + 12) * bd);
-  // Checkpointing every 6 of 30: 6 kept + 7 segment states.
-  run(30, 6, c30);
-  CHECK(c30.kept.size() == 6);
-  CHECK(c30.states_held() <= (6 + 7 + 12) * bd);
-  CHECK(c30.states_held() < s30.states_held());
+  // Stored states: the engine runs N + 1 steps (the last one cost-only) and store-all keeps
+  // the N states it reverses from, so going from N = 10 to N = 30 adds exactly 20 state
+  // buffers (stored noise would add 20 more); checkpoint(4) holds at most 4, whatever N.
+  Workspace<double> s10, s30, c10, c30;
+  run(10, MemoryMode::store_all(), s10);
+  const auto big = run(30, MemoryMode::store_all(), s30);
+  CHECK(s30.stored_state_buffers() - s10.stored_state_buffers() == 20);
+  CHECK(s10.stored_state_buffers() == 10);
+  CHECK(big.cost.peak_stored_states == 30);
+  run(10, MemoryMode::checkpoint(4), c10);
+  const auto ck = run(30, MemoryMode::checkpoint(4), c30);
+  CHECK(c30.stored_state_buffers() == c10.stored_state_buffers());
+  CHECK(c30.stored_state_buffers() <= 4);
+  CHECK(ck.cost.peak_stored_states <= 4);
+  CHECK(ck.drift == big.drift);
+  CHECK(s30.engine->given_noise.empty());
+}
+
+TEST_CASE("DiffFlow on the engine equals a direct evaluation of the loss (fixed noise)",
+          "[diffflow]") {
+  // The loss written out step by step with the documented noise keying (the engine's rule for
+  // the widened row of width W = 2d + 2), independent of the chain's column bookkeeping.
+  models::Mlp<double> drift(small_mlp(3, 2.0), 31), score(small_mlp(3, 2.0), 32);
+  drift.params() *= 2.0;
+  const Grid grid = power_grid(7, 0.02, 0.6, 0.8, 0.7);
+  const Mat x0 = gaussian_batch(5, 3, 1.0, 41);
+  const std::uint64_t seed = 17, row_offset = 9;
+  const int d = 3, w = 2 * d + 2, n = grid.steps();
+  Vec expected = Vec::Zero(x0.rows());
+  Mat x = x0, xn, f, fn, sn, xi(x0.rows(), d);
+  for (int i = 0; i < n; ++i) {
+    const auto i1 = static_cast<std::size_t>(i) + 1;
+    const double dt = grid.dt(i);
+    for (Eigen::Index r = 0; r < x.rows(); ++r)
+      for (int c = 0; c < d; ++c)
+        xi(r, c) = diffgrad::detail::gaussian(
+            seed, static_cast<std::uint64_t>(i),
+            (row_offset + static_cast<std::uint64_t>(r)) * w + static_cast<std::uint64_t>(c));
+    drift.velocity(x, grid.t[i1 - 1], f);
+    xn = x + dt * f + grid.g[i1 - 1] * std::sqrt(dt) * xi;
+    drift.velocity(xn, grid.t[i1], fn);
+    score.velocity(xn, grid.t[i1], sn);
+    const Mat eta = (x - xn + dt * (fn - grid.g[i1] * grid.g[i1] * sn)) / (grid.g[i1] * std::sqrt(dt));
+    expected += 0.5 * (eta.rowwise().squaredNorm() - xi.rowwise().squaredNorm());
+    x = xn;
+  }
+  expected += (0.5 * x.rowwise().squaredNorm()).array().matrix() +
+              Vec::Constant(x.rows(), 0.5 * d * std::log(2 * std::numbers::pi));
+  DiffFlow flow(drift, score);
+  LossOptions o;
+  o.seed = seed;
+  o.row_offset = row_offset;
+  const auto v = flow.loss(grid, x0, o);
+  const double err = (v.per_sample - expected).cwiseAbs().maxCoeff();
+  INFO("max |engine - direct| = " << err << " for losses of size " << expected.cwiseAbs().maxCoeff());
+  CHECK(err <= 1e-12 * expected.cwiseAbs().maxCoeff());
+  // The forward chain (encode) reaches the same x_N.
+  CHECK((flow.encode(grid, x0, o) - x).cwiseAbs().maxCoeff() <= 1e-13 * x.cwiseAbs().maxCoeff());
+  // Shards: rows 2..4 with row_offset + 2 draw exactly those rows' noise (the networks' GEMMs
+  // on 3 rows instead of 5 may round differently).
+  LossOptions shard = o;
+  shard.row_offset = row_offset + 2;
+  const auto part = flow.loss(grid, x0.bottomRows(3), shard);
+  CHECK((part.per_sample - v.per_sample.tail(3)).cwiseAbs().maxCoeff() <=
+        1e-13 * expected.cwiseAbs().maxCoeff());
 }
 
 namespace {
@@ -308,6 +364,10 @@ TEST_CASE("DiffFlow with a linear drift and score: closed-form E[L] and its grad
     const Mat x0 = gaussian_batch(batch, d, s0, 1000 + static_cast<std::uint64_t>(s));
     LossOptions o;
     o.seed = 500 + static_cast<std::uint64_t>(s);
+    // Every memory mode of the engine's adjoint takes part (they give the same bits).
+    o.memory = s % 3 == 0 ? MemoryMode::store_all()
+               : s % 3 == 1 ? MemoryMode::checkpoint(2)
+                            : MemoryMode::recompute();
     const auto g = flow.gradient(grid, x0, o, ws);
     losses.push_back(g.value.loss);
     Vec both(2 * (n + 1));

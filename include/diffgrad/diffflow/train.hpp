@@ -15,6 +15,7 @@
 #include "diffgrad/diffflow/diffflow.hpp"
 #include "diffgrad/diffflow/time_grid.hpp"
 #include "diffgrad/gradients/optimizer.hpp"
+#include "diffgrad/gradients/reverse_stepper.hpp"
 
 namespace diffgrad::diffflow {
 
@@ -24,7 +25,8 @@ struct TrainOptions {
   double lr_drift = 1e-3;     ///< Adam step of the drift network (ignored when it has no params)
   double lr_score = 1e-3;     ///< Adam step of the score network
   bool random_grid = true;    ///< resample the interior nodes every iteration
-  int checkpoint_every = 1;   ///< memory mode of the adjoint (LossOptions::checkpoint_every)
+  /// memory mode of the engine's adjoint (LossOptions::memory); every mode gives the same bits
+  MemoryMode memory = MemoryMode::store_all();
   std::uint64_t seed = 0;
 };
 
@@ -71,7 +73,7 @@ TrainResult train(Drift& drift, Score& score, const PowerTimeGrid& timer, const 
         options.random_grid ? timer.random(options.seed ^ 0x5eedu, it64) : fixed, g);
     LossOptions lo;
     lo.seed = options.seed * 0x9E3779B97F4A7C15ull + it64 + 1;
-    lo.checkpoint_every = options.checkpoint_every;
+    lo.memory = options.memory;
     auto grad = flow.gradient(grid, x0, lo, ws);
     if (drift.param_size() > 0) adam_drift.step(drift.params(), grad.drift);
     if (score.param_size() > 0) adam_score.step(score.params(), grad.score);
