@@ -8,7 +8,10 @@
 // and the training time of each. Both NLLs integrate the probability-flow ODE on the same kind
 // of grid (power e = 0.5 in t, i.e. denser at the data end, `--ode-steps` RK4 steps).
 //
-//   diffflow_tables --iterations 2000 --batch 256 --steps 30
+//   diffflow_tables --iterations 2000 --batch 256 --steps 30 [--checkpoints s]
+//
+// The chains and their gradients run on the library's engine and exact discrete adjoint
+// (docs/diffflow.md section 2); --checkpoints picks its memory mode (same bits, other cost).
 #include <Eigen/Core>
 #include <chrono>
 #include <cmath>
@@ -43,6 +46,7 @@ struct Setup {
   ToyOptions toy;
   int iterations = 2000, batch = 256, steps = 30, hidden = 64, nll_samples = 2000, ode_steps = 240;
   double lr = 3e-3;
+  int checkpoints = 0; ///< 0: MemoryMode::store_all(); s > 0: checkpoint(s)
   std::uint64_t seed = 1;
 };
 
@@ -90,6 +94,8 @@ Row run(const std::string& name, Drift& drift, Score& score, const PowerTimeGrid
   o.batch = s.batch;
   o.lr_drift = o.lr_score = s.lr;
   o.seed = s.seed;
+  o.memory = s.checkpoints > 0 ? diffgrad::MemoryMode::checkpoint(s.checkpoints)
+                               : diffgrad::MemoryMode::store_all();
   const auto data = [&](int b, std::uint64_t seed, std::uint64_t draw, State& x) {
     draw_toy(s.toy, b, seed, draw, x);
   };
@@ -135,6 +141,8 @@ int main(int argc, char** argv) {
     cli.option("--nll-samples", s.nll_samples, "held-out points", 2);
     cli.option("--ode-steps", s.ode_steps, "RK4 steps of the PF-ODE", 1, 1000000);
     cli.option("--seed", s.seed, "seed");
+    cli.option("--checkpoints", s.checkpoints,
+               "memory of the engine's adjoint: 0 = store_all, s > 0 = checkpoint(s)", 0);
     std::string models = "diffflow,vp,dsm";
     cli.option("--models", models, "rows to run: any of diffflow, vp, dsm (comma separated)");
     if (!cli.parse(argc, argv)) return 2;
@@ -190,9 +198,11 @@ int main(int argc, char** argv) {
     }
     std::printf("\nDiffFlow vs VP baseline on %s: %d iterations, batch %d, N = %d, 2 x %d hidden "
                 "SiLU Mlps, Adam %g; NLL on %d held-out points (PF-ODE, RK4 %d steps, exact "
-                "trace)\n\n",
+                "trace); adjoint memory %s\n\n",
                 toy_name(s.toy.toy), s.iterations, s.batch, s.steps, s.hidden, s.lr,
-                s.nll_samples, s.ode_steps);
+                s.nll_samples, s.ode_steps,
+                s.checkpoints > 0 ? ("checkpoint(" + std::to_string(s.checkpoints) + ")").c_str()
+                                  : "store_all");
     std::printf("| model | params | NLL (nats) | path-KL bound (nats) | train time (s) | ms/iter |\n");
     std::printf("|---|---:|---:|---:|---:|---:|\n");
     for (const auto& r : rows)
