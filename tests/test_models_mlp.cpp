@@ -180,6 +180,63 @@ TEST_CASE("Mlp VJP accumulates into dcond/dparams and sums over the batch", "[mo
   CHECK((dp_sum - dp_all - Eigen::VectorXd::Ones(net.param_size())).norm() < 1e-13);
 }
 
+TEST_CASE("Mlp: a batch of several row blocks is the documented network row by row",
+          "[models][mlp]") {
+  // 2 full blocks and a partial one: every block boundary and the tail go through the
+  // forward-only scratch path (eps) and the whole-batch path of the VJP.
+  const Eigen::Index batch = 2 * Mlp<double>::kRowBlock + 37;
+  for (const auto act : {Activation::tanh, Activation::silu}) {
+    const MlpConfig c = small_config(act);
+    Mlp<double> net(c, 17);
+    net.cond() << -0.4, 0.9;
+    const auto x = diffgrad::testing::test_batch<double>(batch, 3);
+    Mat out;
+    net.eps(x, 0.61, out);
+    REQUIRE(out.rows() == batch);
+    for (Eigen::Index b = 0; b < batch; b += 13) {
+      const std::vector<double> xb(x.row(b).data(), x.row(b).data() + 3);
+      const auto expected = naive_forward(c, net.params(), xb, 0.61, net.cond());
+      for (int j = 0; j < 3; ++j)
+        CHECK(out(b, j) == Approx(expected[static_cast<std::size_t>(j)]).epsilon(1e-13));
+    }
+    // eps may overwrite its input (each block reads its rows before writing them).
+    Mat in_place = x;
+    net.eps(in_place, 0.61, in_place);
+    CHECK(in_place == out);
+    // The VJP over the blocks is the sum of one-row VJPs (relative 1e-12: one row is a GEMV).
+    const Mat a = diffgrad::testing::test_batch<double>(batch, 3).reverse();
+    Eigen::VectorXd dp_all = Eigen::VectorXd::Zero(net.param_size()),
+                    dp_sum = Eigen::VectorXd::Zero(net.param_size());
+    Mat dx_all, dx;
+    net.vjp(x, 0.61, a, dx_all, nullptr, &dp_all);
+    for (Eigen::Index b = 0; b < batch; ++b) {
+      net.vjp(x.row(b), 0.61, a.row(b), dx, nullptr, &dp_sum);
+      CHECK((dx - dx_all.row(b)).norm() <= 1e-12 * (1.0 + dx.norm()));
+    }
+    CHECK((dp_sum - dp_all).norm() <= 1e-12 * dp_all.norm());
+    // Any block size computes the same function (to rounding): 7-row blocks.
+    net.set_row_block(7);
+    CHECK(net.row_block() == 7);
+    Mat out7;
+    net.eps(x, 0.61, out7);
+    CHECK((out7 - out).norm() <= 1e-13 * out.norm());
+  }
+  Mlp<double> net(small_config(Activation::silu), 1);
+  CHECK_THROWS_WITH(net.set_row_block(0), Catch::Contains("rows") && Catch::Contains("1..2^20"));
+}
+
+TEST_CASE("Mlp: out may not alias x when the output size differs", "[models][mlp][errors]") {
+  MlpConfig c = small_config(Activation::silu);
+  c.output_dim = 2;
+  const Mlp<double> net(c, 3);
+  Mat x = diffgrad::testing::test_batch<double>(5, 3);
+  CHECK_THROWS_WITH(net.eps(x, 0.1, x), Catch::Contains("out") && Catch::Contains("aliases x"));
+  Mat out;
+  net.eps(x, 0.1, out);
+  CHECK(out.rows() == 5);
+  CHECK(out.cols() == 2);
+}
+
 TEST_CASE("Mlp save/load round-trips exactly", "[models][mlp][io]") {
   MlpConfig c = small_config(Activation::silu, 0);
   c.hidden = {6};

@@ -661,7 +661,8 @@ namespace {
 /// fixed blocks of output neurons, so the same bits for every T.
 template <class Model> void check_mlp_threads(Model model) {
   if constexpr (requires(Model & m) { m.set_num_threads(2); }) {
-    const Eigen::Index batch = 201, dim = 33;
+    // 3 row blocks of Mlp::kRowBlock, the last one partial.
+    const Eigen::Index batch = 2 * Model::kRowBlock + 89, dim = 33;
     const State x = pattern(batch, dim, 0.4), cot = pattern(batch, dim, 2.4);
     State ref_eps, ref_dx;
     Vector ref_dcond, ref_dparams;

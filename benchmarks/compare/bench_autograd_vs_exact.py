@@ -11,13 +11,15 @@ L = <w, x_0>, gradients with respect to x_T and all MLP parameters.
                torch.utils.checkpoint (non-reentrant) around every step, and around segments of
                ceil(sqrt(N)) steps: torch's own answers to the memory of a long graph
     diffgrad:  build/benchmarks/compare_gradient: gradient(Ddim(), ...) with wrt_params, memory
-               store_all (every state) or checkpoint (5 stored states, binomial)
+               store_all (every state) or checkpoint (k stored states, binomial; --snapshots
+               lists the k, "sqrt" meaning ceil(sqrt(N)), the memory shape of torch's
+               sqrt(N)-segment checkpointing)
 
 Peak memory: growth of the peak resident size (VmHWM, reset through /proc/self/clear_refs)
 during the first gradient, each measurement in a fresh process; it includes everything the
 gradient allocates (torch: the autograd graph; diffgrad: the workspace). Times: medians of
---reps further gradients in the same process. Threads: torch --threads (default 1); diffgrad is
-single-threaded.
+--reps further gradients in the same process. Threads: --threads (default 1) sets torch's
+intra-op threads and diffgrad's backend and MLP threads alike.
 
     benchmarks/compare/.venv/bin/python benchmarks/compare/bench_autograd_vs_exact.py
 """
@@ -98,6 +100,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", default="10,25,50,100")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--snapshots", default="5,sqrt",
+                   help="diffgrad checkpoint rows: stored states per row ('sqrt': ceil(sqrt(N)))")
     p.add_argument("--threads", type=int, default=1,
                    help="torch's intra-op threads and diffgrad's backend threads")
     args = p.parse_args()
@@ -136,14 +140,19 @@ def main():
                   f"{c['peak_mib']:.1f} | {t['peak_mib'] / c['peak_mib']:.1f} | (segments) | "
                   f"{rel(cc.read_matrix(cg), ref_x):.1e} | {rel(cc.read_matrix(cp), ref_p):.1e} |",
                   flush=True)
-        for memory in ("store_all", "checkpoint"):
+        snapshot_counts = []
+        for k in args.snapshots.split(","):
+            k = math.ceil(math.sqrt(steps)) if k == "sqrt" else int(k)
+            if k not in snapshot_counts and k < steps:
+                snapshot_counts.append(k)
+        for memory, snapshots in [("store_all", 0)] + [("checkpoint", k) for k in snapshot_counts]:
             dg, dp = tmp / "dg.txt", tmp / "dp.txt"
             r = cc.driver("compare_gradient", "--weights", weights, "--x", xfile, "--w", wfile,
-                          "--steps", steps, "--memory", memory, "--snapshots", 5, "--reps",
-                          args.reps, "--out-grad", dg, "--out-grad-params", dp,
+                          "--steps", steps, "--memory", memory, "--snapshots", max(snapshots, 1),
+                          "--reps", args.reps, "--out-grad", dg, "--out-grad-params", dp,
                           "--threads", args.threads)
             name = "diffgrad exact, store all" if memory == "store_all" else \
-                "diffgrad exact, checkpoint (5)"
+                f"diffgrad exact, checkpoint ({snapshots})"
             print(f"| {steps} | {name} | {r['seconds']:.3f} | {r['seconds'] / t['seconds']:.2f} | "
                   f"{r['peak_mib']:.1f} | {t['peak_mib'] / r['peak_mib']:.1f} | "
                   f"{r['stored_states']:.0f} | {rel(cc.read_matrix(dg), ref_x):.1e} | "

@@ -20,11 +20,18 @@
 // The deterministic initialiser draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's Linear
 // default) from Philox keyed by the seed, counter = parameter index.
 // Save/load: a text format (see save()) that round-trips doubles exactly.
-// Threads (docs/threading.md): eps and the VJPs run in fixed blocks of impl::kRowBlock rows
+// Threads (docs/threading.md): eps and the VJPs run in fixed blocks of row_block() rows
 // (single-threaded GEMMs per block) and the parameter VJP's batch sums in fixed blocks of
 // impl::kComponentBlock output neurons per layer, so the bits do not depend on the thread
 // count (set_num_threads, default DIFFGRAD_NUM_THREADS).
+// Speed: a forward-only call (eps/velocity/drift) takes each block through all layers in a
+// per-thread scratch of 2 x row_block() x (widest layer) scalars, so the activations stay in
+// the core's cache and nothing of the batch's size is written but the output; each layer is
+// b broadcast into the block, then one accumulating GEMM (no zero fill), then the activation in
+// place. The VJPs re-run the same forward into whole-batch buffers (they need every layer's
+// pre-activation) with the same operations in the same order, so both see the same bits.
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -34,6 +41,7 @@
 #include <numbers>
 #include <ostream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "diffgrad/core/error.hpp"
@@ -69,6 +77,12 @@ public:
   using state_type = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using matrix_type = state_type;
   using vector_type = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  /// Default rows per block of eps and the VJPs (set_row_block). Blocks are fixed, so the bits
+  /// do not depend on the thread count. 256 rows amortise the packing of each weight matrix
+  /// over 4x more rows than the mixtures' 64 (benchmarks/RESULTS.md section 3); a batch of at
+  /// most 256 rows is one block, so T threads help from B = 512 on.
+  static constexpr Eigen::Index kRowBlock = 256;
 
   /// Initialised deterministically from `seed`.
   explicit Mlp(MlpConfig config, std::uint64_t seed = 0) : config_(std::move(config)) {
@@ -155,6 +169,15 @@ public:
   void set_num_threads(int threads) { threads_ = diffgrad::detail::ThreadHandle(threads); }
   void set_threads(const diffgrad::detail::ThreadHandle& threads) { threads_ = threads; }
   int num_threads() const { return threads_.threads(); }
+  /// Rows per block (default kRowBlock). Smaller blocks give many threads work at moderate
+  /// batch sizes (T threads need >= T blocks) at some GEMM efficiency; the outputs' last bits
+  /// depend on the block size (not on the thread count).
+  void set_row_block(Eigen::Index rows) {
+    diffgrad::detail::require(rows >= 1 && rows <= (Eigen::Index{1} << 20), "Mlp::set_row_block",
+                              "rows", "1..2^20", static_cast<double>(rows));
+    row_block_ = rows;
+  }
+  Eigen::Index row_block() const { return row_block_; }
 
   /// The network output at model time t: eps for a noise model.
   void eps(const state_type& x, double t, state_type& out) const { forward(x, t, out, "Mlp::eps"); }
@@ -389,7 +412,50 @@ private:
     impl::require_size(params_, param_size_, where, "params");
   }
 
-  /// act_[0] = input rows; pre_[l] = act_[l] W_l^T + b_l; act_[l+1] = act(pre_[l]).
+  /// feat_ = the time features at t in Scalar (a member: no allocation per call).
+  void set_time_features(double t) const {
+    const int f = config_.time_frequencies;
+    feat_.resize(2 * f);
+    const double tau = config_.time_scale * t;
+    for (int j = 0; j < f; ++j) {
+      const double omega = frequency(j);
+      feat_(j) = Scalar(std::sin(omega * tau));
+      feat_(f + j) = Scalar(std::cos(omega * tau));
+    }
+  }
+
+  /// Writes rows [r0, r0 + rows) of the input h_0 = [x | features | z] into `in`.
+  template <class Block>
+  void write_input(const state_type& x, Eigen::Index r0, Eigen::Index rows, Block&& in) const {
+    const Eigen::Index d = config_.dim, f = 2 * config_.time_frequencies, c = config_.cond_dim;
+    if (d > 0) in.leftCols(d) = x.middleRows(r0, rows);
+    if (f > 0) in.middleCols(d, f).rowwise() = feat_.transpose();
+    if (c > 0) in.rightCols(c).rowwise() = cond_.transpose();
+  }
+
+  /// out = in W_l^T + b_l: b broadcast first, then one accumulating GEMM (no zero fill).
+  template <class In, class Out> void affine(std::size_t l, const In& in, Out&& out) const {
+    out.rowwise() = bias(l).transpose();
+    out.noalias() += in * weight(l).transpose();
+  }
+
+  template <class Pre, class Act> void activate(const Pre& pre, Act&& act) const {
+    if (config_.activation == Activation::tanh)
+      act = pre.array().tanh().matrix();
+    else
+      act = (pre.array() / (Scalar(1) + (-pre.array()).exp())).matrix();
+  }
+
+  /// A per-thread buffer of at least `count` scalars: grows on first use (or for a wider
+  /// network), then is reused, so the forward pass does not allocate in a step loop.
+  static Scalar* thread_scratch(std::size_t count) {
+    thread_local std::vector<Scalar> buffer;
+    if (buffer.size() < count) buffer.resize(count);
+    return buffer.data();
+  }
+
+  /// act_[0] = input rows; pre_[l] = act_[l] W_l^T + b_l; act_[l+1] = act(pre_[l]), for the
+  /// whole batch (the VJPs read every layer).
   void run_forward(const state_type& x, double t) const {
     const auto batch = x.rows();
     const std::size_t layers = num_layers();
@@ -397,40 +463,44 @@ private:
       act_[l].resize(batch, widths_[l]); // no-op when the batch size is unchanged
       pre_[l].resize(batch, widths_[l + 1]);
     }
-    const Eigen::Index d = config_.dim, f = 2 * config_.time_frequencies, c = config_.cond_dim;
-    auto& in = act_[0];
-    in.leftCols(d) = x;
-    if (f > 0) {
-      const auto feat = time_features(t).template cast<Scalar>().eval();
-      in.middleCols(d, f).rowwise() = feat.transpose();
-    }
-    if (c > 0) in.rightCols(c).rowwise() = cond_.transpose();
-    impl::for_fixed_blocks(threads_, batch, impl::kRowBlock,
-                           [&](Eigen::Index r0, Eigen::Index rows) {
-                             for (std::size_t l = 0; l + 1 < layers; ++l) {
-                               auto pre = pre_[l].middleRows(r0, rows);
-                               pre.noalias() = act_[l].middleRows(r0, rows) * weight(l).transpose();
-                               pre.rowwise() += bias(l).transpose();
-                               if (config_.activation == Activation::tanh)
-                                 act_[l + 1].middleRows(r0, rows) = pre.array().tanh().matrix();
-                               else
-                                 act_[l + 1].middleRows(r0, rows) =
-                                     (pre.array() / (Scalar(1) + (-pre.array()).exp())).matrix();
-                             }
-                           });
+    set_time_features(t);
+    impl::for_fixed_blocks(threads_, batch, row_block_, [&](Eigen::Index r0, Eigen::Index rows) {
+      write_input(x, r0, rows, act_[0].middleRows(r0, rows));
+      for (std::size_t l = 0; l + 1 < layers; ++l) {
+        auto pre = pre_[l].middleRows(r0, rows);
+        affine(l, act_[l].middleRows(r0, rows), pre);
+        activate(pre, act_[l + 1].middleRows(r0, rows));
+      }
+    });
   }
 
+  /// The output only: each block goes through every layer in the thread's scratch.
   void forward(const state_type& x, double t, state_type& out, const char* where) const {
     check(x, where);
-    run_forward(x, t);
+    const Eigen::Index batch = x.rows(), out_cols = widths_.back();
+    if (static_cast<const void*>(&out) == static_cast<const void*>(&x) && x.cols() != out_cols)
+      diffgrad::detail::throw_argument(where, "out",
+                                       "an object other than x when output_dim differs from dim",
+                                       "out aliases x");
+    out.resize(batch, out_cols); // no-op when out aliases x (same shape)
+    set_time_features(t);
     const std::size_t last = num_layers() - 1;
-    out.resize(x.rows(), widths_.back());
-    impl::for_fixed_blocks(
-        threads_, x.rows(), impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
-          auto o = out.middleRows(r0, rows);
-          o.noalias() = act_[last].middleRows(r0, rows) * weight(last).transpose();
-          o.rowwise() += bias(last).transpose();
-        });
+    const Eigen::Index widest = *std::max_element(widths_.begin(), widths_.end() - 1);
+    const Eigen::Index block = std::min(row_block_, std::max<Eigen::Index>(batch, 1));
+    const auto scratch_size = static_cast<std::size_t>(2 * block * widest);
+    impl::for_fixed_blocks(threads_, batch, row_block_, [&](Eigen::Index r0, Eigen::Index rows) {
+      Scalar* cur = thread_scratch(scratch_size);
+      Scalar* next = cur + block * widest;
+      using block_map = Eigen::Map<matrix_type>;
+      write_input(x, r0, rows, block_map(cur, rows, widths_[0])); // reads x rows before out's
+      for (std::size_t l = 0; l < last; ++l) {
+        block_map h(next, rows, widths_[l + 1]);
+        affine(l, block_map(cur, rows, widths_[l]), h);
+        activate(h, h);
+        std::swap(cur, next);
+      }
+      affine(last, block_map(cur, rows, widths_[last]), out.middleRows(r0, rows));
+    });
   }
 
   void backward(const state_type& x, double t, const state_type& a, state_type& dx,
@@ -454,7 +524,7 @@ private:
     // Per-row cotangents, layer by layer, in fixed row blocks; dx last (a may alias it, and a
     // was copied into grad_ above).
     impl::for_fixed_blocks(
-        threads_, x.rows(), impl::kRowBlock, [&](Eigen::Index r0, Eigen::Index rows) {
+        threads_, x.rows(), row_block_, [&](Eigen::Index r0, Eigen::Index rows) {
           for (std::size_t l = layers - 1; l > 0; --l) {
             // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
             auto prev = grad_[l - 1].middleRows(r0, rows);
@@ -486,10 +556,12 @@ private:
 
   MlpConfig config_;
   diffgrad::detail::ThreadHandle threads_{diffgrad::detail::threads_from_environment()};
+  Eigen::Index row_block_ = kRowBlock;
   std::vector<Eigen::Index> widths_, offsets_;
   Eigen::Index param_size_ = 0;
   vector_type params_, cond_;
   mutable std::vector<matrix_type> pre_, act_, grad_;
+  mutable vector_type feat_; // time features at the last call's t
 };
 
 } // namespace diffgrad::models
