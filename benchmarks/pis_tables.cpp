@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/cli.hpp"
@@ -45,6 +46,7 @@ struct Args {
   int timing_iterations = 5;
   bool skip_table = false;
   bool skip_timing = false;
+  bool exact_grad_vjp = false; ///< PIS-Grad trained with the exact x-VJP (not the official's)
   std::string only; ///< e.g. "MG d=2:PIS-Grad" or "Funnel:PIS-NN": one table row
 };
 
@@ -78,6 +80,20 @@ void evaluate(const PathIntegralSampler& pis, C& control, const T& target, const
                                     static_cast<std::uint64_t>(k) *
                                         static_cast<std::uint64_t>(a.eval_samples));
     const LogZEstimate e = estimate_log_z(s.log_weights);
+    if constexpr (std::is_same_v<T, GaussianMixtureTarget>) {
+      if (k == 0) { // which modes the samples reach (nearest mean), the mode-collapse check
+        std::vector<int> count(static_cast<std::size_t>(target.components()), 0);
+        for (Eigen::Index r = 0; r < s.x.rows(); ++r) {
+          Eigen::Index best = 0;
+          (target.means().rowwise() - s.x.row(r)).rowwise().squaredNorm().minCoeff(&best);
+          ++count[static_cast<std::size_t>(best)];
+        }
+        std::fprintf(stderr, "  occupancy of the %lld modes (first batch):",
+                     static_cast<long long>(target.components()));
+        for (int c : count) std::fprintf(stderr, " %.3f", c / static_cast<double>(s.x.rows()));
+        std::fprintf(stderr, "\n");
+      }
+    }
     lb.push_back(e.lower_bound - target.log_normalizer());
     is.push_back(e.importance_weighted - target.log_normalizer());
     ess.push_back(e.ess);
@@ -132,6 +148,7 @@ void run_table(const Args& a) {
   std::printf("|---|---|---|---|---|---|---|---|\n");
   PisNetOptions net;
   net.hidden = {a.hidden, a.hidden};
+  net.detach_target_gradient = !a.exact_grad_vjp;
   const auto mix = GaussianMixtureTarget::nine_modes();
   const FunnelTarget funnel(10, 3.0);
   if (wanted(a, "MG d=2", "optimal")) {
@@ -215,6 +232,9 @@ int main(int argc, char** argv) {
                "one table row: 'MG d=2:optimal', 'MG d=2:PIS-NN', 'MG d=2:PIS-Grad', "
                "'Funnel:PIS-NN' or 'Funnel:PIS-Grad'");
     cli.flag("--skip-timing", a.skip_timing, "skip the time/memory table");
+    cli.flag("--exact-grad-vjp", a.exact_grad_vjp,
+             "train PIS-Grad with the exact x-derivative of grad log mu (default: detached, as "
+             "the official code)");
     if (!cli.parse(argc, argv)) return 2;
     if (!a.skip_table) run_table(a);
     if (!a.skip_timing) run_timing(a);

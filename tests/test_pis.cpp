@@ -366,11 +366,14 @@ TEST_CASE("PIS: exact loss gradients w.r.t. parameters and x_0 match finite diff
   for (Eigen::Index k = 0; k < p.size(); ++k) p(k) += 0.2 * std::sin(1.3 * static_cast<double>(k)); // non-zero output
   nn.set_params(p);
   check(nn, "PIS-NN");
-  PisGrad<GaussianMixtureTarget> pg(target, small, 6);
+  PisNetOptions exact = small;
+  exact.detach_target_gradient = false; // the exact loss gradient (FD-checkable)
+  PisGrad<GaussianMixtureTarget> pg(target, exact, 6);
   p = pg.params();
   for (Eigen::Index k = 0; k < p.size(); ++k) p(k) += 0.2 * std::cos(0.7 * static_cast<double>(k));
   pg.set_params(p);
   STATIC_REQUIRE(PisGrad<GaussianMixtureTarget>::has_exact_x_vjp());
+  CHECK(pg.uses_exact_x_vjp());
   check(pg, "PIS-Grad");
 }
 

@@ -195,6 +195,11 @@ struct PisNetOptions {
   double time_scale = 1.0;
   /// clip of grad log mu_hat in PIS-Grad (the official config's 1e4); 0: none.
   double grad_clip = 1e4;
+  /// PIS-Grad's VJP in x: true (default) treats grad log mu_hat(x) as a constant (a
+  /// stop-gradient), as the official code, whose score is computed on a detached copy of x;
+  /// the loss gradient w.r.t. the parameters is then that code's, not the exact one. false:
+  /// the exact derivative through the target's Hessian-vector product (when it has one).
+  bool detach_target_gradient = true;
 };
 
 namespace detail {
@@ -246,19 +251,23 @@ private:
 
 /// PIS-Grad: u = NN1(t, x) + NN2(t) * clip(grad log mu_hat(x)) (elementwise; NN2 is an Mlp of
 /// t alone with d outputs whose last layer starts at weight 0, bias 0.01, as the official
-/// code). theta = [theta_1 | theta_2]. The VJP in x uses the target's Hessian-vector product
-/// when it has one (exact); otherwise grad log mu_hat is treated as constant in x (a
-/// stop-gradient, as the official code's detached gradient) -- has_exact_x_vjp() says which.
+/// code). theta = [theta_1 | theta_2]. The VJP in x treats grad log mu_hat as constant in x
+/// (a stop-gradient, as the official code's detached score: PisNetOptions::
+/// detach_target_gradient, the default) or, with that option false and a target that has a
+/// Hessian-vector product, is exact -- uses_exact_x_vjp() says which.
 template <Target T> class PisGrad {
 public:
   PisGrad(const T& target, const PisNetOptions& options = {}, std::uint64_t seed = 0)
-      : target_(target), clip_(options.grad_clip),
+      : target_(target), clip_(options.grad_clip), detach_(options.detach_target_gradient),
         nn1_(detail::mlp_config(static_cast<int>(target.dim()), 0, options), seed),
         nn2_(detail::mlp_config(0, static_cast<int>(target.dim()), options), seed + 1) {
     detail::zero_last_layer(nn1_, 0.0);
     detail::zero_last_layer(nn2_, 0.01);
   }
+  /// Whether the target can give the exact x-derivative (a Hessian-vector product).
   static constexpr bool has_exact_x_vjp() { return TargetWithHessian<T>; }
+  /// Whether this control's VJP uses it (PisNetOptions::detach_target_gradient == false).
+  bool uses_exact_x_vjp() const { return TargetWithHessian<T> && !detach_; }
   std::int64_t param_size() const { return nn1_.param_size() + nn2_.param_size(); }
   Eigen::VectorXd params() const {
     Eigen::VectorXd p(param_size());
@@ -296,6 +305,7 @@ public:
       dp->tail(nn2_.param_size()) += dp2_;
     }
     if constexpr (TargetWithHessian<T>) {
+      if (detach_) return;
       // d/dx [s * clip(g(x))]^T a = H (mask * s * a), H symmetric.
       v_ = (a.array().rowwise() * scale_.row(0).array() * mask_.array()).matrix();
       target_.hvp_log_density(x, v_, hv_);
@@ -311,6 +321,12 @@ private:
     nn2_.drift(empty_, t, scale_);
   }
   void clipped_grad(const Matrix& x) const {
+    // The SDE layer's adjoint evaluates the control and then its VJP at the same state: the
+    // target's gradient (the costly part for mixtures) is reused when x is unchanged.
+    if (have_grad_ && x.rows() == grad_x_.rows() && x.cols() == grad_x_.cols() && x == grad_x_)
+      return;
+    grad_x_ = x;
+    have_grad_ = true;
     target_.grad_log_density(x, grad_);
     mask_ = Matrix::Ones(grad_.rows(), grad_.cols());
     if (clip_ > 0.0)
@@ -323,8 +339,10 @@ private:
 
   const T& target_;
   double clip_;
+  bool detach_;
   models::Mlp<double> nn1_, nn2_;
-  mutable Matrix empty_, scale_, grad_, mask_, v_, hv_, dx2_;
+  mutable Matrix empty_, scale_, grad_, mask_, v_, hv_, dx2_, grad_x_;
+  mutable bool have_grad_ = false;
   mutable Eigen::VectorXd dp1_, dp2_;
 };
 

@@ -112,6 +112,9 @@ public:
     }
     for (double& w : w_) w /= total;
     diffgrad::detail::require_finite(log_z, where, "log_z");
+    inv_s2_.resize(static_cast<Eigen::Index>(k));
+    for (std::size_t j = 0; j < k; ++j) inv_s2_(static_cast<Eigen::Index>(j)) = 1.0 / (s_[j] * s_[j]);
+    inv_s4_ = inv_s2_.array().square().matrix();
   }
 
   /// The 9-mode grid of the PIS experiments: modes at {-5, 0, 5}^2, variance 0.3, equal
@@ -143,43 +146,44 @@ public:
   }
   void grad_log_density(const Matrix& x, Matrix& out) const {
     detail::require_rows(x, dim(), "GaussianMixtureTarget::grad_log_density");
-    Matrix resp;
-    responsibilities(x, resp);
-    out = Matrix::Zero(x.rows(), dim());
-    for (Eigen::Index k = 0; k < means_.rows(); ++k) {
-      const double s2 = s_[static_cast<std::size_t>(k)] * s_[static_cast<std::size_t>(k)];
-      out += (resp.col(k).asDiagonal() * ((-x).rowwise() + means_.row(k))) / s2;
-    }
+    responsibilities(x, resp_);
+    grad_from_responsibilities(x, resp_, out);
   }
   /// Hess log mu = sum_k r_k (g_k g_k^T - I / s_k^2) - g g^T, g_k = (m_k - x) / s_k^2,
-  /// g = sum_k r_k g_k.
+  /// g = sum_k r_k g_k. Batched over rows and components (one responsibility pass).
   void hvp_log_density(const Matrix& x, const Matrix& v, Matrix& out) const {
     detail::require_rows(x, dim(), "GaussianMixtureTarget::hvp_log_density");
-    Matrix resp, g;
-    responsibilities(x, resp);
-    grad_log_density(x, g);
-    out.resize(x.rows(), dim());
-    for (Eigen::Index r = 0; r < x.rows(); ++r) {
-      Eigen::RowVectorXd acc = -g.row(r) * g.row(r).dot(v.row(r));
-      for (Eigen::Index k = 0; k < means_.rows(); ++k) {
-        const double s2 = s_[static_cast<std::size_t>(k)] * s_[static_cast<std::size_t>(k)];
-        const Eigen::RowVectorXd gk = (means_.row(k) - x.row(r)) / s2;
-        acc += resp(r, k) * (gk * gk.dot(v.row(r)) - v.row(r) / s2);
-      }
-      out.row(r) = acc;
-    }
+    responsibilities(x, resp_);
+    grad_from_responsibilities(x, resp_, g_);
+    // sum_k r_k g_k (g_k . v) = sum_k c_k (m_k - x), c_k = r_k (m_k . v - x . v) / s_k^4.
+    const Eigen::ArrayXd xv = (x.array() * v.array()).rowwise().sum();
+    const Eigen::ArrayXd gv = (g_.array() * v.array()).rowwise().sum();
+    c_ = v * means_.transpose(); // m_k . v  (B x K)
+    c_.array().colwise() -= xv;
+    c_.array() *= resp_.array().rowwise() * inv_s4_.array();
+    out = c_ * means_;
+    out -= (c_.rowwise().sum().asDiagonal() * x);
+    const Eigen::VectorXd r_over_s2 = resp_ * inv_s2_.transpose();
+    out -= r_over_s2.asDiagonal() * v;
+    out -= (gv.matrix().asDiagonal() * g_);
   }
   /// r_k(x) = w_k N(x; m_k, s_k^2) / sum_j w_j N(x; m_j, s_j^2)  (B x K).
   void responsibilities(const Matrix& x, Matrix& resp) const {
     component_logs(x, resp);
-    for (Eigen::Index r = 0; r < x.rows(); ++r) {
-      const double mx = resp.row(r).maxCoeff();
-      resp.row(r) = (resp.row(r).array() - mx).exp();
-      resp.row(r) /= resp.row(r).sum();
-    }
+    const Eigen::ArrayXd mx = resp.rowwise().maxCoeff();
+    resp.array().colwise() -= mx;
+    resp.array() = resp.array().exp();
+    const Eigen::ArrayXd total = resp.rowwise().sum();
+    resp.array().colwise() /= total;
   }
 
 private:
+  /// g = sum_k r_k (m_k - x) / s_k^2 = (R / s^2) M - diag(sum_k r_k / s_k^2) x.
+  void grad_from_responsibilities(const Matrix& x, const Matrix& resp, Matrix& out) const {
+    rs_ = (resp.array().rowwise() * inv_s2_.array()).matrix();
+    out = rs_ * means_;
+    out -= rs_.rowwise().sum().asDiagonal() * x;
+  }
   void component_logs(const Matrix& x, Matrix& out) const {
     const double d = static_cast<double>(dim());
     out.resize(x.rows(), means_.rows());
@@ -194,6 +198,8 @@ private:
   Matrix means_;
   std::vector<double> s_, w_;
   double log_z_;
+  Eigen::RowVectorXd inv_s2_, inv_s4_; ///< 1 / s_k^2, 1 / s_k^4
+  mutable Matrix resp_, g_, c_, rs_;   ///< scratch of the batched gradient and HVP
 };
 
 /// Neal's funnel (normalised, log Z = 0): x_0 ~ N(0, s0^2), x_{1..d-1} | x_0 ~ N(0, e^{x_0}).

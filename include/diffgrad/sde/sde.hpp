@@ -39,6 +39,7 @@
 #include "diffgrad/concepts/backend.hpp"
 #include "diffgrad/concepts/observer.hpp"
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/detail/gaussian_batch.hpp"
 #include "diffgrad/detail/philox.hpp"
 #include "diffgrad/gradients/discrete_adjoint.hpp"
 #include "diffgrad/sde/euler_maruyama.hpp"
@@ -96,6 +97,7 @@ template <Backend B, class Model> struct DriftAdapterBase {
   std::span<const State> given_noise{}; ///< empty: Philox noise (as the engine)
   bool check_finite = true;
   mutable State x_{}, f_{}, xi_{}, a_{}, dx_{}; ///< scratch (resized on first use)
+  mutable std::vector<double> wide_{};          ///< noise of all W columns (scratch)
 
 protected:
   // xi_i (B x d) exactly as the engine adds it to the x columns.
@@ -106,12 +108,17 @@ protected:
       xi_ = given_noise[static_cast<std::size_t>(i)].leftCols(d);
       return;
     }
+    // The rows' elements are contiguous in the engine's numbering (row r: (row_offset + r) W
+    // + [0, W)): one batched (SIMD) draw of all W columns, bit-identical to the engine's
+    // gaussian(seed, i, index), then the x columns. Drawing the 2 cost columns too is cheaper
+    // than a scalar draw per element (the batch draws pairs several at a time).
+    wide_.resize(static_cast<std::size_t>(rows * w));
+    diffgrad::detail::gaussian_range(
+        seed, static_cast<std::uint64_t>(i), row_offset * static_cast<std::uint64_t>(w),
+        wide_.size(), wide_.data());
     for (std::int64_t r = 0; r < rows; ++r)
       for (std::int64_t c = 0; c < d; ++c)
-        xi_(r, c) = static_cast<typename State::Scalar>(diffgrad::detail::gaussian(
-            seed, static_cast<std::uint64_t>(i),
-            (row_offset + static_cast<std::uint64_t>(r)) * static_cast<std::uint64_t>(w) +
-                static_cast<std::uint64_t>(c)));
+        xi_(r, c) = static_cast<typename State::Scalar>(wide_[static_cast<std::size_t>(r * w + c)]);
   }
 };
 
