@@ -45,9 +45,9 @@
 #include <vector>
 
 #include "diffgrad/core/error.hpp"
-#include "diffgrad/detail/philox.hpp"
 #include "diffgrad/detail/thread_pool.hpp"
 #include "diffgrad/models/dirac_mixture.hpp" // shape checks shared by the reference models
+#include "diffgrad/models/mlp_init.hpp"
 #include "diffgrad/schedule/node.hpp"
 
 namespace diffgrad::models {
@@ -128,18 +128,9 @@ public:
   void initialize(std::uint64_t seed) {
     params_.resize(param_size_);
     for (std::size_t l = 0; l + 1 < widths_.size(); ++l) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(widths_[l]));
       const Eigen::Index end = bias_offset(l) + widths_[l + 1];
-      for (Eigen::Index i = offsets_[l]; i < end; ++i) {
-        const auto r = diffgrad::detail::philox4x32_10(
-            diffgrad::detail::Philox4x32{
-                {static_cast<std::uint32_t>(i),
-                 static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
-                 0x6d6c70u /* "mlp" */, 0u}},
-            seed);
-        const double u = diffgrad::detail::uniform_open0(r.v[0], r.v[1]); // (0, 1]
-        params_(i) = Scalar(bound * (2.0 * u - 1.0));
-      }
+      for (Eigen::Index i = offsets_[l]; i < end; ++i)
+        params_(i) = Scalar(mlp_init::parameter(i, widths_[l], seed));
     }
   }
 

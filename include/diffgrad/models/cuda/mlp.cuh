@@ -36,7 +36,7 @@
 #include "diffgrad/backend/cuda/lincomb.cuh"
 #include "diffgrad/backend/cuda/math.cuh"
 #include "diffgrad/core/error.hpp"
-#include "diffgrad/detail/philox.hpp"
+#include "diffgrad/models/mlp_init.hpp"
 
 DIFFGRAD_CUDA_NAMESPACE_BEGIN
 namespace mlp {
@@ -120,18 +120,10 @@ public:
     build_layout();
     std::vector<Scalar> p(static_cast<std::size_t>(param_size_));
     for (std::size_t l = 0; l + 1 < widths_.size(); ++l) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(widths_[l]));
       const std::int64_t end = bias_offset(l) + widths_[l + 1];
-      for (std::int64_t i = offsets_[l]; i < end; ++i) {
-        const auto r = diffgrad::detail::philox4x32_10(
-            diffgrad::detail::Philox4x32{
-                {static_cast<std::uint32_t>(i),
-                 static_cast<std::uint32_t>(static_cast<std::uint64_t>(i) >> 32),
-                 0x6d6c70u /* "mlp" */, 0u}},
-            seed);
-        const double u = diffgrad::detail::uniform_open0(r.v[0], r.v[1]);
-        p[static_cast<std::size_t>(i)] = static_cast<Scalar>(bound * (2.0 * u - 1.0));
-      }
+      for (std::int64_t i = offsets_[l]; i < end; ++i)
+        p[static_cast<std::size_t>(i)] =
+            static_cast<Scalar>(::diffgrad::models::mlp_init::parameter(i, widths_[l], seed));
     }
     params_ = ::diffgrad::gpu::to_device<Scalar>(std::span<const Scalar>(p), stream_);
   }
