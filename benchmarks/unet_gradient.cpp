@@ -39,11 +39,7 @@ template <class Scheme>
 int run(const driver::Args& a, const Scheme& scheme, const diffgrad::DiscreteSchedule& schedule,
         const std::vector<diffgrad::Node>& nodes, Net& net) {
   if (a.has("write-nodes")) {
-    driver::Matrix m(static_cast<Eigen::Index>(nodes.size()), 4);
-    for (std::size_t i = 0; i < nodes.size(); ++i)
-      m.row(static_cast<Eigen::Index>(i)) << nodes[i].alpha, nodes[i].sigma, nodes[i].lambda,
-          nodes[i].model_t;
-    driver::write_matrix(a.str("write-nodes"), m);
+    driver::write_nodes(a.str("write-nodes"), nodes);
   }
   const Backend backend;
   const State x_T = driver::read_matrix(a.str("x"));
@@ -51,12 +47,7 @@ int run(const driver::Args& a, const Scheme& scheme, const diffgrad::DiscreteSch
   diffgrad::GradientOptions opt;
   opt.wrt_params = true;
   const std::string memory = a.str("memory", "store_all");
-  if (memory == "checkpoint")
-    opt.memory = diffgrad::MemoryMode::checkpoint(a.integer("snapshots", 5));
-  else if (memory == "recompute")
-    opt.memory = diffgrad::MemoryMode::recompute();
-  else if (memory != "store_all")
-    throw std::runtime_error("unknown --memory " + memory);
+  opt.memory = driver::memory_mode(a);
   const std::span<const diffgrad::Node> span(nodes);
 
   double peak_mib = 0;

@@ -31,11 +31,7 @@ int main(int argc, char** argv) {
     const auto nodes =
         diffgrad::make_nodes(schedule, diffgrad::uniform_lambda_grid(schedule, steps, 1.0, 1e-3));
     if (a.has("write-nodes")) {
-      driver::Matrix m(static_cast<Eigen::Index>(nodes.size()), 4);
-      for (std::size_t i = 0; i < nodes.size(); ++i)
-        m.row(static_cast<Eigen::Index>(i)) << nodes[i].alpha, nodes[i].sigma, nodes[i].lambda,
-            nodes[i].model_t;
-      driver::write_matrix(a.str("write-nodes"), m);
+      driver::write_nodes(a.str("write-nodes"), nodes);
       return 0;
     }
     const Backend backend(a.integer("threads", 1)); // backend threads (docs/threading.md)
@@ -46,12 +42,7 @@ int main(int argc, char** argv) {
     diffgrad::GradientOptions opt;
     opt.wrt_params = true;
     const std::string memory = a.str("memory", "store_all");
-    if (memory == "checkpoint")
-      opt.memory = diffgrad::MemoryMode::checkpoint(a.integer("snapshots", 5));
-    else if (memory == "recompute")
-      opt.memory = diffgrad::MemoryMode::recompute();
-    else if (memory != "store_all")
-      throw std::runtime_error("unknown --memory " + memory);
+    opt.memory = driver::memory_mode(a);
     const std::span<const diffgrad::Node> span(nodes);
 
     double peak_mib = 0;

@@ -9,12 +9,15 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "common/memory.hpp"
+#include "diffgrad/gradients/reverse_stepper.hpp"
+#include "diffgrad/schedule/node.hpp"
 
 namespace driver {
 
@@ -117,5 +120,24 @@ public:
 private:
   std::vector<std::string> items_;
 };
+
+/// Writes the nodes as an N x 4 matrix of (alpha, sigma, lambda, model_t): the Python side
+/// rebuilds the same steps from it.
+inline void write_nodes(const std::string& path, std::span<const diffgrad::Node> nodes) {
+  Matrix m(static_cast<Eigen::Index>(nodes.size()), 4);
+  for (std::size_t i = 0; i < nodes.size(); ++i)
+    m.row(static_cast<Eigen::Index>(i)) << nodes[i].alpha, nodes[i].sigma, nodes[i].lambda,
+        nodes[i].model_t;
+  write_matrix(path, m);
+}
+
+/// --memory store_all|checkpoint|recompute (default store_all), --snapshots k (checkpoint; 5).
+inline diffgrad::MemoryMode memory_mode(const Args& a) {
+  const std::string memory = a.str("memory", "store_all");
+  if (memory == "checkpoint") return diffgrad::MemoryMode::checkpoint(a.integer("snapshots", 5));
+  if (memory == "recompute") return diffgrad::MemoryMode::recompute();
+  if (memory != "store_all") throw std::runtime_error("unknown --memory " + memory);
+  return diffgrad::MemoryMode::store_all();
+}
 
 } // namespace driver
