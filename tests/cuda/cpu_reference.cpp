@@ -12,6 +12,7 @@
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/models/dirac_mixture.hpp"
 #include "diffgrad/models/mlp.hpp"
+#include "sde_cases.hpp"
 #include "structured_cases.hpp"
 
 namespace diffgrad::testing {
@@ -265,6 +266,13 @@ Parts cpu_continuous_gaussian(const Problem& problem, Precision p) {
 
 Parts cpu_continuous_dirac(const Problem& problem) {
   return continuous_case(EigenBackend<double>{}, EigenIO<double>{}, MakeDirac{}, problem);
+}
+
+Parts cpu_sde(bool exponential, const Problem& problem, Precision p) {
+  const auto method = exponential ? sde::SdeMethod::exponential : sde::SdeMethod::euler_maruyama;
+  return by_precision(p, [&](const auto& backend, const auto& io) {
+    return sde_case(backend, io, method, problem);
+  });
 }
 
 } // namespace diffgrad::testing

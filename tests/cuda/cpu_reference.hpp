@@ -69,6 +69,8 @@ Parts cpu_gradient_mlp(int index, const Problem& problem, const GradientSpec& g,
 Parts cpu_inversion_gaussian(int index, const Problem& problem, Precision p);
 Parts cpu_continuous_gaussian(const Problem& problem, Precision p);
 Parts cpu_continuous_dirac(const Problem& problem);
+/// sde_cases.hpp: the SDE layer's OU case (Euler-Maruyama, or exponential Euler).
+Parts cpu_sde(bool exponential, const Problem& problem, Precision p);
 
 // --- model evaluations ----------------------------------------------------------------------
 /// eps, x0_hat, and vjp (dx, dcond, dparams) of the CPU Dirac mixture at node `n` for the

@@ -9,12 +9,14 @@
 // Stochastic schemes (DDIM eta = 1, SDE-DPM-Solver) draw Philox noise inside the fused update.
 // Structured coefficients (2x2 blocks, per-column device tables): synthetic schemes through
 // the same engine and exact discrete adjoint (structured_cases.hpp), at a nonzero row offset.
+// The SDE layer (sde/): an OU chain simulated and differentiated on both (sde_cases.hpp).
 #include <catch2/catch.hpp>
 
 #include <cstdio>
 #include <string>
 
 #include "cuda_io.cuh"
+#include "sde_cases.hpp"
 #include "structured_cases.hpp"
 
 using namespace diffgrad;
@@ -62,6 +64,34 @@ TEST_CASE("structured schemes (Block2, ColumnCoeff): sample and gradients, GPU =
   std::printf("Structured coefficients (B = 5, d = 6, N = 6, row_offset = 3):\n");
   structured_schemes<double>();
   structured_schemes<float>();
+}
+
+TEST_CASE("SDE layer (Euler-Maruyama, exponential Euler): simulate and sde_gradient, GPU == CPU",
+          "[gpu][samplers][sde]") {
+  // Forward-time OU chain with a backend-generic linear drift (sde_cases.hpp): the lincombs
+  // and the Philox noise are bit-identical, only the loss's reductions differ in order.
+  Problem p;
+  p.steps = 8;
+  std::printf("SDE layer (B = %d, d = %d, N = %d, row_offset = %d):\n", p.batch, p.dim, p.steps,
+              static_cast<int>(kSdeRowOffset));
+  for (const bool exponential : {false, true}) {
+    const auto method = exponential ? sde::SdeMethod::exponential : sde::SdeMethod::euler_maruyama;
+    const std::string name = exponential ? "exponential Euler" : "Euler-Maruyama";
+    {
+      const gpu::CudaBackend<double> backend;
+      const Parts gpu = sde_case(backend, CudaIO<double>{}, method, p);
+      const Parts cpu = cpu_sde(exponential, p, Precision::f64);
+      print_agreement(name + ", float64",
+                      check_parts(gpu, cpu, agreement_tolerance(Precision::f64), name));
+    }
+    {
+      const gpu::CudaBackend<float> backend;
+      const Parts gpu = sde_case(backend, CudaIO<float>{}, method, p);
+      const Parts cpu = cpu_sde(exponential, p, Precision::f32);
+      print_agreement(name + ", float32",
+                      check_parts(gpu, cpu, agreement_tolerance(Precision::f32), name));
+    }
+  }
 }
 
 TEST_CASE("every scheme on the GPU == CPU, Gaussian model, float64", "[gpu][samplers]") {
