@@ -53,6 +53,7 @@
 #include "diffgrad/backend/cpu/eigen_backend.hpp"
 #include "diffgrad/backend/lincomb_term.hpp"
 #include "diffgrad/core/error.hpp"
+#include "diffgrad/detail/gaussian_batch.hpp"
 #include "diffgrad/detail/philox.hpp"
 #include "diffgrad/diffflow/networks.hpp"
 #include "diffgrad/diffflow/time_grid.hpp"
@@ -238,7 +239,10 @@ private:
 };
 
 /// The model of ChainScheme's steps: z_j -> e_j = [f_j | x_j | |eta_{j-1}|^2/2 | |xi_j|^2/2]
-/// (field), and the VJP of that map (vjp), for run_scheme and discrete_adjoint.
+/// (field), and the VJP of that map (vjp), for run_scheme and discrete_adjoint. The VJP adds
+/// the two networks' parameter cotangents into this object's grad_drift() and grad_score()
+/// (zero at construction) rather than into the engine's one parameter vector: each network's
+/// VJP accumulates straight into its own vector, with no per-call scratch to clear and copy.
 template <TimeField Drift, TimeField Score> class ChainModel {
 public:
   using State = typename Drift::state_type;
@@ -247,7 +251,11 @@ public:
 
   ChainModel(const ChainScheme<Scalar>& scheme, const Drift& drift, const Score& score,
              const LossOptions& options)
-      : scheme_(scheme), drift_(drift), score_(score), options_(options) {}
+      : scheme_(scheme), drift_(drift), score_(score), options_(options),
+        grad_drift_(Vector::Zero(drift.param_size())), grad_score_(Vector::Zero(score.param_size())) {}
+
+  const Vector& grad_drift() const { return grad_drift_; }
+  const Vector& grad_score() const { return grad_score_; }
 
   void field(const State& z, const Node& node, State& out) const {
     const char* where = "DiffFlow";
@@ -274,8 +282,7 @@ public:
     }
   }
 
-  void vjp(const State& z, const Node& node, const State& cot, State& dz,
-           Vector* dparams) const {
+  void vjp(const State& z, const Node& node, const State& cot, State& dz) const {
     const int j = scheme_.step_of(node);
     const std::int64_t d = scheme_.dim();
     const double t = node.t;
@@ -283,7 +290,6 @@ public:
     cot_f_ = cot.leftCols(d); // the forward step's cotangent of f_j (already times dt_j)
     dz.resize(z.rows(), scheme_.width());
     dz.rightCols(2).setZero(); // e_j does not read the running sums
-    const bool params = dparams != nullptr && dparams->size() > 0;
     if (j > 0) {
       detail::eval(drift_, x_, t, f_, "DiffFlow::gradient", "drift output", false, j);
       eta(z, j); // also leaves s_ = s(x_j, t_j)
@@ -295,14 +301,12 @@ public:
                .matrix();
       cot_f_.noalias() += Scalar(dt) * u_;
       cot_s_.noalias() = Scalar(-g1 * g1 * dt) * u_;
-      vjp_into(score_, t, cot_s_, dx_s_, params ? &gs_ : nullptr, score_.param_size());
+      score_.velocity_vjp(x_, t, cot_s_, dx_s_, nullptr, &grad_score_);
       dz.middleCols(d, d) = u_;
-      if (params) dparams->segment(drift_.param_size(), score_.param_size()) += gs_;
     } else {
       dz.middleCols(d, d).setZero();
     }
-    vjp_into(drift_, t, cot_f_, dx_f_, params ? &gf_ : nullptr, drift_.param_size());
-    if (params) dparams->head(drift_.param_size()) += gf_;
+    drift_.velocity_vjp(x_, t, cot_f_, dx_f_, nullptr, &grad_drift_);
     dz.leftCols(d) = dx_f_ + cot.middleCols(d, d);
     if (j > 0) dz.leftCols(d) += dx_s_ - u_;
   }
@@ -319,23 +323,20 @@ private:
                      (z.middleCols(d, d) - x_ + Scalar(dt) * (f_ - Scalar(g1 * g1) * s_));
   }
 
-  // xi_j exactly as the engine adds it to the x columns (width-W indexing).
+  // xi_j exactly as the engine adds it to the x columns (width-W indexing): per row the d
+  // elements from (row_offset + r) W on, drawn by Box-Muller pairs.
   void noise(int j, std::int64_t rows) const {
     const std::int64_t d = scheme_.dim(), w = scheme_.width();
     xi_.resize(rows, d);
-    for (std::int64_t r = 0; r < rows; ++r)
+    row_.resize(static_cast<std::size_t>(d));
+    for (std::int64_t r = 0; r < rows; ++r) {
+      diffgrad::detail::gaussian_range(
+          options_.seed, static_cast<std::uint64_t>(j),
+          (options_.row_offset + static_cast<std::uint64_t>(r)) * static_cast<std::uint64_t>(w),
+          static_cast<std::size_t>(d), row_.data());
       for (std::int64_t c = 0; c < d; ++c)
-        xi_(r, c) = static_cast<Scalar>(diffgrad::detail::gaussian(
-            options_.seed, static_cast<std::uint64_t>(j),
-            (options_.row_offset + static_cast<std::uint64_t>(r)) * static_cast<std::uint64_t>(w) +
-                static_cast<std::uint64_t>(c)));
-  }
-
-  template <class Net>
-  void vjp_into(const Net& net, double t, const State& a, State& dx, Vector* g,
-                std::int64_t size) const {
-    if (g) g->setZero(size);
-    net.velocity_vjp(x_, t, a, dx, nullptr, g);
+        xi_(r, c) = static_cast<Scalar>(row_[static_cast<std::size_t>(c)]);
+    }
   }
 
   const ChainScheme<Scalar>& scheme_;
@@ -343,11 +344,12 @@ private:
   const Score& score_;
   LossOptions options_;
   mutable State x_, f_, s_, eta_, xi_, u_, cot_f_, cot_s_, dx_f_, dx_s_;
-  mutable Vector gf_, gs_;
+  mutable std::vector<double> row_;
+  mutable Vector grad_drift_, grad_score_;
 };
 
 /// The buffers of gradient calls: the engine's GradientWorkspace (rebuilt only when the step
-/// count, batch, width, parameter count or memory mode changes) and the widened initial state.
+/// count, batch, width or memory mode changes) and the widened initial state.
 /// The engine stores states, never noise: stored_state_buffers() is the number of W-wide
 /// state buffers its snapshots may use (N + 1 engine steps: N under store_all; a fixed number
 /// under checkpoint(s), whatever N).
@@ -359,15 +361,13 @@ template <class Scalar> struct Workspace {
   int stored_state_buffers() const { return engine ? engine->snapshot_buffers() : 0; }
 
   GradientWorkspace<Backend>& prepare(const Backend& backend, int steps, std::int64_t batch,
-                                      std::int64_t width, std::int64_t params,
-                                      const GradientOptions& options) {
+                                      std::int64_t width, const GradientOptions& options) {
     const int snaps = options.memory.snapshots_for(steps);
     if (!engine || engine->num_steps() != steps || engine->batch() != batch ||
-        engine->dim() != width || key_params_ != params || key_kind_ != options.memory.kind() ||
+        engine->dim() != width || key_kind_ != options.memory.kind() ||
         key_snapshots_ != snaps) {
       engine.reset();
-      engine.emplace(backend, 0, 1, steps, batch, width, 0, params, options);
-      key_params_ = params;
+      engine.emplace(backend, 0, 1, steps, batch, width, 0, 0, options);
       key_kind_ = options.memory.kind();
       key_snapshots_ = snaps;
     }
@@ -375,7 +375,6 @@ template <class Scalar> struct Workspace {
   }
 
 private:
-  std::int64_t key_params_ = -1;
   MemoryMode::Kind key_kind_ = MemoryMode::Kind::store_all;
   int key_snapshots_ = -1;
 };
@@ -425,15 +424,14 @@ public:
     check_inputs(grid, x0, where);
     const ChainScheme<Scalar> scheme(backend_, grid, x0.cols());
     const ChainModel<Drift, Score> model(scheme, drift_, score_, options);
-    const std::int64_t pf = drift_.param_size(), ps = score_.param_size();
     GradientOptions go;
     go.memory = options.memory;
-    go.wrt_params = true;
+    go.wrt_params = false; // the chain model keeps the two networks' parameter gradients
     go.seed = options.seed;
     go.row_offset = options.row_offset;
     go.check_finite = options.check_finite;
     scheme.augment(x0, ws.z0);
-    auto& engine = ws.prepare(backend_, scheme.num_steps(), x0.rows(), scheme.width(), pf + ps, go);
+    auto& engine = ws.prepare(backend_, scheme.num_steps(), x0.rows(), scheme.width(), go);
     Gradient<Vector, State> out;
     const auto loss = [&](const Backend&, const State& z, State& grad) {
       out.value = value_of(scheme, grid, z);
@@ -448,12 +446,14 @@ public:
     const auto& r = discrete_adjoint(
         scheme, backend_, scheme.nodes(), scheme.node_at_lambda(),
         [&](const State& u, const Node& n, State& o) { model.field(u, n, o); },
-        [&](const State& u, const Node& n, const State& a, State& dx, Vector*, Vector* dp) {
-          model.vjp(u, n, a, dx, dp);
+        [&](const State& u, const Node& n, const State& a, State& dx, Vector*, Vector*) {
+          model.vjp(u, n, a, dx);
         },
         ws.z0, loss, go, engine);
-    out.drift = r.grad_params.head(pf);
-    out.score = r.grad_params.segment(pf, ps);
+    out.drift = model.grad_drift();
+    out.score = model.grad_score();
+    if (options.check_finite && !(out.drift.allFinite() && out.score.allFinite()))
+      throw numerical_error("DiffFlow::gradient: the parameter gradient is not finite (NaN or Inf)");
     out.x0 = r.grad_x.leftCols(x0.cols());
     out.cost = r.cost;
     return out;
