@@ -280,7 +280,8 @@ TEST_CASE("DiffFlow on the engine equals a direct evaluation of the loss (fixed 
     xn = x + dt * f + grid.g[i1 - 1] * std::sqrt(dt) * xi;
     drift.velocity(xn, grid.t[i1], fn);
     score.velocity(xn, grid.t[i1], sn);
-    const Mat eta = (x - xn + dt * (fn - grid.g[i1] * grid.g[i1] * sn)) / (grid.g[i1] * std::sqrt(dt));
+    const Mat eta =
+        (x - xn + dt * (fn - grid.g[i1] * grid.g[i1] * sn)) / (grid.g[i1] * std::sqrt(dt));
     expected += 0.5 * (eta.rowwise().squaredNorm() - xi.rowwise().squaredNorm());
     x = xn;
   }
@@ -292,7 +293,8 @@ TEST_CASE("DiffFlow on the engine equals a direct evaluation of the loss (fixed 
   o.row_offset = row_offset;
   const auto v = flow.loss(grid, x0, o);
   const double err = (v.per_sample - expected).cwiseAbs().maxCoeff();
-  INFO("max |engine - direct| = " << err << " for losses of size " << expected.cwiseAbs().maxCoeff());
+  INFO("max |engine - direct| = " << err << " for losses of size "
+                                  << expected.cwiseAbs().maxCoeff());
   CHECK(err <= 1e-12 * expected.cwiseAbs().maxCoeff());
   // The forward chain (encode) reaches the same x_N.
   CHECK((flow.encode(grid, x0, o) - x).cwiseAbs().maxCoeff() <= 1e-13 * x.cwiseAbs().maxCoeff());

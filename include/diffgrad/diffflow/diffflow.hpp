@@ -20,7 +20,7 @@
 //
 //   z_j = [ x_j (d) | x_{j-1} (d) | B_j | F_j ]             width W = 2d + 2
 //
-// and the "model" of engine step j (ChainField, called at z_j) returns
+// and the "model" of engine step j (ChainModel::field, called at z_j) returns
 //
 //   e_j = [ f(x_j, t_j) | x_j | |eta_{j-1}|^2 / 2 | |xi_j|^2 / 2 ]      (eta_{-1} term: 0)
 //
@@ -30,12 +30,12 @@
 // f and s at x_N for eta_{N-1} and leaves x_N unchanged (x coefficient 1, drift 0, no noise),
 // so the engine runs N + 1 steps. The loss on the final row is
 // |x_N|^2 / 2 + d log(2 pi) / 2 + B - F, and everything, eta_{N-1} included, is
-// differentiated by the engine's adjoint (ChainVjp: the VJP of e_j w.r.t. z_j, one drift and
-// one score VJP per step).
+// differentiated by the engine's adjoint (ChainModel::vjp: the VJP of e_j w.r.t. z_j, one
+// drift and one score VJP per step).
 //
 // Noise keying: xi_i of sample r, coordinate c is detail::gaussian(seed, i, (row_offset + r) W
 // + c), c < d: the engine's rule for a state of width W (backend/lincomb_term.hpp), as for the
-// SDE layer's cost columns; ChainField regenerates it for the |xi_i|^2 / 2 column.
+// SDE layer's cost columns; ChainModel::field regenerates it for the |xi_i|^2 / 2 column.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -70,19 +70,19 @@ struct LossOptions {
   /// Where the adjoint gets the forward states from (store_all, checkpoint(s), recompute):
   /// the engine's modes, all giving the same bits.
   MemoryMode memory = MemoryMode::store_all();
-  bool check_finite = true;     ///< throw numerical_error on a NaN/Inf network output or state
+  bool check_finite = true; ///< throw numerical_error on a NaN/Inf network output or state
 };
 
 /// Per-sample and batch-mean loss, and its parts (all batch means, nats).
 struct LossValue {
-  double loss = 0.0;           ///< mean_b L_b
-  double prior_term = 0.0;     ///< mean of -log N(x_N; 0, I)
-  double backward_term = 0.0;  ///< mean of sum_i |eta_i|^2 / 2
-  double forward_term = 0.0;   ///< mean of sum_i |xi_i|^2 / 2 (subtracted)
+  double loss = 0.0;          ///< mean_b L_b
+  double prior_term = 0.0;    ///< mean of -log N(x_N; 0, I)
+  double backward_term = 0.0; ///< mean of sum_i |eta_i|^2 / 2
+  double forward_term = 0.0;  ///< mean of sum_i |xi_i|^2 / 2 (subtracted)
   /// loss + d sum_i log(g_{i+1} / g_i): in expectation an upper bound of the backward chain's
   /// NLL of the data (E[L] = KL(paths) + H(data) - d log(g_N / g_0)); equals loss for constant g
   double nll_bound = 0.0;
-  Eigen::VectorXd per_sample;  ///< L_b
+  Eigen::VectorXd per_sample; ///< L_b
 };
 
 template <class Vector, class State> struct Gradient {
@@ -109,10 +109,9 @@ void eval(const Field& field, const State& x, double t, State& out, const char* 
           const char* what, bool check_finite, int node) {
   field.velocity(x, t, out);
   if (out.rows() != x.rows() || out.cols() != x.cols())
-    diffgrad::detail::throw_argument(where, what,
-                                     diffgrad::detail::concat("an output of shape ", x.rows(),
-                                                              " x ", x.cols()),
-                                     diffgrad::detail::concat(out.rows(), " x ", out.cols()));
+    diffgrad::detail::throw_argument(
+        where, what, diffgrad::detail::concat("an output of shape ", x.rows(), " x ", x.cols()),
+        diffgrad::detail::concat(out.rows(), " x ", out.cols()));
   check_state(out, where, what, check_finite, node);
 }
 
@@ -182,10 +181,10 @@ public:
   }
   void validate(std::span<const Node> nodes) const {
     if (nodes.size() != nodes_.size())
-      diffgrad::detail::throw_argument("diffflow::ChainScheme", "nodes",
-                                       diffgrad::detail::concat("the chain's ", nodes_.size(),
-                                                                " nodes (scheme.nodes())"),
-                                       nodes.size());
+      diffgrad::detail::throw_argument(
+          "diffflow::ChainScheme", "nodes",
+          diffgrad::detail::concat("the chain's ", nodes_.size(), " nodes (scheme.nodes())"),
+          nodes.size());
     for (std::size_t i = 0; i < nodes.size(); ++i)
       if (nodes[i].t != nodes_[i].t || nodes[i].model_t != nodes_[i].model_t)
         diffgrad::detail::throw_argument(
@@ -211,7 +210,7 @@ public:
   std::int64_t dim() const { return dim_; }
   std::int64_t width() const { return width_; }
   std::int64_t prev_column() const { return dim_; }
-  std::int64_t backward_column() const { return 2 * dim_; } ///< B: sum |eta_i|^2 / 2
+  std::int64_t backward_column() const { return 2 * dim_; }    ///< B: sum |eta_i|^2 / 2
   std::int64_t forward_column() const { return 2 * dim_ + 1; } ///< F: sum |xi_i|^2 / 2
 
   /// The grid index j of a model call's node (the step it starts).
@@ -252,7 +251,8 @@ public:
   ChainModel(const ChainScheme<Scalar>& scheme, const Drift& drift, const Score& score,
              const LossOptions& options)
       : scheme_(scheme), drift_(drift), score_(score), options_(options),
-        grad_drift_(Vector::Zero(drift.param_size())), grad_score_(Vector::Zero(score.param_size())) {}
+        grad_drift_(Vector::Zero(drift.param_size())),
+        grad_score_(Vector::Zero(score.param_size())) {}
 
   const Vector& grad_drift() const { return grad_drift_; }
   const Vector& grad_score() const { return grad_score_; }
@@ -323,20 +323,20 @@ private:
                      (z.middleCols(d, d) - x_ + Scalar(dt) * (f_ - Scalar(g1 * g1) * s_));
   }
 
-  // xi_j exactly as the engine adds it to the x columns (width-W indexing): per row the d
-  // elements from (row_offset + r) W on, drawn by Box-Muller pairs.
+  // xi_j exactly as the engine adds it to the x columns (width-W indexing): the whole B x W
+  // block of step j in one call of the SIMD generator (contiguous indices from row_offset W),
+  // then the first d columns of each row; per-row calls of d elements take the scalar path and
+  // cost more than the W - d unused draws.
   void noise(int j, std::int64_t rows) const {
     const std::int64_t d = scheme_.dim(), w = scheme_.width();
     xi_.resize(rows, d);
-    row_.resize(static_cast<std::size_t>(d));
-    for (std::int64_t r = 0; r < rows; ++r) {
-      diffgrad::detail::gaussian_range(
-          options_.seed, static_cast<std::uint64_t>(j),
-          (options_.row_offset + static_cast<std::uint64_t>(r)) * static_cast<std::uint64_t>(w),
-          static_cast<std::size_t>(d), row_.data());
+    row_.resize(static_cast<std::size_t>(rows * w));
+    diffgrad::detail::gaussian_range(options_.seed, static_cast<std::uint64_t>(j),
+                                     options_.row_offset * static_cast<std::uint64_t>(w),
+                                     row_.size(), row_.data());
+    for (std::int64_t r = 0; r < rows; ++r)
       for (std::int64_t c = 0; c < d; ++c)
-        xi_(r, c) = static_cast<Scalar>(row_[static_cast<std::size_t>(c)]);
-    }
+        xi_(r, c) = static_cast<Scalar>(row_[static_cast<std::size_t>(r * w + c)]);
   }
 
   const ChainScheme<Scalar>& scheme_;
@@ -364,8 +364,7 @@ template <class Scalar> struct Workspace {
                                       std::int64_t width, const GradientOptions& options) {
     const int snaps = options.memory.snapshots_for(steps);
     if (!engine || engine->num_steps() != steps || engine->batch() != batch ||
-        engine->dim() != width || key_kind_ != options.memory.kind() ||
-        key_snapshots_ != snaps) {
+        engine->dim() != width || key_kind_ != options.memory.kind() || key_snapshots_ != snaps) {
       engine.reset();
       engine.emplace(backend, 0, 1, steps, batch, width, 0, 0, options);
       key_kind_ = options.memory.kind();
@@ -409,17 +408,18 @@ public:
     State z;
     scheme.augment(x0, z);
     SamplerWorkspace<Backend> ws(backend_, 0, 1, z.rows(), z.cols());
-    run_scheme(scheme, backend_, scheme.nodes(), scheme.node_at_lambda(),
-               [&](const State& u, const Node& n, State& out) { model.field(u, n, out); }, z, ws,
-               diffgrad::SampleOptions{.seed = options.seed,
-                             .row_offset = options.row_offset,
-                             .check_finite = options.check_finite});
+    run_scheme(
+        scheme, backend_, scheme.nodes(), scheme.node_at_lambda(),
+        [&](const State& u, const Node& n, State& out) { model.field(u, n, out); }, z, ws,
+        diffgrad::SampleOptions{.seed = options.seed,
+                                .row_offset = options.row_offset,
+                                .check_finite = options.check_finite});
     return value_of(scheme, grid, z);
   }
 
   /// The loss and its exact gradient w.r.t. both networks' parameters and x_0.
-  Gradient<Vector, State> gradient(const Grid& grid, const State& x0,
-                                   const LossOptions& options, Workspace<Scalar>& ws) {
+  Gradient<Vector, State> gradient(const Grid& grid, const State& x0, const LossOptions& options,
+                                   Workspace<Scalar>& ws) {
     const char* where = "DiffFlow::gradient";
     check_inputs(grid, x0, where);
     const ChainScheme<Scalar> scheme(backend_, grid, x0.cols());
@@ -453,7 +453,8 @@ public:
     out.drift = model.grad_drift();
     out.score = model.grad_score();
     if (options.check_finite && !(out.drift.allFinite() && out.score.allFinite()))
-      throw numerical_error("DiffFlow::gradient: the parameter gradient is not finite (NaN or Inf)");
+      throw numerical_error(
+          "DiffFlow::gradient: the parameter gradient is not finite (NaN or Inf)");
     out.x0 = r.grad_x.leftCols(x0.cols());
     out.cost = r.cost;
     return out;
@@ -468,11 +469,12 @@ public:
     State z;
     scheme.augment(x0, z);
     SamplerWorkspace<Backend> ws(backend_, 0, 1, z.rows(), z.cols());
-    run_scheme(scheme, backend_, scheme.nodes(), scheme.node_at_lambda(),
-               [&](const State& u, const Node& n, State& out) { model.field(u, n, out); }, z, ws,
-               diffgrad::SampleOptions{.seed = options.seed,
-                             .row_offset = options.row_offset,
-                             .check_finite = options.check_finite});
+    run_scheme(
+        scheme, backend_, scheme.nodes(), scheme.node_at_lambda(),
+        [&](const State& u, const Node& n, State& out) { model.field(u, n, out); }, z, ws,
+        diffgrad::SampleOptions{.seed = options.seed,
+                                .row_offset = options.row_offset,
+                                .check_finite = options.check_finite});
     return z.leftCols(x0.cols());
   }
 
@@ -514,10 +516,10 @@ struct SampleOptions {
   /// lambda of the marginal-preserving family dx = [f - (1 + lambda^2)/2 g^2 s] dt + lambda g dW:
   /// 1 is the backward chain (the loss's model), 0 the probability-flow ODE (Euler).
   double stochasticity = 1.0;
-  bool final_noise = false;     ///< add noise on the last step (t_1 -> t_0); the reference
-                                ///< implementation's sampler returns the mean there
-  std::uint64_t seed = 0;       ///< noise keyed by (seed, N + i, global index): never the
-                                ///< loss's streams 0..N-1 for the same seed
+  bool final_noise = false; ///< add noise on the last step (t_1 -> t_0); the reference
+                            ///< implementation's sampler returns the mean there
+  std::uint64_t seed = 0;   ///< noise keyed by (seed, N + i, global index): never the
+                            ///< loss's streams 0..N-1 for the same seed
   std::uint64_t row_offset = 0;
   bool check_finite = true;
 };
@@ -526,8 +528,8 @@ struct SampleOptions {
 ///   x_i = x_{i+1} - dt_i [f - (1 + lambda^2)/2 g_{i+1}^2 s](x_{i+1}, t_{i+1})
 ///         + lambda g_{i+1} sqrt(dt_i) xi_i.
 template <TimeField Drift, TimeField Score>
-void sample(const Drift& drift, const Score& score, const Grid& grid,
-            typename Drift::state_type& x, const SampleOptions& options = {}) {
+void sample(const Drift& drift, const Score& score, const Grid& grid, typename Drift::state_type& x,
+            const SampleOptions& options = {}) {
   using State = typename Drift::state_type;
   using Scalar = typename State::Scalar;
   const char* where = "diffflow::sample";

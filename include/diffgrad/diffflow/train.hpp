@@ -22,23 +22,23 @@ namespace diffgrad::diffflow {
 struct TrainOptions {
   int iterations = 1000;
   int batch = 256;
-  double lr_drift = 1e-3;     ///< Adam step of the drift network (ignored when it has no params)
-  double lr_score = 1e-3;     ///< Adam step of the score network
-  bool random_grid = true;    ///< resample the interior nodes every iteration
+  double lr_drift = 1e-3;  ///< Adam step of the drift network (ignored when it has no params)
+  double lr_score = 1e-3;  ///< Adam step of the score network
+  bool random_grid = true; ///< resample the interior nodes every iteration
   /// memory mode of the engine's adjoint (LossOptions::memory); every mode gives the same bits
   MemoryMode memory = MemoryMode::store_all();
   std::uint64_t seed = 0;
 };
 
 struct TrainProgress {
-  int iteration = 0;       ///< 0-based
-  double loss = 0.0;       ///< this iteration's batch loss
-  double seconds = 0.0;    ///< wall time since the start
+  int iteration = 0;    ///< 0-based
+  double loss = 0.0;    ///< this iteration's batch loss
+  double seconds = 0.0; ///< wall time since the start
 };
 
 struct TrainResult {
-  int iterations = 0;        ///< completed iterations
-  bool stopped = false;      ///< the callback asked to stop
+  int iterations = 0;   ///< completed iterations
+  bool stopped = false; ///< the callback asked to stop
   double last_loss = 0.0;
   double mean_loss_tail = 0.0; ///< mean loss over the last 10 % of iterations run
   double seconds = 0.0;
@@ -83,7 +83,8 @@ TrainResult train(Drift& drift, Score& score, const PowerTimeGrid& timer, const 
       tail_sum += grad.value.loss;
       ++tail_count;
     }
-    result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    result.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!callback(TrainProgress{it, grad.value.loss, result.seconds})) {
       result.stopped = true;
       break;
