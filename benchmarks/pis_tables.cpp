@@ -46,6 +46,7 @@ struct Args {
   int timing_iterations = 5;
   bool skip_table = false;
   bool skip_timing = false;
+  double funnel_x0_stddev = 3.0; ///< the thesis's N(0, 9); the released code's is 1
   bool exact_grad_vjp = false; ///< PIS-Grad trained with the exact x-VJP (not the official's)
   std::string only; ///< e.g. "MG d=2:PIS-Grad" or "Funnel:PIS-NN": one table row
 };
@@ -141,8 +142,11 @@ void table_rows(const char* target_name, const char* method, const T& target, in
 void run_table(const Args& a) {
   std::printf("\n## PIS log Z (true log Z = 0), N = 100, g = sqrt(0.2), T = 5; %d training(s) "
               "per configuration of %d Adam steps (batch %d, lr %g, weight decay 1e-7, hidden "
-              "%d x 2); %d evaluation batches of %d samples per training\n\n",
-              a.trainings, a.iterations, a.batch, a.lr, a.hidden, a.eval_batches, a.eval_samples);
+              "%d x 2); %d evaluation batches of %d samples per training; funnel x_0 ~ N(0, %g); "
+              "PIS-Grad x-VJP %s\n\n",
+              a.trainings, a.iterations, a.batch, a.lr, a.hidden, a.eval_batches, a.eval_samples,
+              a.funnel_x0_stddev * a.funnel_x0_stddev,
+              a.exact_grad_vjp ? "exact (Hessian)" : "detached (official)");
   std::printf("| target | control | lower bound B / S / A | importance-weighted B / S / A | ESS | "
               "train s/it | thesis (lower bound) | thesis (RW) |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
@@ -150,7 +154,7 @@ void run_table(const Args& a) {
   net.hidden = {a.hidden, a.hidden};
   net.detach_target_gradient = !a.exact_grad_vjp;
   const auto mix = GaussianMixtureTarget::nine_modes();
-  const FunnelTarget funnel(10, 3.0);
+  const FunnelTarget funnel(10, a.funnel_x0_stddev);
   if (wanted(a, "MG d=2", "optimal")) {
     const PathIntegralSampler pis({.dim = 2, .num_steps = 100});
     MixtureOptimalControl optimal(pis.config(), mix);
@@ -232,6 +236,9 @@ int main(int argc, char** argv) {
                "one table row: 'MG d=2:optimal', 'MG d=2:PIS-NN', 'MG d=2:PIS-Grad', "
                "'Funnel:PIS-NN' or 'Funnel:PIS-Grad'");
     cli.flag("--skip-timing", a.skip_timing, "skip the time/memory table");
+    cli.option("--funnel-x0-stddev", a.funnel_x0_stddev,
+               "funnel: standard deviation of x_0 (3: the thesis's, 1: the released code's)",
+               1e-6, 1e6);
     cli.flag("--exact-grad-vjp", a.exact_grad_vjp,
              "train PIS-Grad with the exact x-derivative of grad log mu (default: detached, as "
              "the official code)");
