@@ -232,31 +232,42 @@ private:
   static void column_rows(state_type& out, std::span<const LinTerm<state_type, ColumnCoeff>> terms,
                           const BasicNoiseTerm<ColumnCoeff>& noise, bool noisy, index_type cols,
                           index_type r0, index_type r1) {
+    // Rows [r0, r1) are one contiguous range of elements, and so are their noise indices
+    // ((row_offset + r) cols + j): the range goes in chunks of kNoiseChunk elements across row
+    // ends, each ONE batched (SIMD) noise draw however short the rows are, and each chunk in
+    // row segments so the coefficient tables are read with unit stride. Per element the sum
+    // is the same as row by row (terms in order, then the noise): the same bits.
     alignas(64) Scalar acc[kNoiseChunk];
     alignas(64) double xi[kNoiseChunk];
-    for (index_type r = r0; r < r1; ++r) {
-      for (index_type j0 = 0; j0 < cols; j0 += kNoiseChunk) {
-        const index_type len = std::min<index_type>(kNoiseChunk, cols - j0);
-        std::fill(acc, acc + len, Scalar(0));
+    const index_type end = r1 * cols;
+    for (index_type e0 = r0 * cols; e0 < end; e0 += kNoiseChunk) {
+      const index_type len = std::min<index_type>(kNoiseChunk, end - e0);
+      if (noisy)
+        detail::gaussian_range(noise.seed, noise.step,
+                               noise.row_offset * static_cast<std::uint64_t>(cols) +
+                                   static_cast<std::uint64_t>(e0),
+                               static_cast<std::size_t>(len), xi);
+      for (index_type s0 = 0; s0 < len;) {
+        const index_type j0 = (e0 + s0) % cols;
+        const index_type seg = std::min<index_type>(len - s0, cols - j0);
+        Scalar* a = acc + s0;
+        std::fill(a, a + seg, Scalar(0));
         for (const auto& t : terms) {
-          const Scalar* x = t.vec->data() + r * cols + j0;
+          const Scalar* x = t.vec->data() + e0 + s0;
           if (t.coeff.values == nullptr) {
             const auto c = static_cast<Scalar>(t.coeff.scale);
-            for (index_type j = 0; j < len; ++j) acc[j] += c * x[j];
+            for (index_type j = 0; j < seg; ++j) a[j] += c * x[j];
           } else {
             const double* c = t.coeff.values + j0;
-            for (index_type j = 0; j < len; ++j) acc[j] += Scalar(t.coeff.scale * c[j]) * x[j];
+            for (index_type j = 0; j < seg; ++j) a[j] += Scalar(t.coeff.scale * c[j]) * x[j];
           }
         }
-        if (noisy) {
-          const std::uint64_t first = (noise.row_offset + static_cast<std::uint64_t>(r)) *
-                                          static_cast<std::uint64_t>(cols) +
-                                      static_cast<std::uint64_t>(j0);
-          detail::gaussian_range(noise.seed, noise.step, first, static_cast<std::size_t>(len), xi);
-          for (index_type j = 0; j < len; ++j) acc[j] += Scalar(noise.coeff.at(j0 + j) * xi[j]);
-        }
-        std::copy(acc, acc + len, out.data() + r * cols + j0);
+        if (noisy)
+          for (index_type j = 0; j < seg; ++j)
+            a[j] += Scalar(noise.coeff.at(j0 + j) * xi[s0 + j]);
+        s0 += seg;
       }
+      std::copy(acc, acc + len, out.data() + e0);
     }
   }
 
