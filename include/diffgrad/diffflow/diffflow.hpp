@@ -59,6 +59,7 @@
 #include "diffgrad/diffflow/time_grid.hpp"
 #include "diffgrad/gradients/discrete_adjoint.hpp"
 #include "diffgrad/schedule/node.hpp"
+#include "diffgrad/sde/euler_maruyama.hpp"
 #include "diffgrad/solvers/sampler.hpp"
 #include "diffgrad/solvers/step_plan.hpp"
 
@@ -113,18 +114,6 @@ void eval(const Field& field, const State& x, double t, State& out, const char* 
         where, what, diffgrad::detail::concat("an output of shape ", x.rows(), " x ", x.cols()),
         diffgrad::detail::concat(out.rows(), " x ", out.cols()));
   check_state(out, where, what, check_finite, node);
-}
-
-/// Forward-time chains have no log-SNR: the scheme never asks for a node at a lambda.
-struct NoLambdaMap {
-  double t_of_lambda(double) const {
-    throw std::logic_error("diffgrad::diffflow: the chain asked for a node at a lambda");
-  }
-  Node node(double) const { return Node{}; }
-};
-inline const NoLambdaMap& no_lambda_map() {
-  static const NoLambdaMap map{};
-  return map;
 }
 
 } // namespace detail
@@ -203,7 +192,8 @@ public:
   }
 
   std::span<const Node> nodes() const { return nodes_; }
-  NodeAtLambda node_at_lambda() const { return NodeAtLambda(detail::no_lambda_map()); }
+  // A forward-time chain has no log-SNR (the SDE layer's map: asking for a node throws).
+  NodeAtLambda node_at_lambda() const { return NodeAtLambda(sde::detail::no_lambda_map()); }
   int num_steps() const { return grid_.steps() + 1; } ///< engine steps: N + the cost-only one
   int chain_steps() const { return grid_.steps(); }   ///< N
   const Grid& grid() const { return grid_; }
@@ -404,17 +394,7 @@ public:
     const char* where = "DiffFlow";
     check_inputs(grid, x0, where);
     const ChainScheme<Scalar> scheme(backend_, grid, x0.cols());
-    const ChainModel<Drift, Score> model(scheme, drift_, score_, options);
-    State z;
-    scheme.augment(x0, z);
-    SamplerWorkspace<Backend> ws(backend_, 0, 1, z.rows(), z.cols());
-    run_scheme(
-        scheme, backend_, scheme.nodes(), scheme.node_at_lambda(),
-        [&](const State& u, const Node& n, State& out) { model.field(u, n, out); }, z, ws,
-        diffgrad::SampleOptions{.seed = options.seed,
-                                .row_offset = options.row_offset,
-                                .check_finite = options.check_finite});
-    return value_of(scheme, grid, z);
+    return value_of(scheme, grid, run_chain(scheme, x0, options));
   }
 
   /// The loss and its exact gradient w.r.t. both networks' parameters and x_0.
@@ -465,6 +445,13 @@ public:
     const char* where = "DiffFlow::encode";
     check_inputs(grid, x0, where);
     const ChainScheme<Scalar> scheme(backend_, grid, x0.cols());
+    return run_chain(scheme, x0, options).leftCols(x0.cols());
+  }
+
+private:
+  /// The forward chain on the engine: the final widened row [x_N | x_N | B | F] from x0.
+  State run_chain(const ChainScheme<Scalar>& scheme, const State& x0,
+                  const LossOptions& options) {
     const ChainModel<Drift, Score> model(scheme, drift_, score_, options);
     State z;
     scheme.augment(x0, z);
@@ -475,10 +462,9 @@ public:
         diffgrad::SampleOptions{.seed = options.seed,
                                 .row_offset = options.row_offset,
                                 .check_finite = options.check_finite});
-    return z.leftCols(x0.cols());
+    return z;
   }
 
-private:
   static void check_inputs(const Grid& grid, const State& x0, const char* where) {
     grid.validate(where);
     if (x0.rows() < 1 || x0.cols() < 1)
