@@ -28,8 +28,10 @@
 // per-thread scratch of 2 x row_block() x (widest layer) scalars, so the activations stay in
 // the core's cache and nothing of the batch's size is written but the output; each layer is
 // b broadcast into the block, then one accumulating GEMM (no zero fill), then the activation in
-// place. The VJPs re-run the same forward into whole-batch buffers (they need every layer's
-// pre-activation) with the same operations in the same order, so both see the same bits.
+// place. The input columns that every row shares (time features, z) enter the first layer once
+// per call, folded into its bias, so its GEMM runs over the d state columns only. The VJPs
+// re-run the same forward into whole-batch buffers (they need every layer's pre-activation)
+// with the same operations in the same order, so both see the same bits.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
