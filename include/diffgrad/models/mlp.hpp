@@ -31,7 +31,9 @@
 // place. The input columns that every row shares (time features, z) enter the first layer once
 // per call, folded into its bias, so its GEMM runs over the d state columns only. The VJPs
 // re-run the same forward into whole-batch buffers (they need every layer's pre-activation)
-// with the same operations in the same order, so both see the same bits.
+// with the same operations in the same order, so both see the same bits. SiLU is
+// models/silu.hpp: in float64 with AVX-512F an exp and reciprocal without divisions (the
+// plain expression's two divisions were a third of the forward pass), within 2 ulps.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
@@ -50,6 +52,7 @@
 #include "diffgrad/detail/thread_pool.hpp"
 #include "diffgrad/models/dirac_mixture.hpp" // shape checks shared by the reference models
 #include "diffgrad/models/mlp_init.hpp"
+#include "diffgrad/models/silu.hpp"
 #include "diffgrad/schedule/node.hpp"
 
 namespace diffgrad::models {
@@ -81,10 +84,10 @@ public:
   using vector_type = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 
   /// Default rows per block of eps and the VJPs (set_row_block). Blocks are fixed, so the bits
-  /// do not depend on the thread count. 256 rows amortise the packing of each weight matrix
-  /// over 4x more rows than the mixtures' 64 (benchmarks/RESULTS.md section 3); a batch of at
-  /// most 256 rows is one block, so T threads help from B = 512 on.
-  static constexpr Eigen::Index kRowBlock = 256;
+  /// do not depend on the thread count. 128 rows amortise the packing of each weight matrix
+  /// over 2x more rows than the mixtures' 64; 256 was 2-3% faster at B = 16384 but left a
+  /// second thread idle up to B = 256 (PIS trains on B = 300): benchmarks/RESULTS.md section 3.
+  static constexpr Eigen::Index kRowBlock = 128;
 
   /// Initialised deterministically from `seed`.
   explicit Mlp(MlpConfig config, std::uint64_t seed = 0) : config_(std::move(config)) {
@@ -139,7 +142,8 @@ public:
   /// The frequency omega_j of time feature j (TimeEmbedding in the header comment).
   double frequency(int j) const {
     const int f = config_.time_frequencies;
-    if (config_.time_embedding == TimeEmbedding::dyadic) return std::numbers::pi * std::ldexp(1.0, j);
+    if (config_.time_embedding == TimeEmbedding::dyadic)
+      return std::numbers::pi * std::ldexp(1.0, j);
     if (f == 1) return config_.frequency_min;
     return config_.frequency_min +
            (config_.frequency_max - config_.frequency_min) * static_cast<double>(j) / (f - 1);
@@ -147,14 +151,8 @@ public:
 
   /// The time features [sin(omega_j tau) | cos(omega_j tau)], tau = time_scale * t.
   Eigen::VectorXd time_features(double t) const {
-    const int f = config_.time_frequencies;
-    Eigen::VectorXd feat(2 * f);
-    const double tau = config_.time_scale * t;
-    for (int j = 0; j < f; ++j) {
-      const double omega = frequency(j);
-      feat(j) = std::sin(omega * tau);
-      feat(f + j) = std::cos(omega * tau);
-    }
+    Eigen::VectorXd feat;
+    write_time_features(t, feat);
     return feat;
   }
 
@@ -213,8 +211,8 @@ public:
   /// A network with the defaults is written as version 1, byte for byte as before.
   void save(std::ostream& os) const {
     os.precision(std::numeric_limits<double>::max_digits10);
-    const bool v2 = out_dim(config_) != config_.dim ||
-                    config_.time_embedding != TimeEmbedding::dyadic;
+    const bool v2 =
+        out_dim(config_) != config_.dim || config_.time_embedding != TimeEmbedding::dyadic;
     os << "diffgrad-mlp " << (v2 ? 2 : 1) << "\n"
        << "dim " << config_.dim << "\ncond_dim " << config_.cond_dim << "\ntime_frequencies "
        << config_.time_frequencies << "\ntime_scale " << config_.time_scale;
@@ -335,9 +333,8 @@ private:
     const char* where = "Mlp";
     d::require(config.output_dim >= 0, where, "config.output_dim", ">= 0 (0: the same as dim)",
                config.output_dim);
-    d::require(config.dim >= 1 || (config.dim == 0 && config.output_dim >= 1), where,
-               "config.dim", ">= 1 (or 0 with output_dim >= 1: a network of t alone)",
-               config.dim);
+    d::require(config.dim >= 1 || (config.dim == 0 && config.output_dim >= 1), where, "config.dim",
+               ">= 1 (or 0 with output_dim >= 1: a network of t alone)", config.dim);
     d::require(config.time_embedding == TimeEmbedding::dyadic ||
                    (std::isfinite(config.frequency_min) && std::isfinite(config.frequency_max) &&
                     config.frequency_min <= config.frequency_max),
@@ -405,15 +402,17 @@ private:
     impl::require_size(params_, param_size_, where, "params");
   }
 
-  /// feat_ = the time features at t in Scalar (a member: no allocation per call).
-  void set_time_features(double t) const {
+  /// feat = the time features at t, computed in double and rounded to feat's scalar; no
+  /// allocation when feat already has the size (the member feat_ in a step loop).
+  template <class Vector> void write_time_features(double t, Vector& feat) const {
+    using Out = typename Vector::Scalar;
     const int f = config_.time_frequencies;
-    feat_.resize(2 * f);
+    feat.resize(2 * f);
     const double tau = config_.time_scale * t;
     for (int j = 0; j < f; ++j) {
       const double omega = frequency(j);
-      feat_(j) = Scalar(std::sin(omega * tau));
-      feat_(f + j) = Scalar(std::cos(omega * tau));
+      feat(j) = Out(std::sin(omega * tau));
+      feat(f + j) = Out(std::cos(omega * tau));
     }
   }
 
@@ -421,7 +420,7 @@ private:
   /// row (time features, shared conditioning) enter the first layer once per call, not once
   /// per row (for a 2-D PIS drift with 64 time features that is 3/4 of the layer's work).
   void set_first_layer_bias(double t) const {
-    set_time_features(t);
+    write_time_features(t, feat_);
     const Eigen::Index d = config_.dim, f = 2 * config_.time_frequencies, c = config_.cond_dim;
     const auto w0 = weight(0);
     bias0_ = bias(0);
@@ -443,11 +442,14 @@ private:
     out.noalias() += in * weight(l).transpose();
   }
 
+  /// act = act(pre); both are whole rows of row-major storage (contiguous), act may be pre.
   template <class Pre, class Act> void activate(const Pre& pre, Act&& act) const {
-    if (config_.activation == Activation::tanh)
+    if (config_.activation == Activation::tanh) {
       act = pre.array().tanh().matrix();
-    else
-      act = (pre.array() / (Scalar(1) + (-pre.array()).exp())).matrix();
+    } else {
+      eigen_assert(pre.outerStride() == pre.cols() && act.outerStride() == act.cols());
+      impl::silu(pre.data(), act.data(), pre.size());
+    }
   }
 
   /// A per-thread buffer of at least `count` scalars: grows on first use (or for a wider
@@ -486,9 +488,8 @@ private:
     check(x, where);
     const Eigen::Index batch = x.rows(), out_cols = widths_.back();
     if (static_cast<const void*>(&out) == static_cast<const void*>(&x) && x.cols() != out_cols)
-      diffgrad::detail::throw_argument(where, "out",
-                                       "an object other than x when output_dim differs from dim",
-                                       "out aliases x");
+      diffgrad::detail::throw_argument(
+          where, "out", "an object other than x when output_dim differs from dim", "out aliases x");
     out.resize(batch, out_cols); // no-op when out aliases x (same shape)
     set_first_layer_bias(t);
     const std::size_t last = num_layers() - 1;
@@ -521,11 +522,11 @@ private:
                 vector_type* dcond, vector_type* dparams, const char* where) const {
     check(x, where);
     if (a.rows() != x.rows() || a.cols() != widths_.back())
-      diffgrad::detail::throw_argument(
-          where, "cotangent",
-          diffgrad::detail::concat("shape ", x.rows(), " x ", widths_.back(),
-                                   " (batch x output size)"),
-          diffgrad::detail::concat(a.rows(), " x ", a.cols()));
+      diffgrad::detail::throw_argument(where, "cotangent",
+                                       diffgrad::detail::concat("shape ", x.rows(), " x ",
+                                                                widths_.back(),
+                                                                " (batch x output size)"),
+                                       diffgrad::detail::concat(a.rows(), " x ", a.cols()));
     if (dcond) impl::require_size(*dcond, config_.cond_dim, where, "dcond");
     if (dparams) impl::require_size(*dparams, param_size_, where, "dparams");
     run_forward(x, t);
@@ -537,21 +538,20 @@ private:
     dx.resize(x.rows(), d);
     // Per-row cotangents, layer by layer, in fixed row blocks (a was copied into grad_ above,
     // so a may alias dx).
-    impl::for_fixed_blocks(
-        threads_, x.rows(), row_block_, [&](Eigen::Index r0, Eigen::Index rows) {
-          for (std::size_t l = layers - 1; l > 0; --l) {
-            // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
-            auto prev = grad_[l - 1].middleRows(r0, rows);
-            prev.noalias() = grad_[l].middleRows(r0, rows) * weight(l);
-            if (config_.activation == Activation::tanh) {
-              prev.array() *= (Scalar(1) - act_[l].middleRows(r0, rows).array().square());
-            } else {
-              const auto pre = pre_[l - 1].middleRows(r0, rows).array();
-              const auto s = (Scalar(1) / (Scalar(1) + (-pre).exp()));
-              prev.array() *= s * (Scalar(1) + pre * (Scalar(1) - s));
-            }
-          }
-        });
+    impl::for_fixed_blocks(threads_, x.rows(), row_block_, [&](Eigen::Index r0, Eigen::Index rows) {
+      for (std::size_t l = layers - 1; l > 0; --l) {
+        // Cotangent of pre_[l-1]: (g W_l) .* act'(pre_[l-1]).
+        auto prev = grad_[l - 1].middleRows(r0, rows);
+        prev.noalias() = grad_[l].middleRows(r0, rows) * weight(l);
+        if (config_.activation == Activation::tanh) {
+          prev.array() *= (Scalar(1) - act_[l].middleRows(r0, rows).array().square());
+        } else {
+          const auto pre = pre_[l - 1].middleRows(r0, rows).array();
+          const auto s = (Scalar(1) / (Scalar(1) + (-pre).exp()));
+          prev.array() *= s * (Scalar(1) + pre * (Scalar(1) - s));
+        }
+      }
+    });
     // Batch sums over fixed blocks of each layer's output neurons (each a GEMM over the batch).
     if (dparams) {
       for (std::size_t l = 0; l < layers; ++l) {
@@ -560,8 +560,8 @@ private:
               Eigen::Map<matrix_type> dw(dparams->data() + offsets_[l], widths_[l + 1], widths_[l]);
               const auto g = grad_[l].middleCols(j0, n);
               // At most kComponentBlock entries: on the stack (no allocation per call).
-              const Eigen::Matrix<Scalar, Eigen::Dynamic, 1, Eigen::ColMajor,
-                                  impl::kComponentBlock, 1>
+              const Eigen::Matrix<Scalar, Eigen::Dynamic, 1, Eigen::ColMajor, impl::kComponentBlock,
+                                  1>
                   g_sum = g.colwise().sum().transpose();
               auto dw_rows = dw.middleRows(j0, n);
               if (l > 0) {
