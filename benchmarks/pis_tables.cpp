@@ -154,6 +154,25 @@ void table_rows(const char* target_name, const char* method, const T& target, in
   print_row(target_name, method, lb, is, ess, seconds, thesis);
 }
 
+/// The rows of one 2-D mixture target: its closed-form optimal control (no training), then
+/// PIS-NN and PIS-Grad.
+void mixture_rows(const char* name, const GaussianMixtureTarget& target, const PisNetOptions& net,
+                  const Args& a, std::uint64_t optimal_eval_seed, const Thesis& optimal,
+                  const Thesis& nn, const Thesis& grad) {
+  if (wanted(a, name, "optimal")) {
+    const PathIntegralSampler pis({.dim = 2, .diffusion = a.diffusion, .num_steps = 100});
+    MixtureOptimalControl control(pis.config(), target);
+    std::vector<double> lb, is, ess;
+    evaluate(pis, control, target, a, optimal_eval_seed, lb, is, ess);
+    print_row(name, "optimal", lb, is, ess, 0.0, optimal);
+  }
+  table_rows(
+      name, "PIS-NN", target, 2, [&](std::uint64_t s) { return PisNN(2, net, s); }, a, nn);
+  table_rows(
+      name, "PIS-Grad", target, 2,
+      [&](std::uint64_t s) { return PisGrad<GaussianMixtureTarget>(target, net, s); }, a, grad);
+}
+
 void run_table(const Args& a) {
   std::printf("\n## PIS log Z (true log Z = 0), N = 100, g = %g, T = 5; %d training(s) "
               "per configuration of %d Adam steps (batch %d, lr %g, weight decay 1e-7, hidden "
@@ -168,36 +187,15 @@ void run_table(const Args& a) {
   PisNetOptions net;
   net.hidden = {a.hidden, a.hidden};
   net.detach_target_gradient = !a.exact_grad_vjp;
-  const auto mix = GaussianMixtureTarget::nine_modes();
   const FunnelTarget funnel(10, a.funnel_x0_stddev);
-  if (wanted(a, "MG d=2", "optimal")) {
-    const PathIntegralSampler pis({.dim = 2, .diffusion = a.diffusion, .num_steps = 100});
-    MixtureOptimalControl optimal(pis.config(), mix);
-    std::vector<double> lb, is, ess;
-    evaluate(pis, optimal, mix, a, 6999, lb, is, ess);
-    print_row("MG d=2", "optimal", lb, is, ess, 0.0, {"-", "-0.012 / 0.013 / 0.018"});
-  }
+  mixture_rows("MG d=2", GaussianMixtureTarget::nine_modes(), net, a, 6999,
+               {"-", "-0.012 / 0.013 / 0.018"},
+               {"-1.691 / 0.370 / 1.731", "-1.192 / 0.482 / 1.285"},
+               {"-0.440 / 0.024 / 0.441", "-0.021 / 0.030 / 0.037"});
   // The target the released code's nine.yaml config instantiates (MG2D with nmode 3, xlim 1,
   // scale 0.15): three equal modes on the unit circle, standard deviation 0.15. The thesis
-  // does not say which mixture its Table 5.1 used; this one is within the prior's reach.
-  const auto ring = ring_of_three();
-  if (wanted(a, "Ring3", "optimal")) {
-    const PathIntegralSampler pis({.dim = 2, .diffusion = a.diffusion, .num_steps = 100});
-    MixtureOptimalControl optimal(pis.config(), ring);
-    std::vector<double> lb, is, ess;
-    evaluate(pis, optimal, ring, a, 6998, lb, is, ess);
-    print_row("Ring3", "optimal", lb, is, ess, 0.0, {"-", "-"});
-  }
-  table_rows("Ring3", "PIS-NN", ring, 2, [&](std::uint64_t s) { return PisNN(2, net, s); }, a,
-             {"-", "-"});
-  table_rows("Ring3", "PIS-Grad", ring, 2,
-             [&](std::uint64_t s) { return PisGrad<GaussianMixtureTarget>(ring, net, s); }, a,
-             {"-", "-"});
-  table_rows("MG d=2", "PIS-NN", mix, 2, [&](std::uint64_t s) { return PisNN(2, net, s); }, a,
-             {"-1.691 / 0.370 / 1.731", "-1.192 / 0.482 / 1.285"});
-  table_rows("MG d=2", "PIS-Grad", mix, 2,
-             [&](std::uint64_t s) { return PisGrad<GaussianMixtureTarget>(mix, net, s); }, a,
-             {"-0.440 / 0.024 / 0.441", "-0.021 / 0.030 / 0.037"});
+  // does not say which mixture its Table 5.1 used (docs/pis.md section 3 compares both).
+  mixture_rows("Ring3", ring_of_three(), net, a, 6998, {"-", "-"}, {"-", "-"}, {"-", "-"});
   table_rows("Funnel", "PIS-NN", funnel, 10, [&](std::uint64_t s) { return PisNN(10, net, s); }, a,
              {"-0.098 / 5e-3 / 0.098", "-0.018 / 7e-3 / 0.020"});
   table_rows("Funnel", "PIS-Grad", funnel, 10,

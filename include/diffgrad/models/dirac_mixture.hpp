@@ -23,6 +23,7 @@
 // evaluation of earlier versions).
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -53,10 +54,19 @@ void for_fixed_blocks(const diffgrad::detail::ThreadHandle& threads, Eigen::Inde
       body(begin, std::min(block, total - begin));
     }
   };
-  if (blocks <= 1)
+  if (blocks <= 1 || threads.threads() <= 1) {
     run(0, blocks);
-  else
-    threads.parallel_for(blocks, run);
+    return;
+  }
+  // Blocks are handed out one at a time from a shared counter, not in T contiguous ranges: a
+  // participant that is slowed down (another process, a hypervisor) leaves its blocks to the
+  // others. Which thread computes a block does not change its bits (each block is computed
+  // alone, by the same code, into its own rows).
+  std::atomic<std::int64_t> next{0};
+  threads.parallel_for(threads.threads(), [&](std::int64_t p0, std::int64_t p1) {
+    for (std::int64_t p = p0; p < p1; ++p)
+      for (std::int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) run(b, b + 1);
+  });
 }
 
 /// Checks a node for a model that divides by sigma: sigma > 0 and finite, alpha finite.
