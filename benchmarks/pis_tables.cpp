@@ -49,8 +49,9 @@ struct Args {
   int timing_iterations = 5;
   bool skip_table = false;
   bool skip_timing = false;
-  double funnel_x0_stddev = 3.0;         ///< the thesis's N(0, 9); the released code's is 1
-  double diffusion = 0.4472135954999579; ///< g; the prior is N(0, g^2 T I) (official: T = 5)
+  double funnel_x0_stddev = 3.0; ///< the thesis's N(0, 9); the released code's is 1
+  double diffusion =
+      PisConfig{}.diffusion;   ///< g (default the official sqrt(0.2)); prior N(0, 5 g^2 I)
   bool exact_grad_vjp = false; ///< PIS-Grad trained with the exact x-VJP (not the official's)
   std::string only; ///< "MG d=2:PIS-Grad", "Funnel:PIS-NN": one row; "Ring3": a target's rows
 };

@@ -32,8 +32,8 @@
 // per call, folded into its bias, so its GEMM runs over the d state columns only. The VJPs
 // re-run the same forward into whole-batch buffers (they need every layer's pre-activation)
 // with the same operations in the same order, so both see the same bits. SiLU is
-// models/silu.hpp: in float64 with AVX-512F an exp and reciprocal without divisions (the
-// plain expression's two divisions were a third of the forward pass), within 2 ulps.
+// models/silu.hpp: in float64 with AVX-512F an exp without a division, then the one quotient
+// (the plain expression's two divisions were a third of the forward pass), within 2 ulps.
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
